@@ -1,0 +1,85 @@
+//! The local API on a root-only unix socket, used by the `clusteros` CLI. Writes and linearizable
+//! reads are forwarded to the leader by the agent; the client never has to find the leader.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use super::{ApiError, CasBody, Empty, GetBody, JoinBody, KeyBody, PutBody, ReadResponse};
+use crate::runtime::Agent;
+use crate::state::{Command, Response, validate_kv};
+use crate::status::{self, StatusReport};
+
+/// What the socket serves: a running agent, or one that cannot run yet and says why.
+#[derive(Clone)]
+pub enum LocalState {
+    Running(Arc<Agent>),
+    Unconfigured { name: String, problems: Vec<String> },
+}
+
+impl LocalState {
+    fn agent(&self) -> Result<&Arc<Agent>, ApiError> {
+        match self {
+            LocalState::Running(a) => Ok(a),
+            LocalState::Unconfigured { problems, .. } => Err(ApiError::NotConfigured(problems.join("; "))),
+        }
+    }
+}
+
+type Shared = State<LocalState>;
+
+async fn status(State(s): Shared) -> Json<StatusReport> {
+    Json(match &s {
+        LocalState::Running(a) => status::report(a),
+        LocalState::Unconfigured { name, problems } => status::unconfigured(name, problems.clone()),
+    })
+}
+
+async fn kv_get(State(s): Shared, Json(b): Json<GetBody>) -> Result<Json<ReadResponse>, ApiError> {
+    let a = s.agent()?;
+    validate_kv(&b.key, None).map_err(ApiError::BadRequest)?;
+    if b.stale {
+        let entry = a.state.read(|d| d.state.kv.get(&b.key).cloned());
+        return Ok(Json(ReadResponse { key: b.key, entry, read_index: None }));
+    }
+    Ok(Json(a.read(&b.key).await?))
+}
+
+async fn kv_put(State(s): Shared, Json(b): Json<PutBody>) -> Result<Json<Response>, ApiError> {
+    validate_kv(&b.key, Some(&b.value)).map_err(ApiError::BadRequest)?;
+    Ok(Json(s.agent()?.write(Command::KvPut { key: b.key, value: b.value }).await?))
+}
+
+async fn kv_delete(State(s): Shared, Json(b): Json<KeyBody>) -> Result<Json<Response>, ApiError> {
+    validate_kv(&b.key, None).map_err(ApiError::BadRequest)?;
+    Ok(Json(s.agent()?.write(Command::KvDelete { key: b.key }).await?))
+}
+
+async fn kv_cas(State(s): Shared, Json(b): Json<CasBody>) -> Result<Json<Response>, ApiError> {
+    validate_kv(&b.key, b.new.as_deref()).map_err(ApiError::BadRequest)?;
+    Ok(Json(s.agent()?.write(Command::KvCas { key: b.key, expected: b.expected, new: b.new }).await?))
+}
+
+async fn join(State(s): Shared, Json(b): Json<JoinBody>) -> Result<Json<Empty>, ApiError> {
+    s.agent()?.request_join(b.addr)?;
+    Ok(Json(Empty {}))
+}
+
+async fn leave(State(s): Shared) -> Result<Json<Empty>, ApiError> {
+    s.agent()?.leave().await?;
+    Ok(Json(Empty {}))
+}
+
+pub fn router(state: LocalState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/kv/get", post(kv_get))
+        .route("/v1/kv/put", post(kv_put))
+        .route("/v1/kv/delete", post(kv_delete))
+        .route("/v1/kv/cas", post(kv_cas))
+        .route("/v1/join", post(join))
+        .route("/v1/leave", post(leave))
+        .with_state(state)
+}

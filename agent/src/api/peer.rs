@@ -1,0 +1,137 @@
+//! The peer API server: Raft RPCs, discovery, join, leave and forwarded writes and reads. A
+//! middleware verifies every request's proof of the cluster secret before any handler runs and
+//! signs every answer.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::Router;
+use axum::body::{Body, to_bytes};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use openraft::error::{Fatal, RaftError};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use tracing::warn;
+
+use super::{
+    ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, ReadRequest, ReadResponse,
+    SnapshotRequest, WriteRequest, paths,
+};
+use crate::auth::{AuthError, ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, RequestAuth};
+use crate::raft::{Snapshot, TypeConfig};
+use crate::runtime::Agent;
+use crate::state::{NodeId, Response as CmdResponse};
+
+/// Largest accepted peer request (snapshots and log batches included).
+pub const MAX_BODY: usize = 256 * 1024 * 1024;
+
+struct AuthState {
+    key: ClusterKey,
+    guard: ReplayGuard,
+}
+
+fn header(req: &Request, name: &'static str) -> Result<String, AuthError> {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .ok_or(AuthError::Missing(name))
+}
+
+async fn authenticate(State(auth): State<Arc<AuthState>>, req: Request, next: Next) -> Response {
+    let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string()).unwrap_or_default();
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let parsed = (|| -> Result<RequestAuth, AuthError> {
+        let time_ms = header(&req, HDR_TIME)?.parse::<i64>().map_err(|_| AuthError::Missing(HDR_TIME))?;
+        Ok(RequestAuth { time_ms, nonce: header(&req, HDR_NONCE)?, signature: header(&req, HDR_AUTH)? })
+    })();
+    let (parts, body) = req.into_parts();
+    let bytes = match to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::BadRequest(format!("cannot read request body: {e}")).into_response(),
+    };
+    let checked = parsed.and_then(|a| {
+        auth.key.verify_request(&method, &path, &a, &bytes)?;
+        auth.guard.check(&a, crate::now_ms() as i64)?;
+        Ok(a)
+    });
+    let a = match checked {
+        Ok(a) => a,
+        Err(e) => {
+            warn!(peer_addr = %remote, path = %path, "refused peer request: {e}");
+            return ApiError::Unauthorized(e.to_string()).into_response();
+        }
+    };
+    let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    let (mut parts, body) = resp.into_parts();
+    let bytes = match to_bytes(body, usize::MAX).await {
+        Ok(b) => b,
+        Err(e) => return ApiError::Internal(format!("cannot buffer the answer: {e}")).into_response(),
+    };
+    let sig = auth.key.sign_response(&a.nonce, parts.status.as_u16(), &bytes);
+    parts.headers.insert(HDR_AUTH, HeaderValue::from_str(&sig).expect("hex is a valid header value"));
+    Response::from_parts(parts, Body::from(bytes))
+}
+
+type Shared = State<Arc<Agent>>;
+
+async fn append(
+    State(a): Shared,
+    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
+) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
+    Json(a.raft.append_entries(req).await)
+}
+
+async fn vote(State(a): Shared, Json(req): Json<VoteRequest<NodeId>>) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
+    Json(a.raft.vote(req).await)
+}
+
+async fn snapshot(State(a): Shared, Json(req): Json<SnapshotRequest>) -> Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>> {
+    let snap = Snapshot { meta: req.meta, snapshot: Box::new(req.data.into_bytes()) };
+    Json(a.raft.install_full_snapshot(req.vote, snap).await)
+}
+
+async fn hello(State(a): Shared, Json(req): Json<HelloRequest>) -> Json<HelloResponse> {
+    Json(a.hello(req).await)
+}
+
+async fn join(State(a): Shared, Json(req): Json<JoinRequest>) -> Result<Json<JoinResponse>, ApiError> {
+    // Forwarded to the leader, so the joining node may ask any member.
+    let r = a.on_leader(paths::JOIN, &req, || a.local_join(req.clone())).await?;
+    Ok(Json(r))
+}
+
+async fn leave(State(a): Shared, Json(req): Json<LeaveRequest>) -> Result<Json<Empty>, ApiError> {
+    a.local_leave(req).await?;
+    Ok(Json(Empty {}))
+}
+
+async fn write(State(a): Shared, Json(req): Json<WriteRequest>) -> Result<Json<CmdResponse>, ApiError> {
+    Ok(Json(a.local_write(req.cmd).await?))
+}
+
+async fn read(State(a): Shared, Json(req): Json<ReadRequest>) -> Result<Json<ReadResponse>, ApiError> {
+    Ok(Json(a.local_read(&req.key).await?))
+}
+
+/// The peer router, authenticated with the agent's cluster key.
+pub fn router(agent: Arc<Agent>) -> Router {
+    let auth = Arc::new(AuthState { key: agent.key.clone(), guard: ReplayGuard::default() });
+    Router::new()
+        .route(paths::RAFT_APPEND, post(append))
+        .route(paths::RAFT_VOTE, post(vote))
+        .route(paths::RAFT_SNAPSHOT, post(snapshot))
+        .route(paths::HELLO, post(hello))
+        .route(paths::JOIN, post(join))
+        .route(paths::LEAVE, post(leave))
+        .route(paths::WRITE, post(write))
+        .route(paths::READ, post(read))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(auth, authenticate))
+        .with_state(agent)
+}

@@ -1,0 +1,234 @@
+//! Proof of the cluster secret on every peer RPC, in both directions.
+//!
+//! A request carries `x-clusteros-time` (unix ms), `x-clusteros-nonce` (random) and
+//! `x-clusteros-auth`, an HMAC-SHA256 over method, path, time, nonce and the body's SHA-256, keyed
+//! by a key derived from the cluster secret. The server refuses requests outside a time window and
+//! nonces it has already seen within that window (bounded memory). Responses are signed over the
+//! request's nonce, status and body, so a joining node also learns whether the cluster it reached
+//! knows the same secret.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+pub const HDR_TIME: &str = "x-clusteros-time";
+pub const HDR_NONCE: &str = "x-clusteros-nonce";
+pub const HDR_AUTH: &str = "x-clusteros-auth";
+
+/// Requests whose time differs from ours by more than this are refused.
+pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
+/// Upper bound on remembered nonces; beyond it new requests are refused until old ones expire.
+pub const MAX_NONCES: usize = 200_000;
+
+type HmacSha256 = Hmac<Sha256>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("request is not signed (missing {0} header): the sender is not a ClusterOS agent of this cluster")]
+    Missing(&'static str),
+    #[error(
+        "cluster secret mismatch: the signature does not verify with this cluster's secret; give every node the same clusteros.cluster-secret"
+    )]
+    BadSignature,
+    #[error("request time is {skew_ms} ms away from this node's clock (limit {limit_s} s): check time sync (chrony) on both nodes")]
+    Stale { skew_ms: i64, limit_s: u64 },
+    #[error("replayed request (nonce already seen): refused")]
+    Replayed,
+    #[error("too many requests in the replay window: refused, retry later")]
+    Overloaded,
+}
+
+/// The key derived from the cluster secret. Never logged.
+#[derive(Clone)]
+pub struct ClusterKey([u8; 32]);
+
+impl std::fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterKey(..)")
+    }
+}
+
+/// The three authentication header values of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestAuth {
+    pub time_ms: i64,
+    pub nonce: String,
+    pub signature: String,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+impl ClusterKey {
+    pub fn derive(secret: &str) -> ClusterKey {
+        let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("HMAC accepts any key length");
+        mac.update(b"clusteros peer authentication v1");
+        ClusterKey(mac.finalize().into_bytes().into())
+    }
+
+    /// A short, non-secret fingerprint of the key, for logs ("which secret is this node using?").
+    pub fn fingerprint(&self) -> String {
+        hex(&Sha256::digest(self.0)[..4])
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC accepts any key length");
+        for p in parts {
+            mac.update(&(p.len() as u64).to_be_bytes());
+            mac.update(p);
+        }
+        mac
+    }
+
+    fn request_parts(method: &str, path: &str, time_ms: i64, nonce: &str, body: &[u8]) -> [Vec<u8>; 5] {
+        [
+            method.as_bytes().to_vec(),
+            path.as_bytes().to_vec(),
+            time_ms.to_string().into_bytes(),
+            nonce.as_bytes().to_vec(),
+            Sha256::digest(body).to_vec(),
+        ]
+    }
+
+    pub fn sign_request(&self, method: &str, path: &str, time_ms: i64, body: &[u8]) -> RequestAuth {
+        let mut n = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut n);
+        let nonce = hex(&n);
+        let parts = Self::request_parts(method, path, time_ms, &nonce, body);
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        let signature = hex(&self.mac(&refs).finalize().into_bytes());
+        RequestAuth { time_ms, nonce, signature }
+    }
+
+    /// Checks the signature only (time and replay are the [`ReplayGuard`]'s job).
+    pub fn verify_request(&self, method: &str, path: &str, auth: &RequestAuth, body: &[u8]) -> Result<(), AuthError> {
+        let sig = unhex(&auth.signature).ok_or(AuthError::BadSignature)?;
+        let parts = Self::request_parts(method, path, auth.time_ms, &auth.nonce, body);
+        let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
+        self.mac(&refs).verify_slice(&sig).map_err(|_| AuthError::BadSignature)
+    }
+
+    pub fn sign_response(&self, request_nonce: &str, status: u16, body: &[u8]) -> String {
+        let status = status.to_string();
+        hex(&self
+            .mac(&[b"response", request_nonce.as_bytes(), status.as_bytes(), &Sha256::digest(body)])
+            .finalize()
+            .into_bytes())
+    }
+
+    pub fn verify_response(&self, request_nonce: &str, status: u16, body: &[u8], signature: &str) -> Result<(), AuthError> {
+        let sig = unhex(signature).ok_or(AuthError::BadSignature)?;
+        let status = status.to_string();
+        self.mac(&[b"response", request_nonce.as_bytes(), status.as_bytes(), &Sha256::digest(body)])
+            .verify_slice(&sig)
+            .map_err(|_| AuthError::BadSignature)
+    }
+}
+
+/// Remembers recently seen nonces so that a captured request cannot be replayed.
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    seen: Mutex<HashMap<String, i64>>,
+}
+
+impl ReplayGuard {
+    /// Checks freshness and records the nonce. `now_ms` is this node's clock.
+    pub fn check(&self, auth: &RequestAuth, now_ms: i64) -> Result<(), AuthError> {
+        let window = REPLAY_WINDOW.as_millis() as i64;
+        let skew = auth.time_ms - now_ms;
+        if skew.abs() > window {
+            return Err(AuthError::Stale { skew_ms: skew, limit_s: REPLAY_WINDOW.as_secs() });
+        }
+        let mut seen = self.seen.lock().expect("replay guard lock");
+        if seen.len() >= MAX_NONCES / 2 {
+            seen.retain(|_, t| (now_ms - *t).abs() <= window);
+        }
+        if seen.len() >= MAX_NONCES {
+            return Err(AuthError::Overloaded);
+        }
+        if seen.insert(auth.nonce.clone(), auth.time_ms).is_some() {
+            return Err(AuthError::Replayed);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_round_trip_and_tampering() {
+        let k = ClusterKey::derive("secret-secret-secret");
+        let a = k.sign_request("POST", "/peer/v1/join", 1000, b"{}");
+        assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{}"), Ok(()));
+        assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{ }"), Err(AuthError::BadSignature));
+        assert_eq!(k.verify_request("POST", "/peer/v1/leave", &a, b"{}"), Err(AuthError::BadSignature));
+        assert_eq!(k.verify_request("GET", "/peer/v1/join", &a, b"{}"), Err(AuthError::BadSignature));
+        let shifted = RequestAuth { time_ms: 1001, ..a.clone() };
+        assert_eq!(k.verify_request("POST", "/peer/v1/join", &shifted, b"{}"), Err(AuthError::BadSignature));
+        let other = ClusterKey::derive("another-secret-entirely");
+        assert_eq!(other.verify_request("POST", "/peer/v1/join", &a, b"{}"), Err(AuthError::BadSignature));
+        let garbage = RequestAuth { signature: "zz".into(), ..a };
+        assert_eq!(k.verify_request("POST", "/peer/v1/join", &garbage, b"{}"), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn response_round_trip() {
+        let k = ClusterKey::derive("secret-secret-secret");
+        let s = k.sign_response("n1", 200, b"ok");
+        assert_eq!(k.verify_response("n1", 200, b"ok", &s), Ok(()));
+        assert_eq!(k.verify_response("n2", 200, b"ok", &s), Err(AuthError::BadSignature));
+        assert_eq!(k.verify_response("n1", 500, b"ok", &s), Err(AuthError::BadSignature));
+        assert_eq!(ClusterKey::derive("x-other-secret-xx").verify_response("n1", 200, b"ok", &s), Err(AuthError::BadSignature));
+    }
+
+    #[test]
+    fn replay_and_staleness_are_refused() {
+        let k = ClusterKey::derive("secret-secret-secret");
+        let g = ReplayGuard::default();
+        let now = 1_000_000;
+        let a = k.sign_request("POST", "/p", now, b"");
+        assert_eq!(g.check(&a, now), Ok(()));
+        assert_eq!(g.check(&a, now + 10), Err(AuthError::Replayed));
+        let old = k.sign_request("POST", "/p", now - 61_000, b"");
+        assert!(matches!(g.check(&old, now), Err(AuthError::Stale { .. })));
+        let future = k.sign_request("POST", "/p", now + 61_000, b"");
+        assert!(matches!(g.check(&future, now), Err(AuthError::Stale { .. })));
+    }
+
+    #[test]
+    fn nonce_memory_is_bounded() {
+        let g = ReplayGuard::default();
+        let k = ClusterKey::derive("secret-secret-secret");
+        // Old entries are pruned once the table is half full.
+        for i in 0..(MAX_NONCES / 2 + 10) {
+            let a = RequestAuth { time_ms: 0, nonce: format!("{i}"), signature: String::new() };
+            g.check(&a, 0).unwrap();
+        }
+        let fresh = k.sign_request("POST", "/p", 120_000, b"");
+        assert_eq!(g.check(&fresh, 120_000), Ok(()));
+        assert!(g.seen.lock().unwrap().len() < 10);
+    }
+
+    #[test]
+    fn fingerprint_differs_per_secret_and_hides_the_key() {
+        let a = ClusterKey::derive("secret-secret-secret");
+        let b = ClusterKey::derive("secret-secret-secreT");
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        assert_eq!(a.fingerprint().len(), 8);
+        assert_eq!(format!("{a:?}"), "ClusterKey(..)");
+    }
+}

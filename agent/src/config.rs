@@ -1,0 +1,452 @@
+//! Agent configuration: `/etc/clusteros/agent.toml`, overlaid by systemd credentials from
+//! `$CREDENTIALS_DIRECTORY`, overlaid by command-line flags. Validation errors name the key and the fix.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/clusteros/agent.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/clusteros";
+pub const DEFAULT_SOCKET_PATH: &str = "/run/clusteros/agent.sock";
+pub const DEFAULT_PEER_PORT: u16 = 7600;
+pub const MIN_SECRET_LEN: usize = 16;
+
+/// Names of the systemd credentials the agent reads.
+pub mod credential {
+    pub const CLUSTER_SECRET: &str = "clusteros.cluster-secret";
+    pub const JOIN: &str = "clusteros.join";
+    pub const BOOTSTRAP_EXPECT: &str = "clusteros.bootstrap-expect";
+    pub const MAX_VOTERS: &str = "clusteros.max-voters";
+    pub const NODE_NAME: &str = "clusteros.node-name";
+}
+
+/// How to provide a cluster secret; part of every "no secret" message.
+pub const SECRET_HOWTO: &str = "set cluster_secret (or cluster_secret_file) in /etc/clusteros/agent.toml, or pass the \
+     systemd credential clusteros.cluster-secret (QEMU: -smbios type=11,value=io.systemd.credential:clusteros.cluster-secret=SECRET; \
+     PXE: systemd.set_credential=clusteros.cluster-secret:SECRET on the kernel command line); all nodes need the same secret \
+     of at least 16 characters, e.g. from `openssl rand -base64 32`";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("cannot read credential {name} from {dir}: {source}")]
+    Credential { name: String, dir: PathBuf, source: std::io::Error },
+    #[error("invalid value for {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// Raft timing and log retention.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftTuning {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Entries kept in the log after a snapshot (older ones are purged).
+    pub logs_to_keep: u64,
+    /// Timeout of one peer RPC (append, vote, forward).
+    pub rpc_timeout_ms: u64,
+    /// Timeout of one snapshot transfer.
+    pub snapshot_timeout_ms: u64,
+}
+
+impl Default for RaftTuning {
+    fn default() -> Self {
+        // Tuned for VMs under emulation and real LANs, not one rack: slower than openraft's defaults.
+        RaftTuning {
+            heartbeat_ms: 250,
+            election_timeout_min_ms: 1500,
+            election_timeout_max_ms: 3000,
+            snapshot_after_logs: 1000,
+            logs_to_keep: 500,
+            rpc_timeout_ms: 2000,
+            snapshot_timeout_ms: 30_000,
+        }
+    }
+}
+
+/// Failure detection and dead-node cleanup, run by the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthTuning {
+    /// No contact for this long: suspect.
+    pub suspect_after_ms: u64,
+    /// No contact for this long: failed (a failed voter is replaced by a healthy learner).
+    pub failed_after_ms: u64,
+    /// No contact for this long: removed from the cluster (the grace period).
+    pub remove_after_ms: u64,
+}
+
+impl Default for HealthTuning {
+    fn default() -> Self {
+        HealthTuning { suspect_after_ms: 5_000, failed_after_ms: 15_000, remove_after_ms: 600_000 }
+    }
+}
+
+impl HealthTuning {
+    pub fn suspect_after(&self) -> Duration {
+        Duration::from_millis(self.suspect_after_ms)
+    }
+    pub fn failed_after(&self) -> Duration {
+        Duration::from_millis(self.failed_after_ms)
+    }
+    pub fn remove_after(&self) -> Duration {
+        Duration::from_millis(self.remove_after_ms)
+    }
+}
+
+/// The config file as written by people: everything optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_name: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub socket_path: Option<PathBuf>,
+    pub listen_addr: Option<String>,
+    pub advertise_addr: Option<String>,
+    pub join: Option<Vec<String>>,
+    pub bootstrap_expect: Option<usize>,
+    pub max_voters: Option<usize>,
+    pub cluster_secret: Option<String>,
+    pub cluster_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub raft: RaftTuning,
+    #[serde(default)]
+    pub health: HealthTuning,
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub node_name: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub socket_path: Option<PathBuf>,
+    pub listen_addr: Option<String>,
+    pub advertise_addr: Option<String>,
+    pub join: Option<Vec<String>>,
+    pub bootstrap_expect: Option<usize>,
+    pub max_voters: Option<usize>,
+    pub cluster_secret_file: Option<PathBuf>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Node name; `None` means the hostname.
+    pub node_name: Option<String>,
+    pub state_dir: PathBuf,
+    pub socket_path: PathBuf,
+    pub listen_addr: SocketAddr,
+    pub advertise_addr: Option<SocketAddr>,
+    pub join: Vec<String>,
+    pub bootstrap_expect: Option<usize>,
+    pub max_voters: usize,
+    /// `None`: the agent runs, but refuses to form or join a cluster and says how to provide one.
+    pub cluster_secret: Option<String>,
+    pub raft: RaftTuning,
+    pub health: HealthTuning,
+}
+
+impl Config {
+    /// Loads the file (a missing file is fine unless `path_required`), the credentials directory
+    /// and the overrides, then validates the result.
+    pub fn load(
+        path: &Path,
+        path_required: bool,
+        credentials_dir: Option<&Path>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let file = match std::fs::read_to_string(path) {
+            Ok(text) => toml::from_str::<FileConfig>(&text)
+                .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_required => FileConfig::default(),
+            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
+        };
+        let creds = match credentials_dir {
+            Some(dir) => Credentials::read(dir)?,
+            None => Credentials::default(),
+        };
+        Self::merge(file, creds, overrides)
+    }
+
+    fn merge(file: FileConfig, creds: Credentials, o: &Overrides) -> Result<Config, ConfigError> {
+        let node_name = o.node_name.clone().or(creds.node_name).or(file.node_name);
+        if let Some(name) = &node_name {
+            validate_node_name(name)?;
+        }
+        let listen = o.listen_addr.clone().or(file.listen_addr).unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_PEER_PORT}"));
+        let listen_addr: SocketAddr = listen
+            .parse()
+            .map_err(|e| invalid("listen_addr", format!("{listen:?} is not IP:PORT ({e}); example: 0.0.0.0:7600")))?;
+        let advertise_addr = match o.advertise_addr.clone().or(file.advertise_addr) {
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                invalid("advertise_addr", format!("{a:?} is not IP:PORT ({e}); example: 10.0.0.5:7600"))
+            })?),
+            None => None,
+        };
+        if let Some(a) = advertise_addr
+            && a.ip().is_unspecified()
+        {
+            return Err(invalid("advertise_addr", format!("{a} is unspecified; give the address other nodes reach this node at")));
+        }
+        let join = o.join.clone().or(creds.join).or(file.join).unwrap_or_default();
+        let join = join.iter().map(|j| normalize_join_addr(j)).collect::<Result<Vec<_>, _>>()?;
+        let bootstrap_expect = o.bootstrap_expect.or(creds.bootstrap_expect).or(file.bootstrap_expect);
+        if bootstrap_expect == Some(0) {
+            return Err(invalid("bootstrap_expect", "must be at least 1 (the number of nodes that form the cluster together)"));
+        }
+        let max_voters = o.max_voters.or(creds.max_voters).or(file.max_voters).unwrap_or(3);
+        if max_voters != 1 && max_voters != 3 && max_voters != 5 {
+            return Err(invalid("max_voters", format!("{max_voters} is not allowed; use 3 (default) or 5 (or 1 for a test cluster)")));
+        }
+        let secret_file = o.cluster_secret_file.clone().or(file.cluster_secret_file);
+        let cluster_secret = match (creds.cluster_secret, secret_file, file.cluster_secret) {
+            (Some(s), _, _) => Some(s),
+            (None, Some(p), _) => Some(
+                std::fs::read_to_string(&p)
+                    .map_err(|e| invalid("cluster_secret_file", format!("cannot read {}: {e}", p.display())))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string(),
+            ),
+            (None, None, s) => s,
+        };
+        if let Some(s) = &cluster_secret {
+            validate_secret(s)?;
+        }
+        let raft = file.raft;
+        if raft.heartbeat_ms == 0 || raft.election_timeout_min_ms <= raft.heartbeat_ms * 2 {
+            return Err(invalid("raft.election_timeout_min_ms", "must be more than twice raft.heartbeat_ms"));
+        }
+        if raft.election_timeout_max_ms <= raft.election_timeout_min_ms {
+            return Err(invalid("raft.election_timeout_max_ms", "must be greater than raft.election_timeout_min_ms"));
+        }
+        if raft.snapshot_after_logs == 0 {
+            return Err(invalid("raft.snapshot_after_logs", "must be at least 1"));
+        }
+        if raft.rpc_timeout_ms == 0 || raft.snapshot_timeout_ms == 0 {
+            return Err(invalid("raft.rpc_timeout_ms", "RPC timeouts must be positive"));
+        }
+        let health = file.health;
+        if !(health.suspect_after_ms < health.failed_after_ms && health.failed_after_ms <= health.remove_after_ms) {
+            return Err(invalid(
+                "health",
+                "need suspect_after_ms < failed_after_ms <= remove_after_ms (e.g. 5000, 15000, 600000)",
+            ));
+        }
+        Ok(Config {
+            node_name,
+            state_dir: o.state_dir.clone().or(file.state_dir).unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            socket_path: o.socket_path.clone().or(file.socket_path).unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
+            listen_addr,
+            advertise_addr,
+            join,
+            bootstrap_expect,
+            max_voters,
+            cluster_secret,
+            raft,
+            health,
+        })
+    }
+}
+
+/// Values found in `$CREDENTIALS_DIRECTORY`.
+#[derive(Debug, Default)]
+struct Credentials {
+    cluster_secret: Option<String>,
+    join: Option<Vec<String>>,
+    bootstrap_expect: Option<usize>,
+    max_voters: Option<usize>,
+    node_name: Option<String>,
+}
+
+impl Credentials {
+    fn read(dir: &Path) -> Result<Credentials, ConfigError> {
+        let get = |name: &str| -> Result<Option<String>, ConfigError> {
+            match std::fs::read_to_string(dir.join(name)) {
+                Ok(v) => Ok(Some(v.trim().to_string()).filter(|v| !v.is_empty())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(ConfigError::Credential { name: name.into(), dir: dir.into(), source }),
+            }
+        };
+        let number = |name: &'static str, key: &'static str| -> Result<Option<usize>, ConfigError> {
+            get(name)?
+                .map(|v| v.parse::<usize>().map_err(|_| invalid(key, format!("credential {name} is {v:?}, not a number"))))
+                .transpose()
+        };
+        Ok(Credentials {
+            cluster_secret: get(credential::CLUSTER_SECRET)?,
+            join: get(credential::JOIN)?.map(|v| split_list(&v)),
+            bootstrap_expect: number(credential::BOOTSTRAP_EXPECT, "bootstrap_expect")?,
+            max_voters: number(credential::MAX_VOTERS, "max_voters")?,
+            node_name: get(credential::NODE_NAME)?,
+        })
+    }
+}
+
+/// Splits a list given as one string: commas and/or whitespace separate entries.
+pub fn split_list(s: &str) -> Vec<String> {
+    s.split(|c: char| c == ',' || c.is_whitespace()).filter(|p| !p.is_empty()).map(str::to_string).collect()
+}
+
+/// Accepts `host`, `host:port`, `[v6]:port`; adds the default port when none is given.
+pub fn normalize_join_addr(addr: &str) -> Result<String, ConfigError> {
+    let addr = addr.trim();
+    let bad = |m: &str| invalid("join", format!("{addr:?}: {m}; use HOST or HOST:PORT, e.g. 10.0.0.1:7600"));
+    if addr.is_empty() {
+        return Err(bad("empty address"));
+    }
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(addr.to_string());
+    }
+    if let Ok(ip) = addr.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, DEFAULT_PEER_PORT).to_string());
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => {
+            port.parse::<u16>().map_err(|_| bad("port is not a number"))?;
+            if host.is_empty() {
+                return Err(bad("host is empty"));
+            }
+            Ok(addr.to_string())
+        }
+        Some(_) => Err(bad("not a valid address")),
+        None => Ok(format!("{addr}:{DEFAULT_PEER_PORT}")),
+    }
+}
+
+pub fn validate_secret(s: &str) -> Result<(), ConfigError> {
+    if s.chars().count() < MIN_SECRET_LEN {
+        return Err(invalid(
+            "cluster_secret",
+            format!(
+                "the secret is {} characters, it must be at least {MIN_SECRET_LEN}; generate one with `openssl rand -base64 32`",
+                s.chars().count()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+pub fn validate_node_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !ok {
+        return Err(invalid(
+            "node_name",
+            format!("{name:?} is not a valid host name: use 1-63 letters, digits and '-', not starting or ending with '-'"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml_text: &str, creds: &[(&str, &str)], o: &Overrides) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, toml_text).unwrap();
+        let cdir = dir.path().join("creds");
+        std::fs::create_dir(&cdir).unwrap();
+        for (k, v) in creds {
+            std::fs::write(cdir.join(k), v).unwrap();
+        }
+        Config::load(&path, true, Some(&cdir), o)
+    }
+
+    #[test]
+    fn defaults_without_any_input() {
+        let c = Config::load(Path::new("/nonexistent/agent.toml"), false, None, &Overrides::default()).unwrap();
+        assert_eq!(c.listen_addr, "0.0.0.0:7600".parse().unwrap());
+        assert_eq!(c.max_voters, 3);
+        assert_eq!(c.cluster_secret, None);
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert!(c.join.is_empty());
+    }
+
+    #[test]
+    fn missing_required_file_is_an_error_naming_the_path() {
+        let e = Config::load(Path::new("/nonexistent/agent.toml"), true, None, &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/agent.toml"), "{e}");
+    }
+
+    #[test]
+    fn credentials_override_file_and_flags_override_credentials() {
+        let text = "join = [\"10.0.0.1\"]\nbootstrap_expect = 5\ncluster_secret = \"file-secret-0123456789\"\n";
+        let creds = [
+            (credential::JOIN, "10.0.0.2:7000, 10.0.0.3\n"),
+            (credential::BOOTSTRAP_EXPECT, "3\n"),
+            (credential::CLUSTER_SECRET, "cred-secret-0123456789\n"),
+        ];
+        let c = load_str(text, &creds, &Overrides::default()).unwrap();
+        assert_eq!(c.join, vec!["10.0.0.2:7000".to_string(), "10.0.0.3:7600".to_string()]);
+        assert_eq!(c.bootstrap_expect, Some(3));
+        assert_eq!(c.cluster_secret.as_deref(), Some("cred-secret-0123456789"));
+        let o = Overrides { bootstrap_expect: Some(1), join: Some(vec![]), ..Default::default() };
+        let c = load_str(text, &creds, &o).unwrap();
+        assert_eq!(c.bootstrap_expect, Some(1));
+        assert!(c.join.is_empty());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_key_named() {
+        let e = load_str("bootstrap_expec = 3\n", &[], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("bootstrap_expec"), "{e}");
+    }
+
+    #[test]
+    fn short_secret_is_refused_with_the_fix() {
+        let e = load_str("cluster_secret = \"short\"\n", &[], &Overrides::default()).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("cluster_secret") && msg.contains("at least 16"), "{msg}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (text, key) in [
+            ("max_voters = 4\n", "max_voters"),
+            ("bootstrap_expect = 0\n", "bootstrap_expect"),
+            ("listen_addr = \"nope\"\n", "listen_addr"),
+            ("advertise_addr = \"0.0.0.0:7600\"\n", "advertise_addr"),
+            ("join = [\"a:b:c\"]\n", "join"),
+            ("node_name = \"bad name\"\n", "node_name"),
+            ("[raft]\nheartbeat_ms = 1000\nelection_timeout_min_ms = 1500\n", "raft.election_timeout_min_ms"),
+            ("[health]\nsuspect_after_ms = 9000\nfailed_after_ms = 1000\n", "health"),
+        ] {
+            let e = load_str(text, &[], &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn bad_credential_number_names_the_credential() {
+        let e = load_str("", &[(credential::BOOTSTRAP_EXPECT, "three")], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("clusteros.bootstrap-expect"), "{e}");
+    }
+
+    #[test]
+    fn join_addresses_are_normalized() {
+        assert_eq!(normalize_join_addr("node1").unwrap(), "node1:7600");
+        assert_eq!(normalize_join_addr("node1:9000").unwrap(), "node1:9000");
+        assert_eq!(normalize_join_addr("::1").unwrap(), "[::1]:7600");
+        assert_eq!(normalize_join_addr("[::1]:8000").unwrap(), "[::1]:8000");
+        assert!(normalize_join_addr("").is_err());
+        assert!(normalize_join_addr("host:notaport").is_err());
+        assert_eq!(split_list("a, b\nc,,"), vec!["a", "b", "c"]);
+    }
+}

@@ -1,0 +1,212 @@
+//! `clusteros agent`: binds the sockets, runs the agent, talks to systemd (READY, STATUS,
+//! watchdog) and restarts the agent in-process after it leaves or is removed from the cluster.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sd_notify::NotifyState;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::api::local::LocalState;
+use crate::config::{Config, SECRET_HOWTO};
+use crate::identity::Identity;
+use crate::runtime::{Agent, Phase, RunEnd, StartError, hex_id, wipe_membership_state};
+
+fn notify(states: &[NotifyState]) {
+    // Not under systemd (tests, manual runs): nothing to tell.
+    let _ = sd_notify::notify(states);
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
+}
+
+/// Binds the root-only unix socket for the CLI, replacing a stale one.
+fn bind_socket(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot remove stale socket {}", path.display())),
+    }
+    let l = UnixListener::bind(path).with_context(|| format!("cannot bind the CLI socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {} to root", path.display()))?;
+    Ok(l)
+}
+
+/// Serves the local API until `stop` fires.
+fn spawn_local(listener: UnixListener, state: LocalState, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let app = crate::api::local::router(state);
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = r {
+            error!("local API server failed: {e}");
+        }
+    })
+}
+
+fn watchdog_task() {
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            loop {
+                notify(&[NotifyState::Watchdog]);
+                tokio::time::sleep(interval / 2).await;
+            }
+        });
+    }
+}
+
+/// Runs an agent that cannot form a cluster (no secret, invalid config) so that `clusteros status`
+/// can say what is wrong. Returns on a shutdown signal.
+async fn run_unconfigured(socket: &Path, name: String, problems: Vec<String>) -> Result<()> {
+    for p in &problems {
+        error!("{p}");
+    }
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let local = spawn_local(bind_socket(socket)?, LocalState::Unconfigured { name, problems: problems.clone() }, stop_rx);
+    notify(&[NotifyState::Ready, NotifyState::Status(&format!("not running: {}", problems.join("; ")))]);
+    shutdown_signal().await;
+    notify(&[NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    let _ = local.await;
+    Ok(())
+}
+
+fn status_line(agent: &Agent) -> String {
+    let p = agent.progress();
+    if p.phase != Phase::Member {
+        return format!("{}: {}", p.phase, p.detail);
+    }
+    let m = agent.metrics();
+    let membership = m.membership_config.membership();
+    let leader = m
+        .current_leader
+        .map(|l| agent.state.read(|d| d.state.members.get(&l).map(|r| r.spec.name.clone())).unwrap_or_else(|| hex_id(l)))
+        .unwrap_or_else(|| "none".into());
+    format!(
+        "member · {:?} · leader {} · term {} · {} voters, {} learners",
+        m.state,
+        leader,
+        m.current_term,
+        membership.voter_ids().count(),
+        membership.learner_ids().count()
+    )
+}
+
+/// The `clusteros agent` entry point. `config` is the loaded configuration, or the error that
+/// loading it gave (then the agent serves only its status).
+pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Result<()> {
+    watchdog_task();
+    let cfg = match config {
+        Ok(c) => c,
+        Err(problem) => {
+            let problem = format!("configuration error: {problem}; fix it and restart clusteros-agent.service");
+            return run_unconfigured(&fallback_socket, crate::identity::hostname(), vec![problem]).await;
+        }
+    };
+    let name = cfg.node_name.clone().unwrap_or_else(crate::identity::hostname);
+    let Some(secret) = cfg.cluster_secret.clone() else {
+        let problem = format!("no cluster secret provided, so this node will not form or join a cluster: {SECRET_HOWTO}");
+        return run_unconfigured(&cfg.socket_path, name, vec![problem]).await;
+    };
+    crate::files::ensure_dir(&cfg.state_dir, 0o700)?;
+    let mut extra_join: Vec<String> = Vec::new();
+    let mut signal = Box::pin(shutdown_signal());
+    loop {
+        let identity = Identity::load_or_create(&cfg.state_dir, &name)?;
+        let agent = Agent::open(cfg.clone(), identity, &secret, std::mem::take(&mut extra_join)).await?;
+        info!(
+            node_id = %hex_id(agent.id()),
+            name = %agent.identity.name,
+            api_addr = %agent.api_addr,
+            key = %agent.key.fingerprint(),
+            "agent starting"
+        );
+        let peer = TcpListener::bind(cfg.listen_addr)
+            .await
+            .map_err(|source| StartError::Listen { addr: cfg.listen_addr, source })?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let peer_task = {
+            let app = crate::api::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                let r = axum::serve(peer, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    error!("peer API server failed: {e}");
+                }
+            })
+        };
+        let local_task = spawn_local(bind_socket(&cfg.socket_path)?, LocalState::Running(agent.clone()), stop_rx);
+        let formation = tokio::spawn({
+            let a = agent.clone();
+            async move {
+                a.clone().run_formation().await;
+                if a.progress().phase == Phase::Member {
+                    a.run_member().await;
+                }
+            }
+        });
+        let leader = tokio::spawn(agent.clone().run_leader());
+        notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&agent))]);
+
+        let mut end = agent.end_signal();
+        let outcome = loop {
+            tokio::select! {
+                _ = &mut signal => break RunEnd::Shutdown,
+                r = end.changed() => {
+                    if r.is_ok() && let Some(e) = end.borrow().clone() { break e; }
+                }
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                    notify(&[NotifyState::Status(&status_line(&agent))]);
+                }
+            }
+        };
+        info!(node_id = %hex_id(agent.id()), "agent stopping: {outcome:?}");
+        notify(&[NotifyState::Stopping]);
+        agent.request_end(outcome.clone());
+        let _ = stop_tx.send(true);
+        if let Err(e) = agent.raft.shutdown().await {
+            warn!("Raft shutdown: {e}");
+        }
+        for mut t in [formation, leader, peer_task, local_task] {
+            if tokio::time::timeout(Duration::from_secs(10), &mut t).await.is_err() {
+                t.abort();
+                let _ = t.await;
+            }
+        }
+        let state_dir = cfg.state_dir.clone();
+        drop(agent);
+        match outcome {
+            RunEnd::Shutdown => return Ok(()),
+            RunEnd::Left | RunEnd::Rejoin { .. } => {
+                // A new member needs a new node id: node ids are never reused.
+                wipe_membership_state(&state_dir).context("cannot remove the old Raft state")?;
+                Identity::create(&state_dir, &name)?;
+                if let RunEnd::Rejoin { via } = outcome {
+                    extra_join = via;
+                }
+                notify(&[NotifyState::Reloading]);
+            }
+        }
+    }
+}

@@ -1,0 +1,27 @@
+//! ClusterOS node agent.
+//!
+//! Pure logic (no I/O): [`state`] (the replicated ClusterState and its `apply`), [`membership`]
+//! (formation, health and autopilot decisions), [`config`] validation, [`auth`] signatures.
+//! Adapters: [`raft`] (storage, network), [`api`] (peer and local servers), [`transport`],
+//! [`files`]. [`runtime`] wires them into the running agent; [`daemon`] is `clusteros agent`;
+//! [`cli`] and [`client`] are the command line.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod files;
+pub mod identity;
+pub mod membership;
+pub mod raft;
+pub mod runtime;
+pub mod state;
+pub mod status;
+pub mod transport;
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,311 @@
+//! Pure membership decisions: how a cluster forms (bootstrap), how health is classified, and what
+//! the leader's autopilot changes next (promote, replace, remove). No I/O and no clock: callers pass
+//! durations and observations in, and carry the decision out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use crate::config::HealthTuning;
+use crate::state::{Health, NodeId};
+
+// ---------------------------------------------------------------------------------------------
+// Formation
+// ---------------------------------------------------------------------------------------------
+
+/// What one discovered peer told us about itself and the candidates it has heard from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerView {
+    pub addr: String,
+    pub initialized: bool,
+    /// Candidate ids the peer has heard from directly, itself included.
+    pub known: BTreeSet<NodeId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Formation {
+    /// Fewer than `expected` candidates are known.
+    Wait { seen: usize, expected: usize },
+    /// Enough candidates, but not all of the chosen set agree on it yet (or this node is not in it).
+    Settling { chosen: BTreeSet<NodeId> },
+    /// A peer is already in a cluster: join it instead of forming one.
+    Join { via: String },
+    /// Initialize Raft with exactly these members (id -> peer address).
+    Initialize { members: BTreeMap<NodeId, String> },
+}
+
+fn smallest(ids: impl IntoIterator<Item = NodeId>, n: usize) -> BTreeSet<NodeId> {
+    let all: BTreeSet<NodeId> = ids.into_iter().collect();
+    all.into_iter().take(n).collect()
+}
+
+/// Decides whether this node may bootstrap, following `bootstrap_expect = expect`.
+///
+/// The chosen set is the `expect` smallest ids among the candidates this node heard from directly
+/// (itself included). This node initializes only when it is in that set and every other member of
+/// the set reports the same set from its own view, so every node that initializes uses the
+/// identical member set. A peer that is already initialized turns formation into a join.
+pub fn decide_formation(me: NodeId, my_addr: &str, expect: usize, peers: &BTreeMap<NodeId, PeerView>) -> Formation {
+    if let Some(p) = peers.values().find(|p| p.initialized) {
+        return Formation::Join { via: p.addr.clone() };
+    }
+    let mut known: BTreeSet<NodeId> = peers.keys().copied().collect();
+    known.insert(me);
+    if known.len() < expect {
+        return Formation::Wait { seen: known.len(), expected: expect };
+    }
+    let chosen = smallest(known.iter().copied(), expect);
+    if !chosen.contains(&me) {
+        return Formation::Settling { chosen };
+    }
+    let agreed = chosen
+        .iter()
+        .filter(|id| **id != me)
+        .all(|id| peers.get(id).is_some_and(|p| smallest(p.known.iter().copied(), expect) == chosen));
+    if !agreed {
+        return Formation::Settling { chosen };
+    }
+    let members = chosen
+        .iter()
+        .map(|id| (*id, if *id == me { my_addr.to_string() } else { peers[id].addr.clone() }))
+        .collect();
+    Formation::Initialize { members }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Health
+// ---------------------------------------------------------------------------------------------
+
+/// Health from the time since the last successful contact.
+pub fn classify(silent_for: Duration, t: &HealthTuning) -> Health {
+    if silent_for >= t.failed_after() {
+        Health::Failed
+    } else if silent_for >= t.suspect_after() {
+        Health::Suspect
+    } else {
+        Health::Alive
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Autopilot
+// ---------------------------------------------------------------------------------------------
+
+/// What the leader sees when it plans the next membership change.
+#[derive(Debug, Clone)]
+pub struct AutopilotView {
+    pub leader: NodeId,
+    pub voters: BTreeSet<NodeId>,
+    pub learners: BTreeSet<NodeId>,
+    /// Time since the last contact, for every member except the leader.
+    pub silent_for: BTreeMap<NodeId, Duration>,
+    /// Highest log index known to be replicated to each member (leader's replication metrics).
+    pub matched: BTreeMap<NodeId, Option<u64>>,
+    pub last_log_index: u64,
+    pub max_voters: usize,
+    /// A learner is caught up when it is at most this many entries behind.
+    pub max_lag: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MembershipAction {
+    /// Make a caught-up, healthy learner a voter.
+    Promote { learner: NodeId },
+    /// Swap a failed voter for a caught-up, healthy learner; the failed node stays a learner.
+    Replace { failed: NodeId, learner: NodeId },
+    /// Remove a node that has been silent for longer than the grace period.
+    Remove { id: NodeId },
+}
+
+/// The next membership change, if any. One change at a time: Raft serializes them anyway.
+pub fn plan_membership(v: &AutopilotView, t: &HealthTuning) -> Option<MembershipAction> {
+    let health = |id: NodeId| -> Health {
+        if id == v.leader {
+            Health::Alive
+        } else {
+            v.silent_for.get(&id).map_or(Health::Failed, |d| classify(*d, t))
+        }
+    };
+    let caught_up = |id: NodeId| {
+        v.matched.get(&id).copied().flatten().is_some_and(|m| m + v.max_lag >= v.last_log_index)
+    };
+    let ready_learner = v.learners.iter().copied().find(|id| health(*id) == Health::Alive && caught_up(*id));
+
+    if let Some(learner) = ready_learner {
+        if let Some(failed) = v.voters.iter().copied().find(|id| health(*id) == Health::Failed) {
+            return Some(MembershipAction::Replace { failed, learner });
+        }
+        if v.voters.len() < v.max_voters {
+            return Some(MembershipAction::Promote { learner });
+        }
+    }
+    // Grace period over: remove, but never the leader and never the last voter.
+    let expired = |id: &NodeId| *id != v.leader && v.silent_for.get(id).is_some_and(|d| *d >= t.remove_after());
+    if let Some(id) = v.learners.iter().find(|id| expired(id)) {
+        return Some(MembershipAction::Remove { id: *id });
+    }
+    if let Some(id) = v.voters.iter().find(|id| expired(id))
+        && v.voters.len() > 1
+    {
+        return Some(MembershipAction::Remove { id: *id });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(addr: &str, known: &[NodeId]) -> PeerView {
+        PeerView { addr: addr.into(), initialized: false, known: known.iter().copied().collect() }
+    }
+
+    #[test]
+    fn formation_waits_until_expected_candidates_are_seen() {
+        let peers = BTreeMap::from([(2, peer("b", &[1, 2]))]);
+        assert_eq!(decide_formation(1, "a", 3, &peers), Formation::Wait { seen: 2, expected: 3 });
+    }
+
+    #[test]
+    fn formation_initializes_with_identical_sets_on_every_node() {
+        let full = [1, 2, 3];
+        let views = |me: NodeId| -> BTreeMap<NodeId, PeerView> {
+            full.iter().filter(|id| **id != me).map(|id| (*id, peer(&format!("n{id}"), &full))).collect()
+        };
+        let mut sets = Vec::new();
+        for me in full {
+            match decide_formation(me, &format!("n{me}"), 3, &views(me)) {
+                Formation::Initialize { members } => sets.push(members),
+                other => panic!("node {me}: {other:?}"),
+            }
+        }
+        assert!(sets.windows(2).all(|w| w[0] == w[1]), "{sets:?}");
+        assert_eq!(sets[0].keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(sets[0][&2], "n2");
+    }
+
+    #[test]
+    fn formation_waits_while_a_chosen_peer_has_a_different_view() {
+        // Node 3 has not heard from node 1 yet.
+        let peers = BTreeMap::from([(2, peer("b", &[1, 2, 3])), (3, peer("c", &[2, 3]))]);
+        assert!(matches!(decide_formation(1, "a", 3, &peers), Formation::Settling { .. }));
+    }
+
+    #[test]
+    fn formation_with_more_candidates_than_expected_picks_smallest_ids() {
+        let all = [1, 5, 7, 9];
+        let peers: BTreeMap<NodeId, PeerView> =
+            all.iter().filter(|i| **i != 9).map(|i| (*i, peer(&format!("n{i}"), &all))).collect();
+        // Node 9 is not among the 3 smallest: it waits and joins later.
+        assert_eq!(decide_formation(9, "n9", 3, &peers), Formation::Settling { chosen: [1, 5, 7].into() });
+        let peers: BTreeMap<NodeId, PeerView> =
+            all.iter().filter(|i| **i != 1).map(|i| (*i, peer(&format!("n{i}"), &all))).collect();
+        match decide_formation(1, "n1", 3, &peers) {
+            Formation::Initialize { members } => assert_eq!(members.keys().copied().collect::<Vec<_>>(), vec![1, 5, 7]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn formation_joins_an_existing_cluster() {
+        let mut p = peer("b", &[2]);
+        p.initialized = true;
+        let peers = BTreeMap::from([(2, p), (3, peer("c", &[1, 2, 3]))]);
+        assert_eq!(decide_formation(1, "a", 3, &peers), Formation::Join { via: "b".into() });
+    }
+
+    #[test]
+    fn single_node_bootstrap() {
+        match decide_formation(4, "a", 1, &BTreeMap::new()) {
+            Formation::Initialize { members } => assert_eq!(members, BTreeMap::from([(4, "a".to_string())])),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn tuning() -> HealthTuning {
+        HealthTuning { suspect_after_ms: 1000, failed_after_ms: 3000, remove_after_ms: 10_000 }
+    }
+
+    #[test]
+    fn classify_thresholds() {
+        let t = tuning();
+        assert_eq!(classify(Duration::from_millis(999), &t), Health::Alive);
+        assert_eq!(classify(Duration::from_millis(1000), &t), Health::Suspect);
+        assert_eq!(classify(Duration::from_millis(3000), &t), Health::Failed);
+    }
+
+    fn view(voters: &[NodeId], learners: &[NodeId]) -> AutopilotView {
+        let all: Vec<NodeId> = voters.iter().chain(learners).copied().collect();
+        AutopilotView {
+            leader: voters[0],
+            voters: voters.iter().copied().collect(),
+            learners: learners.iter().copied().collect(),
+            silent_for: all.iter().filter(|i| **i != voters[0]).map(|i| (*i, Duration::from_millis(10))).collect(),
+            matched: all.iter().map(|i| (*i, Some(100))).collect(),
+            last_log_index: 100,
+            max_voters: 3,
+            max_lag: 10,
+        }
+    }
+
+    #[test]
+    fn promotes_learners_up_to_max_voters_only() {
+        let t = tuning();
+        assert_eq!(plan_membership(&view(&[1], &[2, 3]), &t), Some(MembershipAction::Promote { learner: 2 }));
+        assert_eq!(plan_membership(&view(&[1, 2], &[3]), &t), Some(MembershipAction::Promote { learner: 3 }));
+        assert_eq!(plan_membership(&view(&[1, 2, 3], &[4, 5]), &t), None);
+        let mut v = view(&[1, 2, 3], &[4, 5]);
+        v.max_voters = 5;
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Promote { learner: 4 }));
+    }
+
+    #[test]
+    fn lagging_or_unhealthy_learners_are_not_promoted() {
+        let t = tuning();
+        let mut v = view(&[1], &[2]);
+        v.matched.insert(2, Some(50));
+        assert_eq!(plan_membership(&v, &t), None);
+        v.matched.insert(2, None);
+        assert_eq!(plan_membership(&v, &t), None);
+        let mut v = view(&[1], &[2]);
+        v.silent_for.insert(2, Duration::from_millis(1500));
+        assert_eq!(plan_membership(&v, &t), None);
+    }
+
+    #[test]
+    fn failed_voter_is_replaced_by_a_healthy_learner() {
+        let t = tuning();
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.silent_for.insert(3, Duration::from_millis(3500));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Replace { failed: 3, learner: 4 }));
+        // A suspect voter is not replaced yet.
+        v.silent_for.insert(3, Duration::from_millis(1500));
+        assert_eq!(plan_membership(&v, &t), None);
+    }
+
+    #[test]
+    fn nodes_silent_past_the_grace_period_are_removed() {
+        let t = tuning();
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.silent_for.insert(4, Duration::from_secs(11));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Remove { id: 4 }));
+        let mut v = view(&[1, 2, 3], &[]);
+        v.silent_for.insert(2, Duration::from_secs(11));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Remove { id: 2 }));
+    }
+
+    #[test]
+    fn replacement_comes_before_removal_and_leader_is_never_removed() {
+        let t = tuning();
+        let mut v = view(&[1, 2, 3], &[4]);
+        v.silent_for.insert(2, Duration::from_secs(11));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Replace { failed: 2, learner: 4 }));
+        let mut v = view(&[1], &[]);
+        v.silent_for.insert(1, Duration::from_secs(11));
+        assert_eq!(plan_membership(&v, &t), None);
+    }
+
+    #[test]
+    fn stable_cluster_needs_no_change() {
+        assert_eq!(plan_membership(&view(&[1, 2, 3], &[]), &tuning()), None);
+    }
+}

@@ -1,0 +1,209 @@
+//! The durable Raft log, vote and commit index, in a redb database. Every write transaction is
+//! committed with redb's default durability (fsync) before openraft is told the I/O completed.
+
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{OptionalSend, RaftLogId, StorageIOError};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "last_purged";
+
+/// Cheap to clone: all clones share one database.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+    /// Index of the last committed entry plus one (0: none), for status output.
+    committed: Arc<AtomicU64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+fn io_err<E: std::fmt::Display>(e: E) -> StorageIOError<u64> {
+    StorageIOError::write(&Msg(e.to_string()))
+}
+
+fn read_err<E: std::fmt::Display>(e: E) -> StorageIOError<u64> {
+    StorageIOError::read(&Msg(e.to_string()))
+}
+
+impl LogStore {
+    /// Opens (or creates) the log database at `path`.
+    pub fn open(path: &Path) -> Result<LogStore, redb::Error> {
+        let db = Database::create(path)?;
+        // Create the tables so that read transactions find them.
+        let txn = db.begin_write()?;
+        txn.open_table(LOGS)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        let store = LogStore { db: Arc::new(db), committed: Arc::new(AtomicU64::new(0)) };
+        if let Ok(Some(c)) = store.get_meta::<LogId>(KEY_COMMITTED) {
+            store.committed.store(c.index + 1, Ordering::Relaxed);
+        }
+        Ok(store)
+    }
+
+    /// The last committed log index this node knows of.
+    pub fn committed_index(&self) -> Option<u64> {
+        self.committed.load(Ordering::Relaxed).checked_sub(1)
+    }
+
+    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageIOError<u64>> {
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(META).map_err(read_err)?;
+        match table.get(key).map_err(read_err)? {
+            Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(read_err)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T, durable: bool) -> Result<(), StorageIOError<u64>> {
+        let bytes = serde_json::to_vec(value).map_err(io_err)?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let mut txn = db.begin_write()?;
+            if !durable {
+                txn.set_durability(Durability::None)?;
+            }
+            txn.open_table(META)?.insert(key, bytes.as_slice())?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(io_err)?
+        .map_err(io_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let txn = self.db.begin_read().map_err(|e| StorageIOError::read_logs(&Msg(e.to_string())))?;
+        let table = txn.open_table(LOGS).map_err(|e| StorageIOError::read_logs(&Msg(e.to_string())))?;
+        let mut out = Vec::new();
+        for item in table.range(range).map_err(|e| StorageIOError::read_logs(&Msg(e.to_string())))? {
+            let (_, v) = item.map_err(|e| StorageIOError::read_logs(&Msg(e.to_string())))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| StorageIOError::read_logs(&e))?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_PURGED)?;
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(LOGS).map_err(read_err)?;
+        let last = match table.last().map_err(read_err)? {
+            Some((_, v)) => Some(serde_json::from_slice::<Entry>(v.value()).map_err(read_err)?.log_id),
+            None => None,
+        };
+        Ok(LogState { last_log_id: last.or(last_purged_log_id), last_purged_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.put_meta(KEY_VOTE, vote, true).await.map_err(|e| StorageIOError::write_vote(&Msg(e.to_string())).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.get_meta(KEY_VOTE).map_err(|e| StorageIOError::read_vote(&Msg(e.to_string())).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        self.committed.store(committed.map_or(0, |c| c.index + 1), Ordering::Relaxed);
+        // Not fsynced: the commit index is only a hint for re-applying entries after a restart,
+        // and the next durable write persists it anyway.
+        Ok(self.put_meta(KEY_COMMITTED, &committed, false).await?)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let rows = entries
+            .into_iter()
+            .map(|e| Ok((e.get_log_id().index, serde_json::to_vec(&e)?)))
+            .collect::<Result<Vec<_>, serde_json::Error>>()
+            .map_err(|e| StorageIOError::write_logs(&e))?;
+        let db = self.db.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            {
+                let mut table = txn.open_table(LOGS)?;
+                for (index, bytes) in &rows {
+                    table.insert(*index, bytes.as_slice())?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_logs(&Msg(e.to_string())))?;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                callback.log_io_completed(Err(std::io::Error::other(msg.clone())));
+                Err(StorageIOError::write_logs(&Msg(msg)).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(LOGS)?.retain_in(log_id.index.., |_, _| false)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_logs(&Msg(e.to_string())))?
+        .map_err(|e| StorageIOError::write_logs(&Msg(e.to_string())).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let db = self.db.clone();
+        let purged = serde_json::to_vec(&log_id).map_err(|e| StorageIOError::write_logs(&e))?;
+        tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(META)?.insert(KEY_PURGED, purged.as_slice())?;
+            txn.open_table(LOGS)?.retain_in(..=log_id.index, |_, _| false)?;
+            txn.commit()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| StorageIOError::write_logs(&Msg(e.to_string())))?
+        .map_err(|e| StorageIOError::write_logs(&Msg(e.to_string())).into())
+    }
+}

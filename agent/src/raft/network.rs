@@ -1,0 +1,149 @@
+//! openraft's network over the signed peer API. Every successful exchange with a node is recorded
+//! as contact, which is what the leader's failure detector reads.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, SnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+
+use super::{Snapshot, TypeConfig, Vote};
+use crate::api::{SnapshotRequest, paths};
+use crate::state::NodeId;
+use crate::transport::{PeerClient, PeerError};
+
+/// Last successful contact with each peer, as seen by this node.
+#[derive(Clone, Default)]
+pub struct ContactTracker {
+    inner: Arc<Mutex<HashMap<NodeId, Instant>>>,
+}
+
+impl ContactTracker {
+    pub fn record(&self, id: NodeId) {
+        self.inner.lock().expect("contact lock").insert(id, Instant::now());
+    }
+
+    pub fn last(&self, id: NodeId) -> Option<Instant> {
+        self.inner.lock().expect("contact lock").get(&id).copied()
+    }
+}
+
+#[derive(Clone)]
+pub struct Network {
+    pub client: PeerClient,
+    pub contacts: ContactTracker,
+    pub rpc_timeout: Duration,
+    pub snapshot_timeout: Duration,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+        PeerConnection { target, addr: node.addr.clone(), net: self.clone() }
+    }
+}
+
+pub struct PeerConnection {
+    target: NodeId,
+    addr: String,
+    net: Network,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Msg(String);
+
+impl PeerConnection {
+    async fn rpc<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: serde::Serialize,
+        Resp: serde::de::DeserializeOwned,
+        E: std::error::Error + serde::de::DeserializeOwned,
+    {
+        let r: Result<Resp, RaftError<NodeId, E>> =
+            self.net.client.call(&self.addr, path, req, timeout).await.map_err(to_rpc_error)?;
+        self.net.contacts.record(self.target);
+        r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+fn to_rpc_error<E: std::error::Error>(e: PeerError) -> RPCError<NodeId, BasicNode, E> {
+    match e {
+        PeerError::Unreachable { .. } | PeerError::Timeout { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let t = option.hard_ttl().min(self.net.rpc_timeout);
+        self.rpc(paths::RAFT_APPEND, &rpc, t).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        // With `generic-snapshot-data` openraft sends snapshots through `full_snapshot` only.
+        Err(RPCError::Network(NetworkError::new(&Msg("chunked snapshot transfer is not used; full_snapshot is".into()))))
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let t = option.hard_ttl().min(self.net.rpc_timeout);
+        self.rpc(paths::RAFT_VOTE, &rpc, t).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let data = String::from_utf8(*snapshot.snapshot)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&Msg(format!("snapshot is not UTF-8: {e}")))))?;
+        let req = SnapshotRequest { vote, meta: snapshot.meta, data };
+        let call = self.net.client.call::<_, Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
+            &self.addr,
+            paths::RAFT_SNAPSHOT,
+            &req,
+            self.net.snapshot_timeout,
+        );
+        let r = tokio::select! {
+            r = call => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        let r = r.map_err(|e| match e {
+            PeerError::Unreachable { .. } | PeerError::Timeout { .. } => StreamingError::Unreachable(Unreachable::new(&e)),
+            _ => StreamingError::Network(NetworkError::new(&e)),
+        })?;
+        self.net.contacts.record(self.target);
+        r.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}

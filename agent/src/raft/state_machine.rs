@@ -1,0 +1,209 @@
+//! The Raft state machine: the [`ClusterState`] in memory, with snapshots that hold all of it
+//! written durably to disk. After a restart the state is loaded from the last snapshot and openraft
+//! re-applies the committed log entries after it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, StorageIOError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::files::write_atomic;
+use crate::state::{ClusterState, Response};
+
+pub const SNAPSHOT_FILE: &str = "snapshot.json";
+
+/// Everything the state machine holds; a snapshot is this, serialized.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SmData {
+    pub last_applied: Option<LogId>,
+    pub last_membership: StoredMembership,
+    pub state: ClusterState,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    /// JSON of [`SmData`].
+    data: String,
+}
+
+struct Shared {
+    data: RwLock<SmData>,
+    /// Bumped after every apply or snapshot install, so that loops can wait for state changes.
+    changed: watch::Sender<u64>,
+}
+
+/// Read access to the applied state, for the API and the runtime loops (local, possibly stale).
+#[derive(Clone)]
+pub struct StateHandle {
+    shared: Arc<Shared>,
+}
+
+impl StateHandle {
+    pub fn read<T>(&self, f: impl FnOnce(&SmData) -> T) -> T {
+        f(&self.shared.data.read().expect("state lock"))
+    }
+
+    /// A receiver that changes whenever the applied state changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.changed.subscribe()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot read snapshot {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error(
+        "snapshot {path} is corrupt ({message}); move it away together with raft.redb to let this node fetch the state from the cluster again"
+    )]
+    Corrupt { path: PathBuf, message: String },
+}
+
+pub struct StateMachineStore {
+    shared: Arc<Shared>,
+    dir: PathBuf,
+    current: Arc<Mutex<Option<Snapshot>>>,
+    counter: Arc<AtomicU64>,
+}
+
+impl StateMachineStore {
+    /// Opens the state machine whose snapshot lives in `dir`.
+    pub fn open(dir: &Path) -> Result<StateMachineStore, OpenError> {
+        let path = dir.join(SNAPSHOT_FILE);
+        let corrupt = |message: String| OpenError::Corrupt { path: path.clone(), message };
+        let (data, current) = match std::fs::read(&path) {
+            Ok(bytes) => {
+                let stored: StoredSnapshot = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                let data: SmData = serde_json::from_str(&stored.data).map_err(|e| corrupt(e.to_string()))?;
+                if data.last_applied != stored.meta.last_log_id {
+                    return Err(corrupt("snapshot metadata does not match its data".into()));
+                }
+                let snap = Snapshot { meta: stored.meta, snapshot: Box::new(stored.data.into_bytes()) };
+                (data, Some(snap))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (SmData::default(), None),
+            Err(source) => return Err(OpenError::Read { path, source }),
+        };
+        let (changed, _) = watch::channel(0);
+        Ok(StateMachineStore {
+            shared: Arc::new(Shared { data: RwLock::new(data), changed }),
+            dir: dir.to_owned(),
+            current: Arc::new(Mutex::new(current)),
+            counter: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn handle(&self) -> StateHandle {
+        StateHandle { shared: self.shared.clone() }
+    }
+
+    fn builder(&self) -> StateMachineStore {
+        StateMachineStore {
+            shared: self.shared.clone(),
+            dir: self.dir.clone(),
+            current: self.current.clone(),
+            counter: self.counter.clone(),
+        }
+    }
+
+    async fn persist(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        let text = String::from_utf8(data.to_vec()).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let bytes = serde_json::to_vec(&StoredSnapshot { meta: meta.clone(), data: text })
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let path = self.dir.join(SNAPSHOT_FILE);
+        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o600))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (bytes, last_applied, last_membership) = {
+            let d = self.shared.data.read().expect("state lock");
+            let bytes = serde_json::to_vec(&*d).map_err(|e| StorageIOError::read_state_machine(&e))?;
+            (bytes, d.last_applied, d.last_membership.clone())
+        };
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, n),
+            None => format!("none-{n}"),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership, snapshot_id };
+        self.persist(&meta, &bytes).await?;
+        let snap = Snapshot { meta, snapshot: Box::new(bytes) };
+        *self.current.lock().expect("snapshot lock") = Some(snap.clone());
+        Ok(snap)
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let d = self.shared.data.read().expect("state lock");
+        Ok((d.last_applied, d.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut out = Vec::new();
+        {
+            let mut d = self.shared.data.write().expect("state lock");
+            for entry in entries {
+                d.last_applied = Some(entry.log_id);
+                let resp = match &entry.payload {
+                    EntryPayload::Blank => Response::Empty,
+                    EntryPayload::Normal(cmd) => d.state.apply(entry.log_id.index, cmd),
+                    EntryPayload::Membership(m) => {
+                        d.last_membership = StoredMembership::new(Some(entry.log_id), m.clone());
+                        d.state.apply_membership(m.voter_ids().collect(), m.learner_ids().collect());
+                        Response::Empty
+                    }
+                };
+                out.push(resp);
+            }
+        }
+        self.shared.changed.send_modify(|v| *v += 1);
+        Ok(out)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.builder()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Vec<u8>>, StorageError> {
+        Ok(Box::default())
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Vec<u8>>) -> Result<(), StorageError> {
+        let data: SmData = serde_json::from_slice(&snapshot)
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        if data.last_applied != meta.last_log_id {
+            return Err(StorageIOError::read_snapshot(
+                Some(meta.signature()),
+                &std::io::Error::other("snapshot data does not match its metadata"),
+            )
+            .into());
+        }
+        self.persist(meta, &snapshot).await?;
+        *self.shared.data.write().expect("state lock") = data;
+        *self.current.lock().expect("snapshot lock") = Some(Snapshot { meta: meta.clone(), snapshot });
+        self.shared.changed.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        Ok(self.current.lock().expect("snapshot lock").clone())
+    }
+}

@@ -1,0 +1,878 @@
+//! The running agent: wires configuration, identity, Raft and the APIs together, and runs the
+//! loops that form or join the cluster, register this node, and (on the leader) track health and
+//! drive membership changes. Decisions are made by the pure functions in
+//! [`membership`](crate::membership); this module only gathers inputs and carries decisions out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tracing::{debug, info, warn};
+
+use crate::api::{
+    ApiError, Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, ReadRequest,
+    ReadResponse, paths,
+};
+use crate::auth::ClusterKey;
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::membership::{self, AutopilotView, Formation, MembershipAction, PeerView};
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{ContactTracker, Network};
+use crate::raft::state_machine::{StateHandle, StateMachineStore};
+use crate::raft::{Raft, RaftMetrics, raft_config};
+use crate::state::{Command, Health, MemberSpec, NodeFacts, NodeId, Response};
+use crate::transport::{PeerClient, PeerError};
+
+pub const LEFT_MARKER: &str = "left";
+pub const RAFT_DIR: &str = "raft";
+
+/// Where the agent is in its life cycle.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Looking for the other `bootstrap_expect` nodes.
+    Discovering,
+    /// Asking a running cluster to admit this node.
+    Joining,
+    /// Part of the cluster (voter or learner).
+    Member,
+    /// Left the cluster with `clusteros leave`; waits for `clusteros join`.
+    Left,
+    /// Nothing to do: no join address and no `bootstrap_expect`.
+    Idle,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Discovering => "discovering",
+            Phase::Joining => "joining",
+            Phase::Member => "member",
+            Phase::Left => "left",
+            Phase::Idle => "idle",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub phase: Phase,
+    /// One line for people: what the agent waits for.
+    pub detail: String,
+    /// The last problem met while forming or joining, with what to do.
+    pub last_error: Option<String>,
+}
+
+/// Why an agent run ended and what the next one does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Shut down (signal).
+    Shutdown,
+    /// Left the cluster: wipe Raft state, take a new node id, wait for `clusteros join`.
+    Left,
+    /// Removed by the cluster while away: wipe Raft state, take a new node id, join again via these.
+    Rejoin { via: Vec<String> },
+}
+
+struct LeaderState {
+    term: u64,
+    since: Instant,
+}
+
+pub struct Agent {
+    pub cfg: Config,
+    pub identity: Identity,
+    pub api_addr: String,
+    pub raft: Raft,
+    pub state: StateHandle,
+    pub log: LogStore,
+    pub client: PeerClient,
+    pub contacts: ContactTracker,
+    pub facts: NodeFacts,
+    pub key: ClusterKey,
+    progress: Mutex<Progress>,
+    /// Candidates heard from directly during discovery, with what they reported.
+    discovered: Mutex<BTreeMap<NodeId, (Candidate, Option<PeerView>)>>,
+    /// Join addresses: from the config, or given by `clusteros join`.
+    join_targets: Mutex<Vec<String>>,
+    wake: Notify,
+    end: watch::Sender<Option<RunEnd>>,
+    leader: Mutex<Option<LeaderState>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create state directory: {0}")]
+    StateDir(#[from] crate::files::WriteError),
+    #[error("cannot open the Raft log {path}: {source}; if it is corrupt, move the directory {dir} away and the node will rejoin as a new member")]
+    Log { path: PathBuf, dir: PathBuf, source: redb::Error },
+    #[error(transparent)]
+    StateMachine(#[from] crate::raft::state_machine::OpenError),
+    #[error("invalid Raft settings: {0}")]
+    RaftConfig(#[from] openraft::ConfigError),
+    #[error("cannot start Raft: {0}")]
+    Raft(String),
+    #[error("cannot listen on {addr}: {source}; is another agent running? set listen_addr to a free address")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot work out this node's address: {0}; set advertise_addr in /etc/clusteros/agent.toml")]
+    Advertise(String),
+}
+
+fn jitter(d: Duration) -> Duration {
+    let ms = d.as_millis() as u64;
+    Duration::from_millis(ms / 2 + rand::thread_rng().gen_range(0..=ms / 2 + 1))
+}
+
+/// The address other nodes reach this node at: the configured one, the listen address if it is
+/// specific, or the source address the kernel picks towards the first join address.
+pub fn resolve_advertise(cfg: &Config) -> Result<SocketAddr, String> {
+    if let Some(a) = cfg.advertise_addr {
+        return Ok(a);
+    }
+    if !cfg.listen_addr.ip().is_unspecified() {
+        return Ok(cfg.listen_addr);
+    }
+    let port = cfg.listen_addr.port();
+    // connect() on a UDP socket sends nothing; it only asks the kernel for a route and source.
+    let probe = |target: SocketAddr| -> Option<SocketAddr> {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+        sock.connect(target).ok()?;
+        sock.local_addr().ok().map(|a| SocketAddr::new(a.ip(), port))
+    };
+    for j in &cfg.join {
+        use std::net::ToSocketAddrs;
+        if let Some(a) = j.to_socket_addrs().ok().and_then(|mut it| it.next()).and_then(probe) {
+            return Ok(a);
+        }
+    }
+    // No join address: the address of the default route (TEST-NET-1; nothing is sent).
+    probe("192.0.2.1:9".parse().expect("valid")).ok_or_else(|| "no join address and no default route".into())
+}
+
+/// Reads this machine's facts (CPUs, memory, kernel).
+pub fn read_facts() -> NodeFacts {
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let memory_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    NodeFacts { cpus, memory_mb, kernel, arch: std::env::consts::ARCH.to_string() }
+}
+
+pub fn hex_id(id: NodeId) -> String {
+    format!("{id:016x}")
+}
+
+impl Agent {
+    /// Opens storage, starts Raft and returns the agent; the caller starts servers and loops.
+    pub async fn open(cfg: Config, identity: Identity, secret: &str, extra_join: Vec<String>) -> Result<Arc<Agent>, StartError> {
+        let raft_dir = cfg.state_dir.join(RAFT_DIR);
+        crate::files::ensure_dir(&raft_dir, 0o700)?;
+        let log_path = raft_dir.join("raft.redb");
+        let log = LogStore::open(&log_path).map_err(|source| StartError::Log { path: log_path.clone(), dir: raft_dir.clone(), source })?;
+        let sm = StateMachineStore::open(&raft_dir)?;
+        let state = sm.handle();
+        let key = ClusterKey::derive(secret);
+        let client = PeerClient::new(key.clone());
+        let contacts = ContactTracker::default();
+        let network = Network {
+            client: client.clone(),
+            contacts: contacts.clone(),
+            rpc_timeout: Duration::from_millis(cfg.raft.rpc_timeout_ms),
+            snapshot_timeout: Duration::from_millis(cfg.raft.snapshot_timeout_ms),
+        };
+        let rc = raft_config(&cfg.raft)?;
+        let raft = Raft::new(identity.node_id, rc, network, log.clone(), sm).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        let api_addr = resolve_advertise(&cfg).map_err(StartError::Advertise)?.to_string();
+        let mut join_targets = cfg.join.clone();
+        for j in extra_join {
+            if !join_targets.contains(&j) {
+                join_targets.push(j);
+            }
+        }
+        let (end, _) = watch::channel(None);
+        Ok(Arc::new(Agent {
+            identity,
+            api_addr,
+            raft,
+            state,
+            log,
+            client,
+            contacts,
+            facts: read_facts(),
+            key,
+            progress: Mutex::new(Progress { phase: Phase::Discovering, detail: "starting".into(), last_error: None }),
+            discovered: Mutex::new(BTreeMap::new()),
+            join_targets: Mutex::new(join_targets),
+            wake: Notify::new(),
+            end,
+            leader: Mutex::new(None),
+            cfg,
+        }))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.identity.node_id
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress.lock().expect("progress lock").clone()
+    }
+
+    fn set_progress(&self, phase: Phase, detail: impl Into<String>, last_error: Option<String>) {
+        let detail = detail.into();
+        let mut p = self.progress.lock().expect("progress lock");
+        if p.phase != phase || p.detail != detail {
+            info!(node_id = %hex_id(self.id()), phase = %phase, "{detail}");
+        }
+        *p = Progress { phase, detail, last_error };
+    }
+
+    fn set_last_error(&self, e: Option<String>) {
+        self.progress.lock().expect("progress lock").last_error = e;
+    }
+
+    /// A copy of the current Raft metrics (the watch guard is never held across an await).
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Receives the reason once the run should end.
+    pub fn end_signal(&self) -> watch::Receiver<Option<RunEnd>> {
+        self.end.subscribe()
+    }
+
+    pub fn request_end(&self, why: RunEnd) {
+        self.end.send_replace(Some(why));
+        self.wake.notify_waiters();
+    }
+
+    fn left_marker(&self) -> PathBuf {
+        self.cfg.state_dir.join(LEFT_MARKER)
+    }
+
+    fn my_spec(&self) -> MemberSpec {
+        MemberSpec {
+            id: self.id(),
+            name: self.identity.name.clone(),
+            api_addr: self.api_addr.clone(),
+            wg_public_key: self.identity.wg_public_key.clone(),
+            facts: self.facts.clone(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn candidate(&self, initialized: bool) -> Candidate {
+        Candidate {
+            id: self.id(),
+            name: self.identity.name.clone(),
+            api_addr: self.api_addr.clone(),
+            initialized,
+            bootstrap_expect: self.cfg.bootstrap_expect,
+        }
+    }
+
+    fn leader_addr(m: &RaftMetrics, id: NodeId) -> Option<String> {
+        m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    fn not_leader(&self, m: &RaftMetrics) -> ApiError {
+        match m.current_leader.filter(|l| *l != self.id()) {
+            Some(l) => ApiError::NotLeader { leader: Self::leader_addr(m, l).map(|a| (l, a)) },
+            None => ApiError::NotLeader { leader: None },
+        }
+    }
+
+    fn is_leader(m: &RaftMetrics) -> bool {
+        m.state == ServerState::Leader && m.current_leader == Some(m.id)
+    }
+
+    /// Text for "there is no leader": what this node is waiting for.
+    fn no_leader_message(&self) -> String {
+        let p = self.progress();
+        match p.phase {
+            Phase::Member => "no leader yet: an election is in progress or a quorum of voters is unreachable".into(),
+            _ => format!("no leader yet: {}", p.detail),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Leader-only operations (run locally on the leader, forwarded there by `on_leader`)
+    // -----------------------------------------------------------------------------------------
+
+    fn forward_err(&self, e: ForwardToLeader<NodeId, BasicNode>) -> ApiError {
+        match (e.leader_id.filter(|l| *l != self.id()), e.leader_node) {
+            (Some(id), Some(node)) => ApiError::NotLeader { leader: Some((id, node.addr)) },
+            _ => ApiError::NotLeader { leader: None },
+        }
+    }
+
+    fn write_err(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ApiError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.forward_err(f),
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => ApiError::Refused(c.to_string()),
+            RaftError::Fatal(f) => ApiError::Internal(format!("Raft stopped: {f}")),
+        }
+    }
+
+    /// Proposes a command on this node, which must be the leader.
+    pub async fn local_write(&self, cmd: Command) -> Result<Response, ApiError> {
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 5);
+        match tokio::time::timeout(t, self.raft.client_write(cmd)).await {
+            Ok(Ok(r)) => Ok(r.data),
+            Ok(Err(e)) => Err(self.write_err(e)),
+            Err(_) => Err(ApiError::Timeout(format!("the write was not committed within {t:?}: a quorum of voters may be down"))),
+        }
+    }
+
+    /// Serves a linearizable read on this node, which must be the leader.
+    pub async fn local_read(&self, key: &str) -> Result<ReadResponse, ApiError> {
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 5);
+        let read = match tokio::time::timeout(t, self.raft.ensure_linearizable()).await {
+            Ok(Ok(log_id)) => log_id,
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => return Err(self.forward_err(f)),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
+                return Err(ApiError::NoLeader(format!("the leader cannot reach a quorum of voters: {q}")));
+            }
+            Ok(Err(RaftError::Fatal(f))) => return Err(ApiError::Internal(format!("Raft stopped: {f}"))),
+            Err(_) => return Err(ApiError::Timeout(format!("the read could not be confirmed by a quorum within {t:?}"))),
+        };
+        let entry = self.state.read(|d| d.state.kv.get(key).cloned());
+        Ok(ReadResponse { key: key.to_string(), entry, read_index: read.map(|l| l.index) })
+    }
+
+    async fn change_membership(&self, changes: ChangeMembers<NodeId, BasicNode>, retain: bool) -> Result<(), ApiError> {
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 10);
+        match tokio::time::timeout(t, self.raft.change_membership(changes, retain)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.write_err(e)),
+            Err(_) => Err(ApiError::Timeout(format!("the membership change was not committed within {t:?}"))),
+        }
+    }
+
+    async fn remove_member(&self, id: NodeId) -> Result<(), ApiError> {
+        let voters: BTreeSet<NodeId> = self.metrics().membership_config.membership().voter_ids().collect();
+        if voters.contains(&id) {
+            self.change_membership(ChangeMembers::RemoveVoters([id].into()), false).await
+        } else {
+            self.change_membership(ChangeMembers::RemoveNodes([id].into()), false).await
+        }
+    }
+
+    /// Admits a node as a learner (the autopilot promotes it once it has caught up).
+    pub async fn local_join(&self, req: JoinRequest) -> Result<JoinResponse, ApiError> {
+        crate::config::validate_node_name(&req.name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        req.api_addr
+            .parse::<SocketAddr>()
+            .map_err(|e| ApiError::BadRequest(format!("api_addr {:?} is not IP:PORT: {e}", req.api_addr)))?;
+        let m = self.metrics();
+        if !Self::is_leader(&m) {
+            return Err(self.not_leader(&m));
+        }
+        let membership = m.membership_config.membership();
+        if let Some(node) = membership.get_node(&req.id) {
+            if node.addr != req.api_addr {
+                info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), addr = %req.api_addr, "member changed its address");
+                let nodes = BTreeMap::from([(req.id, BasicNode::new(&req.api_addr))]);
+                self.change_membership(ChangeMembers::SetNodes(nodes), true).await?;
+            }
+            return Ok(JoinResponse { leader: self.id(), replaced: None });
+        }
+        let stale = self.state.read(|d| {
+            d.state.members.values().find(|mm| mm.spec.name == req.name && mm.spec.id != req.id).map(|mm| mm.spec.id)
+        });
+        let mut replaced = None;
+        if let Some(old) = stale {
+            let silent = self.silent_for(old);
+            if old == self.id() || silent < self.cfg.health.suspect_after() {
+                return Err(ApiError::Refused(format!(
+                    "the name {:?} belongs to live member {}; give the new node another name (node_name or the clusteros.node-name credential) or stop the other one",
+                    req.name,
+                    hex_id(old)
+                )));
+            }
+            warn!(node_id = %hex_id(self.id()), peer = %hex_id(old), name = %req.name, "replacing stale member with the same name");
+            self.remove_member(old).await?;
+            replaced = Some(old);
+        }
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 10);
+        match tokio::time::timeout(t, self.raft.add_learner(req.id, BasicNode::new(&req.api_addr), false)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(self.write_err(e)),
+            Err(_) => return Err(ApiError::Timeout(format!("adding the learner was not committed within {t:?}"))),
+        }
+        info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), name = %req.name, addr = %req.api_addr, "admitted node as learner");
+        Ok(JoinResponse { leader: self.id(), replaced })
+    }
+
+    /// Removes a member on request (graceful leave).
+    pub async fn local_leave(&self, req: LeaveRequest) -> Result<(), ApiError> {
+        let m = self.metrics();
+        if !Self::is_leader(&m) {
+            return Err(self.not_leader(&m));
+        }
+        if m.membership_config.membership().get_node(&req.id).is_none() {
+            return Ok(());
+        }
+        if self.state.read(|d| d.state.members.contains_key(&req.id)) {
+            self.local_write(Command::SetHealth { id: req.id, health: Health::Left, at_ms: crate::now_ms() }).await?;
+        }
+        self.remove_member(req.id).await?;
+        info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), "member left the cluster");
+        Ok(())
+    }
+
+    /// Runs `local` here if this node leads, else forwards `req` to the leader's peer API at `path`.
+    /// Waits for a leader (bounded) when there is none.
+    pub async fn on_leader<Req, Resp, F, Fut>(&self, path: &str, req: &Req, local: F) -> Result<Resp, ApiError>
+    where
+        Req: Serialize,
+        Resp: serde::de::DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<Resp, ApiError>>,
+    {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.raft.election_timeout_max_ms * 4 + 2000);
+        let mut last: ApiError;
+        loop {
+            last = match local().await {
+                Err(ApiError::NotLeader { leader: Some((_, addr)) }) => {
+                    let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 6);
+                    match self.client.call::<_, Resp>(&addr, path, req, t).await {
+                        Ok(r) => return Ok(r),
+                        Err(PeerError::Remote { kind, message, .. }) if kind == "not_leader" || kind == "no_leader" => {
+                            ApiError::NoLeader(message)
+                        }
+                        Err(PeerError::Remote { kind, message, .. }) => {
+                            return Err(match kind.as_str() {
+                                "bad_request" => ApiError::BadRequest(message),
+                                "refused" => ApiError::Refused(message),
+                                "timeout" => ApiError::Timeout(message),
+                                _ => ApiError::Internal(message),
+                            });
+                        }
+                        Err(e) if e.is_auth() => return Err(ApiError::Peer(e)),
+                        Err(e) => ApiError::Peer(e),
+                    }
+                }
+                Err(ApiError::NotLeader { leader: None }) => ApiError::NoLeader(self.no_leader_message()),
+                Err(ApiError::NoLeader(m)) => ApiError::NoLeader(m),
+                other => return other,
+            };
+            if Instant::now() >= deadline {
+                return Err(last);
+            }
+            // Wait for the leader to change (or a short while), then try again.
+            let mut rx = self.raft.metrics();
+            let _ = tokio::time::timeout(Duration::from_millis(300), rx.changed()).await;
+        }
+    }
+
+    pub async fn write(&self, cmd: Command) -> Result<Response, ApiError> {
+        self.on_leader(paths::WRITE, &crate::api::WriteRequest { cmd: cmd.clone() }, || self.local_write(cmd.clone()))
+            .await
+    }
+
+    pub async fn read(&self, key: &str) -> Result<ReadResponse, ApiError> {
+        self.on_leader(paths::READ, &ReadRequest { key: key.into() }, || self.local_read(key)).await
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Discovery (answered by the peer API)
+    // -----------------------------------------------------------------------------------------
+
+    pub async fn hello(&self, req: HelloRequest) -> HelloResponse {
+        let initialized = self.raft.is_initialized().await.unwrap_or(false);
+        let m = self.metrics();
+        let mut d = self.discovered.lock().expect("discovered lock");
+        if req.from.id != self.id() {
+            let view = d.get(&req.from.id).and_then(|(_, v)| v.clone());
+            d.insert(req.from.id, (req.from.clone(), view));
+        }
+        let known = d.values().map(|(c, _)| c.clone()).collect();
+        drop(d);
+        let members = m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        HelloResponse { me: self.candidate(initialized), known, leader: m.current_leader, members }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Loops
+    // -----------------------------------------------------------------------------------------
+
+    /// Forms or joins a cluster, then keeps this node's record current. Returns when the run ends.
+    pub async fn run_formation(self: Arc<Self>) {
+        let mut end = self.end_signal();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if end.borrow().is_some() {
+                return;
+            }
+            let initialized = self.raft.is_initialized().await.unwrap_or(false);
+            if initialized {
+                self.set_progress(Phase::Member, "member of the cluster", None);
+                return;
+            }
+            if self.left_marker().exists() {
+                self.set_progress(
+                    Phase::Left,
+                    "this node left the cluster; run `clusteros join ADDR` to join again",
+                    None,
+                );
+                tokio::select! { _ = self.wake.notified() => {}, _ = end.changed() => {} }
+                continue;
+            }
+            let targets = self.join_targets.lock().expect("join lock").clone();
+            let ok = match self.cfg.bootstrap_expect {
+                Some(expect) => self.discovery_round(expect, &targets).await,
+                None if !targets.is_empty() => self.join_round(&targets).await,
+                None => {
+                    self.set_progress(
+                        Phase::Idle,
+                        "no join addresses and no bootstrap_expect: set bootstrap_expect (1 for a single node) or join (clusteros.join), or run `clusteros join ADDR`",
+                        None,
+                    );
+                    tokio::select! { _ = self.wake.notified() => {}, _ = end.changed() => {} }
+                    continue;
+                }
+            };
+            backoff = if ok { Duration::from_millis(500) } else { (backoff * 2).min(Duration::from_secs(5)) };
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(backoff)) => {}
+                _ = self.wake.notified() => {}
+                _ = end.changed() => {}
+            }
+        }
+    }
+
+    /// One round of `bootstrap_expect` discovery. Returns whether it made progress.
+    async fn discovery_round(&self, expect: usize, targets: &[String]) -> bool {
+        let mut addrs: BTreeSet<String> = targets.iter().cloned().collect();
+        addrs.extend(self.discovered.lock().expect("discovered lock").values().map(|(c, _)| c.api_addr.clone()));
+        addrs.remove(&self.api_addr);
+        let req = HelloRequest { from: self.candidate(false) };
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
+        let calls = addrs.iter().map(|a| {
+            let req = req.clone();
+            async move { (a.clone(), self.client.call::<_, HelloResponse>(a, paths::HELLO, &req, t).await) }
+        });
+        let results = futures::future::join_all(calls).await;
+        let mut errors = Vec::new();
+        {
+            let mut d = self.discovered.lock().expect("discovered lock");
+            for (addr, r) in results {
+                match r {
+                    Ok(resp) if resp.me.id == self.id() => {}
+                    Ok(resp) => {
+                        if resp.me.bootstrap_expect.is_some() && resp.me.bootstrap_expect != Some(expect) && !resp.me.initialized {
+                            errors.push(format!(
+                                "{} ({addr}) has bootstrap_expect {:?}, this node {expect}: give every node the same value",
+                                resp.me.name, resp.me.bootstrap_expect
+                            ));
+                        }
+                        let mut known: BTreeSet<NodeId> = resp.known.iter().map(|c| c.id).collect();
+                        known.insert(resp.me.id);
+                        let view = PeerView { addr: resp.me.api_addr.clone(), initialized: resp.me.initialized || resp.leader.is_some(), known };
+                        d.insert(resp.me.id, (resp.me.clone(), Some(view)));
+                        for c in resp.known {
+                            if c.id != self.id() {
+                                d.entry(c.id).or_insert((c, None));
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        if e.is_auth() {
+                            warn!(node_id = %hex_id(self.id()), peer_addr = %addr, "discovery refused: {e}");
+                        } else {
+                            debug!(peer_addr = %addr, "discovery: {e}");
+                        }
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+        }
+        let views: BTreeMap<NodeId, PeerView> = self
+            .discovered
+            .lock()
+            .expect("discovered lock")
+            .iter()
+            .filter_map(|(id, (_, v))| v.clone().map(|v| (*id, v)))
+            .collect();
+        let last_error = errors.first().cloned();
+        match membership::decide_formation(self.id(), &self.api_addr, expect, &views) {
+            Formation::Wait { seen, expected } => {
+                self.set_progress(Phase::Discovering, format!("{seen} of {expected} expected nodes seen"), last_error);
+                false
+            }
+            Formation::Settling { chosen } => {
+                self.set_progress(
+                    Phase::Discovering,
+                    format!("{} candidates seen; waiting for the initial {} nodes to agree", views.len() + 1, chosen.len()),
+                    last_error,
+                );
+                true
+            }
+            Formation::Join { via } => self.join_round(&[via]).await,
+            Formation::Initialize { members } => {
+                let nodes: BTreeMap<NodeId, BasicNode> = members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+                info!(
+                    node_id = %hex_id(self.id()),
+                    members = %members.keys().map(|i| hex_id(*i)).collect::<Vec<_>>().join(","),
+                    "bootstrapping the cluster with {} voters", nodes.len()
+                );
+                match self.raft.initialize(nodes).await {
+                    Ok(()) => {}
+                    Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                        debug!("initialize not allowed: this node already has Raft state");
+                    }
+                    Err(e) => {
+                        self.set_last_error(Some(format!("initialize failed: {e}")));
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
+
+    /// Asks each target in turn to admit this node. Returns whether one accepted.
+    async fn join_round(&self, targets: &[String]) -> bool {
+        let req = JoinRequest { id: self.id(), name: self.identity.name.clone(), api_addr: self.api_addr.clone() };
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 12);
+        let mut last = None;
+        let tried = targets.join(", ");
+        self.set_progress(Phase::Joining, format!("asking {tried} to admit this node"), self.progress().last_error);
+        for addr in targets.iter().filter(|a| **a != self.api_addr) {
+            match self.client.call::<_, JoinResponse>(addr, paths::JOIN, &req, t).await {
+                Ok(resp) => {
+                    info!(node_id = %hex_id(self.id()), leader = %hex_id(resp.leader), via = %addr, "admitted to the cluster; catching up");
+                    self.set_progress(Phase::Joining, format!("admitted by leader {}; catching up", hex_id(resp.leader)), None);
+                    // Wait (bounded) for the leader's first replication, then re-check.
+                    let mut rx = self.raft.metrics();
+                    let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|m| m.last_log_index.is_some())).await;
+                    return true;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    warn!(node_id = %hex_id(self.id()), peer_addr = %addr, "join failed: {msg}");
+                    last = Some(msg);
+                }
+            }
+        }
+        self.set_progress(Phase::Joining, format!("asking {tried} to admit this node"), last);
+        false
+    }
+
+    /// Sets join targets from `clusteros join` and wakes the formation loop.
+    pub fn request_join(&self, addr: String) -> Result<(), ApiError> {
+        let addr = crate::config::normalize_join_addr(&addr).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if self.progress().phase == Phase::Member {
+            return Err(ApiError::Refused("this node is already a member of a cluster; run `clusteros leave` first".into()));
+        }
+        let _ = std::fs::remove_file(self.left_marker());
+        *self.join_targets.lock().expect("join lock") = vec![addr.clone()];
+        info!(node_id = %hex_id(self.id()), via = %addr, "join requested");
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Leaves the cluster gracefully: the leader removes this node, then the run ends.
+    pub async fn leave(&self) -> Result<(), ApiError> {
+        if self.progress().phase != Phase::Member {
+            return Err(ApiError::Refused("this node is not a member of a cluster".into()));
+        }
+        let req = LeaveRequest { id: self.id() };
+        self.on_leader(paths::LEAVE, &req, || self.local_leave(req.clone())).await?;
+        crate::files::write_atomic(&self.left_marker(), b"left\n", 0o600)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.request_end(RunEnd::Left);
+        Ok(())
+    }
+
+    /// Keeps this node's member record current and notices removal. Runs while a member.
+    pub async fn run_member(self: Arc<Self>) {
+        let mut end = self.end_signal();
+        let mut changes = self.state.subscribe();
+        let mut was_member = false;
+        let mut no_leader_since: Option<Instant> = None;
+        loop {
+            if end.borrow().is_some() {
+                return;
+            }
+            let (in_raft, record, peers) = self.state.read(|d| {
+                (
+                    d.state.is_raft_member(self.id()),
+                    d.state.members.get(&self.id()).map(|m| m.spec.clone()),
+                    d.last_membership.membership().nodes().map(|(_, n)| n.addr.clone()).collect::<Vec<_>>(),
+                )
+            });
+            if in_raft {
+                was_member = true;
+                let spec = self.my_spec();
+                if record.as_ref() != Some(&spec) {
+                    match self.write(Command::UpsertMember { spec, at_ms: crate::now_ms() }).await {
+                        Ok(Response::Rejected { reason }) => {
+                            warn!(node_id = %hex_id(self.id()), "registration refused: {reason}");
+                            self.set_last_error(Some(reason));
+                        }
+                        Ok(_) => info!(node_id = %hex_id(self.id()), name = %self.identity.name, "member record registered"),
+                        Err(e) => debug!("registration not yet possible: {e}"),
+                    }
+                }
+            } else if was_member {
+                warn!(node_id = %hex_id(self.id()), "this node was removed from the cluster; joining again with a new identity");
+                self.request_end(RunEnd::Rejoin { via: peers });
+                return;
+            }
+            // A node that was removed while it was away never hears about it: nobody replicates
+            // to it. When there has been no leader for a while, ask the peers.
+            let m = self.metrics();
+            if m.current_leader.is_some() {
+                no_leader_since = None;
+            } else {
+                let since = *no_leader_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_millis(self.cfg.raft.election_timeout_max_ms * 5)
+                    && let Some(via) = self.check_removed(&peers).await
+                {
+                    warn!(node_id = %hex_id(self.id()), "the cluster no longer lists this node; joining again with a new identity");
+                    self.request_end(RunEnd::Rejoin { via });
+                    return;
+                }
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = end.changed() => {}
+            }
+        }
+    }
+
+    /// Asks known peers whether the cluster still lists this node. Returns addresses to rejoin
+    /// through when a peer with a leader says it does not.
+    async fn check_removed(&self, peers: &[String]) -> Option<Vec<String>> {
+        let req = HelloRequest { from: self.candidate(true) };
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
+        for addr in peers.iter().filter(|a| **a != self.api_addr) {
+            if let Ok(resp) = self.client.call::<_, HelloResponse>(addr, paths::HELLO, &req, t).await
+                && resp.leader.is_some()
+                && !resp.members.is_empty()
+                && !resp.members.contains_key(&self.id())
+            {
+                return Some(resp.members.values().cloned().collect());
+            }
+        }
+        None
+    }
+
+    fn silent_for(&self, id: NodeId) -> Duration {
+        let since = self.leader.lock().expect("leader lock").as_ref().map(|l| l.since);
+        let last = match (self.contacts.last(id), since) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            (a, b) => a.or(b),
+        };
+        last.map_or(Duration::MAX, |t| t.elapsed())
+    }
+
+    /// On the leader: names the cluster, records health transitions, and carries out the
+    /// autopilot's membership changes. Runs for the whole agent run; idle on followers.
+    pub async fn run_leader(self: Arc<Self>) {
+        let mut end = self.end_signal();
+        let tick = Duration::from_millis(500);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = end.changed() => {}
+            }
+            if end.borrow().is_some() {
+                return;
+            }
+            let m = self.metrics();
+            if !Self::is_leader(&m) {
+                *self.leader.lock().expect("leader lock") = None;
+                continue;
+            }
+            {
+                let mut l = self.leader.lock().expect("leader lock");
+                if l.as_ref().is_none_or(|l| l.term != m.current_term) {
+                    info!(node_id = %hex_id(self.id()), term = m.current_term, "became leader");
+                    *l = Some(LeaderState { term: m.current_term, since: Instant::now() });
+                }
+            }
+            if let Err(e) = self.leader_tick(&m).await {
+                debug!("leader tick: {e}");
+            }
+        }
+    }
+
+    async fn leader_tick(&self, m: &RaftMetrics) -> Result<(), ApiError> {
+        if self.state.read(|d| d.state.cluster_id.is_none()) {
+            let cluster_id = format!("{:016x}", crate::identity::new_node_id());
+            self.local_write(Command::InitCluster { cluster_id, at_ms: crate::now_ms() }).await?;
+        }
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        let silent_for: BTreeMap<NodeId, Duration> =
+            voters.iter().chain(&learners).filter(|id| **id != self.id()).map(|id| (*id, self.silent_for(*id))).collect();
+
+        // Health transitions, committed so every node shows them.
+        let recorded: Vec<(NodeId, Health)> = self.state.read(|d| d.state.members.values().map(|mm| (mm.spec.id, mm.health)).collect());
+        for (id, old) in recorded {
+            if old == Health::Left {
+                continue;
+            }
+            let new = if id == self.id() { Health::Alive } else { membership::classify(silent_for.get(&id).copied().unwrap_or(Duration::MAX), &self.cfg.health) };
+            if new != old {
+                info!(node_id = %hex_id(self.id()), peer = %hex_id(id), from = %old, to = %new, "member health changed");
+                self.local_write(Command::SetHealth { id, health: new, at_ms: crate::now_ms() }).await?;
+            }
+        }
+
+        let view = AutopilotView {
+            leader: self.id(),
+            voters: voters.clone(),
+            learners,
+            silent_for,
+            matched: m.replication.as_ref().map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect()).unwrap_or_default(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            max_voters: self.cfg.max_voters,
+            max_lag: self.cfg.raft.snapshot_after_logs.max(50),
+        };
+        let Some(action) = membership::plan_membership(&view, &self.cfg.health) else { return Ok(()) };
+        info!(node_id = %hex_id(self.id()), term = m.current_term, action = ?action, "autopilot membership change");
+        match action {
+            MembershipAction::Promote { learner } => {
+                self.change_membership(ChangeMembers::AddVoterIds([learner].into()), true).await
+            }
+            MembershipAction::Replace { failed, learner } => {
+                let mut next = voters;
+                next.remove(&failed);
+                next.insert(learner);
+                self.change_membership(ChangeMembers::ReplaceAllVoters(next), true).await
+            }
+            MembershipAction::Remove { id } => self.remove_member(id).await,
+        }
+    }
+}
+
+/// Removes Raft state and the identity so the next run starts as a new member.
+pub fn wipe_membership_state(state_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(state_dir.join(RAFT_DIR)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}

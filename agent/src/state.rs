@@ -1,0 +1,401 @@
+//! The replicated cluster state and its pure `apply` function.
+//!
+//! Everything in here is deterministic: the same commands applied in the same order produce the same
+//! state on every node. Time never comes from the clock here; commands carry the leader's timestamp.
+//! The Raft membership (voters and learners) is mirrored from applied membership log entries, so the
+//! member list can never disagree with Raft: a member record exists only for a node that Raft knows.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+/// Raft node id. Random 64-bit, generated once per installation, never reused.
+pub type NodeId = u64;
+
+/// Largest accepted KV key, in bytes.
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest accepted KV value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+/// Health of a member as judged by the leader from its last contact.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    #[default]
+    Alive,
+    Suspect,
+    Failed,
+    Left,
+}
+
+impl std::fmt::Display for Health {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Health::Alive => "alive",
+            Health::Suspect => "suspect",
+            Health::Failed => "failed",
+            Health::Left => "left",
+        })
+    }
+}
+
+/// Hardware and OS facts a node reports about itself.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct NodeFacts {
+    pub cpus: u32,
+    pub memory_mb: u64,
+    pub kernel: String,
+    pub arch: String,
+}
+
+/// What a node says about itself when it registers (the self-reported part of a member record).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct MemberSpec {
+    pub id: NodeId,
+    pub name: String,
+    /// Address of the node's peer API (host:port on the underlay network).
+    pub api_addr: String,
+    /// WireGuard public key, base64.
+    pub wg_public_key: String,
+    pub facts: NodeFacts,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A member record in the cluster state.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    #[serde(flatten)]
+    pub spec: MemberSpec,
+    pub health: Health,
+    /// Leader's wall clock (ms since the epoch) when `health` last changed.
+    pub health_since_ms: u64,
+    pub registered_at_ms: u64,
+}
+
+/// A value in the user KV space.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct KvEntry {
+    pub value: String,
+    /// Raft log index of the write that last changed this key.
+    pub mod_index: u64,
+}
+
+/// A command replicated through Raft.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Names the cluster. Only the first one applied takes effect.
+    InitCluster { cluster_id: String, at_ms: u64 },
+    /// Registers or updates a member's self-reported record.
+    UpsertMember { spec: MemberSpec, at_ms: u64 },
+    /// Records a health transition observed by the leader.
+    SetHealth { id: NodeId, health: Health, at_ms: u64 },
+    KvPut { key: String, value: String },
+    KvDelete { key: String },
+    /// Compare-and-swap: succeeds when the current value equals `expected` (None: key absent).
+    /// `new = None` deletes the key.
+    KvCas { key: String, expected: Option<String>, new: Option<String> },
+}
+
+/// The result of applying one command.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// A log entry that carried no command (blank or membership entry).
+    #[default]
+    Empty,
+    Ok,
+    /// KV put/delete: the value before the write.
+    Kv { previous: Option<String> },
+    Cas { succeeded: bool, current: Option<String> },
+    /// The command was valid Raft-wise but refused by the state machine; the state is unchanged.
+    Rejected { reason: String },
+}
+
+/// The replicated cluster state: the one source of truth.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct ClusterState {
+    pub cluster_id: Option<String>,
+    pub created_at_ms: u64,
+    /// Voters of the last applied membership (both halves of a joint config).
+    pub voters: BTreeSet<NodeId>,
+    /// Learners of the last applied membership.
+    pub learners: BTreeSet<NodeId>,
+    pub members: BTreeMap<NodeId, Member>,
+    pub kv: BTreeMap<String, KvEntry>,
+}
+
+/// Checks a KV key and value against the limits; the error says what is wrong.
+pub fn validate_kv(key: &str, value: Option<&str>) -> Result<(), String> {
+    if key.is_empty() {
+        return Err("key is empty: give a non-empty key".into());
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(format!("key is {} bytes, the limit is {MAX_KEY_BYTES}", key.len()));
+    }
+    if let Some(v) = value
+        && v.len() > MAX_VALUE_BYTES
+    {
+        return Err(format!("value is {} bytes, the limit is {MAX_VALUE_BYTES}", v.len()));
+    }
+    Ok(())
+}
+
+impl ClusterState {
+    /// Whether Raft's applied membership contains this node (as voter or learner).
+    pub fn is_raft_member(&self, id: NodeId) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+
+    /// Mirrors an applied membership entry. Member records of nodes that Raft no longer knows
+    /// are dropped, so the member list is always a subset of Raft's membership.
+    pub fn apply_membership(&mut self, voters: BTreeSet<NodeId>, learners: BTreeSet<NodeId>) {
+        self.voters = voters;
+        self.learners = learners;
+        let (voters, learners) = (&self.voters, &self.learners);
+        self.members.retain(|id, _| voters.contains(id) || learners.contains(id));
+    }
+
+    /// Applies one command at log index `index`. Pure: no I/O, no clock.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Response {
+        match cmd {
+            Command::InitCluster { cluster_id, at_ms } => {
+                if self.cluster_id.is_none() {
+                    self.cluster_id = Some(cluster_id.clone());
+                    self.created_at_ms = *at_ms;
+                }
+                Response::Ok
+            }
+            Command::UpsertMember { spec, at_ms } => {
+                if !self.is_raft_member(spec.id) {
+                    return Response::Rejected {
+                        reason: format!("node {:016x} is not in the Raft membership; join the cluster first", spec.id),
+                    };
+                }
+                if let Some(other) = self.members.values().find(|m| m.spec.name == spec.name && m.spec.id != spec.id) {
+                    return Response::Rejected {
+                        reason: format!(
+                            "node name {:?} is already used by node {:016x}; remove that node or rename this one",
+                            spec.name, other.spec.id
+                        ),
+                    };
+                }
+                match self.members.get_mut(&spec.id) {
+                    Some(m) => m.spec = spec.clone(),
+                    None => {
+                        self.members.insert(
+                            spec.id,
+                            Member {
+                                spec: spec.clone(),
+                                health: Health::Alive,
+                                health_since_ms: *at_ms,
+                                registered_at_ms: *at_ms,
+                            },
+                        );
+                    }
+                }
+                Response::Ok
+            }
+            Command::SetHealth { id, health, at_ms } => match self.members.get_mut(id) {
+                Some(m) => {
+                    if m.health != *health {
+                        m.health = *health;
+                        m.health_since_ms = *at_ms;
+                    }
+                    Response::Ok
+                }
+                None => Response::Rejected { reason: format!("no member {id:016x}") },
+            },
+            Command::KvPut { key, value } => {
+                if let Err(reason) = validate_kv(key, Some(value)) {
+                    return Response::Rejected { reason };
+                }
+                let previous = self
+                    .kv
+                    .insert(key.clone(), KvEntry { value: value.clone(), mod_index: index })
+                    .map(|e| e.value);
+                Response::Kv { previous }
+            }
+            Command::KvDelete { key } => {
+                let previous = self.kv.remove(key).map(|e| e.value);
+                Response::Kv { previous }
+            }
+            Command::KvCas { key, expected, new } => {
+                if let Err(reason) = validate_kv(key, new.as_deref()) {
+                    return Response::Rejected { reason };
+                }
+                let current = self.kv.get(key).map(|e| e.value.clone());
+                if current != *expected {
+                    return Response::Cas { succeeded: false, current };
+                }
+                match new {
+                    Some(v) => {
+                        self.kv.insert(key.clone(), KvEntry { value: v.clone(), mod_index: index });
+                    }
+                    None => {
+                        self.kv.remove(key);
+                    }
+                }
+                Response::Cas { succeeded: true, current: new.clone() }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: NodeId, name: &str) -> MemberSpec {
+        MemberSpec {
+            id,
+            name: name.into(),
+            api_addr: format!("10.0.0.{id}:7600"),
+            wg_public_key: format!("key{id}"),
+            facts: NodeFacts { cpus: 2, memory_mb: 1024, kernel: "6.12".into(), arch: "x86_64".into() },
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn state_with(voters: &[NodeId], learners: &[NodeId]) -> ClusterState {
+        let mut s = ClusterState::default();
+        s.apply_membership(voters.iter().copied().collect(), learners.iter().copied().collect());
+        s
+    }
+
+    #[test]
+    fn init_cluster_only_first_wins() {
+        let mut s = ClusterState::default();
+        assert_eq!(s.apply(1, &Command::InitCluster { cluster_id: "a".into(), at_ms: 5 }), Response::Ok);
+        assert_eq!(s.apply(2, &Command::InitCluster { cluster_id: "b".into(), at_ms: 9 }), Response::Ok);
+        assert_eq!(s.cluster_id.as_deref(), Some("a"));
+        assert_eq!(s.created_at_ms, 5);
+    }
+
+    #[test]
+    fn upsert_requires_raft_membership() {
+        let mut s = state_with(&[1], &[]);
+        let r = s.apply(3, &Command::UpsertMember { spec: spec(2, "n2"), at_ms: 1 });
+        assert!(matches!(r, Response::Rejected { .. }), "{r:?}");
+        assert!(s.members.is_empty());
+        assert_eq!(s.apply(4, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 1 }), Response::Ok);
+        assert_eq!(s.members[&1].spec.name, "n1");
+        assert_eq!(s.members[&1].health, Health::Alive);
+    }
+
+    #[test]
+    fn upsert_updates_spec_but_keeps_health_and_registration_time() {
+        let mut s = state_with(&[1], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 10 });
+        s.apply(2, &Command::SetHealth { id: 1, health: Health::Suspect, at_ms: 20 });
+        let mut changed = spec(1, "n1");
+        changed.facts.cpus = 8;
+        s.apply(3, &Command::UpsertMember { spec: changed, at_ms: 30 });
+        let m = &s.members[&1];
+        assert_eq!(m.spec.facts.cpus, 8);
+        assert_eq!(m.health, Health::Suspect);
+        assert_eq!(m.health_since_ms, 20);
+        assert_eq!(m.registered_at_ms, 10);
+    }
+
+    #[test]
+    fn duplicate_names_are_refused() {
+        let mut s = state_with(&[1, 2], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(1, "same"), at_ms: 0 });
+        let r = s.apply(2, &Command::UpsertMember { spec: spec(2, "same"), at_ms: 0 });
+        assert!(matches!(r, Response::Rejected { ref reason } if reason.contains("already used")), "{r:?}");
+        assert_eq!(s.members.len(), 1);
+    }
+
+    #[test]
+    fn membership_change_drops_records_of_removed_nodes() {
+        let mut s = state_with(&[1, 2, 3], &[4]);
+        for id in 1..=4 {
+            s.apply(id, &Command::UpsertMember { spec: spec(id, &format!("n{id}")), at_ms: 0 });
+        }
+        assert_eq!(s.members.len(), 4);
+        s.apply_membership([1, 2, 4].into(), BTreeSet::new());
+        assert_eq!(s.members.keys().copied().collect::<Vec<_>>(), vec![1, 2, 4]);
+        assert_eq!(s.voters, [1, 2, 4].into());
+        assert!(s.learners.is_empty());
+    }
+
+    #[test]
+    fn set_health_records_transition_time_only_on_change() {
+        let mut s = state_with(&[1], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 0 });
+        s.apply(2, &Command::SetHealth { id: 1, health: Health::Failed, at_ms: 100 });
+        s.apply(3, &Command::SetHealth { id: 1, health: Health::Failed, at_ms: 200 });
+        assert_eq!(s.members[&1].health_since_ms, 100);
+        let r = s.apply(4, &Command::SetHealth { id: 9, health: Health::Failed, at_ms: 200 });
+        assert!(matches!(r, Response::Rejected { .. }));
+    }
+
+    #[test]
+    fn kv_put_delete_and_cas() {
+        let mut s = ClusterState::default();
+        assert_eq!(
+            s.apply(1, &Command::KvPut { key: "a".into(), value: "1".into() }),
+            Response::Kv { previous: None }
+        );
+        assert_eq!(
+            s.apply(2, &Command::KvPut { key: "a".into(), value: "2".into() }),
+            Response::Kv { previous: Some("1".into()) }
+        );
+        assert_eq!(s.kv["a"].mod_index, 2);
+        // Stale expected value: refused, state unchanged.
+        assert_eq!(
+            s.apply(3, &Command::KvCas { key: "a".into(), expected: Some("1".into()), new: Some("3".into()) }),
+            Response::Cas { succeeded: false, current: Some("2".into()) }
+        );
+        assert_eq!(s.kv["a"].value, "2");
+        assert_eq!(
+            s.apply(4, &Command::KvCas { key: "a".into(), expected: Some("2".into()), new: Some("3".into()) }),
+            Response::Cas { succeeded: true, current: Some("3".into()) }
+        );
+        // Create-if-absent.
+        assert_eq!(
+            s.apply(5, &Command::KvCas { key: "b".into(), expected: None, new: Some("x".into()) }),
+            Response::Cas { succeeded: true, current: Some("x".into()) }
+        );
+        assert_eq!(
+            s.apply(6, &Command::KvCas { key: "b".into(), expected: None, new: Some("y".into()) }),
+            Response::Cas { succeeded: false, current: Some("x".into()) }
+        );
+        // CAS delete.
+        assert_eq!(
+            s.apply(7, &Command::KvCas { key: "b".into(), expected: Some("x".into()), new: None }),
+            Response::Cas { succeeded: true, current: None }
+        );
+        assert!(!s.kv.contains_key("b"));
+        assert_eq!(s.apply(8, &Command::KvDelete { key: "a".into() }), Response::Kv { previous: Some("3".into()) });
+        assert!(s.kv.is_empty());
+    }
+
+    #[test]
+    fn kv_limits_are_enforced_in_apply() {
+        let mut s = ClusterState::default();
+        let r = s.apply(1, &Command::KvPut { key: String::new(), value: "v".into() });
+        assert!(matches!(r, Response::Rejected { .. }));
+        let big = "x".repeat(MAX_VALUE_BYTES + 1);
+        let r = s.apply(2, &Command::KvPut { key: "k".into(), value: big });
+        assert!(matches!(r, Response::Rejected { .. }));
+        assert!(s.kv.is_empty());
+    }
+
+    #[test]
+    fn apply_is_deterministic() {
+        let cmds = [
+            Command::InitCluster { cluster_id: "c".into(), at_ms: 1 },
+            Command::KvPut { key: "k".into(), value: "v".into() },
+            Command::KvCas { key: "k".into(), expected: Some("v".into()), new: Some("w".into()) },
+        ];
+        let mut a = ClusterState::default();
+        let mut b = ClusterState::default();
+        for (i, c) in cmds.iter().enumerate() {
+            assert_eq!(a.apply(i as u64, c), b.apply(i as u64, c));
+        }
+        assert_eq!(a, b);
+    }
+}

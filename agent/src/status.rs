@@ -1,0 +1,264 @@
+//! What `clusteros status`, `members` and `raft` show: one report, built from the agent's applied
+//! state and Raft metrics, serialized for `--json` and rendered as text for people.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{Agent, Phase, hex_id};
+use crate::state::Health;
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct NodeReport {
+    pub id: Option<String>,
+    pub name: String,
+    pub api_addr: Option<String>,
+    pub version: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationReport {
+    pub id: String,
+    pub name: Option<String>,
+    pub matched_index: Option<u64>,
+    /// Entries the follower is behind the leader's log.
+    pub lag: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RaftReport {
+    /// leader, follower, candidate, learner or shutdown.
+    pub state: String,
+    pub term: u64,
+    pub leader_id: Option<String>,
+    pub leader_name: Option<String>,
+    pub last_log_index: Option<u64>,
+    pub commit_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub voters: Vec<String>,
+    pub learners: Vec<String>,
+    /// Only on the leader.
+    pub replication: Vec<ReplicationReport>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MemberReport {
+    pub id: String,
+    pub name: Option<String>,
+    pub api_addr: String,
+    /// voter or learner.
+    pub role: String,
+    pub health: Option<Health>,
+    pub health_since_ms: Option<u64>,
+    pub cpus: Option<u32>,
+    pub memory_mb: Option<u64>,
+    pub is_leader: bool,
+    pub is_self: bool,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct StatusReport {
+    pub node: NodeReport,
+    /// False when the agent cannot form or join a cluster (see `problems`).
+    pub configured: bool,
+    pub phase: Option<Phase>,
+    pub phase_detail: Option<String>,
+    /// Things a person must fix, each with what to do.
+    pub problems: Vec<String>,
+    pub last_error: Option<String>,
+    pub cluster_id: Option<String>,
+    pub raft: Option<RaftReport>,
+    pub members: Vec<MemberReport>,
+}
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The report of an agent that has no cluster secret (or another blocking problem).
+pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
+    StatusReport {
+        node: NodeReport { id: None, name: name.into(), api_addr: None, version: VERSION.into() },
+        configured: false,
+        phase: None,
+        phase_detail: None,
+        problems,
+        last_error: None,
+        cluster_id: None,
+        raft: None,
+        members: Vec::new(),
+    }
+}
+
+pub fn report(agent: &Agent) -> StatusReport {
+    let m = agent.metrics();
+    let progress = agent.progress();
+    let membership = m.membership_config.membership().clone();
+    let (cluster_id, records) = agent.state.read(|d| (d.state.cluster_id.clone(), d.state.members.clone()));
+    let name_of = |id: u64| records.get(&id).map(|r| r.spec.name.clone());
+    let voters: Vec<u64> = membership.voter_ids().collect();
+    let learners: Vec<u64> = membership.learner_ids().collect();
+    let last = m.last_log_index;
+    let replication = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != agent.id())
+                .map(|(id, l)| ReplicationReport {
+                    id: hex_id(*id),
+                    name: name_of(*id),
+                    matched_index: l.map(|l| l.index),
+                    lag: last.map(|last| last.saturating_sub(l.map_or(0, |l| l.index))),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let state = match m.state {
+        openraft::ServerState::Leader => "leader",
+        openraft::ServerState::Follower => "follower",
+        openraft::ServerState::Candidate => "candidate",
+        openraft::ServerState::Learner => "learner",
+        openraft::ServerState::Shutdown => "shutdown",
+    };
+    let raft = RaftReport {
+        state: state.into(),
+        term: m.current_term,
+        leader_id: m.current_leader.map(hex_id),
+        leader_name: m.current_leader.and_then(name_of),
+        last_log_index: last,
+        commit_index: agent.log.committed_index(),
+        applied_index: m.last_applied.map(|l| l.index),
+        snapshot_index: m.snapshot.map(|l| l.index),
+        purged_index: m.purged.map(|l| l.index),
+        voters: voters.iter().map(|i| hex_id(*i)).collect(),
+        learners: learners.iter().map(|i| hex_id(*i)).collect(),
+        replication,
+    };
+    let members = membership
+        .nodes()
+        .map(|(id, node)| {
+            let rec = records.get(id);
+            MemberReport {
+                id: hex_id(*id),
+                name: rec.map(|r| r.spec.name.clone()),
+                api_addr: node.addr.clone(),
+                role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                health: rec.map(|r| r.health),
+                health_since_ms: rec.map(|r| r.health_since_ms),
+                cpus: rec.map(|r| r.spec.facts.cpus),
+                memory_mb: rec.map(|r| r.spec.facts.memory_mb),
+                is_leader: m.current_leader == Some(*id),
+                is_self: *id == agent.id(),
+            }
+        })
+        .collect();
+    StatusReport {
+        node: NodeReport {
+            id: Some(hex_id(agent.id())),
+            name: agent.identity.name.clone(),
+            api_addr: Some(agent.api_addr.clone()),
+            version: VERSION.into(),
+        },
+        configured: true,
+        phase: Some(progress.phase),
+        phase_detail: Some(progress.detail),
+        problems: Vec::new(),
+        last_error: progress.last_error,
+        cluster_id,
+        raft: Some(raft),
+        members,
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+/// The member table.
+pub fn render_members(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:>4} {:>7}", "", "NAME", "ID", "ROLE", "HEALTH", "ADDRESS", "CPUS", "MEM_MB");
+    for m in &r.members {
+        let mark = if m.is_leader { "*" } else { "" };
+        let name = m.name.clone().unwrap_or_else(|| "(registering)".into()) + if m.is_self { " (this)" } else { "" };
+        let _ = writeln!(
+            out,
+            "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:>4} {:>7}",
+            mark,
+            name,
+            m.id,
+            m.role,
+            opt(&m.health),
+            m.api_addr,
+            opt(&m.cpus),
+            opt(&m.memory_mb)
+        );
+    }
+    out
+}
+
+/// Raft details.
+pub fn render_raft(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let Some(raft) = &r.raft else { return "raft: not running\n".into() };
+    let leader = match (&raft.leader_name, &raft.leader_id) {
+        (Some(n), Some(i)) => format!("{n} ({i})"),
+        (None, Some(i)) => i.clone(),
+        _ => "none".into(),
+    };
+    let _ = writeln!(out, "state      {} · term {} · leader {}", raft.state, raft.term, leader);
+    let _ = writeln!(
+        out,
+        "log        last {} · commit {} · applied {} · snapshot {} · purged {}",
+        opt(&raft.last_log_index),
+        opt(&raft.commit_index),
+        opt(&raft.applied_index),
+        opt(&raft.snapshot_index),
+        opt(&raft.purged_index)
+    );
+    let _ = writeln!(out, "voters     {}", if raft.voters.is_empty() { "-".into() } else { raft.voters.join(", ") });
+    let _ = writeln!(out, "learners   {}", if raft.learners.is_empty() { "-".into() } else { raft.learners.join(", ") });
+    if !raft.replication.is_empty() {
+        let _ = writeln!(out, "replication (from this leader):");
+        for rep in &raft.replication {
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<16} matched {:>8} lag {:>6}",
+                rep.name.clone().unwrap_or_default(),
+                rep.id,
+                opt(&rep.matched_index),
+                opt(&rep.lag)
+            );
+        }
+    }
+    out
+}
+
+/// The whole status for people.
+pub fn render_status(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node       {} {} {} (clusteros {})",
+        r.node.name,
+        opt(&r.node.id),
+        opt(&r.node.api_addr),
+        r.node.version
+    );
+    for p in &r.problems {
+        let _ = writeln!(out, "PROBLEM    {p}");
+    }
+    if !r.configured {
+        return out;
+    }
+    let _ = writeln!(out, "cluster    {}", opt(&r.cluster_id));
+    let _ = writeln!(out, "phase      {} · {}", opt(&r.phase), opt(&r.phase_detail));
+    if let Some(e) = &r.last_error {
+        let _ = writeln!(out, "last error {e}");
+    }
+    out.push_str(&render_raft(r));
+    let _ = writeln!(out, "members ({})", r.members.len());
+    out.push_str(&render_members(r));
+    out
+}

@@ -1,0 +1,346 @@
+//! Host cluster tests: real agent processes on loopback, waiting on conditions.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use clusteros::client::ClientError;
+use clusteros::state::Response;
+use common::{Cluster, Opts, serial, wait_until};
+use rand::Rng;
+use rand::seq::SliceRandom;
+
+const FORM: Duration = Duration::from_secs(60);
+
+/// Formation with `bootstrap_expect = 3`, nodes started in random order with random delays,
+/// repeated: always exactly one cluster with one leader and three voters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_expect_forms_exactly_one_cluster_in_any_start_order() {
+    let _g = serial();
+    for round in 0..5 {
+        let mut c = Cluster::new(3, Opts::default());
+        let mut order = vec![0, 1, 2];
+        order.shuffle(&mut rand::thread_rng());
+        for &i in &order {
+            c.start(i);
+            let delay = rand::thread_rng().gen_range(0..1500);
+            tokio::time::sleep(Duration::from_millis(delay)).await; // random start skew is the point of the test
+        }
+        c.wait_converged(3, 0, FORM).await;
+        let mut cluster_ids = BTreeSet::new();
+        let mut leaders = 0;
+        for i in 0..3 {
+            let s = c.status(i).await.unwrap();
+            cluster_ids.insert(s.cluster_id.clone());
+            if s.raft.as_ref().unwrap().state == "leader" {
+                leaders += 1;
+            }
+        }
+        // The cluster id is committed once by the first leader; wait for all to have applied it.
+        let ids = wait_until(Duration::from_secs(20), "every node applied the cluster id", || async {
+            let mut ids = BTreeSet::new();
+            for i in 0..3 {
+                ids.insert(c.status(i).await.ok()?.cluster_id?);
+            }
+            Some(ids)
+        })
+        .await;
+        assert_eq!(ids.len(), 1, "round {round}: nodes disagree on the cluster: {ids:?}");
+        assert_eq!(leaders, 1, "round {round}: start order {order:?}");
+        let inits: usize = c.nodes.iter().map(|n| n.log().matches("bootstrapping the cluster").count()).sum();
+        assert!((1..=3).contains(&inits), "round {round}: {inits} initialize calls");
+        eprintln!("round {round}: start order {order:?}, one cluster {ids:?}");
+    }
+}
+
+/// Five nodes with `max_voters = 3`: three voters, two learners, one state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_have_three_voters_and_two_learners() {
+    let _g = serial();
+    let mut c = Cluster::new(5, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 2, FORM).await;
+    let r = c.nodes[leader].client().kv_put("five", "nodes").await.unwrap();
+    assert_eq!(r, Response::Kv { previous: None });
+    let reports = wait_until(Duration::from_secs(20), "all five nodes applied the write", || async {
+        let mut v = Vec::new();
+        for i in 0..5 {
+            let s = c.status(i).await.ok()?;
+            let got = c.nodes[i].client().kv_get("five", true).await.ok()?;
+            if got.entry.map(|e| e.value).as_deref() != Some("nodes") {
+                return None;
+            }
+            v.push(s);
+        }
+        Some(v)
+    })
+    .await;
+    let first = &reports[0];
+    for s in &reports {
+        let raft = s.raft.as_ref().unwrap();
+        assert_eq!(raft.voters.len(), 3);
+        assert_eq!(raft.learners.len(), 2);
+        assert_eq!(raft.voters, first.raft.as_ref().unwrap().voters);
+        assert_eq!(s.cluster_id, first.cluster_id);
+        let names: BTreeSet<_> = s.members.iter().map(|m| m.name.clone().unwrap()).collect();
+        assert_eq!(names.len(), 5);
+    }
+}
+
+/// A node that joins after 2,000 writes, when the log has been purged, catches up by snapshot and
+/// serves a linearizable read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_joiner_catches_up_by_snapshot() {
+    let _g = serial();
+    let opts = Opts { snapshot_after_logs: 500, logs_to_keep: 100, ..Opts::default() };
+    let mut c = Cluster::new(3, opts.clone());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let socket = c.nodes[leader].socket();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let socket = socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = clusteros::client::LocalClient::new(&socket);
+            for k in (w..2000).step_by(16) {
+                client.kv_put(&format!("key-{k:04}"), &format!("value-{k}")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let purged = wait_until(Duration::from_secs(30), "the leader purged its log after a snapshot", || async {
+        c.status(leader).await.ok()?.raft?.purged_index.filter(|p| *p > 0)
+    })
+    .await;
+    let late_opts = Opts { bootstrap_expect: None, ..opts };
+    let n = c.add_node(late_opts);
+    c.start(n);
+    let s = wait_until(FORM, "the late node applied every write", || async {
+        let s = c.status(n).await.ok()?;
+        let applied = s.raft.as_ref()?.applied_index?;
+        (applied >= 2000).then_some(s)
+    })
+    .await;
+    let raft = s.raft.unwrap();
+    assert!(raft.snapshot_index.is_some_and(|i| i >= purged), "the late node did not install a snapshot: {raft:?}");
+    let r = c.nodes[n].client().kv_get("key-1999", false).await.unwrap();
+    assert_eq!(r.entry.unwrap().value, "value-1999");
+    assert!(r.read_index.is_some(), "a linearizable read reports its read index");
+    let r = c.nodes[n].client().kv_get("key-0000", true).await.unwrap();
+    assert_eq!(r.entry.unwrap().value, "value-0");
+}
+
+/// kill -9 of the leader: a new leader is elected and every acknowledged write is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_kill_keeps_every_acknowledged_write() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let old_id = c.status(leader).await.unwrap().node.id.unwrap();
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let mut acked = Vec::new();
+    for k in 0..100 {
+        // Half through the leader, half through a follower (forwarded).
+        let via = if k % 2 == 0 { leader } else { follower };
+        c.nodes[via].client().kv_put(&format!("k{k}"), &format!("v{k}")).await.unwrap();
+        acked.push(k);
+    }
+    c.kill(leader);
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    let new_leader = wait_until(FORM, "a new leader among the survivors", || async {
+        let l = c.status(survivor).await.ok()?.raft?.leader_id?;
+        (l != old_id).then_some(l)
+    })
+    .await;
+    assert_ne!(new_leader, old_id);
+    let r = c.nodes[survivor].client().kv_put("after-failover", "yes").await.unwrap();
+    assert_eq!(r, Response::Kv { previous: None });
+    for k in acked {
+        let r = c.nodes[survivor].client().kv_get(&format!("k{k}"), false).await.unwrap();
+        assert_eq!(r.entry.map(|e| e.value), Some(format!("v{k}")), "acknowledged write k{k} lost");
+    }
+}
+
+/// All nodes stopped and started again: the same cluster, members and data, no new bootstrap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_restart_brings_back_the_same_cluster() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    for k in 0..20 {
+        c.nodes[leader].client().kv_put(&format!("r{k}"), "kept").await.unwrap();
+    }
+    let before = wait_until(Duration::from_secs(20), "cluster id applied", || async {
+        let s = c.status(leader).await.ok()?;
+        s.cluster_id.clone().map(|_| s)
+    })
+    .await;
+    let inits_before: usize = c.nodes.iter().map(|n| n.log().matches("bootstrapping the cluster").count()).sum();
+    for i in 0..3 {
+        c.stop(i);
+    }
+    for i in [2, 0, 1] {
+        c.start(i);
+    }
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let after = c.status(leader).await.unwrap();
+    assert_eq!(after.cluster_id, before.cluster_id);
+    let ids = |s: &clusteros::status::StatusReport| s.members.iter().map(|m| m.id.clone()).collect::<BTreeSet<_>>();
+    assert_eq!(ids(&after), ids(&before));
+    for k in 0..20 {
+        let r = c.nodes[(leader + 1) % 3].client().kv_get(&format!("r{k}"), false).await.unwrap();
+        assert_eq!(r.entry.unwrap().value, "kept");
+    }
+    let inits_after: usize = c.nodes.iter().map(|n| n.log().matches("bootstrapping the cluster").count()).sum();
+    assert_eq!(inits_after, inits_before, "a restarted node bootstrapped again");
+}
+
+/// A node with the wrong cluster secret is refused, says why, keeps retrying, and the cluster
+/// state does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_is_refused_and_changes_nothing() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let before = c.status(leader).await.unwrap();
+    let bad = c.add_node(Opts { bootstrap_expect: None, secret: "a-different-secret-9876543210".into(), ..Opts::default() });
+    c.start(bad);
+    let s = wait_until(Duration::from_secs(30), "the bad node reports the secret mismatch", || async {
+        let s = c.status(bad).await.ok()?;
+        s.last_error.as_deref().is_some_and(|e| e.contains("cluster secret mismatch")).then_some(s)
+    })
+    .await;
+    assert!(s.members.is_empty());
+    wait_until(Duration::from_secs(30), "the bad node retried and logged the refusal twice", || async {
+        (c.nodes[bad].log().matches("cluster secret mismatch").count() >= 2).then_some(())
+    })
+    .await;
+    let refused_logged = c.nodes[..3].iter().any(|n| n.log().contains("refused peer request"));
+    assert!(refused_logged, "no cluster node logged the refusal");
+    let after = c.status(leader).await.unwrap();
+    assert_eq!(after.members, before.members);
+    assert_eq!(after.raft.as_ref().unwrap().voters, before.raft.as_ref().unwrap().voters);
+    assert_eq!(after.raft.as_ref().unwrap().learners, before.raft.as_ref().unwrap().learners);
+}
+
+/// A voter dead for longer than the grace period is replaced by a learner and then removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_voter_is_replaced_and_removed() {
+    let _g = serial();
+    let opts = Opts { suspect_after_ms: 1000, failed_after_ms: 2500, remove_after_ms: 6000, ..Opts::default() };
+    let mut c = Cluster::new(3, opts.clone());
+    c.start_all();
+    c.wait_converged(3, 0, FORM).await;
+    let n = c.add_node(Opts { bootstrap_expect: None, ..opts });
+    c.start(n);
+    let leader = c.wait_converged(3, 1, FORM).await;
+    let learner_id = c.status(n).await.unwrap().node.id.unwrap();
+    let victim = (0..3).find(|i| *i != leader).unwrap();
+    let victim_id = c.status(victim).await.unwrap().node.id.unwrap();
+    c.kill(victim);
+    let s = wait_until(Duration::from_secs(60), "the dead voter is replaced and removed", || async {
+        let s = c.status(leader).await.ok()?;
+        let raft = s.raft.as_ref()?;
+        let replaced = raft.voters.contains(&learner_id) && !raft.voters.contains(&victim_id);
+        let removed = !s.members.iter().any(|m| m.id == victim_id);
+        (replaced && removed).then_some(s)
+    })
+    .await;
+    assert_eq!(s.raft.as_ref().unwrap().voters.len(), 3);
+    let log = c.nodes[leader].log();
+    assert!(log.contains("Replace"), "the leader did not log the replacement");
+    assert!(log.contains("Remove"), "the leader did not log the removal");
+    // The survivors agree.
+    c.wait_converged(3, 0, Duration::from_secs(30)).await;
+}
+
+/// Writes through a follower's socket are forwarded to the leader; a CAS with a stale expected
+/// value fails cleanly and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_writes_are_forwarded_and_stale_cas_fails() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let follower = c.nodes[(leader + 1) % 3].client();
+    assert_eq!(follower.kv_put("color", "red").await.unwrap(), Response::Kv { previous: None });
+    let r = c.nodes[leader].client().kv_get("color", false).await.unwrap();
+    assert_eq!(r.entry.unwrap().value, "red");
+    let ok = follower.kv_cas("color", Some("red".into()), Some("blue".into())).await.unwrap();
+    assert_eq!(ok, Response::Cas { succeeded: true, current: Some("blue".into()) });
+    let stale = follower.kv_cas("color", Some("red".into()), Some("green".into())).await.unwrap();
+    assert_eq!(stale, Response::Cas { succeeded: false, current: Some("blue".into()) });
+    let r = c.nodes[leader].client().kv_get("color", false).await.unwrap();
+    assert_eq!(r.entry.unwrap().value, "blue");
+    // Bad input gets a clear error.
+    match follower.kv_put("", "x").await {
+        Err(ClientError::Api(b)) => assert!(b.error.contains("key is empty"), "{b:?}"),
+        other => panic!("empty key accepted: {other:?}"),
+    }
+}
+
+/// Without a secret the agent runs, and status says what is missing and how to provide it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_secret_is_reported_by_status() {
+    let _g = serial();
+    let mut c = Cluster::new(1, Opts::default());
+    let cfg = c.nodes[0].dir.join("agent.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let text: String = text.lines().filter(|l| !l.starts_with("cluster_secret_file")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&cfg, text).unwrap();
+    c.start(0);
+    let s = wait_until(Duration::from_secs(20), "status answers", || async { c.status(0).await.ok() }).await;
+    assert!(!s.configured);
+    assert!(s.problems.iter().any(|p| p.contains("no cluster secret") && p.contains("clusteros.cluster-secret")), "{s:?}");
+    match c.nodes[0].client().kv_put("k", "v").await {
+        Err(ClientError::Api(b)) => assert_eq!(b.kind, "not_configured"),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The CLI says what to do when the agent is not running.
+#[tokio::test]
+async fn cli_reports_agent_not_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(common::binary())
+        .args(["--socket", dir.path().join("none.sock").to_str().unwrap(), "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("agent not running") && err.contains("clusteros-agent.service"), "{err}");
+}
+
+/// A graceful leave removes the node; it then waits for an explicit join.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leave_removes_the_node_and_join_brings_it_back() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    c.wait_converged(3, 0, FORM).await;
+    let n = c.add_node(Opts { bootstrap_expect: None, ..Opts::default() });
+    c.start(n);
+    let leader = c.wait_converged(3, 1, FORM).await;
+    let old_id = c.status(n).await.unwrap().node.id.unwrap();
+    c.nodes[n].client().leave().await.unwrap();
+    wait_until(Duration::from_secs(30), "the node left", || async {
+        let s = c.status(leader).await.ok()?;
+        (!s.members.iter().any(|m| m.id == old_id)).then_some(())
+    })
+    .await;
+    let s = wait_until(Duration::from_secs(30), "the left node waits for a join", || async {
+        let s = c.status(n).await.ok()?;
+        (s.phase == Some(clusteros::runtime::Phase::Left)).then_some(s)
+    })
+    .await;
+    assert_ne!(s.node.id.as_deref(), Some(old_id.as_str()), "a node id was reused");
+    let via = c.nodes[leader].addr.clone();
+    c.nodes[n].client().join(&via).await.unwrap();
+    c.wait_converged(3, 1, FORM).await;
+}
