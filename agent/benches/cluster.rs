@@ -1,1 +1,92 @@
-fn main() {}
+//! Cluster benchmark: prints formation time, failover time, KV put throughput and latency at 1 and
+//! 64 concurrent clients, and the idle RSS of one agent, for a 3-node loopback cluster.
+//! Run with `cargo bench -p clusteros-agent --bench cluster`. Figures, not pass/fail.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Opts, rss_kib, wait_until};
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn put_load(cluster: &Cluster, via: usize, clients: usize, per_client: usize) {
+    let socket = cluster.nodes[via].socket();
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let socket = socket.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = clusteros::client::LocalClient::new(&socket);
+            let mut lat = Vec::with_capacity(per_client);
+            for i in 0..per_client {
+                let t = Instant::now();
+                client.kv_put(&format!("bench-{c}-{i}"), "0123456789abcdef").await.expect("put");
+                lat.push(t.elapsed());
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.unwrap());
+    }
+    let total = start.elapsed();
+    lat.sort();
+    println!(
+        "kv put, {clients:>2} client(s): {:>5} puts in {:>6.2} s = {:>7.0} puts/s, p50 {:>7.2} ms, p99 {:>7.2} ms",
+        lat.len(),
+        total.as_secs_f64(),
+        lat.len() as f64 / total.as_secs_f64(),
+        percentile(&lat, 0.50).as_secs_f64() * 1000.0,
+        percentile(&lat, 0.99).as_secs_f64() * 1000.0
+    );
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run a short version then.
+    let full = std::env::args().any(|a| a == "--bench");
+    let rounds = if full { 3 } else { 1 };
+    println!("ClusterOS agent benchmark (3 agents on loopback, test Raft timings: heartbeat 100 ms, election 800-1600 ms)");
+
+    let mut formation = Vec::new();
+    for _ in 0..rounds {
+        let mut c = Cluster::new(3, Opts::default());
+        c.start(0);
+        c.start(1);
+        c.start(2);
+        let t = Instant::now();
+        c.wait_converged(3, 0, Duration::from_secs(60)).await;
+        formation.push(t.elapsed());
+    }
+    formation.sort();
+    println!("formation (3rd agent start -> 3 voters, one leader): median {:.0} ms of {formation:?}", formation[formation.len() / 2].as_secs_f64() * 1000.0);
+
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, Duration::from_secs(60)).await;
+    for (clients, per) in [(1, if full { 500 } else { 50 }), (64, if full { 50 } else { 5 })] {
+        put_load(&c, leader, clients, per).await;
+    }
+    // Idle RSS is measured after two seconds without client traffic (a benchmark, not a test).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (i, n) in c.nodes.iter().enumerate() {
+        if let Some(kib) = n.pid().and_then(rss_kib) {
+            println!("idle RSS {} ({}): {:.1} MiB", n.name, if i == leader { "leader" } else { "follower" }, kib as f64 / 1024.0);
+        }
+    }
+
+    let survivor = (leader + 1) % 3;
+    c.kill(leader);
+    let t = Instant::now();
+    let client = c.nodes[survivor].client();
+    wait_until(Duration::from_secs(60), "a write commits after the leader was killed", || async {
+        client.kv_put("failover", "done").await.ok()
+    })
+    .await;
+    println!("failover (leader kill -9 -> next committed write): {:.0} ms", t.elapsed().as_secs_f64() * 1000.0);
+}

@@ -420,20 +420,20 @@ impl Agent {
     }
 
     /// Removes a member on request (graceful leave).
-    pub async fn local_leave(&self, req: LeaveRequest) -> Result<(), ApiError> {
+    pub async fn local_leave(&self, req: LeaveRequest) -> Result<crate::api::Empty, ApiError> {
         let m = self.metrics();
         if !Self::is_leader(&m) {
             return Err(self.not_leader(&m));
         }
         if m.membership_config.membership().get_node(&req.id).is_none() {
-            return Ok(());
+            return Ok(crate::api::Empty {});
         }
         if self.state.read(|d| d.state.members.contains_key(&req.id)) {
             self.local_write(Command::SetHealth { id: req.id, health: Health::Left, at_ms: crate::now_ms() }).await?;
         }
         self.remove_member(req.id).await?;
         info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), "member left the cluster");
-        Ok(())
+        Ok(crate::api::Empty {})
     }
 
     /// Runs `local` here if this node leads, else forwards `req` to the leader's peer API at `path`.

@@ -107,8 +107,7 @@ async fn join(State(a): Shared, Json(req): Json<JoinRequest>) -> Result<Json<Joi
 }
 
 async fn leave(State(a): Shared, Json(req): Json<LeaveRequest>) -> Result<Json<Empty>, ApiError> {
-    a.local_leave(req).await?;
-    Ok(Json(Empty {}))
+    Ok(Json(a.local_leave(req).await?))
 }
 
 async fn write(State(a): Shared, Json(req): Json<WriteRequest>) -> Result<Json<CmdResponse>, ApiError> {

@@ -1,0 +1,68 @@
+//! openraft's storage test suite against the real redb log store and the real state machine.
+
+use clusteros::raft::log_store::LogStore;
+use clusteros::raft::state_machine::StateMachineStore;
+use clusteros::raft::{StorageError, TypeConfig};
+use openraft::testing::{StoreBuilder, Suite};
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = LogStore::open(&dir.path().join("raft.redb")).expect("open log store");
+        let sm = StateMachineStore::open(dir.path()).expect("open state machine");
+        Ok((dir, log, sm))
+    }
+}
+
+#[test]
+fn openraft_storage_suite() {
+    Suite::test_all(Builder).expect("openraft storage suite");
+}
+
+/// The state machine comes back from its snapshot after a restart, and the log store keeps the
+/// vote, the log and the purge point.
+#[tokio::test]
+async fn state_survives_reopen() {
+    use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
+
+    use clusteros::raft::Entry;
+    use clusteros::state::Command;
+
+    let dir = tempfile::tempdir().unwrap();
+    let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+    {
+        let mut log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
+        log.save_vote(&Vote::new(1, 1)).await.unwrap();
+        let mut sm = StateMachineStore::open(dir.path()).unwrap();
+        let entries: Vec<Entry> = (1..=3)
+            .map(|i| Entry {
+                log_id: log_id(i),
+                payload: EntryPayload::Normal(Command::KvPut { key: format!("k{i}"), value: "v".into() }),
+            })
+            .collect();
+        sm.apply(entries).await.unwrap();
+        let mut b = sm.get_snapshot_builder().await;
+        b.build_snapshot().await.unwrap();
+        log.purge(log_id(2)).await.unwrap();
+    }
+    let mut log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(1, 1)));
+    assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(log_id(2)));
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let (applied, _) = sm.applied_state().await.unwrap();
+    assert_eq!(applied, Some(log_id(3)));
+    assert_eq!(sm.handle().read(|d| d.state.kv.len()), 3);
+}
+
+/// A corrupt snapshot file is reported with what to do, not silently replaced.
+#[test]
+fn corrupt_snapshot_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("snapshot.json"), b"{garbage").unwrap();
+    let e = StateMachineStore::open(dir.path()).err().expect("corrupt snapshot refused");
+    assert!(e.to_string().contains("corrupt") && e.to_string().contains("move it away"), "{e}");
+    assert_eq!(std::fs::read(dir.path().join("snapshot.json")).unwrap(), b"{garbage");
+}
