@@ -51,7 +51,9 @@ async fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` passes nothing: run a short version then.
     let full = std::env::args().any(|a| a == "--bench");
     let rounds = if full { 3 } else { 1 };
-    println!("ClusterOS agent benchmark (3 agents on loopback, test Raft timings: heartbeat 100 ms, election 800-1600 ms)");
+    println!(
+        "ClusterOS agent benchmark (3 agents on loopback, test Raft timings: heartbeat 100 ms, election 800-1600 ms)"
+    );
 
     let mut formation = Vec::new();
     for _ in 0..rounds {
@@ -64,7 +66,10 @@ async fn main() {
         formation.push(t.elapsed());
     }
     formation.sort();
-    println!("formation (3rd agent start -> 3 voters, one leader): median {:.0} ms of {formation:?}", formation[formation.len() / 2].as_secs_f64() * 1000.0);
+    println!(
+        "formation (3rd agent start -> 3 voters, one leader): median {:.0} ms of {formation:?}",
+        formation[formation.len() / 2].as_secs_f64() * 1000.0
+    );
 
     let mut c = Cluster::new(3, Opts::default());
     c.start_all();
@@ -76,7 +81,12 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     for (i, n) in c.nodes.iter().enumerate() {
         if let Some(kib) = n.pid().and_then(rss_kib) {
-            println!("idle RSS {} ({}): {:.1} MiB", n.name, if i == leader { "leader" } else { "follower" }, kib as f64 / 1024.0);
+            println!(
+                "idle RSS {} ({}): {:.1} MiB",
+                n.name,
+                if i == leader { "leader" } else { "follower" },
+                kib as f64 / 1024.0
+            );
         }
     }
 

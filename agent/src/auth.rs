@@ -34,7 +34,9 @@ pub enum AuthError {
         "cluster secret mismatch: the signature does not verify with this cluster's secret; give every node the same clusteros.cluster-secret"
     )]
     BadSignature,
-    #[error("request time is {skew_ms} ms away from this node's clock (limit {limit_s} s): check time sync (chrony) on both nodes")]
+    #[error(
+        "request time is {skew_ms} ms away from this node's clock (limit {limit_s} s): check time sync (chrony) on both nodes"
+    )]
     Stale { skew_ms: i64, limit_s: u64 },
     #[error("replayed request (nonce already seen): refused")]
     Replayed,
@@ -128,7 +130,13 @@ impl ClusterKey {
             .into_bytes())
     }
 
-    pub fn verify_response(&self, request_nonce: &str, status: u16, body: &[u8], signature: &str) -> Result<(), AuthError> {
+    pub fn verify_response(
+        &self,
+        request_nonce: &str,
+        status: u16,
+        body: &[u8],
+        signature: &str,
+    ) -> Result<(), AuthError> {
         let sig = unhex(signature).ok_or(AuthError::BadSignature)?;
         let status = status.to_string();
         self.mac(&[b"response", request_nonce.as_bytes(), status.as_bytes(), &Sha256::digest(body)])
@@ -192,7 +200,10 @@ mod tests {
         assert_eq!(k.verify_response("n1", 200, b"ok", &s), Ok(()));
         assert_eq!(k.verify_response("n2", 200, b"ok", &s), Err(AuthError::BadSignature));
         assert_eq!(k.verify_response("n1", 500, b"ok", &s), Err(AuthError::BadSignature));
-        assert_eq!(ClusterKey::derive("x-other-secret-xx").verify_response("n1", 200, b"ok", &s), Err(AuthError::BadSignature));
+        assert_eq!(
+            ClusterKey::derive("x-other-secret-xx").verify_response("n1", 200, b"ok", &s),
+            Err(AuthError::BadSignature)
+        );
     }
 
     #[test]

@@ -154,15 +154,27 @@ pub async fn run(cli: Cli, socket_given: bool) -> ExitCode {
             };
         }
         Command::Status => client.status().await.map(|r| {
-            if json { print_json(&r) } else { print!("{}", status::render_status(&r)) }
+            if json {
+                print_json(&r)
+            } else {
+                print!("{}", status::render_status(&r))
+            }
             if r.configured { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }),
         Command::Members => client.status().await.map(|r| {
-            if json { print_json(&r.members) } else { print!("{}", status::render_members(&r)) }
+            if json {
+                print_json(&r.members)
+            } else {
+                print!("{}", status::render_members(&r))
+            }
             ExitCode::SUCCESS
         }),
         Command::Raft => client.status().await.map(|r| {
-            if json { print_json(&r.raft) } else { print!("{}", status::render_raft(&r)) }
+            if json {
+                print_json(&r.raft)
+            } else {
+                print!("{}", status::render_raft(&r))
+            }
             ExitCode::SUCCESS
         }),
         Command::Kv(kv) => run_kv(&client, kv, json).await,
@@ -194,7 +206,10 @@ async fn run_kv(client: &LocalClient, kv: KvCommand, json: bool) -> Result<ExitC
         match r {
             Response::Cas { succeeded: false, current } => {
                 if !json {
-                    eprintln!("compare-and-swap failed: the current value is {}", current.map_or("absent".into(), |c| format!("{c:?}")));
+                    eprintln!(
+                        "compare-and-swap failed: the current value is {}",
+                        current.map_or("absent".into(), |c| format!("{c:?}"))
+                    );
                 }
                 ExitCode::from(EXIT_CONDITION)
             }

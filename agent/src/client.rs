@@ -43,11 +43,13 @@ impl LocalClient {
 
     fn transport_error(&self, e: reqwest::Error) -> ClientError {
         let text = error_chain(&e);
-        let io = std::error::Error::source(&e).and_then(|mut s| loop {
-            if let Some(io) = s.downcast_ref::<std::io::Error>() {
-                return Some(io.kind());
+        let io = std::error::Error::source(&e).and_then(|mut s| {
+            loop {
+                if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                    return Some(io.kind());
+                }
+                s = s.source()?;
             }
-            s = s.source()?;
         });
         match io {
             Some(std::io::ErrorKind::NotFound) => ClientError::NotRunning(self.socket.clone()),
@@ -91,7 +93,12 @@ impl LocalClient {
         self.post("/v1/kv/delete", &KeyBody { key: key.into() }).await
     }
 
-    pub async fn kv_cas(&self, key: &str, expected: Option<String>, new: Option<String>) -> Result<Response, ClientError> {
+    pub async fn kv_cas(
+        &self,
+        key: &str,
+        expected: Option<String>,
+        new: Option<String>,
+    ) -> Result<Response, ClientError> {
         self.post("/v1/kv/cas", &CasBody { key: key.into(), expected, new }).await
     }
 

@@ -185,7 +185,8 @@ impl Config {
         if let Some(name) = &node_name {
             validate_node_name(name)?;
         }
-        let listen = o.listen_addr.clone().or(file.listen_addr).unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_PEER_PORT}"));
+        let listen =
+            o.listen_addr.clone().or(file.listen_addr).unwrap_or_else(|| format!("0.0.0.0:{DEFAULT_PEER_PORT}"));
         let listen_addr: SocketAddr = listen
             .parse()
             .map_err(|e| invalid("listen_addr", format!("{listen:?} is not IP:PORT ({e}); example: 0.0.0.0:7600")))?;
@@ -198,17 +199,26 @@ impl Config {
         if let Some(a) = advertise_addr
             && a.ip().is_unspecified()
         {
-            return Err(invalid("advertise_addr", format!("{a} is unspecified; give the address other nodes reach this node at")));
+            return Err(invalid(
+                "advertise_addr",
+                format!("{a} is unspecified; give the address other nodes reach this node at"),
+            ));
         }
         let join = o.join.clone().or(creds.join).or(file.join).unwrap_or_default();
         let join = join.iter().map(|j| normalize_join_addr(j)).collect::<Result<Vec<_>, _>>()?;
         let bootstrap_expect = o.bootstrap_expect.or(creds.bootstrap_expect).or(file.bootstrap_expect);
         if bootstrap_expect == Some(0) {
-            return Err(invalid("bootstrap_expect", "must be at least 1 (the number of nodes that form the cluster together)"));
+            return Err(invalid(
+                "bootstrap_expect",
+                "must be at least 1 (the number of nodes that form the cluster together)",
+            ));
         }
         let max_voters = o.max_voters.or(creds.max_voters).or(file.max_voters).unwrap_or(3);
         if max_voters != 1 && max_voters != 3 && max_voters != 5 {
-            return Err(invalid("max_voters", format!("{max_voters} is not allowed; use 3 (default) or 5 (or 1 for a test cluster)")));
+            return Err(invalid(
+                "max_voters",
+                format!("{max_voters} is not allowed; use 3 (default) or 5 (or 1 for a test cluster)"),
+            ));
         }
         let secret_file = o.cluster_secret_file.clone().or(file.cluster_secret_file);
         let cluster_secret = match (creds.cluster_secret, secret_file, file.cluster_secret) {
@@ -281,7 +291,9 @@ impl Credentials {
         };
         let number = |name: &'static str, key: &'static str| -> Result<Option<usize>, ConfigError> {
             get(name)?
-                .map(|v| v.parse::<usize>().map_err(|_| invalid(key, format!("credential {name} is {v:?}, not a number"))))
+                .map(|v| {
+                    v.parse::<usize>().map_err(|_| invalid(key, format!("credential {name} is {v:?}, not a number")))
+                })
                 .transpose()
         };
         Ok(Credentials {
@@ -347,7 +359,9 @@ pub fn validate_node_name(name: &str) -> Result<(), ConfigError> {
     if !ok {
         return Err(invalid(
             "node_name",
-            format!("{name:?} is not a valid host name: use 1-63 letters, digits and '-', not starting or ending with '-'"),
+            format!(
+                "{name:?} is not a valid host name: use 1-63 letters, digits and '-', not starting or ending with '-'"
+            ),
         ));
     }
     Ok(())

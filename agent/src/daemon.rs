@@ -47,7 +47,11 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
 }
 
 /// Serves the local API until `stop` fires.
-fn spawn_local(listener: UnixListener, state: LocalState, mut stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+fn spawn_local(
+    listener: UnixListener,
+    state: LocalState,
+    mut stop: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let app = crate::api::local::router(state);
         let r = axum::serve(listener, app)
@@ -79,7 +83,8 @@ async fn run_unconfigured(socket: &Path, name: String, problems: Vec<String>) ->
         error!("{p}");
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let local = spawn_local(bind_socket(socket)?, LocalState::Unconfigured { name, problems: problems.clone() }, stop_rx);
+    let local =
+        spawn_local(bind_socket(socket)?, LocalState::Unconfigured { name, problems: problems.clone() }, stop_rx);
     notify(&[NotifyState::Ready, NotifyState::Status(&format!("not running: {}", problems.join("; ")))]);
     shutdown_signal().await;
     notify(&[NotifyState::Stopping]);
@@ -97,7 +102,9 @@ fn status_line(agent: &Agent) -> String {
     let membership = m.membership_config.membership();
     let leader = m
         .current_leader
-        .map(|l| agent.state.read(|d| d.state.members.get(&l).map(|r| r.spec.name.clone())).unwrap_or_else(|| hex_id(l)))
+        .map(|l| {
+            agent.state.read(|d| d.state.members.get(&l).map(|r| r.spec.name.clone())).unwrap_or_else(|| hex_id(l))
+        })
         .unwrap_or_else(|| "none".into());
     format!(
         "member · {:?} · leader {} · term {} · {} voters, {} learners",
@@ -122,7 +129,8 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
     };
     let name = cfg.node_name.clone().unwrap_or_else(crate::identity::hostname);
     let Some(secret) = cfg.cluster_secret.clone() else {
-        let problem = format!("no cluster secret provided, so this node will not form or join a cluster: {SECRET_HOWTO}");
+        let problem =
+            format!("no cluster secret provided, so this node will not form or join a cluster: {SECRET_HOWTO}");
         return run_unconfigured(&cfg.socket_path, name, vec![problem]).await;
     };
     crate::files::ensure_dir(&cfg.state_dir, 0o700)?;

@@ -92,8 +92,7 @@ impl Identity {
         let corrupt = |message: String| IdentityError::Corrupt { path: path.clone(), key: key_path.clone(), message };
         match std::fs::read(&path) {
             Ok(bytes) => {
-                let mut file: IdentityFile =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                let mut file: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
                 let key_text = std::fs::read_to_string(&key_path)
                     .map_err(|source| IdentityError::Read { path: key_path.clone(), source })?;
                 let key: [u8; 32] = B64
@@ -111,7 +110,12 @@ impl Identity {
                     file.name = name.to_string();
                     write_atomic(&path, &serde_json::to_vec_pretty(&file).expect("serializable"), 0o600)?;
                 }
-                Ok(Identity { node_id: file.node_id, name: file.name, wg_public_key: file.wg_public_key, wg_private_key: key })
+                Ok(Identity {
+                    node_id: file.node_id,
+                    name: file.name,
+                    wg_public_key: file.wg_public_key,
+                    wg_private_key: key,
+                })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::create(state_dir, name),
             Err(source) => Err(IdentityError::Read { path, source }),
@@ -130,7 +134,12 @@ impl Identity {
         // The key is written first: an identity file always has its key beside it.
         write_atomic(&state_dir.join(WG_KEY_FILE), format!("{}\n", B64.encode(secret)).as_bytes(), 0o600)?;
         write_atomic(&state_dir.join(IDENTITY_FILE), &serde_json::to_vec_pretty(&file).expect("serializable"), 0o600)?;
-        Ok(Identity { node_id: file.node_id, name: file.name, wg_public_key: file.wg_public_key, wg_private_key: secret })
+        Ok(Identity {
+            node_id: file.node_id,
+            name: file.name,
+            wg_public_key: file.wg_public_key,
+            wg_private_key: secret,
+        })
     }
 
     /// The WireGuard private key bytes (for the mesh adapter).
@@ -192,7 +201,13 @@ mod tests {
     fn rfc7748_x25519_vector() {
         // RFC 7748 section 6.1, Alice's key pair.
         let k: [u8; 32] = (0..32)
-            .map(|i| u8::from_str_radix(&"77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"[2 * i..2 * i + 2], 16).unwrap())
+            .map(|i| {
+                u8::from_str_radix(
+                    &"77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a"[2 * i..2 * i + 2],
+                    16,
+                )
+                .unwrap()
+            })
             .collect::<Vec<_>>()
             .try_into()
             .unwrap();

@@ -10,9 +10,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 fn init_logging() {
     let filter = EnvFilter::try_from_env("CLUSTEROS_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    if journal
-        && let Ok(layer) = tracing_journald::layer()
-    {
+    if journal && let Ok(layer) = tracing_journald::layer() {
         let layer = layer.with_field_prefix(None).with_syslog_identifier("clusteros".into());
         tracing_subscriber::registry().with(filter).with(layer).init();
         return;

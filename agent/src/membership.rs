@@ -64,10 +64,8 @@ pub fn decide_formation(me: NodeId, my_addr: &str, expect: usize, peers: &BTreeM
     if !agreed {
         return Formation::Settling { chosen };
     }
-    let members = chosen
-        .iter()
-        .map(|id| (*id, if *id == me { my_addr.to_string() } else { peers[id].addr.clone() }))
-        .collect();
+    let members =
+        chosen.iter().map(|id| (*id, if *id == me { my_addr.to_string() } else { peers[id].addr.clone() })).collect();
     Formation::Initialize { members }
 }
 
@@ -119,15 +117,10 @@ pub enum MembershipAction {
 /// The next membership change, if any. One change at a time: Raft serializes them anyway.
 pub fn plan_membership(v: &AutopilotView, t: &HealthTuning) -> Option<MembershipAction> {
     let health = |id: NodeId| -> Health {
-        if id == v.leader {
-            Health::Alive
-        } else {
-            v.silent_for.get(&id).map_or(Health::Failed, |d| classify(*d, t))
-        }
+        if id == v.leader { Health::Alive } else { v.silent_for.get(&id).map_or(Health::Failed, |d| classify(*d, t)) }
     };
-    let caught_up = |id: NodeId| {
-        v.matched.get(&id).copied().flatten().is_some_and(|m| m + v.max_lag >= v.last_log_index)
-    };
+    let caught_up =
+        |id: NodeId| v.matched.get(&id).copied().flatten().is_some_and(|m| m + v.max_lag >= v.last_log_index);
     let ready_learner = v.learners.iter().copied().find(|id| health(*id) == Health::Alive && caught_up(*id));
 
     if let Some(learner) = ready_learner {

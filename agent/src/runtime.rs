@@ -112,7 +112,9 @@ pub struct Agent {
 pub enum StartError {
     #[error("cannot create state directory: {0}")]
     StateDir(#[from] crate::files::WriteError),
-    #[error("cannot open the Raft log {path}: {source}; if it is corrupt, move the directory {dir} away and the node will rejoin as a new member")]
+    #[error(
+        "cannot open the Raft log {path}: {source}; if it is corrupt, move the directory {dir} away and the node will rejoin as a new member"
+    )]
     Log { path: PathBuf, dir: PathBuf, source: redb::Error },
     #[error(transparent)]
     StateMachine(#[from] crate::raft::state_machine::OpenError),
@@ -169,7 +171,8 @@ pub fn read_facts() -> NodeFacts {
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
         .map_or(0, |kb| kb / 1024);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
     NodeFacts { cpus, memory_mb, kernel, arch: std::env::consts::ARCH.to_string() }
 }
 
@@ -179,11 +182,20 @@ pub fn hex_id(id: NodeId) -> String {
 
 impl Agent {
     /// Opens storage, starts Raft and returns the agent; the caller starts servers and loops.
-    pub async fn open(cfg: Config, identity: Identity, secret: &str, extra_join: Vec<String>) -> Result<Arc<Agent>, StartError> {
+    pub async fn open(
+        cfg: Config,
+        identity: Identity,
+        secret: &str,
+        extra_join: Vec<String>,
+    ) -> Result<Arc<Agent>, StartError> {
         let raft_dir = cfg.state_dir.join(RAFT_DIR);
         crate::files::ensure_dir(&raft_dir, 0o700)?;
         let log_path = raft_dir.join("raft.redb");
-        let log = LogStore::open(&log_path).map_err(|source| StartError::Log { path: log_path.clone(), dir: raft_dir.clone(), source })?;
+        let log = LogStore::open(&log_path).map_err(|source| StartError::Log {
+            path: log_path.clone(),
+            dir: raft_dir.clone(),
+            source,
+        })?;
         let sm = StateMachineStore::open(&raft_dir)?;
         let state = sm.handle();
         let key = ClusterKey::derive(secret);
@@ -196,7 +208,9 @@ impl Agent {
             snapshot_timeout: Duration::from_millis(cfg.raft.snapshot_timeout_ms),
         };
         let rc = raft_config(&cfg.raft)?;
-        let raft = Raft::new(identity.node_id, rc, network, log.clone(), sm).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        let raft = Raft::new(identity.node_id, rc, network, log.clone(), sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
         let api_addr = resolve_advertise(&cfg).map_err(StartError::Advertise)?.to_string();
         let mut join_targets = cfg.join.clone();
         for j in extra_join {
@@ -335,7 +349,9 @@ impl Agent {
         match tokio::time::timeout(t, self.raft.client_write(cmd)).await {
             Ok(Ok(r)) => Ok(r.data),
             Ok(Err(e)) => Err(self.write_err(e)),
-            Err(_) => Err(ApiError::Timeout(format!("the write was not committed within {t:?}: a quorum of voters may be down"))),
+            Err(_) => Err(ApiError::Timeout(format!(
+                "the write was not committed within {t:?}: a quorum of voters may be down"
+            ))),
         }
     }
 
@@ -349,7 +365,9 @@ impl Agent {
                 return Err(ApiError::NoLeader(format!("the leader cannot reach a quorum of voters: {q}")));
             }
             Ok(Err(RaftError::Fatal(f))) => return Err(ApiError::Internal(format!("Raft stopped: {f}"))),
-            Err(_) => return Err(ApiError::Timeout(format!("the read could not be confirmed by a quorum within {t:?}"))),
+            Err(_) => {
+                return Err(ApiError::Timeout(format!("the read could not be confirmed by a quorum within {t:?}")));
+            }
         };
         let entry = self.state.read(|d| d.state.kv.get(key).cloned());
         Ok(ReadResponse { key: key.to_string(), entry, read_index: read.map(|l| l.index) })
@@ -576,7 +594,10 @@ impl Agent {
                 match r {
                     Ok(resp) if resp.me.id == self.id() => {}
                     Ok(resp) => {
-                        if resp.me.bootstrap_expect.is_some() && resp.me.bootstrap_expect != Some(expect) && !resp.me.initialized {
+                        if resp.me.bootstrap_expect.is_some()
+                            && resp.me.bootstrap_expect != Some(expect)
+                            && !resp.me.initialized
+                        {
                             errors.push(format!(
                                 "{} ({addr}) has bootstrap_expect {:?}, this node {expect}: give every node the same value",
                                 resp.me.name, resp.me.bootstrap_expect
@@ -584,7 +605,11 @@ impl Agent {
                         }
                         let mut known: BTreeSet<NodeId> = resp.known.iter().map(|c| c.id).collect();
                         known.insert(resp.me.id);
-                        let view = PeerView { addr: resp.me.api_addr.clone(), initialized: resp.me.initialized || resp.leader.is_some(), known };
+                        let view = PeerView {
+                            addr: resp.me.api_addr.clone(),
+                            initialized: resp.me.initialized || resp.leader.is_some(),
+                            known,
+                        };
                         d.insert(resp.me.id, (resp.me.clone(), Some(view)));
                         for c in resp.known {
                             if c.id != self.id() {
@@ -619,14 +644,19 @@ impl Agent {
             Formation::Settling { chosen } => {
                 self.set_progress(
                     Phase::Discovering,
-                    format!("{} candidates seen; waiting for the initial {} nodes to agree", views.len() + 1, chosen.len()),
+                    format!(
+                        "{} candidates seen; waiting for the initial {} nodes to agree",
+                        views.len() + 1,
+                        chosen.len()
+                    ),
                     last_error,
                 );
                 true
             }
             Formation::Join { via } => self.join_round(&[via]).await,
             Formation::Initialize { members } => {
-                let nodes: BTreeMap<NodeId, BasicNode> = members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+                let nodes: BTreeMap<NodeId, BasicNode> =
+                    members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
                 info!(
                     node_id = %hex_id(self.id()),
                     members = %members.keys().map(|i| hex_id(*i)).collect::<Vec<_>>().join(","),
@@ -658,10 +688,15 @@ impl Agent {
             match self.client.call::<_, JoinResponse>(addr, paths::JOIN, &req, t).await {
                 Ok(resp) => {
                     info!(node_id = %hex_id(self.id()), leader = %hex_id(resp.leader), via = %addr, "admitted to the cluster; catching up");
-                    self.set_progress(Phase::Joining, format!("admitted by leader {}; catching up", hex_id(resp.leader)), None);
+                    self.set_progress(
+                        Phase::Joining,
+                        format!("admitted by leader {}; catching up", hex_id(resp.leader)),
+                        None,
+                    );
                     // Wait (bounded) for the leader's first replication, then re-check.
                     let mut rx = self.raft.metrics();
-                    let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|m| m.last_log_index.is_some())).await;
+                    let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|m| m.last_log_index.is_some()))
+                        .await;
                     return true;
                 }
                 Err(e) => {
@@ -679,7 +714,9 @@ impl Agent {
     pub fn request_join(&self, addr: String) -> Result<(), ApiError> {
         let addr = crate::config::normalize_join_addr(&addr).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         if self.progress().phase == Phase::Member {
-            return Err(ApiError::Refused("this node is already a member of a cluster; run `clusteros leave` first".into()));
+            return Err(ApiError::Refused(
+                "this node is already a member of a cluster; run `clusteros leave` first".into(),
+            ));
         }
         let _ = std::fs::remove_file(self.left_marker());
         *self.join_targets.lock().expect("join lock") = vec![addr.clone()];
@@ -727,7 +764,9 @@ impl Agent {
                             warn!(node_id = %hex_id(self.id()), "registration refused: {reason}");
                             self.set_last_error(Some(reason));
                         }
-                        Ok(_) => info!(node_id = %hex_id(self.id()), name = %self.identity.name, "member record registered"),
+                        Ok(_) => {
+                            info!(node_id = %hex_id(self.id()), name = %self.identity.name, "member record registered")
+                        }
                         Err(e) => debug!("registration not yet possible: {e}"),
                     }
                 }
@@ -824,16 +863,25 @@ impl Agent {
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
-        let silent_for: BTreeMap<NodeId, Duration> =
-            voters.iter().chain(&learners).filter(|id| **id != self.id()).map(|id| (*id, self.silent_for(*id))).collect();
+        let silent_for: BTreeMap<NodeId, Duration> = voters
+            .iter()
+            .chain(&learners)
+            .filter(|id| **id != self.id())
+            .map(|id| (*id, self.silent_for(*id)))
+            .collect();
 
         // Health transitions, committed so every node shows them.
-        let recorded: Vec<(NodeId, Health)> = self.state.read(|d| d.state.members.values().map(|mm| (mm.spec.id, mm.health)).collect());
+        let recorded: Vec<(NodeId, Health)> =
+            self.state.read(|d| d.state.members.values().map(|mm| (mm.spec.id, mm.health)).collect());
         for (id, old) in recorded {
             if old == Health::Left {
                 continue;
             }
-            let new = if id == self.id() { Health::Alive } else { membership::classify(silent_for.get(&id).copied().unwrap_or(Duration::MAX), &self.cfg.health) };
+            let new = if id == self.id() {
+                Health::Alive
+            } else {
+                membership::classify(silent_for.get(&id).copied().unwrap_or(Duration::MAX), &self.cfg.health)
+            };
             if new != old {
                 info!(node_id = %hex_id(self.id()), peer = %hex_id(id), from = %old, to = %new, "member health changed");
                 self.local_write(Command::SetHealth { id, health: new, at_ms: crate::now_ms() }).await?;
@@ -845,7 +893,11 @@ impl Agent {
             voters: voters.clone(),
             learners,
             silent_for,
-            matched: m.replication.as_ref().map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect()).unwrap_or_default(),
+            matched: m
+                .replication
+                .as_ref()
+                .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index))).collect())
+                .unwrap_or_default(),
             last_log_index: m.last_log_index.unwrap_or(0),
             max_voters: self.cfg.max_voters,
             max_lag: self.cfg.raft.snapshot_after_logs.max(50),

@@ -86,16 +86,35 @@ pub struct KvEntry {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     /// Names the cluster. Only the first one applied takes effect.
-    InitCluster { cluster_id: String, at_ms: u64 },
+    InitCluster {
+        cluster_id: String,
+        at_ms: u64,
+    },
     /// Registers or updates a member's self-reported record.
-    UpsertMember { spec: MemberSpec, at_ms: u64 },
+    UpsertMember {
+        spec: MemberSpec,
+        at_ms: u64,
+    },
     /// Records a health transition observed by the leader.
-    SetHealth { id: NodeId, health: Health, at_ms: u64 },
-    KvPut { key: String, value: String },
-    KvDelete { key: String },
+    SetHealth {
+        id: NodeId,
+        health: Health,
+        at_ms: u64,
+    },
+    KvPut {
+        key: String,
+        value: String,
+    },
+    KvDelete {
+        key: String,
+    },
     /// Compare-and-swap: succeeds when the current value equals `expected` (None: key absent).
     /// `new = None` deletes the key.
-    KvCas { key: String, expected: Option<String>, new: Option<String> },
+    KvCas {
+        key: String,
+        expected: Option<String>,
+        new: Option<String>,
+    },
 }
 
 /// The result of applying one command.
@@ -107,10 +126,17 @@ pub enum Response {
     Empty,
     Ok,
     /// KV put/delete: the value before the write.
-    Kv { previous: Option<String> },
-    Cas { succeeded: bool, current: Option<String> },
+    Kv {
+        previous: Option<String>,
+    },
+    Cas {
+        succeeded: bool,
+        current: Option<String>,
+    },
     /// The command was valid Raft-wise but refused by the state machine; the state is unchanged.
-    Rejected { reason: String },
+    Rejected {
+        reason: String,
+    },
 }
 
 /// The replicated cluster state: the one source of truth.
@@ -211,10 +237,8 @@ impl ClusterState {
                 if let Err(reason) = validate_kv(key, Some(value)) {
                     return Response::Rejected { reason };
                 }
-                let previous = self
-                    .kv
-                    .insert(key.clone(), KvEntry { value: value.clone(), mod_index: index })
-                    .map(|e| e.value);
+                let previous =
+                    self.kv.insert(key.clone(), KvEntry { value: value.clone(), mod_index: index }).map(|e| e.value);
                 Response::Kv { previous }
             }
             Command::KvDelete { key } => {
@@ -335,10 +359,7 @@ mod tests {
     #[test]
     fn kv_put_delete_and_cas() {
         let mut s = ClusterState::default();
-        assert_eq!(
-            s.apply(1, &Command::KvPut { key: "a".into(), value: "1".into() }),
-            Response::Kv { previous: None }
-        );
+        assert_eq!(s.apply(1, &Command::KvPut { key: "a".into(), value: "1".into() }), Response::Kv { previous: None });
         assert_eq!(
             s.apply(2, &Command::KvPut { key: "a".into(), value: "2".into() }),
             Response::Kv { previous: Some("1".into()) }

@@ -178,7 +178,11 @@ fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
 /// The member table.
 pub fn render_members(r: &StatusReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:>4} {:>7}", "", "NAME", "ID", "ROLE", "HEALTH", "ADDRESS", "CPUS", "MEM_MB");
+    let _ = writeln!(
+        out,
+        "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:>4} {:>7}",
+        "", "NAME", "ID", "ROLE", "HEALTH", "ADDRESS", "CPUS", "MEM_MB"
+    );
     for m in &r.members {
         let mark = if m.is_leader { "*" } else { "" };
         let name = m.name.clone().unwrap_or_else(|| "(registering)".into()) + if m.is_self { " (this)" } else { "" };
@@ -218,7 +222,8 @@ pub fn render_raft(r: &StatusReport) -> String {
         opt(&raft.purged_index)
     );
     let _ = writeln!(out, "voters     {}", if raft.voters.is_empty() { "-".into() } else { raft.voters.join(", ") });
-    let _ = writeln!(out, "learners   {}", if raft.learners.is_empty() { "-".into() } else { raft.learners.join(", ") });
+    let _ =
+        writeln!(out, "learners   {}", if raft.learners.is_empty() { "-".into() } else { raft.learners.join(", ") });
     if !raft.replication.is_empty() {
         let _ = writeln!(out, "replication (from this leader):");
         for rep in &raft.replication {

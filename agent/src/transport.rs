@@ -80,10 +80,8 @@ impl PeerClient {
             .map_err(|e| PeerError::Unreachable { addr: addr.into(), message: error_chain(&e) })?;
         let status = resp.status().as_u16();
         let sig = resp.headers().get(HDR_AUTH).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| PeerError::Unreachable { addr: addr.into(), message: error_chain(&e) })?;
+        let bytes =
+            resp.bytes().await.map_err(|e| PeerError::Unreachable { addr: addr.into(), message: error_chain(&e) })?;
         if status == 401 {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)

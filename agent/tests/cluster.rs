@@ -1,4 +1,7 @@
 //! Host cluster tests: real agent processes on loopback, waiting on conditions.
+// Scenarios are serialized by a std mutex held for the whole test: each test has its own runtime,
+// so the guard never blocks a runtime that another holder needs.
+#![allow(clippy::await_holding_lock)]
 
 mod common;
 
@@ -209,7 +212,8 @@ async fn wrong_secret_is_refused_and_changes_nothing() {
     c.start_all();
     let leader = c.wait_converged(3, 0, FORM).await;
     let before = c.status(leader).await.unwrap();
-    let bad = c.add_node(Opts { bootstrap_expect: None, secret: "a-different-secret-9876543210".into(), ..Opts::default() });
+    let bad =
+        c.add_node(Opts { bootstrap_expect: None, secret: "a-different-secret-9876543210".into(), ..Opts::default() });
     c.start(bad);
     let s = wait_until(Duration::from_secs(30), "the bad node reports the secret mismatch", || async {
         let s = c.status(bad).await.ok()?;
@@ -292,12 +296,16 @@ async fn missing_secret_is_reported_by_status() {
     let mut c = Cluster::new(1, Opts::default());
     let cfg = c.nodes[0].dir.join("agent.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let text: String = text.lines().filter(|l| !l.starts_with("cluster_secret_file")).map(|l| format!("{l}\n")).collect();
+    let text: String =
+        text.lines().filter(|l| !l.starts_with("cluster_secret_file")).map(|l| format!("{l}\n")).collect();
     std::fs::write(&cfg, text).unwrap();
     c.start(0);
     let s = wait_until(Duration::from_secs(20), "status answers", || async { c.status(0).await.ok() }).await;
     assert!(!s.configured);
-    assert!(s.problems.iter().any(|p| p.contains("no cluster secret") && p.contains("clusteros.cluster-secret")), "{s:?}");
+    assert!(
+        s.problems.iter().any(|p| p.contains("no cluster secret") && p.contains("clusteros.cluster-secret")),
+        "{s:?}"
+    );
     match c.nodes[0].client().kv_put("k", "v").await {
         Err(ClientError::Api(b)) => assert_eq!(b.kind, "not_configured"),
         other => panic!("{other:?}"),
@@ -343,4 +351,58 @@ async fn leave_removes_the_node_and_join_brings_it_back() {
     let via = c.nodes[leader].addr.clone();
     c.nodes[n].client().join(&via).await.unwrap();
     c.wait_converged(3, 1, FORM).await;
+}
+
+/// A reinstalled machine (empty state directory, same name) gets a new node id and replaces its
+/// stale member entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reinstalled_node_replaces_its_stale_entry() {
+    let _g = serial();
+    let opts = Opts { suspect_after_ms: 1000, failed_after_ms: 2500, ..Opts::default() };
+    let mut c = Cluster::new(3, opts.clone());
+    c.start_all();
+    c.wait_converged(3, 0, FORM).await;
+    let n = c.add_node(Opts { bootstrap_expect: None, ..opts });
+    c.start(n);
+    let leader = c.wait_converged(3, 1, FORM).await;
+    let old_id = c.status(n).await.unwrap().node.id.unwrap();
+    c.kill(n);
+    std::fs::remove_dir_all(c.nodes[n].dir.join("state")).unwrap();
+    c.start(n);
+    let s = wait_until(FORM, "the reinstalled node replaced its old entry", || async {
+        let s = c.status(leader).await.ok()?;
+        let names: Vec<_> = s.members.iter().filter(|m| m.name.as_deref() == Some("node4")).collect();
+        (names.len() == 1 && names[0].id != old_id && !s.members.iter().any(|m| m.id == old_id)).then_some(s)
+    })
+    .await;
+    assert_eq!(s.members.len(), 4);
+    assert!(c.nodes[leader].log().contains("replacing stale member with the same name"));
+}
+
+/// A node removed while it was down notices when it comes back, and joins again as a new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_node_rejoins_with_a_new_identity() {
+    let _g = serial();
+    let opts = Opts { suspect_after_ms: 1000, failed_after_ms: 2500, remove_after_ms: 5000, ..Opts::default() };
+    let mut c = Cluster::new(4, Opts { bootstrap_expect: Some(3), ..opts });
+    c.start_all();
+    let leader = c.wait_converged(3, 1, FORM).await;
+    let victim = (0..4).find(|i| *i != leader).unwrap();
+    let victim_id = c.status(victim).await.unwrap().node.id.unwrap();
+    c.kill(victim);
+    wait_until(Duration::from_secs(60), "the dead node is removed", || async {
+        let s = c.status(leader).await.ok()?;
+        (s.members.len() == 3 && !s.members.iter().any(|m| m.id == victim_id)).then_some(())
+    })
+    .await;
+    c.start(victim);
+    let s = wait_until(Duration::from_secs(90), "the removed node rejoined as a new member", || async {
+        let s = c.status(victim).await.ok()?;
+        let id = s.node.id.clone()?;
+        (id != victim_id && s.members.len() == 4 && s.members.iter().any(|m| m.id == id && m.name.is_some()))
+            .then_some(s)
+    })
+    .await;
+    assert_eq!(s.raft.unwrap().voters.len(), 3);
+    assert!(c.nodes[victim].log().contains("joining again with a new identity"));
 }

@@ -17,6 +17,7 @@ use crate::transport::PeerError;
 
 /// Peer API paths.
 pub mod paths {
+    /// Raft paths are followed by `/{target node id}`.
     pub const RAFT_APPEND: &str = "/peer/v1/raft/append";
     pub const RAFT_VOTE: &str = "/peer/v1/raft/vote";
     pub const RAFT_SNAPSHOT: &str = "/peer/v1/raft/snapshot";
@@ -142,6 +143,8 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
+    WrongNode(String),
+    #[error("{0}")]
     Peer(#[from] PeerError),
     #[error("{0}")]
     Timeout(String),
@@ -158,6 +161,7 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Refused(_) => "refused",
             ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::WrongNode(_) => "wrong_node",
             ApiError::Peer(_) => "peer",
             ApiError::Timeout(_) => "timeout",
             ApiError::Internal(_) => "internal",
@@ -171,6 +175,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Refused(_) => StatusCode::CONFLICT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::WrongNode(_) => StatusCode::MISDIRECTED_REQUEST,
             ApiError::Peer(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

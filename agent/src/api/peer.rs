@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, to_bytes};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +23,7 @@ use super::{
 };
 use crate::auth::{AuthError, ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, RequestAuth};
 use crate::raft::{Snapshot, TypeConfig};
-use crate::runtime::Agent;
+use crate::runtime::{Agent, hex_id};
 use crate::state::{NodeId, Response as CmdResponse};
 
 /// Largest accepted peer request (snapshots and log batches included).
@@ -35,11 +35,7 @@ struct AuthState {
 }
 
 fn header(req: &Request, name: &'static str) -> Result<String, AuthError> {
-    req.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .ok_or(AuthError::Missing(name))
+    req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string).ok_or(AuthError::Missing(name))
 }
 
 async fn authenticate(State(auth): State<Arc<AuthState>>, req: Request, next: Next) -> Response {
@@ -80,20 +76,42 @@ async fn authenticate(State(auth): State<Arc<AuthState>>, req: Request, next: Ne
 
 type Shared = State<Arc<Agent>>;
 
+/// Raft RPCs name their target node; a node refuses RPCs meant for another id (the machine was
+/// reinstalled, or the address now belongs to another node).
+fn check_target(a: &Agent, target: &str) -> Result<(), ApiError> {
+    let me = hex_id(a.id());
+    if target != me {
+        return Err(ApiError::WrongNode(format!("this address now belongs to node {me}, not {target}")));
+    }
+    Ok(())
+}
+
 async fn append(
     State(a): Shared,
+    Path(target): Path<String>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>> {
-    Json(a.raft.append_entries(req).await)
+) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    check_target(&a, &target)?;
+    Ok(Json(a.raft.append_entries(req).await))
 }
 
-async fn vote(State(a): Shared, Json(req): Json<VoteRequest<NodeId>>) -> Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>> {
-    Json(a.raft.vote(req).await)
+async fn vote(
+    State(a): Shared,
+    Path(target): Path<String>,
+    Json(req): Json<VoteRequest<NodeId>>,
+) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
+    check_target(&a, &target)?;
+    Ok(Json(a.raft.vote(req).await))
 }
 
-async fn snapshot(State(a): Shared, Json(req): Json<SnapshotRequest>) -> Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>> {
+async fn snapshot(
+    State(a): Shared,
+    Path(target): Path<String>,
+    Json(req): Json<SnapshotRequest>,
+) -> Result<Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>, ApiError> {
+    check_target(&a, &target)?;
     let snap = Snapshot { meta: req.meta, snapshot: Box::new(req.data.into_bytes()) };
-    Json(a.raft.install_full_snapshot(req.vote, snap).await)
+    Ok(Json(a.raft.install_full_snapshot(req.vote, snap).await))
 }
 
 async fn hello(State(a): Shared, Json(req): Json<HelloRequest>) -> Json<HelloResponse> {
@@ -122,9 +140,9 @@ async fn read(State(a): Shared, Json(req): Json<ReadRequest>) -> Result<Json<Rea
 pub fn router(agent: Arc<Agent>) -> Router {
     let auth = Arc::new(AuthState { key: agent.key.clone(), guard: ReplayGuard::default() });
     Router::new()
-        .route(paths::RAFT_APPEND, post(append))
-        .route(paths::RAFT_VOTE, post(vote))
-        .route(paths::RAFT_SNAPSHOT, post(snapshot))
+        .route(&format!("{}/{{target}}", paths::RAFT_APPEND), post(append))
+        .route(&format!("{}/{{target}}", paths::RAFT_VOTE), post(vote))
+        .route(&format!("{}/{{target}}", paths::RAFT_SNAPSHOT), post(snapshot))
         .route(paths::HELLO, post(hello))
         .route(paths::JOIN, post(join))
         .route(paths::LEAVE, post(leave))

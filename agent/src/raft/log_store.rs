@@ -71,7 +71,12 @@ impl LogStore {
         }
     }
 
-    async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T, durable: bool) -> Result<(), StorageIOError<u64>> {
+    async fn put_meta<T: Serialize>(
+        &self,
+        key: &'static str,
+        value: &T,
+        durable: bool,
+    ) -> Result<(), StorageIOError<u64>> {
         let bytes = serde_json::to_vec(value).map_err(io_err)?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use openraft::BasicNode;
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
     Unreachable,
@@ -15,7 +16,6 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, SnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
 
 use super::{Snapshot, TypeConfig, Vote};
 use crate::api::{SnapshotRequest, paths};
@@ -76,18 +76,27 @@ impl PeerConnection {
         Resp: serde::de::DeserializeOwned,
         E: std::error::Error + serde::de::DeserializeOwned,
     {
+        // The target id is part of the (signed) path: a node that now holds another id at this
+        // address (a reinstalled machine) refuses the RPC instead of acting as the old node.
+        let path = format!("{path}/{}", crate::runtime::hex_id(self.target));
         let r: Result<Resp, RaftError<NodeId, E>> =
-            self.net.client.call(&self.addr, path, req, timeout).await.map_err(to_rpc_error)?;
+            self.net.client.call(&self.addr, &path, req, timeout).await.map_err(to_rpc_error)?;
         self.net.contacts.record(self.target);
         r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
 
-fn to_rpc_error<E: std::error::Error>(e: PeerError) -> RPCError<NodeId, BasicNode, E> {
+/// Whether the target is, for Raft, not there: down, silent, or replaced by another node id.
+fn unreachable(e: &PeerError) -> bool {
     match e {
-        PeerError::Unreachable { .. } | PeerError::Timeout { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-        _ => RPCError::Network(NetworkError::new(&e)),
+        PeerError::Unreachable { .. } | PeerError::Timeout { .. } => true,
+        PeerError::Remote { kind, .. } => kind == "wrong_node",
+        _ => false,
     }
+}
+
+fn to_rpc_error<E: std::error::Error>(e: PeerError) -> RPCError<NodeId, BasicNode, E> {
+    if unreachable(&e) { RPCError::Unreachable(Unreachable::new(&e)) } else { RPCError::Network(NetworkError::new(&e)) }
 }
 
 impl RaftNetwork<TypeConfig> for PeerConnection {
@@ -107,7 +116,9 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
     {
         // With `generic-snapshot-data` openraft sends snapshots through `full_snapshot` only.
-        Err(RPCError::Network(NetworkError::new(&Msg("chunked snapshot transfer is not used; full_snapshot is".into()))))
+        Err(RPCError::Network(NetworkError::new(
+            &Msg("chunked snapshot transfer is not used; full_snapshot is".into()),
+        )))
     }
 
     async fn vote(
@@ -129,9 +140,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let data = String::from_utf8(*snapshot.snapshot)
             .map_err(|e| StreamingError::Network(NetworkError::new(&Msg(format!("snapshot is not UTF-8: {e}")))))?;
         let req = SnapshotRequest { vote, meta: snapshot.meta, data };
+        let path = format!("{}/{}", paths::RAFT_SNAPSHOT, crate::runtime::hex_id(self.target));
         let call = self.net.client.call::<_, Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
             &self.addr,
-            paths::RAFT_SNAPSHOT,
+            &path,
             &req,
             self.net.snapshot_timeout,
         );
@@ -139,9 +151,12 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
             r = call => r,
             closed = cancel => return Err(StreamingError::Closed(closed)),
         };
-        let r = r.map_err(|e| match e {
-            PeerError::Unreachable { .. } | PeerError::Timeout { .. } => StreamingError::Unreachable(Unreachable::new(&e)),
-            _ => StreamingError::Network(NetworkError::new(&e)),
+        let r = r.map_err(|e| {
+            if unreachable(&e) {
+                StreamingError::Unreachable(Unreachable::new(&e))
+            } else {
+                StreamingError::Network(NetworkError::new(&e))
+            }
         })?;
         self.net.contacts.record(self.target);
         r.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))

@@ -113,7 +113,8 @@ impl StateMachineStore {
     }
 
     async fn persist(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
-        let text = String::from_utf8(data.to_vec()).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let text =
+            String::from_utf8(data.to_vec()).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let bytes = serde_json::to_vec(&StoredSnapshot { meta: meta.clone(), data: text })
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let path = self.dir.join(SNAPSHOT_FILE);
@@ -187,8 +188,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Vec<u8>>) -> Result<(), StorageError> {
-        let data: SmData = serde_json::from_slice(&snapshot)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
+        let data: SmData =
+            serde_json::from_slice(&snapshot).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), &e))?;
         if data.last_applied != meta.last_log_id {
             return Err(StorageIOError::read_snapshot(
                 Some(meta.signature()),

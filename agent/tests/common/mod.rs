@@ -233,40 +233,44 @@ impl Cluster {
     /// and has applied the leader's log. Returns the leader's node index.
     pub async fn wait_converged(&self, voters: usize, learners: usize, timeout: Duration) -> usize {
         let running = self.running();
-        wait_until(timeout, &format!("{} running nodes agree on a leader with {voters} voters and {learners} learners", running.len()), || async {
-            let mut leader = None;
-            let mut leader_last = None;
-            let mut applied = Vec::new();
-            for &i in &running {
-                let s = self.status(i).await.ok()?;
-                let raft = s.raft?;
-                if raft.voters.len() != voters || raft.learners.len() != learners {
+        wait_until(
+            timeout,
+            &format!("{} running nodes agree on a leader with {voters} voters and {learners} learners", running.len()),
+            || async {
+                let mut leader = None;
+                let mut leader_last = None;
+                let mut applied = Vec::new();
+                for &i in &running {
+                    let s = self.status(i).await.ok()?;
+                    let raft = s.raft?;
+                    if raft.voters.len() != voters || raft.learners.len() != learners {
+                        return None;
+                    }
+                    let l = raft.leader_id.clone()?;
+                    if *leader.get_or_insert(l.clone()) != l {
+                        return None;
+                    }
+                    if raft.state == "leader" {
+                        leader_last = raft.last_log_index;
+                    }
+                    applied.push(raft.applied_index);
+                    if s.members.len() != voters + learners || s.members.iter().any(|m| m.name.is_none()) {
+                        return None;
+                    }
+                }
+                let last = leader_last?;
+                if applied.iter().any(|a| *a != Some(last)) {
                     return None;
                 }
-                let l = raft.leader_id.clone()?;
-                if *leader.get_or_insert(l.clone()) != l {
-                    return None;
+                let leader = leader?;
+                for &i in &running {
+                    if self.status(i).await.ok()?.node.id.as_deref() == Some(leader.as_str()) {
+                        return Some(i);
+                    }
                 }
-                if raft.state == "leader" {
-                    leader_last = raft.last_log_index;
-                }
-                applied.push(raft.applied_index);
-                if s.members.len() != voters + learners || s.members.iter().any(|m| m.name.is_none()) {
-                    return None;
-                }
-            }
-            let last = leader_last?;
-            if applied.iter().any(|a| *a != Some(last)) {
-                return None;
-            }
-            let leader = leader?;
-            for &i in &running {
-                if self.status(i).await.ok()?.node.id.as_deref() == Some(leader.as_str()) {
-                    return Some(i);
-                }
-            }
-            None
-        })
+                None
+            },
+        )
         .await
     }
 
@@ -289,7 +293,13 @@ impl Cluster {
             let log = n.log();
             let lines: Vec<&str> = log.lines().collect();
             let from = lines.len().saturating_sub(300);
-            eprintln!("===== {} ({}) log: {} (last {} lines) =====", n.name, n.addr, n.log_path().display(), lines.len() - from);
+            eprintln!(
+                "===== {} ({}) log: {} (last {} lines) =====",
+                n.name,
+                n.addr,
+                n.log_path().display(),
+                lines.len() - from
+            );
             for l in &lines[from..] {
                 eprintln!("{l}");
             }
