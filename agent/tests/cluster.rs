@@ -406,3 +406,28 @@ async fn removed_node_rejoins_with_a_new_identity() {
     assert_eq!(s.raft.unwrap().voters.len(), 3);
     assert!(c.nodes[victim].log().contains("joining again with a new identity"));
 }
+
+/// Before the cluster forms, a write says what the node is waiting for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_before_formation_says_what_is_missing() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start(0);
+    c.start(1);
+    wait_until(Duration::from_secs(20), "two nodes see each other", || async {
+        let s = c.status(0).await.ok()?;
+        s.phase_detail.as_deref().is_some_and(|d| d.contains("2 of 3 expected nodes seen")).then_some(())
+    })
+    .await;
+    match c.nodes[0].client().kv_put("early", "write").await {
+        Err(ClientError::Api(b)) => {
+            assert_eq!(b.kind, "no_leader", "{b:?}");
+            assert!(b.error.contains("no leader yet: 2 of 3 expected nodes seen"), "{b:?}");
+        }
+        other => panic!("a write without a cluster succeeded: {other:?}"),
+    }
+    // The third node completes the cluster, and the same write now succeeds.
+    c.start(2);
+    c.wait_converged(3, 0, FORM).await;
+    c.nodes[0].client().kv_put("early", "write").await.unwrap();
+}
