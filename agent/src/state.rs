@@ -6,6 +6,7 @@
 //! member list can never disagree with Raft: a member record exists only for a node that Raft knows.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
@@ -67,6 +68,9 @@ pub struct MemberSpec {
 pub struct Member {
     #[serde(flatten)]
     pub spec: MemberSpec,
+    /// Address on the WireGuard mesh, allocated by the leader.
+    #[serde(default)]
+    pub mesh_ip: Option<Ipv4Addr>,
     pub health: Health,
     /// Leader's wall clock (ms since the epoch) when `health` last changed.
     pub health_since_ms: u64,
@@ -79,6 +83,35 @@ pub struct KvEntry {
     pub value: String,
     /// Raft log index of the write that last changed this key.
     pub mod_index: u64,
+}
+
+/// Who holds which service role. Chosen by the leader's role scheduler.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+pub struct RoleAssignments {
+    pub slurm_controller: Option<NodeId>,
+    pub slurm_backup: Option<NodeId>,
+    pub slurm_workers: BTreeSet<NodeId>,
+    pub k3s_server: Option<NodeId>,
+    pub k3s_agents: BTreeSet<NodeId>,
+}
+
+/// A cluster secret (MUNGE key, k3s token, ...). The value never appears in status output or logs.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct SecretEntry {
+    /// Base64 of the secret bytes.
+    pub value: String,
+    /// Starts at 1, +1 on every change (rotation).
+    pub version: u64,
+    pub changed_at_ms: u64,
+}
+
+impl std::fmt::Debug for SecretEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretEntry")
+            .field("version", &self.version)
+            .field("changed_at_ms", &self.changed_at_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A command replicated through Raft.
@@ -99,6 +132,21 @@ pub enum Command {
     SetHealth {
         id: NodeId,
         health: Health,
+        at_ms: u64,
+    },
+    /// Gives a member its mesh address (refused if another member has it).
+    AssignMeshIp {
+        id: NodeId,
+        ip: Ipv4Addr,
+    },
+    /// Replaces the role assignments (members that are not in the cluster are refused).
+    SetRoles {
+        roles: RoleAssignments,
+    },
+    /// Sets or rotates a secret; its version goes up by one.
+    SetSecret {
+        name: String,
+        value: String,
         at_ms: u64,
     },
     KvPut {
@@ -149,6 +197,10 @@ pub struct ClusterState {
     /// Learners of the last applied membership.
     pub learners: BTreeSet<NodeId>,
     pub members: BTreeMap<NodeId, Member>,
+    #[serde(default)]
+    pub roles: RoleAssignments,
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretEntry>,
     pub kv: BTreeMap<String, KvEntry>,
 }
 
@@ -180,7 +232,16 @@ impl ClusterState {
         self.voters = voters;
         self.learners = learners;
         let (voters, learners) = (&self.voters, &self.learners);
-        self.members.retain(|id, _| voters.contains(id) || learners.contains(id));
+        let known = |id: &NodeId| voters.contains(id) || learners.contains(id);
+        self.members.retain(|id, _| known(id));
+        let r = &mut self.roles;
+        for holder in [&mut r.slurm_controller, &mut r.slurm_backup, &mut r.k3s_server] {
+            if holder.is_some_and(|id| !known(&id)) {
+                *holder = None;
+            }
+        }
+        r.slurm_workers.retain(|id| known(id));
+        r.k3s_agents.retain(|id| known(id));
     }
 
     /// Applies one command at log index `index`. Pure: no I/O, no clock.
@@ -214,6 +275,7 @@ impl ClusterState {
                             spec.id,
                             Member {
                                 spec: spec.clone(),
+                                mesh_ip: None,
                                 health: Health::Alive,
                                 health_since_ms: *at_ms,
                                 registered_at_ms: *at_ms,
@@ -233,6 +295,37 @@ impl ClusterState {
                 }
                 None => Response::Rejected { reason: format!("no member {id:016x}") },
             },
+            Command::AssignMeshIp { id, ip } => {
+                if let Some(other) = self.members.values().find(|m| m.mesh_ip == Some(*ip) && m.spec.id != *id) {
+                    return Response::Rejected {
+                        reason: format!("mesh address {ip} is already used by {:016x}", other.spec.id),
+                    };
+                }
+                match self.members.get_mut(id) {
+                    Some(m) => {
+                        m.mesh_ip = Some(*ip);
+                        Response::Ok
+                    }
+                    None => Response::Rejected { reason: format!("no member {id:016x}") },
+                }
+            }
+            Command::SetRoles { roles } => {
+                let holders = [roles.slurm_controller, roles.slurm_backup, roles.k3s_server];
+                let all = holders.iter().flatten().chain(&roles.slurm_workers).chain(&roles.k3s_agents);
+                if let Some(id) = all.into_iter().find(|id| !self.members.contains_key(id)) {
+                    return Response::Rejected { reason: format!("role holder {id:016x} is not a member") };
+                }
+                self.roles = roles.clone();
+                Response::Ok
+            }
+            Command::SetSecret { name, value, at_ms } => {
+                if name.is_empty() || value.is_empty() {
+                    return Response::Rejected { reason: "secret name and value must not be empty".into() };
+                }
+                let version = self.secrets.get(name).map_or(1, |s| s.version + 1);
+                self.secrets.insert(name.clone(), SecretEntry { value: value.clone(), version, changed_at_ms: *at_ms });
+                Response::Ok
+            }
             Command::KvPut { key, value } => {
                 if let Err(reason) = validate_kv(key, Some(value)) {
                     return Response::Rejected { reason };
@@ -403,6 +496,56 @@ mod tests {
         let r = s.apply(2, &Command::KvPut { key: "k".into(), value: big });
         assert!(matches!(r, Response::Rejected { .. }));
         assert!(s.kv.is_empty());
+    }
+
+    #[test]
+    fn mesh_addresses_are_unique() {
+        let mut s = state_with(&[1, 2], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 0 });
+        s.apply(2, &Command::UpsertMember { spec: spec(2, "n2"), at_ms: 0 });
+        let ip: Ipv4Addr = "10.90.0.1".parse().unwrap();
+        assert_eq!(s.apply(3, &Command::AssignMeshIp { id: 1, ip }), Response::Ok);
+        let r = s.apply(4, &Command::AssignMeshIp { id: 2, ip });
+        assert!(matches!(r, Response::Rejected { .. }), "{r:?}");
+        assert_eq!(s.members[&2].mesh_ip, None);
+        // Re-assigning a member its own address is fine.
+        assert_eq!(s.apply(5, &Command::AssignMeshIp { id: 1, ip }), Response::Ok);
+    }
+
+    #[test]
+    fn roles_name_members_only_and_follow_membership() {
+        let mut s = state_with(&[1, 2, 3], &[]);
+        for id in 1..=3 {
+            s.apply(id, &Command::UpsertMember { spec: spec(id, &format!("n{id}")), at_ms: 0 });
+        }
+        let roles = RoleAssignments {
+            slurm_controller: Some(1),
+            slurm_backup: Some(2),
+            slurm_workers: [1, 2, 3].into(),
+            k3s_server: Some(3),
+            k3s_agents: [1, 2].into(),
+        };
+        assert_eq!(s.apply(4, &Command::SetRoles { roles: roles.clone() }), Response::Ok);
+        let bad = RoleAssignments { slurm_controller: Some(9), ..roles.clone() };
+        assert!(matches!(s.apply(5, &Command::SetRoles { roles: bad }), Response::Rejected { .. }));
+        assert_eq!(s.roles, roles);
+        // Node 2 leaves Raft: it loses every role.
+        s.apply_membership([1, 3].into(), BTreeSet::new());
+        assert_eq!(s.roles.slurm_backup, None);
+        assert_eq!(s.roles.slurm_workers, [1, 3].into());
+        assert_eq!(s.roles.k3s_agents, [1].into());
+        assert_eq!(s.roles.slurm_controller, Some(1));
+    }
+
+    #[test]
+    fn secrets_are_versioned_and_hidden_from_debug() {
+        let mut s = ClusterState::default();
+        s.apply(1, &Command::SetSecret { name: "munge".into(), value: "c2VjcmV0".into(), at_ms: 1 });
+        s.apply(2, &Command::SetSecret { name: "munge".into(), value: "b3RoZXI=".into(), at_ms: 2 });
+        assert_eq!(s.secrets["munge"].version, 2);
+        assert!(!format!("{s:?}").contains("b3RoZXI="), "secret value in Debug output");
+        let r = s.apply(3, &Command::SetSecret { name: "x".into(), value: String::new(), at_ms: 3 });
+        assert!(matches!(r, Response::Rejected { .. }));
     }
 
     #[test]
