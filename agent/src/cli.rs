@@ -38,9 +38,14 @@ pub enum Command {
     Members,
     /// Raft details: voters, learners, indexes, replication lag.
     Raft,
+    /// Who holds which role (SLURM controller, backup, workers, k3s) and this node's services.
+    Roles,
     /// The cluster's key-value store.
     #[command(subcommand)]
     Kv(KvCommand),
+    /// Cluster secrets (MUNGE key, k3s token).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
     /// Join the cluster that ADDR (HOST[:PORT] of any member) belongs to.
     Join { addr: String },
     /// Leave the cluster gracefully.
@@ -73,6 +78,12 @@ pub enum KvCommand {
         #[arg(long)]
         delete: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SecretsCommand {
+    /// Replace a secret with a new random value on every node (munge, k3s-token).
+    Rotate { name: String },
 }
 
 #[derive(Args, Debug, Default)]
@@ -177,7 +188,23 @@ pub async fn run(cli: Cli, socket_given: bool) -> ExitCode {
             }
             ExitCode::SUCCESS
         }),
+        Command::Roles => client.status().await.map(|r| {
+            if json {
+                print_json(&serde_json::json!({ "roles": r.roles, "services": r.services }));
+            } else {
+                print!("{}", status::render_roles(&r));
+            }
+            ExitCode::SUCCESS
+        }),
         Command::Kv(kv) => run_kv(&client, kv, json).await,
+        Command::Secrets(SecretsCommand::Rotate { name }) => client.rotate_secret(&name).await.map(|r| {
+            if json {
+                print_json(&r);
+            } else {
+                println!("{} rotated: now version {}; every node applies it", r.name, r.version);
+            }
+            ExitCode::SUCCESS
+        }),
         Command::Join { addr } => client.join(&addr).await.map(|_| {
             if json {
                 print_json(&serde_json::json!({ "joining": addr }));

@@ -102,6 +102,10 @@ impl LocalClient {
         self.post("/v1/kv/cas", &CasBody { key: key.into(), expected, new }).await
     }
 
+    pub async fn rotate_secret(&self, name: &str) -> Result<crate::api::RotateResponse, ClientError> {
+        self.post("/v1/secrets/rotate", &crate::api::RotateBody { name: name.into() }).await
+    }
+
     pub async fn join(&self, addr: &str) -> Result<Empty, ClientError> {
         self.post("/v1/join", &JoinBody { addr: addr.into() }).await
     }

@@ -120,6 +120,8 @@ pub struct FileConfig {
     pub max_voters: Option<usize>,
     pub cluster_secret: Option<String>,
     pub cluster_secret_file: Option<PathBuf>,
+    pub mesh_cidr: Option<String>,
+    pub manage_services: Option<ServiceMode>,
     #[serde(default)]
     pub raft: RaftTuning,
     #[serde(default)]
@@ -154,8 +156,37 @@ pub struct Config {
     pub max_voters: usize,
     /// `None`: the agent runs, but refuses to form or join a cluster and says how to provide one.
     pub cluster_secret: Option<String>,
+    /// The WireGuard mesh network (address, prefix length).
+    pub mesh_cidr: (std::net::Ipv4Addr, u8),
+    pub manage_services: ServiceMode,
     pub raft: RaftTuning,
     pub health: HealthTuning,
+}
+
+/// Whether the agent drives node services (munge, slurm, k3s) and the WireGuard mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// When systemd runs as PID 1 (`/run/systemd/system` exists).
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// Parses `A.B.C.D/N` for the mesh network (a private IPv4 network with room for nodes).
+pub fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), ConfigError> {
+    let bad = |m: &str| invalid("mesh_cidr", format!("{s:?}: {m}; example: 10.90.0.0/16"));
+    let (ip, len) = s.split_once('/').ok_or_else(|| bad("missing /PREFIX"))?;
+    let ip: std::net::Ipv4Addr = ip.parse().map_err(|_| bad("not an IPv4 address"))?;
+    let len: u8 = len.parse().map_err(|_| bad("prefix is not a number"))?;
+    if !(8..=28).contains(&len) {
+        return Err(bad("prefix must be between 8 and 28"));
+    }
+    if !ip.is_private() {
+        return Err(bad("use a private network (10/8, 172.16/12, 192.168/16)"));
+    }
+    Ok((ip, len))
 }
 
 impl Config {
@@ -247,6 +278,8 @@ impl Config {
         if raft.rpc_timeout_ms == 0 || raft.snapshot_timeout_ms == 0 {
             return Err(invalid("raft.rpc_timeout_ms", "RPC timeouts must be positive"));
         }
+        let mesh_cidr = parse_cidr(file.mesh_cidr.as_deref().unwrap_or("10.90.0.0/16"))?;
+        let manage_services = file.manage_services.unwrap_or_default();
         let health = file.health;
         if !(health.suspect_after_ms < health.failed_after_ms && health.failed_after_ms <= health.remove_after_ms) {
             return Err(invalid(
@@ -264,6 +297,8 @@ impl Config {
             bootstrap_expect,
             max_voters,
             cluster_secret,
+            mesh_cidr,
+            manage_services,
             raft,
             health,
         })
@@ -439,6 +474,9 @@ mod tests {
             ("advertise_addr = \"0.0.0.0:7600\"\n", "advertise_addr"),
             ("join = [\"a:b:c\"]\n", "join"),
             ("node_name = \"bad name\"\n", "node_name"),
+            ("mesh_cidr = \"8.8.0.0/16\"\n", "mesh_cidr"),
+            ("mesh_cidr = \"10.0.0.0/30\"\n", "mesh_cidr"),
+            ("manage_services = \"maybe\"\n", "manage_services"),
             ("[raft]\nheartbeat_ms = 1000\nelection_timeout_min_ms = 1500\n", "raft.election_timeout_min_ms"),
             ("[health]\nsuspect_after_ms = 9000\nfailed_after_ms = 1000\n", "health"),
         ] {

@@ -20,8 +20,11 @@ pub mod raft;
 pub mod render;
 pub mod roles;
 pub mod runtime;
+pub mod secrets;
+pub mod services;
 pub mod state;
 pub mod status;
+pub mod systemd;
 pub mod transport;
 
 /// Wall-clock milliseconds since the Unix epoch.

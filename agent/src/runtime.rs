@@ -98,6 +98,9 @@ pub struct Agent {
     pub contacts: ContactTracker,
     pub facts: NodeFacts,
     pub key: ClusterKey,
+    pub secret_box: crate::secrets::SecretBox,
+    /// The last services reconcile, for status.
+    pub services: Mutex<Option<crate::services::ServiceReport>>,
     progress: Mutex<Progress>,
     /// Candidates heard from directly during discovery, with what they reported.
     discovered: Mutex<BTreeMap<NodeId, (Candidate, Option<PeerView>)>>,
@@ -229,6 +232,8 @@ impl Agent {
             contacts,
             facts: read_facts(),
             key,
+            secret_box: crate::secrets::SecretBox::new(secret),
+            services: Mutex::new(None),
             progress: Mutex::new(Progress { phase: Phase::Discovering, detail: "starting".into(), last_error: None }),
             discovered: Mutex::new(BTreeMap::new()),
             join_targets: Mutex::new(join_targets),
@@ -860,6 +865,9 @@ impl Agent {
             let cluster_id = format!("{:016x}", crate::identity::new_node_id());
             self.local_write(Command::InitCluster { cluster_id, at_ms: crate::now_ms() }).await?;
         }
+        self.ensure_secrets().await?;
+        self.ensure_mesh_addresses().await?;
+        self.ensure_roles().await?;
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
@@ -915,6 +923,136 @@ impl Agent {
                 self.change_membership(ChangeMembers::ReplaceAllVoters(next), true).await
             }
             MembershipAction::Remove { id } => self.remove_member(id).await,
+        }
+    }
+}
+
+impl Agent {
+    /// Leader: creates the cluster's secrets once (from the OS random source).
+    async fn ensure_secrets(&self) -> Result<(), ApiError> {
+        for name in crate::secrets::MANAGED {
+            if self.state.read(|d| d.state.secrets.contains_key(*name)) {
+                continue;
+            }
+            self.set_secret(name).await?;
+            info!(node_id = %hex_id(self.id()), secret = %name, "generated cluster secret");
+        }
+        Ok(())
+    }
+
+    /// Generates a new value for a managed secret, sealed on this node, and commits it. Returns
+    /// the new version.
+    pub async fn set_secret(&self, name: &str) -> Result<u64, ApiError> {
+        let plain = crate::secrets::generate(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let value = self.secret_box.seal(name, &plain);
+        match self.write(Command::SetSecret { name: name.into(), value, at_ms: crate::now_ms() }).await? {
+            Response::Rejected { reason } => Err(ApiError::Refused(reason)),
+            _ => Ok(self.state.read(|d| d.state.secrets.get(name).map_or(0, |s| s.version))),
+        }
+    }
+
+    /// Leader: gives every member without one a mesh address.
+    async fn ensure_mesh_addresses(&self) -> Result<(), ApiError> {
+        let (net, prefix) = self.cfg.mesh_cidr;
+        let (missing, used) = self.state.read(|d| {
+            let missing: Vec<NodeId> =
+                d.state.members.values().filter(|m| m.mesh_ip.is_none()).map(|m| m.spec.id).collect();
+            let used: BTreeSet<std::net::Ipv4Addr> = d.state.members.values().filter_map(|m| m.mesh_ip).collect();
+            (missing, used)
+        });
+        let mut used = used;
+        for id in missing {
+            let Some(ip) = crate::mesh::allocate_mesh_ip(net, prefix, &used) else {
+                warn!(node_id = %hex_id(self.id()), "mesh network {net}/{prefix} is full; set a larger mesh_cidr");
+                return Ok(());
+            };
+            used.insert(ip);
+            self.local_write(Command::AssignMeshIp { id, ip }).await?;
+            info!(node_id = %hex_id(self.id()), peer = %hex_id(id), mesh_ip = %ip, "assigned mesh address");
+        }
+        Ok(())
+    }
+
+    /// Leader: runs the role scheduler and commits a change of holders.
+    async fn ensure_roles(&self) -> Result<(), ApiError> {
+        let (members, current) = self.state.read(|d| (d.state.members.clone(), d.state.roles.clone()));
+        let next = crate::roles::schedule(&members, &current);
+        if next != current {
+            info!(
+                node_id = %hex_id(self.id()),
+                slurm_controller = ?next.slurm_controller.map(hex_id),
+                slurm_backup = ?next.slurm_backup.map(hex_id),
+                k3s_server = ?next.k3s_server.map(hex_id),
+                "role assignments changed"
+            );
+            self.local_write(Command::SetRoles { roles: next }).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether this agent drives node services.
+    pub fn manages_services(&self) -> bool {
+        match self.cfg.manage_services {
+            crate::config::ServiceMode::On => true,
+            crate::config::ServiceMode::Off => false,
+            crate::config::ServiceMode::Auto => Path::new("/run/systemd/system").exists(),
+        }
+    }
+
+    /// Keeps node services matching the replicated state, on every state change and every 15 s.
+    pub async fn run_services(self: Arc<Self>) {
+        use crate::services::{PlanInputs, Reconciler, ServiceReport, plan};
+        if !self.manages_services() {
+            return;
+        }
+        let mut end = self.end_signal();
+        let mut changes = self.state.subscribe();
+        let mut reconciler = None;
+        loop {
+            if end.borrow().is_some() {
+                return;
+            }
+            if reconciler.is_none() {
+                match crate::systemd::DbusSystemd::connect(Duration::from_secs(90)).await {
+                    Ok(s) => reconciler = Some(Reconciler { systemd: s, root: PathBuf::from("/") }),
+                    Err(e) => {
+                        warn!(node_id = %hex_id(self.id()), "services: {e}");
+                        *self.services.lock().expect("services lock") =
+                            Some(ServiceReport { error: Some(e.to_string()), ..Default::default() });
+                    }
+                }
+            }
+            if let Some(r) = &reconciler {
+                let state = self.state.read(|d| d.state.clone());
+                let open = |name: &str| {
+                    state.secrets.get(name).and_then(|s| match self.secret_box.open(name, &s.value) {
+                        Ok(v) => Some(v),
+                        Err(e) => {
+                            warn!(node_id = %hex_id(self.id()), "{e}");
+                            None
+                        }
+                    })
+                };
+                let munge = open(crate::secrets::MUNGE_KEY);
+                let token = open(crate::secrets::K3S_TOKEN).and_then(|t| String::from_utf8(t).ok());
+                let p = plan(&PlanInputs {
+                    me: self.id(),
+                    state: &state,
+                    munge_key: munge.as_deref(),
+                    k3s_token: token.as_deref(),
+                    k3s_installed: Path::new(crate::services::K3S_BINARY).exists(),
+                });
+                let report = r.apply(&p).await;
+                if let Some(e) = &report.error {
+                    warn!(node_id = %hex_id(self.id()), "services: {e}");
+                }
+                *self.services.lock().expect("services lock") = Some(report);
+            }
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+                _ = end.changed() => {}
+            }
         }
     }
 }

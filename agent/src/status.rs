@@ -48,6 +48,7 @@ pub struct MemberReport {
     pub id: String,
     pub name: Option<String>,
     pub api_addr: String,
+    pub mesh_ip: Option<std::net::Ipv4Addr>,
     /// voter or learner.
     pub role: String,
     pub health: Option<Health>,
@@ -56,6 +57,24 @@ pub struct MemberReport {
     pub memory_mb: Option<u64>,
     pub is_leader: bool,
     pub is_self: bool,
+}
+
+/// Role holders by name (id when a holder has no record yet).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+pub struct RolesReport {
+    pub slurm_controller: Option<String>,
+    pub slurm_backup: Option<String>,
+    pub slurm_workers: Vec<String>,
+    pub k3s_server: Option<String>,
+    pub k3s_agents: Vec<String>,
+}
+
+/// A secret's name and version; never its value.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct SecretReport {
+    pub name: String,
+    pub version: u64,
+    pub changed_at_ms: u64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -71,6 +90,10 @@ pub struct StatusReport {
     pub cluster_id: Option<String>,
     pub raft: Option<RaftReport>,
     pub members: Vec<MemberReport>,
+    pub roles: Option<RolesReport>,
+    pub secrets: Vec<SecretReport>,
+    /// This node's services; `None` when the agent does not manage services here.
+    pub services: Option<crate::services::ServiceReport>,
 }
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -87,6 +110,9 @@ pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
         cluster_id: None,
         raft: None,
         members: Vec::new(),
+        roles: None,
+        secrets: Vec::new(),
+        services: None,
     }
 }
 
@@ -94,8 +120,17 @@ pub fn report(agent: &Agent) -> StatusReport {
     let m = agent.metrics();
     let progress = agent.progress();
     let membership = m.membership_config.membership().clone();
-    let (cluster_id, records) = agent.state.read(|d| (d.state.cluster_id.clone(), d.state.members.clone()));
+    let (cluster_id, records, roles, secrets) = agent.state.read(|d| {
+        let secrets = d
+            .state
+            .secrets
+            .iter()
+            .map(|(n, s)| SecretReport { name: n.clone(), version: s.version, changed_at_ms: s.changed_at_ms })
+            .collect::<Vec<_>>();
+        (d.state.cluster_id.clone(), d.state.members.clone(), d.state.roles.clone(), secrets)
+    });
     let name_of = |id: u64| records.get(&id).map(|r| r.spec.name.clone());
+    let display_name = |id: u64| name_of(id).unwrap_or_else(|| hex_id(id));
     let voters: Vec<u64> = membership.voter_ids().collect();
     let learners: Vec<u64> = membership.learner_ids().collect();
     let last = m.last_log_index;
@@ -143,6 +178,7 @@ pub fn report(agent: &Agent) -> StatusReport {
                 id: hex_id(*id),
                 name: rec.map(|r| r.spec.name.clone()),
                 api_addr: node.addr.clone(),
+                mesh_ip: rec.and_then(|r| r.mesh_ip),
                 role: if voters.contains(id) { "voter" } else { "learner" }.into(),
                 health: rec.map(|r| r.health),
                 health_since_ms: rec.map(|r| r.health_since_ms),
@@ -168,6 +204,15 @@ pub fn report(agent: &Agent) -> StatusReport {
         cluster_id,
         raft: Some(raft),
         members,
+        roles: Some(RolesReport {
+            slurm_controller: roles.slurm_controller.map(display_name),
+            slurm_backup: roles.slurm_backup.map(display_name),
+            slurm_workers: roles.slurm_workers.iter().map(|i| display_name(*i)).collect(),
+            k3s_server: roles.k3s_server.map(display_name),
+            k3s_agents: roles.k3s_agents.iter().map(|i| display_name(*i)).collect(),
+        }),
+        secrets,
+        services: agent.services.lock().expect("services lock").clone(),
     }
 }
 
@@ -188,16 +233,59 @@ pub fn render_members(r: &StatusReport) -> String {
         let name = m.name.clone().unwrap_or_else(|| "(registering)".into()) + if m.is_self { " (this)" } else { "" };
         let _ = writeln!(
             out,
-            "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:>4} {:>7}",
+            "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:<15} {:>4} {:>7}",
             mark,
             name,
             m.id,
             m.role,
             opt(&m.health),
             m.api_addr,
+            opt(&m.mesh_ip),
             opt(&m.cpus),
             opt(&m.memory_mb)
         );
+    }
+    out
+}
+
+/// Role holders and this node's services.
+pub fn render_roles(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let Some(roles) = &r.roles else { return "roles: not available (the agent is not running a cluster)\n".into() };
+    let one = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let many = |v: &[String]| if v.is_empty() { "-".to_string() } else { v.join(", ") };
+    let _ = writeln!(out, "slurm controller   {}", one(&roles.slurm_controller));
+    let _ = writeln!(out, "slurm backup       {}", one(&roles.slurm_backup));
+    let _ = writeln!(out, "slurm workers      {}", many(&roles.slurm_workers));
+    let _ = writeln!(out, "k3s server         {}", one(&roles.k3s_server));
+    let _ = writeln!(out, "k3s agents         {}", many(&roles.k3s_agents));
+    out.push_str(&render_services(r));
+    out
+}
+
+/// This node's units, notes and the last reconcile error.
+pub fn render_services(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let Some(s) = &r.services else {
+        return "services (this node): not managed here (no systemd as PID 1, or manage_services = \"off\")\n".into();
+    };
+    let _ = writeln!(out, "services (this node):");
+    for u in &s.units {
+        let state = u
+            .status
+            .as_ref()
+            .map_or_else(|| "unknown".to_string(), |st| format!("{} ({})", st.active_state, st.sub_state));
+        let want = if u.wanted { "wanted" } else { "not wanted" };
+        let _ = writeln!(out, "  {:<20} {:<24} {:<11} {}", u.unit, u.role, want, state);
+        if let Some(e) = &u.error {
+            let _ = writeln!(out, "    error: {e}");
+        }
+    }
+    for n in &s.notes {
+        let _ = writeln!(out, "  note: {n}");
+    }
+    if let Some(e) = &s.error {
+        let _ = writeln!(out, "  error: {e}");
     }
     out
 }
@@ -265,5 +353,10 @@ pub fn render_status(r: &StatusReport) -> String {
     out.push_str(&render_raft(r));
     let _ = writeln!(out, "members ({})", r.members.len());
     out.push_str(&render_members(r));
+    if !r.secrets.is_empty() {
+        let list: Vec<String> = r.secrets.iter().map(|s| format!("{} v{}", s.name, s.version)).collect();
+        let _ = writeln!(out, "secrets    {}", list.join(", "));
+    }
+    out.push_str(&render_roles(r));
     out
 }

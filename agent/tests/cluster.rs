@@ -431,3 +431,50 @@ async fn write_before_formation_says_what_is_missing() {
     c.wait_converged(3, 0, FORM).await;
     c.nodes[0].client().kv_put("early", "write").await.unwrap();
 }
+
+/// The leader creates the secrets once, gives every member a mesh address and assigns roles;
+/// `secrets rotate` bumps a secret's version; status never shows secret values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_assigns_mesh_addresses_roles_and_secrets() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    c.wait_converged(3, 0, FORM).await;
+    let s = wait_until(Duration::from_secs(30), "mesh addresses, roles and secrets are committed", || async {
+        let s = c.status(0).await.ok()?;
+        let roles = s.roles.clone()?;
+        let ok = s.members.iter().all(|m| m.mesh_ip.is_some())
+            && roles.slurm_controller.is_some()
+            && roles.slurm_backup.is_some()
+            && roles.slurm_workers.len() == 3
+            && roles.k3s_server.is_some()
+            && s.secrets.len() == 2;
+        ok.then_some(s)
+    })
+    .await;
+    let ips: BTreeSet<_> = s.members.iter().map(|m| m.mesh_ip.unwrap()).collect();
+    assert_eq!(ips.len(), 3, "mesh addresses are unique");
+    let roles = s.roles.unwrap();
+    assert_ne!(roles.slurm_controller, roles.slurm_backup);
+    assert!(s.secrets.iter().all(|x| x.version == 1), "{:?}", s.secrets);
+    assert_eq!(s.services, None, "no systemd here: services are not managed");
+
+    let r = c.nodes[1].client().rotate_secret("munge").await.unwrap();
+    assert_eq!((r.name.as_str(), r.version), ("munge-key", 2));
+    wait_until(Duration::from_secs(20), "every node applied the rotation", || async {
+        for i in 0..3 {
+            let s = c.status(i).await.ok()?;
+            if !s.secrets.iter().any(|x| x.name == "munge-key" && x.version == 2) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    match c.nodes[0].client().rotate_secret("ssh").await {
+        Err(ClientError::Api(b)) => assert!(b.error.contains("unknown secret"), "{b:?}"),
+        other => panic!("{other:?}"),
+    }
+    let json = serde_json::to_string(&c.status(0).await.unwrap()).unwrap();
+    assert!(!json.contains("\"value\""), "a secret value leaked into status");
+}

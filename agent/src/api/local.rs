@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{ApiError, CasBody, Empty, GetBody, JoinBody, KeyBody, PutBody, ReadResponse};
+use super::{ApiError, CasBody, Empty, GetBody, JoinBody, KeyBody, PutBody, ReadResponse, RotateBody, RotateResponse};
 use crate::runtime::Agent;
 use crate::state::{Command, Response, validate_kv};
 use crate::status::{self, StatusReport};
@@ -62,6 +62,18 @@ async fn kv_cas(State(s): Shared, Json(b): Json<CasBody>) -> Result<Json<Respons
     Ok(Json(s.agent()?.write(Command::KvCas { key: b.key, expected: b.expected, new: b.new }).await?))
 }
 
+async fn rotate(State(s): Shared, Json(b): Json<RotateBody>) -> Result<Json<RotateResponse>, ApiError> {
+    let name = match b.name.as_str() {
+        "munge" => crate::secrets::MUNGE_KEY.to_string(),
+        other => other.to_string(),
+    };
+    if !crate::secrets::MANAGED.contains(&name.as_str()) {
+        return Err(ApiError::BadRequest(format!("unknown secret {:?}; rotate one of: munge, k3s-token", b.name)));
+    }
+    let version = s.agent()?.set_secret(&name).await?;
+    Ok(Json(RotateResponse { name, version }))
+}
+
 async fn join(State(s): Shared, Json(b): Json<JoinBody>) -> Result<Json<Empty>, ApiError> {
     s.agent()?.request_join(b.addr)?;
     Ok(Json(Empty {}))
@@ -79,6 +91,7 @@ pub fn router(state: LocalState) -> Router {
         .route("/v1/kv/put", post(kv_put))
         .route("/v1/kv/delete", post(kv_delete))
         .route("/v1/kv/cas", post(kv_cas))
+        .route("/v1/secrets/rotate", post(rotate))
         .route("/v1/join", post(join))
         .route("/v1/leave", post(leave))
         .with_state(state)

@@ -210,3 +210,15 @@ pub struct GetBody {
 pub struct KeyBody {
     pub key: String,
 }
+
+/// Local API: `POST /v1/secrets/rotate`.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct RotateBody {
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct RotateResponse {
+    pub name: String,
+    pub version: u64,
+}
