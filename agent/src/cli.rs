@@ -38,6 +38,8 @@ pub enum Command {
     Members,
     /// Raft details: voters, learners, indexes, replication lag.
     Raft,
+    /// The WireGuard mesh: peers, endpoints, latest handshake age, bytes.
+    Wg,
     /// Who holds which role (SLURM controller, backup, workers, k3s) and this node's services.
     Roles,
     /// The cluster's key-value store.
@@ -185,6 +187,14 @@ pub async fn run(cli: Cli, socket_given: bool) -> ExitCode {
                 print_json(&r.raft)
             } else {
                 print!("{}", status::render_raft(&r))
+            }
+            ExitCode::SUCCESS
+        }),
+        Command::Wg => client.status().await.map(|r| {
+            if json {
+                print_json(&r.mesh);
+            } else {
+                print!("{}", status::render_mesh(&r));
             }
             ExitCode::SUCCESS
         }),

@@ -176,6 +176,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         });
         let leader = tokio::spawn(agent.clone().run_leader());
         let services = tokio::spawn(agent.clone().run_services());
+        let mesh = tokio::spawn(agent.clone().run_mesh());
         notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&agent))]);
 
         let mut end = agent.end_signal();
@@ -197,7 +198,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         if let Err(e) = agent.raft.shutdown().await {
             warn!("Raft shutdown: {e}");
         }
-        for mut t in [formation, leader, services, peer_task, local_task] {
+        for mut t in [formation, leader, services, mesh, peer_task, local_task] {
             if tokio::time::timeout(Duration::from_secs(10), &mut t).await.is_err() {
                 t.abort();
                 let _ = t.await;

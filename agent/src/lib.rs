@@ -26,6 +26,7 @@ pub mod state;
 pub mod status;
 pub mod systemd;
 pub mod transport;
+pub mod wireguard;
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

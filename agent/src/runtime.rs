@@ -101,6 +101,8 @@ pub struct Agent {
     pub secret_box: crate::secrets::SecretBox,
     /// The last services reconcile, for status.
     pub services: Mutex<Option<crate::services::ServiceReport>>,
+    /// The last mesh reconcile, for status.
+    pub mesh: Mutex<Option<MeshReport>>,
     progress: Mutex<Progress>,
     /// Candidates heard from directly during discovery, with what they reported.
     discovered: Mutex<BTreeMap<NodeId, (Candidate, Option<PeerView>)>>,
@@ -234,6 +236,7 @@ impl Agent {
             key,
             secret_box: crate::secrets::SecretBox::new(secret),
             services: Mutex::new(None),
+            mesh: Mutex::new(None),
             progress: Mutex::new(Progress { phase: Phase::Discovering, detail: "starting".into(), last_error: None }),
             discovered: Mutex::new(BTreeMap::new()),
             join_targets: Mutex::new(join_targets),
@@ -946,8 +949,9 @@ impl Agent {
         let plain = crate::secrets::generate(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let value = self.secret_box.seal(name, &plain);
         match self.write(Command::SetSecret { name: name.into(), value, at_ms: crate::now_ms() }).await? {
+            Response::Secret { version } => Ok(version),
             Response::Rejected { reason } => Err(ApiError::Refused(reason)),
-            _ => Ok(self.state.read(|d| d.state.secrets.get(name).map_or(0, |s| s.version))),
+            other => Err(ApiError::Internal(format!("unexpected answer to a secret write: {other:?}"))),
         }
     }
 
@@ -1051,6 +1055,105 @@ impl Agent {
             tokio::select! {
                 _ = changes.changed() => {}
                 _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+                _ = end.changed() => {}
+            }
+        }
+    }
+}
+
+/// One peer of the mesh as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshPeerReport {
+    pub name: Option<String>,
+    pub public_key: String,
+    pub mesh_ip: Option<std::net::Ipv4Addr>,
+    pub endpoint: Option<SocketAddr>,
+    pub handshake_age_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+/// This node's WireGuard interface after the last reconcile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MeshReport {
+    pub interface: String,
+    pub address: Option<String>,
+    pub public_key: Option<String>,
+    pub listen_port: Option<u16>,
+    pub peers: Vec<MeshPeerReport>,
+    /// Why the mesh is not (fully) up, with what to do.
+    pub error: Option<String>,
+}
+
+impl Agent {
+    /// Keeps `wg0` matching the committed members, on every state change and every 10 s.
+    pub async fn run_mesh(self: Arc<Self>) {
+        use crate::mesh::{WG_INTERFACE, desired_device, plan};
+        if !self.manages_services() {
+            return;
+        }
+        let mut end = self.end_signal();
+        let mut changes = self.state.subscribe();
+        let mut nl: Option<crate::wireguard::WgNetlink> = None;
+        loop {
+            if end.borrow().is_some() {
+                return;
+            }
+            let mut report = MeshReport { interface: WG_INTERFACE.into(), ..Default::default() };
+            if nl.is_none() {
+                match crate::wireguard::WgNetlink::connect(WG_INTERFACE) {
+                    Ok(n) => nl = Some(n),
+                    Err(e) => report.error = Some(e.to_string()),
+                }
+            }
+            let state = self.state.read(|d| d.state.clone());
+            if let Some(n) = nl.as_mut() {
+                match desired_device(&state, self.id(), self.cfg.mesh_cidr.1) {
+                    None => report.error = Some("waiting for the leader to assign this node a mesh address".into()),
+                    Some(want) => {
+                        let result = async {
+                            let (have, _) = n.observe().await?;
+                            let changes = plan(&want, &have);
+                            if !changes.is_empty() {
+                                info!(node_id = %hex_id(self.id()), changes = changes.len(), "reconciling {WG_INTERFACE}");
+                                n.apply(self.identity.wg_private_key(), &changes).await?;
+                            }
+                            n.observe().await
+                        }
+                        .await;
+                        match result {
+                            Ok((dev, stats)) => {
+                                report.address = dev.addresses.iter().next().map(|(ip, len)| format!("{ip}/{len}"));
+                                report.public_key = dev.public_key.clone();
+                                report.listen_port = dev.listen_port;
+                                report.peers = stats
+                                    .into_iter()
+                                    .map(|s| {
+                                        let m = state.members.values().find(|m| m.spec.wg_public_key == s.public_key);
+                                        MeshPeerReport {
+                                            name: m.map(|m| m.spec.name.clone()),
+                                            mesh_ip: m.and_then(|m| m.mesh_ip),
+                                            public_key: s.public_key,
+                                            endpoint: s.endpoint,
+                                            handshake_age_secs: s.handshake_age_secs,
+                                            rx_bytes: s.rx_bytes,
+                                            tx_bytes: s.tx_bytes,
+                                        }
+                                    })
+                                    .collect();
+                            }
+                            Err(e) => {
+                                warn!(node_id = %hex_id(self.id()), "mesh: {e}");
+                                report.error = Some(e.to_string());
+                            }
+                        }
+                    }
+                }
+            }
+            *self.mesh.lock().expect("mesh lock") = Some(report);
+            tokio::select! {
+                _ = changes.changed() => {}
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
                 _ = end.changed() => {}
             }
         }

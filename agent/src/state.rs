@@ -181,6 +181,10 @@ pub enum Response {
         succeeded: bool,
         current: Option<String>,
     },
+    /// A secret was set; its new version.
+    Secret {
+        version: u64,
+    },
     /// The command was valid Raft-wise but refused by the state machine; the state is unchanged.
     Rejected {
         reason: String,
@@ -324,7 +328,7 @@ impl ClusterState {
                 }
                 let version = self.secrets.get(name).map_or(1, |s| s.version + 1);
                 self.secrets.insert(name.clone(), SecretEntry { value: value.clone(), version, changed_at_ms: *at_ms });
-                Response::Ok
+                Response::Secret { version }
             }
             Command::KvPut { key, value } => {
                 if let Err(reason) = validate_kv(key, Some(value)) {

@@ -94,6 +94,8 @@ pub struct StatusReport {
     pub secrets: Vec<SecretReport>,
     /// This node's services; `None` when the agent does not manage services here.
     pub services: Option<crate::services::ServiceReport>,
+    /// This node's WireGuard interface; `None` when the agent does not manage the mesh here.
+    pub mesh: Option<crate::runtime::MeshReport>,
 }
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -113,6 +115,7 @@ pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
         roles: None,
         secrets: Vec::new(),
         services: None,
+        mesh: None,
     }
 }
 
@@ -213,6 +216,7 @@ pub fn report(agent: &Agent) -> StatusReport {
         }),
         secrets,
         services: agent.services.lock().expect("services lock").clone(),
+        mesh: agent.mesh.lock().expect("mesh lock").clone(),
     }
 }
 
@@ -290,6 +294,46 @@ pub fn render_services(r: &StatusReport) -> String {
     out
 }
 
+/// The WireGuard interface and its peers.
+pub fn render_mesh(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let Some(m) = &r.mesh else {
+        return "mesh: not managed here (no systemd as PID 1, or manage_services = \"off\")\n".into();
+    };
+    let _ = writeln!(
+        out,
+        "mesh       {} {} port {} key {}",
+        m.interface,
+        opt(&m.address),
+        opt(&m.listen_port),
+        opt(&m.public_key)
+    );
+    if let Some(e) = &m.error {
+        let _ = writeln!(out, "  error: {e}");
+    }
+    if !m.peers.is_empty() {
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<15} {:<21} {:>10} {:>12} {:>12}",
+            "PEER", "MESH_IP", "ENDPOINT", "HANDSHAKE", "RX", "TX"
+        );
+        for p in &m.peers {
+            let hs = p.handshake_age_secs.map_or_else(|| "never".to_string(), |s| format!("{s}s ago"));
+            let _ = writeln!(
+                out,
+                "  {:<16} {:<15} {:<21} {:>10} {:>12} {:>12}",
+                p.name.clone().unwrap_or_else(|| "?".into()),
+                opt(&p.mesh_ip),
+                opt(&p.endpoint),
+                hs,
+                p.rx_bytes,
+                p.tx_bytes
+            );
+        }
+    }
+    out
+}
+
 /// Raft details.
 pub fn render_raft(r: &StatusReport) -> String {
     let mut out = String::new();
@@ -357,6 +401,7 @@ pub fn render_status(r: &StatusReport) -> String {
         let list: Vec<String> = r.secrets.iter().map(|s| format!("{} v{}", s.name, s.version)).collect();
         let _ = writeln!(out, "secrets    {}", list.join(", "));
     }
+    out.push_str(&render_mesh(r));
     out.push_str(&render_roles(r));
     out
 }

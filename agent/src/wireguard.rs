@@ -1,0 +1,456 @@
+//! The WireGuard adapter: reads and changes `wg0` through netlink only (rtnetlink for the link,
+//! its addresses and state; generic netlink with netlink-packet-wireguard for the device and its
+//! peers). Message building and dump merging are pure functions, unit-tested without a kernel.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use futures::{StreamExt, TryStreamExt};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
+use netlink_packet_generic::GenlMessage;
+use netlink_packet_wireguard::{
+    WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute, WireguardCmd,
+    WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
+};
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkFlags;
+use serde::{Deserialize, Serialize};
+
+use crate::mesh::{MeshChange, ObservedDevice, PeerConfig};
+
+/// Peers per set-device message: large peer sets are split across several messages.
+pub const PEERS_PER_MESSAGE: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WgError {
+    #[error(
+        "the kernel has no WireGuard support (netlink family \"wireguard\" not found, or link type unsupported): the mesh is unavailable on this node; load the wireguard module (it is loaded at boot in the ClusterOS image)"
+    )]
+    NoKernelSupport,
+    #[error("netlink: {0}")]
+    Netlink(String),
+    #[error("invalid WireGuard key {0:?}: expected 32 bytes in base64")]
+    BadKey(String),
+}
+
+/// Live counters of one peer, for `clusteros wg`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStats {
+    pub public_key: String,
+    pub endpoint: Option<SocketAddr>,
+    /// Seconds since the last handshake; `None` if there never was one.
+    pub handshake_age_secs: Option<u64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
+pub fn decode_key(k: &str) -> Result<[u8; 32], WgError> {
+    B64.decode(k).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| WgError::BadKey(k.to_string()))
+}
+
+fn peer_attributes(p: &PeerConfig, flags: WireguardPeerFlags) -> Result<WireguardPeer, WgError> {
+    let mut attrs = vec![WireguardPeerAttribute::PublicKey(decode_key(&p.public_key)?)];
+    if let Some(e) = p.endpoint {
+        attrs.push(WireguardPeerAttribute::Endpoint(e));
+    }
+    attrs.push(WireguardPeerAttribute::PersistentKeepalive(p.keepalive_secs.unwrap_or(0)));
+    let ips = p
+        .allowed_ips
+        .iter()
+        .map(|(ip, cidr)| {
+            WireguardAllowedIp(vec![
+                WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
+                WireguardAllowedIpAttr::IpAddr(IpAddr::V4(*ip)),
+                WireguardAllowedIpAttr::Cidr(*cidr),
+            ])
+        })
+        .collect();
+    attrs.push(WireguardPeerAttribute::AllowedIps(ips));
+    attrs.push(WireguardPeerAttribute::Flags(flags | WireguardPeerFlags::ReplaceAllowedIps));
+    Ok(WireguardPeer(attrs))
+}
+
+/// The set-device messages for the device and peer changes in `changes` (link and address
+/// changes are rtnetlink's). Peers are updated in place (never replaced wholesale), so sessions
+/// of untouched peers survive; they are split across messages of at most [`PEERS_PER_MESSAGE`].
+pub fn set_device_messages(
+    ifname: &str,
+    private_key: &[u8; 32],
+    changes: &[MeshChange],
+) -> Result<Vec<WireguardMessage>, WgError> {
+    let mut out = Vec::new();
+    let mut peers = Vec::new();
+    for c in changes {
+        match c {
+            MeshChange::ConfigureDevice { listen_port } => out.push(WireguardMessage {
+                cmd: WireguardCmd::SetDevice,
+                attributes: vec![
+                    WireguardAttribute::IfName(ifname.into()),
+                    WireguardAttribute::PrivateKey(*private_key),
+                    WireguardAttribute::ListenPort(*listen_port),
+                ],
+            }),
+            MeshChange::AddPeer(p) => peers.push(peer_attributes(p, WireguardPeerFlags::empty())?),
+            MeshChange::UpdatePeer(p) => peers.push(peer_attributes(p, WireguardPeerFlags::UpdateOnly)?),
+            MeshChange::RemovePeer { public_key } => peers.push(WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(decode_key(public_key)?),
+                WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe),
+            ])),
+            MeshChange::CreateLink | MeshChange::AddAddress(_) | MeshChange::RemoveAddress(_) | MeshChange::SetUp => {}
+        }
+    }
+    for chunk in peers.chunks(PEERS_PER_MESSAGE) {
+        out.push(WireguardMessage {
+            cmd: WireguardCmd::SetDevice,
+            attributes: vec![WireguardAttribute::IfName(ifname.into()), WireguardAttribute::Peers(chunk.to_vec())],
+        });
+    }
+    Ok(out)
+}
+
+/// Merges a get-device dump (one device may come in several messages, and one peer may be split
+/// across messages) into the observed device and per-peer counters. Peers merge by public key.
+pub fn merge_dump(msgs: &[WireguardMessage], now: SystemTime) -> (ObservedDevice, Vec<PeerStats>) {
+    let mut dev = ObservedDevice { exists: true, ..Default::default() };
+    let mut peers: BTreeMap<String, (PeerConfig, PeerStats)> = BTreeMap::new();
+    for m in msgs {
+        for a in &m.attributes {
+            match a {
+                WireguardAttribute::PublicKey(k) => dev.public_key = Some(B64.encode(k)),
+                WireguardAttribute::ListenPort(p) => dev.listen_port = Some(*p),
+                WireguardAttribute::Peers(list) => {
+                    for p in list {
+                        let Some(key) = p.0.iter().find_map(|a| match a {
+                            WireguardPeerAttribute::PublicKey(k) => Some(B64.encode(k)),
+                            _ => None,
+                        }) else {
+                            continue;
+                        };
+                        let (cfg, stats) = peers.entry(key.clone()).or_insert_with(|| {
+                            (
+                                PeerConfig {
+                                    public_key: key.clone(),
+                                    endpoint: None,
+                                    allowed_ips: Default::default(),
+                                    keepalive_secs: None,
+                                },
+                                PeerStats {
+                                    public_key: key.clone(),
+                                    endpoint: None,
+                                    handshake_age_secs: None,
+                                    rx_bytes: 0,
+                                    tx_bytes: 0,
+                                },
+                            )
+                        });
+                        for a in &p.0 {
+                            match a {
+                                WireguardPeerAttribute::Endpoint(e) => {
+                                    cfg.endpoint = Some(*e);
+                                    stats.endpoint = Some(*e);
+                                }
+                                WireguardPeerAttribute::PersistentKeepalive(k) => {
+                                    cfg.keepalive_secs = (*k != 0).then_some(*k)
+                                }
+                                WireguardPeerAttribute::AllowedIps(ips) => {
+                                    for ip in ips {
+                                        let addr = ip.0.iter().find_map(|x| match x {
+                                            WireguardAllowedIpAttr::IpAddr(IpAddr::V4(v)) => Some(*v),
+                                            _ => None,
+                                        });
+                                        let cidr = ip.0.iter().find_map(|x| match x {
+                                            WireguardAllowedIpAttr::Cidr(c) => Some(*c),
+                                            _ => None,
+                                        });
+                                        if let (Some(a), Some(c)) = (addr, cidr) {
+                                            cfg.allowed_ips.insert((a, c));
+                                        }
+                                    }
+                                }
+                                WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 => {
+                                    let at = UNIX_EPOCH + Duration::new(t.seconds as u64, t.nano_seconds as u32);
+                                    stats.handshake_age_secs = Some(now.duration_since(at).map_or(0, |d| d.as_secs()));
+                                }
+                                WireguardPeerAttribute::RxBytes(b) => stats.rx_bytes = *b,
+                                WireguardPeerAttribute::TxBytes(b) => stats.tx_bytes = *b,
+                                _ => {}
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut stats = Vec::new();
+    for (k, (cfg, s)) in peers {
+        dev.peers.insert(k, cfg);
+        stats.push(s);
+    }
+    (dev, stats)
+}
+
+fn nl_err(e: impl std::fmt::Display) -> WgError {
+    WgError::Netlink(e.to_string())
+}
+
+/// Whether a netlink error code means "no WireGuard in this kernel".
+fn is_unsupported(code: i32) -> bool {
+    // ENOENT (family lookup), ENODEV / EOPNOTSUPP (link type), EAFNOSUPPORT.
+    matches!(code.abs(), 2 | 19 | 95 | 97)
+}
+
+fn rt_err(e: rtnetlink::Error) -> WgError {
+    if let rtnetlink::Error::NetlinkError(m) = &e
+        && m.code.is_some_and(|c| is_unsupported(c.get()))
+    {
+        return WgError::NoKernelSupport;
+    }
+    nl_err(e)
+}
+
+/// Netlink connections for one interface.
+pub struct WgNetlink {
+    ifname: String,
+    rt: rtnetlink::Handle,
+    genl: genetlink::GenetlinkHandle,
+}
+
+impl WgNetlink {
+    /// Opens the rtnetlink and generic netlink sockets (their tasks run on the current runtime).
+    pub fn connect(ifname: &str) -> Result<WgNetlink, WgError> {
+        let (conn, rt, _) = rtnetlink::new_connection().map_err(nl_err)?;
+        tokio::spawn(conn);
+        let (gconn, genl, _) = genetlink::new_connection().map_err(nl_err)?;
+        tokio::spawn(gconn);
+        Ok(WgNetlink { ifname: ifname.into(), rt, genl })
+    }
+
+    async fn link(&self) -> Result<Option<(u32, bool)>, WgError> {
+        let mut links = self.rt.link().get().match_name(self.ifname.clone()).execute();
+        match links.try_next().await {
+            Ok(Some(l)) => {
+                let up = l.header.flags.contains(LinkFlags::Up);
+                Ok(Some((l.header.index, up)))
+            }
+            Ok(None) => Ok(None),
+            Err(rtnetlink::Error::NetlinkError(m)) if m.code.is_some_and(|c| c.get().abs() == 19) => Ok(None),
+            Err(e) => Err(nl_err(e)),
+        }
+    }
+
+    async fn genl_request(&mut self, msg: WireguardMessage, flags: u16) -> Result<Vec<WireguardMessage>, WgError> {
+        let mut nl = NetlinkMessage::from(GenlMessage::from_payload(msg));
+        nl.header.flags = flags;
+        let mut stream = self.genl.request(nl).await.map_err(|e| {
+            let text = e.to_string();
+            if text.contains("No such file") || text.contains("os error 2") || text.contains("family") {
+                WgError::NoKernelSupport
+            } else {
+                nl_err(text)
+            }
+        })?;
+        let mut out = Vec::new();
+        while let Some(r) = stream.next().await {
+            let m = r.map_err(nl_err)?;
+            match m.payload {
+                NetlinkPayload::InnerMessage(g) => out.push(g.payload),
+                NetlinkPayload::Error(e) if e.code.is_some() => {
+                    let code = e.code.map_or(0, |c| c.get());
+                    return Err(if is_unsupported(code) { WgError::NoKernelSupport } else { nl_err(e) });
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Reads the device: link, addresses, keys and peers.
+    pub async fn observe(&mut self) -> Result<(ObservedDevice, Vec<PeerStats>), WgError> {
+        let Some((index, up)) = self.link().await? else {
+            return Ok((ObservedDevice::default(), Vec::new()));
+        };
+        let get = WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::IfName(self.ifname.clone())],
+        };
+        let dump = self.genl_request(get, NLM_F_REQUEST | NLM_F_DUMP).await?;
+        let (mut dev, stats) = merge_dump(&dump, SystemTime::now());
+        dev.up = up;
+        let mut addrs = self.rt.address().get().set_link_index_filter(index).execute();
+        while let Some(a) = addrs.try_next().await.map_err(nl_err)? {
+            for attr in &a.attributes {
+                if let AddressAttribute::Address(IpAddr::V4(ip)) = attr {
+                    dev.addresses.insert((*ip, a.header.prefix_len));
+                }
+            }
+        }
+        Ok((dev, stats))
+    }
+
+    /// Applies planned changes in order.
+    pub async fn apply(&mut self, private_key: &[u8; 32], changes: &[MeshChange]) -> Result<(), WgError> {
+        for c in changes {
+            match c {
+                MeshChange::CreateLink => {
+                    let msg = rtnetlink::LinkWireguard::new(&self.ifname).build();
+                    self.rt.link().add(msg).execute().await.map_err(rt_err)?;
+                }
+                MeshChange::AddAddress((ip, len)) => {
+                    let (index, _) = self.link().await?.ok_or_else(|| nl_err("wg0 vanished"))?;
+                    self.rt.address().add(index, IpAddr::V4(*ip), *len).execute().await.map_err(rt_err)?;
+                }
+                MeshChange::RemoveAddress((ip, len)) => {
+                    let (index, _) = self.link().await?.ok_or_else(|| nl_err("wg0 vanished"))?;
+                    let mut addrs = self.rt.address().get().set_link_index_filter(index).execute();
+                    while let Some(a) = addrs.try_next().await.map_err(nl_err)? {
+                        let matches = a.header.prefix_len == *len
+                            && a.attributes
+                                .iter()
+                                .any(|x| matches!(x, AddressAttribute::Address(IpAddr::V4(v)) if v == ip));
+                        if matches {
+                            self.rt.address().del(a).execute().await.map_err(rt_err)?;
+                            break;
+                        }
+                    }
+                }
+                MeshChange::SetUp => {
+                    let (index, _) = self.link().await?.ok_or_else(|| nl_err("wg0 vanished"))?;
+                    let msg = rtnetlink::LinkUnspec::new_with_index(index).up().build();
+                    self.rt.link().set(msg).execute().await.map_err(rt_err)?;
+                }
+                _ => {}
+            }
+        }
+        for msg in set_device_messages(&self.ifname, private_key, changes)? {
+            self.genl_request(msg, NLM_F_REQUEST | NLM_F_ACK).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_core::{Emitable, ParseableParametrized};
+    use netlink_packet_generic::GenlHeader;
+    use netlink_packet_wireguard::WireguardTimeSpec;
+
+    use super::*;
+    use crate::identity::generate_wg_keypair;
+
+    fn key() -> String {
+        generate_wg_keypair().1
+    }
+
+    fn peer(k: &str, n: u8) -> PeerConfig {
+        PeerConfig {
+            public_key: k.into(),
+            endpoint: Some(format!("192.168.1.{n}:51820").parse().unwrap()),
+            allowed_ips: [(format!("10.90.0.{n}").parse().unwrap(), 32)].into(),
+            keepalive_secs: Some(25),
+        }
+    }
+
+    /// Emits and parses a message like the kernel would see it.
+    fn round_trip(m: &WireguardMessage) -> WireguardMessage {
+        let header = GenlHeader { cmd: m.cmd.into(), version: 1 };
+        let mut buf = vec![0; header.buffer_len() + m.buffer_len()];
+        header.emit(&mut buf);
+        m.emit(&mut buf[header.buffer_len()..]);
+        WireguardMessage::parse_with_param(&buf[header.buffer_len()..], header).unwrap()
+    }
+
+    #[test]
+    fn set_device_messages_round_trip_through_the_wire_format() {
+        let (sk, _) = generate_wg_keypair();
+        let (a, b) = (key(), key());
+        let changes = vec![
+            MeshChange::ConfigureDevice { listen_port: 51820 },
+            MeshChange::AddPeer(peer(&a, 2)),
+            MeshChange::UpdatePeer(peer(&b, 3)),
+            MeshChange::RemovePeer { public_key: key() },
+        ];
+        let msgs = set_device_messages("wg0", &sk, &changes).unwrap();
+        assert_eq!(msgs.len(), 2, "device message plus one peer message");
+        for m in &msgs {
+            assert_eq!(&round_trip(m), m);
+        }
+        let WireguardAttribute::Peers(peers) = &msgs[1].attributes[1] else { panic!("{:?}", msgs[1]) };
+        assert_eq!(peers.len(), 3);
+        assert!(peers[1].0.contains(&WireguardPeerAttribute::Flags(
+            WireguardPeerFlags::UpdateOnly | WireguardPeerFlags::ReplaceAllowedIps
+        )));
+        assert!(peers[2].0.contains(&WireguardPeerAttribute::Flags(WireguardPeerFlags::RemoveMe)));
+    }
+
+    #[test]
+    fn large_peer_sets_are_split() {
+        let (sk, _) = generate_wg_keypair();
+        let changes: Vec<MeshChange> = (0..40).map(|i| MeshChange::AddPeer(peer(&key(), i))).collect();
+        let msgs = set_device_messages("wg0", &sk, &changes).unwrap();
+        let sizes: Vec<usize> = msgs
+            .iter()
+            .map(|m| match &m.attributes[1] {
+                WireguardAttribute::Peers(p) => p.len(),
+                _ => 0,
+            })
+            .collect();
+        assert_eq!(sizes, vec![16, 16, 8]);
+    }
+
+    #[test]
+    fn dump_split_across_messages_merges_by_public_key() {
+        let k = key();
+        let kb = decode_key(&k).unwrap();
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let part1 = WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![
+                WireguardAttribute::ListenPort(51820),
+                WireguardAttribute::Peers(vec![WireguardPeer(vec![
+                    WireguardPeerAttribute::PublicKey(kb),
+                    WireguardPeerAttribute::Endpoint("192.168.1.2:51820".parse().unwrap()),
+                    WireguardPeerAttribute::PersistentKeepalive(25),
+                    WireguardPeerAttribute::LastHandshake(WireguardTimeSpec { seconds: 999_990, nano_seconds: 0 }),
+                    WireguardPeerAttribute::RxBytes(10),
+                    WireguardPeerAttribute::TxBytes(20),
+                    WireguardPeerAttribute::AllowedIps(vec![WireguardAllowedIp(vec![
+                        WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
+                        WireguardAllowedIpAttr::IpAddr("10.90.0.2".parse().unwrap()),
+                        WireguardAllowedIpAttr::Cidr(32),
+                    ])]),
+                ])]),
+            ],
+        };
+        // The same peer continues in the next message with more allowed IPs.
+        let part2 = WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::Peers(vec![WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey(kb),
+                WireguardPeerAttribute::AllowedIps(vec![WireguardAllowedIp(vec![
+                    WireguardAllowedIpAttr::Family(WireguardAddressFamily::Ipv4),
+                    WireguardAllowedIpAttr::IpAddr("10.91.0.0".parse().unwrap()),
+                    WireguardAllowedIpAttr::Cidr(16),
+                ])]),
+            ])])],
+        };
+        let (dev, stats) = merge_dump(&[round_trip(&part1), round_trip(&part2)], now);
+        assert_eq!(dev.listen_port, Some(51820));
+        assert_eq!(dev.peers.len(), 1);
+        let p = &dev.peers[&k];
+        assert_eq!(p.allowed_ips.len(), 2);
+        assert_eq!(p.keepalive_secs, Some(25));
+        assert_eq!(stats[0].handshake_age_secs, Some(10));
+        assert_eq!((stats[0].rx_bytes, stats[0].tx_bytes), (10, 20));
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        let (sk, _) = generate_wg_keypair();
+        let e = set_device_messages("wg0", &sk, &[MeshChange::RemovePeer { public_key: "nope".into() }]).unwrap_err();
+        assert!(matches!(e, WgError::BadKey(_)));
+    }
+}
