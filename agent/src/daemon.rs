@@ -46,23 +46,27 @@ fn bind_socket(path: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-/// Serves the local API until `stop` fires.
-fn spawn_local(
-    listener: UnixListener,
-    state: LocalState,
-    mut stop: watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
+/// Resolves once `stop` turns true: the servers' graceful-shutdown signal.
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs a server future in its own task and logs how it failed, if it does.
+fn spawn_server<F>(what: &'static str, serve: F) -> tokio::task::JoinHandle<()>
+where
+    F: std::future::IntoFuture<Output = std::io::Result<()>> + Send + 'static,
+    F::IntoFuture: Send,
+{
     tokio::spawn(async move {
-        let app = crate::api::local::router(state);
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
-        if let Err(e) = r {
-            error!("local API server failed: {e}");
+        if let Err(e) = serve.await {
+            error!("{what} server failed: {e}");
         }
     })
+}
+
+fn spawn_local(listener: UnixListener, state: LocalState, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    let app = crate::api::local::router(state);
+    spawn_server("local API", axum::serve(listener, app).with_graceful_shutdown(stopped(stop)))
 }
 
 fn watchdog_task() {
@@ -150,20 +154,9 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             .await
             .map_err(|source| StartError::Listen { addr: cfg.listen_addr, source })?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let peer_task = {
-            let app = crate::api::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
-            let mut stop = stop_rx.clone();
-            tokio::spawn(async move {
-                let r = axum::serve(peer, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if let Err(e) = r {
-                    error!("peer API server failed: {e}");
-                }
-            })
-        };
+        let peer_app = crate::api::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let peer_task =
+            spawn_server("peer API", axum::serve(peer, peer_app).with_graceful_shutdown(stopped(stop_rx.clone())));
         let local_task = spawn_local(bind_socket(&cfg.socket_path)?, LocalState::Running(agent.clone()), stop_rx);
         let formation = tokio::spawn({
             let a = agent.clone();

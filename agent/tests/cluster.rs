@@ -242,10 +242,7 @@ async fn dead_voter_is_replaced_and_removed() {
     let _g = serial();
     let opts = Opts { suspect_after_ms: 1000, failed_after_ms: 2500, remove_after_ms: 6000, ..Opts::default() };
     let mut c = Cluster::new(3, opts.clone());
-    c.start_all();
-    c.wait_converged(3, 0, FORM).await;
-    let n = c.add_node(Opts { bootstrap_expect: None, ..opts });
-    c.start(n);
+    let n = c.form_with_learner(&opts).await;
     let leader = c.wait_converged(3, 1, FORM).await;
     let learner_id = c.status(n).await.unwrap().node.id.unwrap();
     let victim = (0..3).find(|i| *i != leader).unwrap();
@@ -333,10 +330,7 @@ async fn cli_reports_agent_not_running() {
 async fn leave_removes_the_node_and_join_brings_it_back() {
     let _g = serial();
     let mut c = Cluster::new(3, Opts::default());
-    c.start_all();
-    c.wait_converged(3, 0, FORM).await;
-    let n = c.add_node(Opts { bootstrap_expect: None, ..Opts::default() });
-    c.start(n);
+    let n = c.form_with_learner(&Opts::default()).await;
     let leader = c.wait_converged(3, 1, FORM).await;
     let old_id = c.status(n).await.unwrap().node.id.unwrap();
     c.nodes[n].client().leave().await.unwrap();
@@ -363,10 +357,7 @@ async fn reinstalled_node_replaces_its_stale_entry() {
     let _g = serial();
     let opts = Opts { suspect_after_ms: 1000, failed_after_ms: 2500, ..Opts::default() };
     let mut c = Cluster::new(3, opts.clone());
-    c.start_all();
-    c.wait_converged(3, 0, FORM).await;
-    let n = c.add_node(Opts { bootstrap_expect: None, ..opts });
-    c.start(n);
+    let n = c.form_with_learner(&opts).await;
     let leader = c.wait_converged(3, 1, FORM).await;
     let old_id = c.status(n).await.unwrap().node.id.unwrap();
     c.kill(n);

@@ -190,6 +190,17 @@ impl Cluster {
         node.child = Some(child);
     }
 
+    /// Starts `voters` nodes with `bootstrap_expect`, waits for them to form, then adds and
+    /// starts one more node that joins as a learner. Returns the learner's index.
+    pub async fn form_with_learner(&mut self, opts: &Opts) -> usize {
+        self.start_all();
+        let voters = self.nodes.len();
+        self.wait_converged(voters, 0, Duration::from_secs(60)).await;
+        let n = self.add_node(Opts { bootstrap_expect: None, ..opts.clone() });
+        self.start(n);
+        n
+    }
+
     pub fn start_all(&mut self) {
         for i in 0..self.nodes.len() {
             self.start(i);
