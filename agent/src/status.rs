@@ -229,8 +229,8 @@ pub fn render_members(r: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:>4} {:>7}",
-        "", "NAME", "ID", "ROLE", "HEALTH", "ADDRESS", "CPUS", "MEM_MB"
+        "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:<15} {:>4} {:>7}",
+        "", "NAME", "ID", "ROLE", "HEALTH", "ADDRESS", "MESH_IP", "CPUS", "MEM_MB"
     );
     for m in &r.members {
         let mark = if m.is_leader { "*" } else { "" };

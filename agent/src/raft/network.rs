@@ -99,13 +99,23 @@ fn to_rpc_error<E: std::error::Error>(e: PeerError) -> RPCError<NodeId, BasicNod
     if unreachable(&e) { RPCError::Unreachable(Unreachable::new(&e)) } else { RPCError::Network(NetworkError::new(&e)) }
 }
 
+impl PeerConnection {
+    /// openraft asks heartbeats to finish within one heartbeat interval. On loaded machines (VMs
+    /// under emulation) that is too tight: a late answer still proves the peer is alive, while a
+    /// timeout makes the leader back off and can cost it its lease. So the configured RPC timeout
+    /// is the bound when it is longer.
+    fn rpc_timeout(&self, option: &RPCOption) -> Duration {
+        option.hard_ttl().max(self.net.rpc_timeout)
+    }
+}
+
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let t = option.hard_ttl().min(self.net.rpc_timeout);
+        let t = self.rpc_timeout(&option);
         self.rpc(paths::RAFT_APPEND, &rpc, t).await
     }
 
@@ -126,7 +136,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let t = option.hard_ttl().min(self.net.rpc_timeout);
+        let t = self.rpc_timeout(&option);
         self.rpc(paths::RAFT_VOTE, &rpc, t).await
     }
 
