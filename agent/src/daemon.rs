@@ -83,6 +83,18 @@ fn watchdog_task() {
 /// Runs an agent that cannot form a cluster (no secret, invalid config) so that `clusteros status`
 /// can say what is wrong. Returns on a shutdown signal.
 async fn run_unconfigured(socket: &Path, name: String, problems: Vec<String>) -> Result<()> {
+    serve_problems(socket, name, problems, shutdown_signal()).await?;
+    notify(&[NotifyState::Stopping]);
+    Ok(())
+}
+
+/// Serves only `status` (which lists `problems`) until `until` resolves.
+async fn serve_problems(
+    socket: &Path,
+    name: String,
+    problems: Vec<String>,
+    until: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     for p in &problems {
         error!("{p}");
     }
@@ -90,8 +102,7 @@ async fn run_unconfigured(socket: &Path, name: String, problems: Vec<String>) ->
     let local =
         spawn_local(bind_socket(socket)?, LocalState::Unconfigured { name, problems: problems.clone() }, stop_rx);
     notify(&[NotifyState::Ready, NotifyState::Status(&format!("not running: {}", problems.join("; ")))]);
-    shutdown_signal().await;
-    notify(&[NotifyState::Stopping]);
+    until.await;
     let _ = stop_tx.send(true);
     let _ = local.await;
     Ok(())
@@ -140,6 +151,25 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
     crate::files::ensure_dir(&cfg.state_dir, 0o700)?;
     let mut extra_join: Vec<String> = Vec::new();
     let mut signal = Box::pin(shutdown_signal());
+    // Without an address other nodes can dial there is nothing to start yet: say so in `status`
+    // and look again every 10 s (the network may still be coming up).
+    while let Err(e) = crate::runtime::resolve_advertise(&cfg) {
+        let problem = format!(
+            "cannot work out this node's address ({e}): set advertise_addr in /etc/clusteros/agent.toml, or give the node a default route or a join address"
+        );
+        let mut stopped = false;
+        let until = async {
+            tokio::select! {
+                _ = &mut signal => stopped = true,
+                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+            }
+        };
+        serve_problems(&cfg.socket_path, name.clone(), vec![problem], until).await?;
+        if stopped {
+            notify(&[NotifyState::Stopping]);
+            return Ok(());
+        }
+    }
     loop {
         let identity = Identity::load_or_create(&cfg.state_dir, &name)?;
         let agent = Agent::open(cfg.clone(), identity, &secret, std::mem::take(&mut extra_join)).await?;

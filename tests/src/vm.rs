@@ -1,0 +1,634 @@
+//! One QEMU VM booting a qcow2 overlay on the image snapshot.
+//!
+//! The QEMU process runs in its own process group (inside the test's network namespace when the
+//! VM has a NIC) and is killed on drop. The guest is reached through qemu-guest-agent
+//! ([`Vm::exec`]); an ACPI power-off goes through QMP ([`Vm::power_off`]) and [`Vm::start`] boots
+//! the same disk again. If the test is panicking when a `Vm` drops, its serial console, QEMU log
+//! and journal are saved to the test's log directory first.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde_json::json;
+
+use crate::image::{OVMF_CODE, OVMF_VARS, path_str};
+use crate::netns::{NetNs, harness_alive};
+use crate::qga::{Output, Qga};
+use crate::{Abort, TestEnv, run_cmd, wait_until};
+
+/// Every QEMU this harness starts runs with `-name ce2e-<pid of the test process>-<vm>`.
+const NAME_PREFIX: &str = "ce2e-";
+/// A boot whose guest agent has not answered this long after QEMU started is taken as stalled
+/// (scaled by CLUSTEROS_E2E_TIMEOUT_SCALE; CLUSTEROS_E2E_BOOT_STALL=SECONDS overrides). The agent
+/// normally answers 30-120 s after QEMU starts here.
+pub const BOOT_STALL: Duration = Duration::from_secs(240);
+
+/// The guest agent did not answer within [`BOOT_STALL`] of QEMU's start.
+#[derive(Debug)]
+struct Stalled(Duration);
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "boot stalled: no answer from the guest agent {:.0} s after QEMU started", self.0.as_secs_f64())
+    }
+}
+
+impl std::error::Error for Stalled {}
+
+/// Default limit for one command in the guest.
+pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Boot {
+    /// `-kernel/-initrd/-append` with the image's kernel and command line (fastest under TCG).
+    Direct,
+    /// OVMF firmware, systemd-boot and the UKI on the disk's ESP: the path a flashed machine takes.
+    Uefi,
+}
+
+impl Boot {
+    /// `CLUSTEROS_E2E_BOOT=uefi|direct` (default direct).
+    pub fn from_env() -> Boot {
+        match std::env::var("CLUSTEROS_E2E_BOOT").as_deref() {
+            Ok("uefi") => Boot::Uefi,
+            _ => Boot::Direct,
+        }
+    }
+}
+
+pub struct VmBuilder {
+    env: Arc<TestEnv>,
+    name: String,
+    boot: Boot,
+    mem_mib: u32,
+    cpus: u32,
+    disk_size: String,
+    extra_disks: Vec<String>,
+    credentials: BTreeMap<String, Vec<u8>>,
+    kernel_args: Vec<String>,
+    nic: Option<(Arc<NetNs>, u8)>,
+}
+
+impl VmBuilder {
+    pub(crate) fn new(env: Arc<TestEnv>, name: &str) -> VmBuilder {
+        VmBuilder {
+            env,
+            name: name.into(),
+            boot: Boot::from_env(),
+            mem_mib: 1024,
+            cpus: 1,
+            disk_size: "8G".into(),
+            extra_disks: Vec::new(),
+            credentials: BTreeMap::new(),
+            kernel_args: Vec::new(),
+            nic: None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn boot(mut self, boot: Boot) -> Self {
+        self.boot = boot;
+        self
+    }
+
+    pub fn mem_mib(mut self, mib: u32) -> Self {
+        self.mem_mib = mib;
+        self
+    }
+
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = n;
+        self
+    }
+
+    /// Virtual size of the system disk (the overlay; the root partition grows into it).
+    pub fn disk_size(mut self, size: &str) -> Self {
+        self.disk_size = size.into();
+        self
+    }
+
+    /// A blank virtio disk (serial extraN) of `size` (qemu-img syntax, e.g. "1G").
+    pub fn extra_disk(mut self, size: &str) -> Self {
+        self.extra_disks.push(size.into());
+        self
+    }
+
+    /// A systemd credential passed through SMBIOS type 11 (`io.systemd.credential.binary:`).
+    pub fn credential(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
+        self.credentials.insert(name.into(), value.as_ref().to_vec());
+        self
+    }
+
+    pub fn remove_credential(mut self, name: &str) -> Self {
+        self.credentials.remove(name);
+        self
+    }
+
+    /// An extra kernel argument (direct boot: appended; UEFI: through systemd-stub's
+    /// io.systemd.stub.kernel-cmdline-extra SMBIOS credential).
+    pub fn kernel_arg(mut self, arg: &str) -> Self {
+        self.kernel_args.push(arg.into());
+        self
+    }
+
+    /// A NIC on the namespace's bridge with the static address of node `index`
+    /// ([`NetNs::node_ip`]), configured through the network.network.10-clusteros credential.
+    pub fn network(mut self, net: &Arc<NetNs>, index: u8) -> Self {
+        self.nic = Some((net.clone(), index));
+        self
+    }
+
+    /// Creates the disks and the tap and starts QEMU. Does not wait for the guest.
+    pub fn start(self) -> Result<Vm> {
+        let dir = self.env.run_dir().join(&self.name);
+        if dir.join("qga.sock").as_os_str().len() > crate::MAX_SOCKET_PATH {
+            bail!("VM name {:?} is too long for the unix socket paths under {}", self.name, dir.display());
+        }
+        if dir.exists() {
+            bail!("a VM named {} already exists in this test", self.name);
+        }
+        std::fs::create_dir_all(&dir)?;
+        let p = |f: &str| dir.join(f);
+        let image = self.env.image().clone();
+        run_cmd(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                path_str(&image.raw)?,
+                path_str(&p("disk.qcow2"))?,
+                &self.disk_size,
+            ],
+        )?;
+        let accel = accel();
+        let mut args: Vec<String> = Vec::new();
+        let mut arg = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
+        // The owner's pid in the name lets a later run find VMs of a run that was killed. (No
+        // `process=`: the process keeps its name, so `pgrep qemu` finds it.)
+        arg(&["-name", &format!("{NAME_PREFIX}{}-{}", std::process::id(), self.name)]);
+        arg(&["-machine", "q35"]);
+        match accel {
+            Accel::Kvm => arg(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg => arg(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        arg(&["-smp", &self.cpus.to_string(), "-m", &self.mem_mib.to_string()]);
+        arg(&["-nodefaults", "-no-user-config", "-display", "none"]);
+        arg(&["-chardev", &format!("file,id=serial0,path={},append=on", path_str(&p("serial.log"))?)]);
+        arg(&["-serial", "chardev:serial0"]);
+        arg(&["-drive", &format!("if=none,id=disk0,file={},format=qcow2,discard=unmap", path_str(&p("disk.qcow2"))?)]);
+        arg(&["-device", "virtio-blk-pci,drive=disk0"]);
+        for (i, size) in self.extra_disks.iter().enumerate() {
+            let f = p(&format!("extra{}.qcow2", i + 1));
+            run_cmd("qemu-img", &["create", "-q", "-f", "qcow2", path_str(&f)?, size])?;
+            arg(&["-drive", &format!("if=none,id=extra{n},file={},format=qcow2", path_str(&f)?, n = i + 1)]);
+            arg(&["-device", &format!("virtio-blk-pci,drive=extra{n},serial=extra{n}", n = i + 1)]);
+        }
+        let mut credentials = self.credentials.clone();
+        credentials.entry("system.hostname".into()).or_insert_with(|| self.name.clone().into_bytes());
+        let mut ip = None;
+        if let Some((net, index)) = &self.nic {
+            let tap = net.add_tap()?;
+            let mac = NetNs::node_mac(*index);
+            let addr = NetNs::node_ip(*index);
+            arg(&["-netdev", &format!("tap,id=net0,ifname={tap},script=no,downscript=no")]);
+            arg(&["-device", &format!("virtio-net-pci,netdev=net0,mac={mac}")]);
+            credentials
+                .entry("network.network.10-clusteros".into())
+                .or_insert_with(|| NetNs::network_file(&mac, &addr).into_bytes());
+            ip = Some(addr);
+        }
+        arg(&["-device", "virtio-rng-pci", "-device", "virtio-serial-pci"]);
+        arg(&["-chardev", &format!("socket,id=qga0,path={},server=on,wait=off", path_str(&p("qga.sock"))?)]);
+        arg(&["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]);
+        arg(&["-qmp", &format!("unix:{},server=on,wait=off", path_str(&p("qmp.sock"))?)]);
+        for (name, value) in &credentials {
+            // Base64 has no commas, which QEMU's option parser would split on.
+            arg(&["-smbios", &format!("type=11,value=io.systemd.credential.binary:{name}={}", B64.encode(value))]);
+        }
+        match self.boot {
+            Boot::Direct => {
+                let mut cmdline = image.cmdline.clone();
+                for a in &self.kernel_args {
+                    cmdline.push(' ');
+                    cmdline.push_str(a);
+                }
+                arg(&["-kernel", path_str(&image.vmlinuz)?, "-initrd", path_str(&image.initrd)?]);
+                arg(&["-append", &cmdline]);
+            }
+            Boot::Uefi => {
+                std::fs::copy(OVMF_VARS, p("efivars.fd")).with_context(|| format!("cannot copy {OVMF_VARS}"))?;
+                arg(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")]);
+                arg(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", path_str(&p("efivars.fd"))?)]);
+                if !self.kernel_args.is_empty() {
+                    let extra = self.kernel_args.join(" ").replace(',', ",,");
+                    arg(&["-smbios", &format!("type=11,value=io.systemd.stub.kernel-cmdline-extra={extra}")]);
+                }
+            }
+        }
+        let vm = Vm {
+            name: self.name.clone(),
+            qga: Qga::new(p("qga.sock")),
+            dir,
+            ip,
+            netns: self.nic.as_ref().map(|(n, _)| n.clone()),
+            args,
+            child: Mutex::new(None),
+            boots: AtomicU32::new(0),
+            started: Mutex::new(Instant::now()),
+            agent_answered: AtomicBool::new(false),
+            env: self.env,
+        };
+        vm.start()?;
+        Ok(vm)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Accel {
+    Kvm,
+    Tcg,
+}
+
+/// `CLUSTEROS_ACCEL=kvm|tcg`, else KVM only when /dev/kvm is usable with hardware virtualisation
+/// (some hosts expose a /dev/kvm that cannot run ordinary guests).
+fn accel() -> Accel {
+    match std::env::var("CLUSTEROS_ACCEL").as_deref() {
+        Ok("kvm") => return Accel::Kvm,
+        Ok("tcg") => return Accel::Tcg,
+        _ => {}
+    }
+    let rw = OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+    let hw = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
+        .unwrap_or(false);
+    let module = Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
+    if rw && hw && module { Accel::Kvm } else { Accel::Tcg }
+}
+
+pub struct Vm {
+    name: String,
+    dir: PathBuf,
+    ip: Option<String>,
+    qga: Qga,
+    /// Keeps the namespace (and the VM's tap) alive as long as the VM.
+    netns: Option<Arc<NetNs>>,
+    args: Vec<String>,
+    child: Mutex<Option<Child>>,
+    boots: AtomicU32,
+    /// When QEMU was last started.
+    started: Mutex<Instant>,
+    /// Whether the guest agent answered since then.
+    agent_answered: AtomicBool,
+    env: Arc<TestEnv>,
+}
+
+impl Vm {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The guest's address on the test LAN, if it has a NIC.
+    pub fn ip(&self) -> Option<&str> {
+        self.ip.as_deref()
+    }
+
+    /// The VM's run directory (disk, sockets, serial.log, qemu.log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// How many times QEMU was started for this VM.
+    pub fn boots(&self) -> u32 {
+        self.boots.load(Ordering::SeqCst)
+    }
+
+    /// Starts QEMU (again) on the VM's disk. Fails if it is running.
+    pub fn start(&self) -> Result<()> {
+        let mut child = self.child.lock().expect("child lock");
+        if let Some(c) = child.as_mut()
+            && c.try_wait()?.is_none()
+        {
+            bail!("{} is running", self.name);
+        }
+        for s in ["qga.sock", "qmp.sock"] {
+            let _ = std::fs::remove_file(self.dir.join(s));
+        }
+        let log = OpenOptions::new().create(true).append(true).open(self.dir.join("qemu.log"))?;
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs QEMU in place: the child's pid is QEMU's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns.name(), "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+        let mut c = cmd.spawn().context("cannot start qemu-system-x86_64 (run scripts/install-host-deps)")?;
+        self.boots.fetch_add(1, Ordering::SeqCst);
+        *self.started.lock().expect("start time") = Instant::now();
+        self.agent_answered.store(false, Ordering::SeqCst);
+        // QEMU creates its sockets before it runs the guest; an early exit is a bad command line.
+        let qmp = self.dir.join("qmp.sock");
+        let started = wait_until(Duration::from_secs(30), &format!("{}: QEMU to start", self.name), || {
+            if let Some(st) = c.try_wait()? {
+                return Err(Abort::new(format!("QEMU exited at once ({st}): {}", self.qemu_log_tail())).into());
+            }
+            if qmp.exists() { Ok(()) } else { bail!("no QMP socket yet") }
+        });
+        *child = Some(c);
+        started
+    }
+
+    /// Whether QEMU runs.
+    pub fn is_running(&self) -> bool {
+        let mut child = self.child.lock().expect("child lock");
+        match child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().expect("child lock").as_ref().map(|c| c.id())
+    }
+
+    /// Runs `argv` in the guest (no shell; use `sh -c` for one) with the default timeout.
+    pub fn exec(&self, argv: &[&str]) -> Result<Output> {
+        self.exec_timeout(argv, EXEC_TIMEOUT)
+    }
+
+    /// `sh -c SCRIPT` in the guest.
+    pub fn sh(&self, script: &str) -> Result<Output> {
+        self.exec(&["sh", "-c", script])
+    }
+
+    /// Runs `argv` in the guest under `timeout(1)`, so a hung command does not outlive the
+    /// call; fails if it does not finish (or the guest agent does not answer) within `limit`.
+    pub fn exec_timeout(&self, argv: &[&str], limit: Duration) -> Result<Output> {
+        let secs = limit.as_secs().max(1).to_string();
+        let mut full = vec!["timeout", "-k", "5", secs.as_str()];
+        full.extend_from_slice(argv);
+        let t0 = Instant::now();
+        let out = self
+            .qga
+            .exec(&full, None, limit + Duration::from_secs(10))
+            .with_context(|| format!("{}: `{}`", self.name, argv.join(" ")))?;
+        self.agent_answered.store(true, Ordering::SeqCst);
+        if out.code == 124 && t0.elapsed() >= limit {
+            bail!("{}: `{}` timed out in the guest after {} s", self.name, argv.join(" "), secs);
+        }
+        Ok(out)
+    }
+
+    /// Waits until the guest agent answers.
+    pub fn wait_guest_agent(&self, timeout: Duration) -> Result<()> {
+        self.qga.ping(timeout).with_context(|| format!("{}: guest agent", self.name))
+    }
+
+    /// Waits until `systemctl is-system-running` says `running`. Fails at once (listing
+    /// `systemctl --failed`) if the system ends `degraded` or worse, or QEMU exits.
+    ///
+    /// Under TCG on a busy host a guest occasionally stalls early in boot (one step every ~30 s,
+    /// see [`BOOT_STALL`]). If the guest agent has not answered [`BOOT_STALL`] after QEMU started,
+    /// the VM is restarted once on the same disk, with a notice on stderr; the stalled boot's
+    /// serial console and QEMU's state are kept in `target/e2e-logs/<test>/<vm>/stalled-boot-N/`.
+    pub fn wait_system_running(&self, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        match self.wait_running_once(timeout, true) {
+            Err(e) if e.is::<Stalled>() => {
+                let left = timeout.saturating_sub(t0.elapsed());
+                self.restart_stalled(&e)?;
+                self.wait_running_once(left.max(crate::timeout(180)), false)?;
+            }
+            r => r?,
+        }
+        Ok(t0.elapsed())
+    }
+
+    fn wait_running_once(&self, timeout: Duration, stall_check: bool) -> Result<()> {
+        let what = format!("{}: systemctl is-system-running to say running", self.name);
+        let stall_limit = std::env::var("CLUSTEROS_E2E_BOOT_STALL")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(Duration::from_secs)
+            .unwrap_or_else(|| crate::timeout(BOOT_STALL.as_secs()));
+        wait_until(timeout, &what, || {
+            if !self.is_running() {
+                return Err(Abort::new(format!("QEMU exited; serial console ends: {}", self.serial_tail(20))).into());
+            }
+            let since_start = self.started.lock().expect("start time").elapsed();
+            if stall_check && !self.agent_answered.load(Ordering::SeqCst) && since_start > stall_limit {
+                let serial = self.serial_tail(1);
+                return Err(anyhow::Error::new(Abort::new(format!("serial console ends: {serial}")))
+                    .context(Stalled(since_start)));
+            }
+            let out = self.exec_timeout(&["systemctl", "is-system-running"], Duration::from_secs(20))?;
+            match out.stdout.trim() {
+                "running" => Ok(()),
+                s @ ("degraded" | "maintenance" | "stopping" | "offline") => {
+                    let failed = self
+                        .exec(&["systemctl", "--failed", "--no-legend", "--plain"])
+                        .map(|o| o.stdout)
+                        .unwrap_or_else(|e| format!("(cannot list: {e:#})"));
+                    Err(Abort::new(format!("the system is {s}; failed units:\n{}", failed.trim())).into())
+                }
+                s => bail!("state {s:?}"),
+            }
+        })
+    }
+
+    /// Keeps the evidence of a stalled boot (in the test's log directory), then kills QEMU and
+    /// starts it again.
+    fn restart_stalled(&self, why: &anyhow::Error) -> Result<()> {
+        let dir = self.env.failure_dir().join(&self.name).join(format!("stalled-boot-{}", self.boots()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("stall.txt"), format!("{why:#}\n\n{}", self.qmp_diagnostics()))?;
+        let _ = std::fs::rename(self.dir.join("serial.log"), dir.join("serial.log"));
+        eprintln!("e2e: {}: {why:#}; restarting it once (evidence in {})", self.name, dir.display());
+        self.kill();
+        self.start()
+    }
+
+    /// QEMU's view of a VM that does not answer: run state and vCPU registers (HLT, RIP).
+    pub fn qmp_diagnostics(&self) -> String {
+        let qmp = self.dir.join("qmp.sock");
+        let t = Duration::from_secs(10);
+        let mut out = String::new();
+        match crate::qmp::call(&qmp, "query-status", json!({}), t) {
+            Ok(v) => out.push_str(&format!("query-status: {v}\n")),
+            Err(e) => out.push_str(&format!("query-status: {e:#}\n")),
+        }
+        for hmp in ["info registers", "info lapic", "info irq"] {
+            match crate::qmp::call(&qmp, "human-monitor-command", json!({ "command-line": hmp }), t) {
+                Ok(v) => out.push_str(&format!("== {hmp}\n{}\n", v.as_str().unwrap_or_default())),
+                Err(e) => out.push_str(&format!("== {hmp}: {e:#}\n")),
+            }
+        }
+        out
+    }
+
+    /// ACPI power-off through QMP; waits (bounded) for QEMU to exit.
+    pub fn power_off(&self, timeout: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        crate::qmp::call(&self.dir.join("qmp.sock"), "system_powerdown", json!({}), Duration::from_secs(10))
+            .with_context(|| format!("{}: system_powerdown", self.name))?;
+        wait_until(timeout, &format!("{} to power off", self.name), || {
+            if self.is_running() { bail!("QEMU still runs") } else { Ok(()) }
+        })?;
+        Ok(t0.elapsed())
+    }
+
+    /// Kills QEMU's process group (pulls the plug) and reaps it.
+    pub fn kill(&self) {
+        let mut child = self.child.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mut c) = child.take() {
+            if matches!(c.try_wait(), Ok(None)) {
+                // QEMU leads its own process group (process_group(0)): kill the whole group.
+                let _ = run_cmd("kill", &["-KILL", "--", &format!("-{}", c.id())]);
+                let _ = c.kill();
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// The serial console so far.
+    pub fn serial_log(&self) -> String {
+        std::fs::read(self.dir.join("serial.log")).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// The last lines of the serial console, without terminal escape sequences.
+    fn serial_tail(&self, lines: usize) -> String {
+        strip_ansi(&tail(&self.serial_log(), lines))
+    }
+
+    fn qemu_log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("qemu.log")).unwrap_or_default();
+        tail(&log, 20)
+    }
+
+    /// Saves the serial console, QEMU's log and, if the guest answers, its journal, the agent's
+    /// journal (JSON) and a few status commands into `dir`.
+    pub fn save_logs(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir)?;
+        for f in ["serial.log", "qemu.log"] {
+            let _ = std::fs::copy(self.dir.join(f), dir.join(f));
+        }
+        if !self.is_running() {
+            std::fs::write(dir.join("NOT-RUNNING"), "QEMU was not running when the test failed\n")?;
+            return Ok(());
+        }
+        if let Err(e) = self.wait_guest_agent(Duration::from_secs(10)) {
+            std::fs::write(dir.join("NO-GUEST-AGENT"), format!("{e:#}\n\n{}", self.qmp_diagnostics()))?;
+            return Ok(());
+        }
+        let cmds: [(&str, &[&str]); 5] = [
+            ("journal.txt", &["journalctl", "-b", "--no-pager"]),
+            ("agent-journal.json", &["journalctl", "-u", "clusteros-agent", "-o", "json", "--no-pager"]),
+            ("boots.txt", &["journalctl", "--list-boots", "--no-pager"]),
+            ("status.txt", &["clusteros", "status"]),
+            ("systemctl-failed.txt", &["systemctl", "--failed", "--no-pager"]),
+        ];
+        for (file, argv) in cmds {
+            let text = match self.exec_timeout(argv, Duration::from_secs(60)) {
+                Ok(o) if o.success() => o.stdout,
+                Ok(o) => format!("{o}\n"),
+                Err(e) => format!("{e:#}\n"),
+            };
+            std::fs::write(dir.join(file), text)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let dir = self.env.failure_dir().join(&self.name);
+            if let Err(e) = self.save_logs(&dir) {
+                eprintln!("e2e: cannot save the logs of {}: {e:#}", self.name);
+            }
+        }
+        self.kill();
+    }
+}
+
+/// Removes CSI escape sequences (ESC [ ... final byte), as systemd's colored status lines have.
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if ('@'..='~').contains(&c) {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// Kills QEMU processes that runs of this harness left behind (their test process is gone).
+pub(crate) fn sweep_stale() {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        let args: Vec<&str> = cmdline.split('\0').collect();
+        if !args.first().is_some_and(|a| a.starts_with("qemu-system") || a.contains("/qemu-system")) {
+            continue;
+        }
+        let Some(owner) = args
+            .windows(2)
+            .find(|w| w[0] == "-name")
+            .and_then(|w| w[1].strip_prefix(NAME_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !harness_alive(owner) {
+            let _ = run_cmd("kill", &["-KILL", &pid.to_string()]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequences_are_stripped() {
+        assert_eq!(
+            strip_ansi("[\x1b[0;32m  OK  \x1b[0m] Reached \x1b[0;1;39mtarget\x1b[0m."),
+            "[  OK  ] Reached target."
+        );
+    }
+}

@@ -1,0 +1,197 @@
+//! Node services end to end: the WireGuard mesh, the replicated MUNGE key, elected SLURM roles and
+//! real SLURM jobs across three VMs, controller failover, key rotation, and k3s without its binary.
+//!
+//! Run with `make e2e` (see tests/tests/e2e.rs for the knobs). Prints `e2e: <phase> <seconds>`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use clusteros_e2e::{ClusterBuilder, OrFail, TestEnv, Vm, timeout, wait_until};
+
+/// `clusteros roles --json` of one node: holders by name, and this node's units.
+fn roles(vm: &Vm) -> Result<serde_json::Value> {
+    let out = vm.exec(&["clusteros", "roles", "--json"])?.check("clusteros roles --json")?;
+    serde_json::from_str(&out.stdout).context("clusteros roles --json is not JSON")
+}
+
+fn holder(r: &serde_json::Value, role: &str) -> Option<String> {
+    r["roles"][role].as_str().map(str::to_string)
+}
+
+fn names(r: &serde_json::Value, role: &str) -> BTreeSet<String> {
+    r["roles"][role].as_array().into_iter().flatten().filter_map(|v| v.as_str().map(str::to_string)).collect()
+}
+
+fn is_active(vm: &Vm, unit: &str) -> Result<bool> {
+    Ok(vm.exec(&["systemctl", "is-active", "--quiet", unit])?.success())
+}
+
+/// md5 of /etc/munge/munge.key, after checking owner and mode.
+fn munge_key_md5(vm: &Vm) -> Result<String> {
+    let st = vm.exec(&["stat", "-c", "%U:%G %a", "/etc/munge/munge.key"])?.check("stat munge.key")?;
+    ensure!(st.stdout.trim() == "munge:munge 400", "{}: munge.key is {}", vm.name(), st.stdout.trim());
+    let out = vm.exec(&["md5sum", "/etc/munge/munge.key"])?.check("md5sum")?;
+    Ok(out.stdout.split_whitespace().next().unwrap_or_default().to_string())
+}
+
+/// Every node holds the same key (owner munge, mode 0400) and munged runs; returns the md5.
+fn check_munge(nodes: &[&Vm]) -> Result<String> {
+    let mut sums = BTreeMap::new();
+    for vm in nodes {
+        sums.insert(vm.name().to_string(), munge_key_md5(vm)?);
+        ensure!(is_active(vm, "munge.service")?, "{}: munge.service is not active", vm.name());
+    }
+    let distinct: BTreeSet<&String> = sums.values().collect();
+    ensure!(distinct.len() == 1, "munge keys differ: {sums:?}");
+    Ok(sums.into_values().next().unwrap_or_default())
+}
+
+/// Every pair of nodes has a recent handshake and pings over the mesh.
+fn check_mesh(nodes: &[&Vm]) -> Result<()> {
+    let mut mesh_ips = BTreeMap::new();
+    for vm in nodes {
+        let st: serde_json::Value =
+            serde_json::from_str(&vm.exec(&["clusteros", "status", "--json"])?.check("status")?.stdout)?;
+        let addr = st["mesh"]["address"].as_str().context("no mesh address yet")?;
+        mesh_ips.insert(vm.name().to_string(), addr.split('/').next().unwrap_or_default().to_string());
+    }
+    for vm in nodes {
+        // Independent of the agent: the kernel's own view through wireguard-tools.
+        let hs = vm.exec(&["wg", "show", "wg0", "latest-handshakes"])?.check("wg show")?;
+        let now = vm.exec(&["date", "+%s"])?.check("date")?.stdout.trim().parse::<u64>()?;
+        let peers: Vec<u64> = hs.stdout.lines().filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).collect();
+        ensure!(peers.len() == nodes.len() - 1, "{}: {} WireGuard peers: {}", vm.name(), peers.len(), hs.stdout);
+        for t in &peers {
+            ensure!(
+                *t > 0 && now.saturating_sub(*t) < 120,
+                "{}: a handshake is older than 2 minutes: {}",
+                vm.name(),
+                hs.stdout
+            );
+        }
+        for (other, ip) in &mesh_ips {
+            if other != vm.name() {
+                vm.exec(&["ping", "-c", "1", "-W", "3", ip])?.check(&format!("{} pings {other} at {ip}", vm.name()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// slurmctld runs on exactly the controller and the backup, slurmd on every worker, and sinfo
+/// shows every worker idle. Returns (controller, backup).
+fn check_slurm(nodes: &[&Vm], workers: usize) -> Result<(String, String)> {
+    let r = roles(nodes[0])?;
+    let controller = holder(&r, "slurm_controller").context("no SLURM controller assigned")?;
+    let backup = holder(&r, "slurm_backup").context("no SLURM backup assigned")?;
+    let worker_names = names(&r, "slurm_workers");
+    ensure!(worker_names.len() == workers, "workers {worker_names:?}, want {workers}");
+    for vm in nodes {
+        let ctld = is_active(vm, "slurmctld.service")?;
+        let want_ctld = vm.name() == controller || vm.name() == backup;
+        ensure!(ctld == want_ctld, "{}: slurmctld active={ctld}, controller {controller}, backup {backup}", vm.name());
+        if worker_names.contains(vm.name()) {
+            ensure!(is_active(vm, "slurmd.service")?, "{}: slurmd is not active", vm.name());
+        }
+    }
+    let sinfo = nodes[0].exec(&["sinfo", "-h", "-N", "-o", "%N %t"])?.check("sinfo")?;
+    let idle: BTreeSet<String> = sinfo
+        .stdout
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(_, state)| state.trim() == "idle")
+        .map(|(n, _)| n.to_string())
+        .collect();
+    ensure!(idle == worker_names, "sinfo: idle {idle:?}, workers {worker_names:?}:\n{}", sinfo.stdout);
+    Ok((controller, backup))
+}
+
+/// `srun -N<n> hostname` prints n different host names.
+fn srun_hostnames(vm: &Vm, n: usize) -> Result<BTreeSet<String>> {
+    let out = vm.exec(&["timeout", "60", "srun", &format!("-N{n}"), "hostname"])?.check("srun")?;
+    let hosts: BTreeSet<String> = out.stdout.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
+    ensure!(hosts.len() == n, "srun -N{n} hostname printed {hosts:?}");
+    Ok(hosts)
+}
+
+/// No failed units, k3s included: the k3s role reports its binary missing and nothing fails.
+fn check_k3s_unavailable(nodes: &[&Vm]) -> Result<()> {
+    let mut reported = false;
+    for vm in nodes {
+        let failed = vm.exec(&["systemctl", "--failed", "--no-legend", "--plain"])?.check("systemctl --failed")?;
+        ensure!(failed.stdout.trim().is_empty(), "{}: failed units: {}", vm.name(), failed.stdout);
+        let r = roles(vm)?;
+        let notes = r["services"]["notes"].as_array().cloned().unwrap_or_default();
+        reported |= notes.iter().any(|n| n.as_str().is_some_and(|n| n.contains("k3s binary not installed")));
+    }
+    ensure!(reported, "no node reports the k3s binary as missing");
+    Ok(())
+}
+
+#[test]
+fn mesh_munge_slurm_failover_and_rotation() {
+    let env = TestEnv::new("mesh_munge_slurm_failover_and_rotation").or_fail("setup");
+    let cluster = ClusterBuilder::new(&env, 3).start().or_fail("start 3 VMs");
+    let all = [1, 2, 3];
+    let t0 = Instant::now();
+    cluster.wait_running(&all, timeout(420), "boot-to-running").or_fail("boot");
+    cluster.wait_agreement(&all, 3, timeout(300)).or_fail("formation");
+    env.timer.phase("formed");
+    let nodes: Vec<&Vm> = all.iter().map(|i| cluster.node(*i)).collect();
+
+    // 1. The mesh.
+    wait_until(timeout(240), "a full WireGuard mesh with recent handshakes", || check_mesh(&nodes)).or_fail("(1) mesh");
+    env.timer.phase("1.mesh");
+    // 2. One MUNGE key everywhere.
+    let md5 = wait_until(timeout(180), "the same MUNGE key on every node", || check_munge(&nodes)).or_fail("(2) munge");
+    env.timer.phase("2.munge");
+    // 3. SLURM daemons where the roles say, every node idle.
+    let (controller, backup) =
+        wait_until(timeout(240), "slurmctld on controller and backup, every node idle", || check_slurm(&nodes, 3))
+            .or_fail("(3) slurm");
+    env.timer.phase("3.slurm");
+    cluster.record("boot-to-slurm-ready", t0);
+    // 4. A job across the cluster.
+    let hosts = wait_until(timeout(120), "srun -N3 hostname", || srun_hostnames(nodes[0], 3)).or_fail("(4) srun -N3");
+    eprintln!("e2e: srun -N3 hostname -> {hosts:?}");
+    env.timer.phase("4.srun");
+    // 7. k3s without its binary.
+    check_k3s_unavailable(&nodes).or_fail("(7) k3s");
+    // 6. Key rotation.
+    nodes[1].exec(&["clusteros", "secrets", "rotate", "munge"]).and_then(|o| o.check("rotate")).or_fail("(6) rotate");
+    let rotated = wait_until(timeout(180), "a new MUNGE key on every node", || {
+        let m = check_munge(&nodes)?;
+        ensure!(m != md5, "the key did not change");
+        Ok(m)
+    })
+    .or_fail("(6) rotation");
+    eprintln!("e2e: munge key md5 {md5} -> {rotated}");
+    wait_until(timeout(120), "srun -N3 hostname after rotation", || srun_hostnames(nodes[0], 3)).or_fail("(6) srun");
+    env.timer.phase("6.rotation");
+    // 5. The controller's VM powers off: the backup takes over.
+    let ci = all
+        .iter()
+        .copied()
+        .find(|i| cluster.node(*i).name() == controller)
+        .with_context(|| format!("no VM is named {controller}, the controller"))
+        .or_fail("(5) controller VM");
+    let rest: Vec<&Vm> = all.iter().filter(|i| **i != ci).map(|i| cluster.node(*i)).collect();
+    let t = Instant::now();
+    cluster.node(ci).power_off(timeout(180)).or_fail("(5) power off the controller");
+    wait_until(timeout(300), "srun -N2 hostname without the controller", || srun_hostnames(rest[0], 2))
+        .or_fail("(5) failover");
+    let took = cluster.record("5.controller-off-to-srun-N2", t);
+    eprintln!(
+        "e2e: backup {backup} took over from {controller}: srun -N2 worked {:.0} s after power-off",
+        took.as_secs_f64()
+    );
+    let r = roles(rest[0]).or_fail("(5) roles");
+    assert_eq!(
+        holder(&r, "slurm_controller").as_deref(),
+        Some(backup.as_str()),
+        "(5) the backup holds the controller role"
+    );
+    env.timer.phase("5.failover");
+    env.timer.record("services/total", env.timer.total());
+}
