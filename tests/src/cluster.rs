@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use serde::Deserialize;
 
 use crate::vm::{Boot, Vm, VmBuilder};
 use crate::{NetNs, TestEnv, wait_until};
@@ -23,97 +22,60 @@ pub mod credential {
 
 pub const PEER_PORT: u16 = 7600;
 
-/// The parts of `clusteros status --json` (the agent's StatusReport) the tests look at.
-#[derive(Deserialize, Debug, Clone)]
-pub struct Status {
-    pub node: NodeStatus,
-    pub configured: bool,
-    #[serde(default)]
-    pub phase: Option<String>,
-    #[serde(default)]
-    pub phase_detail: Option<String>,
-    #[serde(default)]
-    pub problems: Vec<String>,
-    #[serde(default)]
-    pub last_error: Option<String>,
-    #[serde(default)]
-    pub cluster_id: Option<String>,
-    #[serde(default)]
-    pub raft: Option<RaftStatus>,
-    #[serde(default)]
-    pub members: Vec<MemberStatus>,
+/// `clusteros status --json` is the agent's own `StatusReport`: the tests decode exactly what the
+/// agent encodes, so a change to the report cannot silently drift from what the tests read.
+pub use clusteros::status::{MemberReport as MemberStatus, RaftReport as RaftStatus, StatusReport as Status};
+
+/// Views of a status report that the scenarios use.
+pub trait StatusExt {
+    fn node_id(&self) -> Result<&str>;
+    fn leader(&self) -> Option<&str>;
+    /// Sorted voter ids.
+    fn voters(&self) -> Vec<String>;
+    /// Sorted learner ids.
+    fn learners(&self) -> Vec<String>;
+    /// Sorted (id, role) of the members.
+    fn membership(&self) -> Vec<(String, String)>;
+    /// Whether the node says it is a member of a cluster.
+    fn is_member(&self) -> bool;
+    /// One line for error messages.
+    fn summary(&self) -> String;
 }
 
-#[derive(Deserialize, Debug, Clone)]
-pub struct NodeStatus {
-    pub id: Option<String>,
-    pub name: String,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-pub struct RaftStatus {
-    pub state: String,
-    pub term: u64,
-    pub leader_id: Option<String>,
-    #[serde(default)]
-    pub voters: Vec<String>,
-    #[serde(default)]
-    pub learners: Vec<String>,
-    #[serde(default)]
-    pub applied_index: Option<u64>,
-}
-
-#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct MemberStatus {
-    pub id: String,
-    pub name: Option<String>,
-    pub api_addr: String,
-    pub role: String,
-    #[serde(default)]
-    pub health: Option<String>,
-    #[serde(default)]
-    pub is_leader: bool,
-}
-
-impl Status {
-    pub fn node_id(&self) -> Result<&str> {
+impl StatusExt for Status {
+    fn node_id(&self) -> Result<&str> {
         self.node.id.as_deref().with_context(|| format!("{} reports no node id", self.node.name))
     }
-
-    pub fn leader(&self) -> Option<&str> {
+    fn leader(&self) -> Option<&str> {
         self.raft.as_ref().and_then(|r| r.leader_id.as_deref())
     }
-
-    /// Sorted voter ids.
-    pub fn voters(&self) -> Vec<String> {
+    fn voters(&self) -> Vec<String> {
         let mut v = self.raft.as_ref().map(|r| r.voters.clone()).unwrap_or_default();
         v.sort();
         v
     }
-
-    /// Sorted learner ids.
-    pub fn learners(&self) -> Vec<String> {
+    fn learners(&self) -> Vec<String> {
         let mut v = self.raft.as_ref().map(|r| r.learners.clone()).unwrap_or_default();
         v.sort();
         v
     }
-
-    /// Sorted (id, role) of the members.
-    pub fn membership(&self) -> Vec<(String, String)> {
+    fn membership(&self) -> Vec<(String, String)> {
         let mut v: Vec<_> = self.members.iter().map(|m| (m.id.clone(), m.role.clone())).collect();
         v.sort();
         v
     }
+    fn is_member(&self) -> bool {
+        self.phase == Some(clusteros::runtime::Phase::Member)
+    }
 
-    /// One line for error messages.
-    pub fn summary(&self) -> String {
+    fn summary(&self) -> String {
         let r = self.raft.as_ref();
         format!(
             "{} id {} cluster {} phase {} raft {} term {} leader {} voters {:?} learners {:?} last_error {}",
             self.node.name,
             self.node.id.as_deref().unwrap_or("-"),
             self.cluster_id.as_deref().unwrap_or("-"),
-            self.phase.as_deref().unwrap_or("-"),
+            self.phase.map_or_else(|| "-".to_string(), |p| p.to_string()),
             r.map_or("-", |r| r.state.as_str()),
             r.map_or(0, |r| r.term),
             self.leader().unwrap_or("-"),
@@ -137,7 +99,7 @@ pub fn agreement(statuses: &[Status], voters: usize) -> Result<(String, Vec<Stri
     let first = statuses.first().context("no status")?;
     for s in statuses {
         ensure!(s.configured, "{} is not configured: {:?}", s.node.name, s.problems);
-        ensure!(s.phase.as_deref() == Some("member"), "{}", s.summary());
+        ensure!(s.is_member(), "{}", s.summary());
         ensure!(s.cluster_id.is_some(), "no cluster id yet: {}", s.summary());
         ensure!(s.leader().is_some(), "no leader: {}", s.summary());
         ensure!(s.voters().len() == voters, "not {voters} voters: {}", s.summary());

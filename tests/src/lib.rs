@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 
-pub use cluster::{Cluster, ClusterBuilder, MemberStatus, RaftStatus, Status, credential};
+pub use cluster::{Cluster, ClusterBuilder, MemberStatus, RaftStatus, Status, StatusExt, credential};
 pub use image::Image;
 pub use netns::NetNs;
 pub use qga::Output;

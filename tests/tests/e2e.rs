@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Result, bail, ensure};
 use clusteros_e2e::cluster::{agreement, random_secret, status_of};
-use clusteros_e2e::{Boot, ClusterBuilder, OrFail, TestEnv, Vm, credential, timeout, wait_until};
+use clusteros_e2e::{Boot, ClusterBuilder, OrFail, StatusExt, TestEnv, Vm, credential, timeout, wait_until};
 
 /// (a) one VM with a secret and bootstrap_expect=1 comes up whole and forms a one-node cluster;
 /// (b) one VM without a secret comes up, and `clusteros status` says what is missing and how to
@@ -244,7 +244,7 @@ fn check_formed(formed: &[clusteros_e2e::Status]) -> Result<()> {
 }
 
 fn ensure_not_member(st: &clusteros_e2e::Status) -> Result<()> {
-    if st.phase.as_deref() == Some("member") {
+    if st.is_member() {
         bail!("node4 became a member despite the wrong secret: {}", st.summary());
     }
     Ok(())
