@@ -1012,9 +1012,22 @@ impl Agent {
         let mut end = self.end_signal();
         let mut changes = self.state.subscribe();
         let mut reconciler = None;
+        // The inputs of the last reconcile: a state change that leaves them alone (a KV write)
+        // wakes the loop but costs nothing; every 15 s it reconciles anyway (units may drift).
+        let mut last: Option<crate::state::ClusterState> = None;
+        let mut periodic = true;
         loop {
             if end.borrow().is_some() {
                 return;
+            }
+            let state = self.state.read(|d| d.state.without_kv());
+            if !periodic && reconciler.is_some() && last.as_ref() == Some(&state) {
+                periodic = tokio::select! {
+                    _ = changes.changed() => false,
+                    _ = tokio::time::sleep(Duration::from_secs(15)) => true,
+                    _ = end.changed() => false,
+                };
+                continue;
             }
             if reconciler.is_none() {
                 match crate::systemd::DbusSystemd::connect(Duration::from_secs(90)).await {
@@ -1027,7 +1040,6 @@ impl Agent {
                 }
             }
             if let Some(r) = &reconciler {
-                let state = self.state.read(|d| d.state.clone());
                 let open = |name: &str| {
                     state.secrets.get(name).and_then(|s| match self.secret_box.open(name, &s.value) {
                         Ok(v) => Some(v),
@@ -1051,12 +1063,13 @@ impl Agent {
                     warn!(node_id = %hex_id(self.id()), "services: {e}");
                 }
                 *self.services.lock().expect("services lock") = Some(report);
+                last = Some(state);
             }
-            tokio::select! {
-                _ = changes.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(15)) => {}
-                _ = end.changed() => {}
-            }
+            periodic = tokio::select! {
+                _ = changes.changed() => false,
+                _ = tokio::time::sleep(Duration::from_secs(15)) => true,
+                _ = end.changed() => false,
+            };
         }
     }
 }
@@ -1068,6 +1081,7 @@ pub struct MeshPeerReport {
     pub public_key: String,
     pub mesh_ip: Option<std::net::Ipv4Addr>,
     pub endpoint: Option<SocketAddr>,
+    /// As of the last reconcile, which is at most 10 s old.
     pub handshake_age_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
@@ -1095,9 +1109,21 @@ impl Agent {
         let mut end = self.end_signal();
         let mut changes = self.state.subscribe();
         let mut nl: Option<crate::wireguard::WgNetlink> = None;
+        // As in `run_services`: skip wake-ups that change nothing the mesh is made of.
+        let mut last: Option<crate::state::ClusterState> = None;
+        let mut periodic = true;
         loop {
             if end.borrow().is_some() {
                 return;
+            }
+            let state = self.state.read(|d| d.state.without_kv());
+            if !periodic && last.as_ref() == Some(&state) {
+                periodic = tokio::select! {
+                    _ = changes.changed() => false,
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => true,
+                    _ = end.changed() => false,
+                };
+                continue;
             }
             let mut report = MeshReport { interface: WG_INTERFACE.into(), ..Default::default() };
             if nl.is_none() {
@@ -1106,7 +1132,6 @@ impl Agent {
                     Err(e) => report.error = Some(e.to_string()),
                 }
             }
-            let state = self.state.read(|d| d.state.clone());
             if let Some(n) = nl.as_mut() {
                 match desired_device(&state, self.id(), self.cfg.mesh_cidr.1) {
                     None => report.error = Some("waiting for the leader to assign this node a mesh address".into()),
@@ -1150,12 +1175,15 @@ impl Agent {
                     }
                 }
             }
-            *self.mesh.lock().expect("mesh lock") = Some(report);
-            tokio::select! {
-                _ = changes.changed() => {}
-                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
-                _ = end.changed() => {}
+            if report.error.is_none() {
+                last = Some(state);
             }
+            *self.mesh.lock().expect("mesh lock") = Some(report);
+            periodic = tokio::select! {
+                _ = changes.changed() => false,
+                _ = tokio::time::sleep(Duration::from_secs(10)) => true,
+                _ = end.changed() => false,
+            };
         }
     }
 }

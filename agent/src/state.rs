@@ -225,6 +225,21 @@ pub fn validate_kv(key: &str, value: Option<&str>) -> Result<(), String> {
 }
 
 impl ClusterState {
+    /// A copy without the user KV space: what the node's mesh and services are derived from, so
+    /// that user writes neither cost a copy of the KV space nor wake those loops.
+    pub fn without_kv(&self) -> ClusterState {
+        ClusterState {
+            cluster_id: self.cluster_id.clone(),
+            created_at_ms: self.created_at_ms,
+            voters: self.voters.clone(),
+            learners: self.learners.clone(),
+            members: self.members.clone(),
+            roles: self.roles.clone(),
+            secrets: self.secrets.clone(),
+            kv: BTreeMap::new(),
+        }
+    }
+
     /// Whether Raft's applied membership contains this node (as voter or learner).
     pub fn is_raft_member(&self, id: NodeId) -> bool {
         self.voters.contains(&id) || self.learners.contains(&id)
@@ -550,6 +565,16 @@ mod tests {
         assert!(!format!("{s:?}").contains("b3RoZXI="), "secret value in Debug output");
         let r = s.apply(3, &Command::SetSecret { name: "x".into(), value: String::new(), at_ms: 3 });
         assert!(matches!(r, Response::Rejected { .. }));
+    }
+
+    #[test]
+    fn without_kv_keeps_everything_but_the_kv_space() {
+        let mut s = state_with(&[1], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 0 });
+        s.apply(2, &Command::KvPut { key: "k".into(), value: "v".into() });
+        let t = s.without_kv();
+        assert!(t.kv.is_empty());
+        assert_eq!(ClusterState { kv: s.kv.clone(), ..t }, s);
     }
 
     #[test]
