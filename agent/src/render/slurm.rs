@@ -95,6 +95,9 @@ impl fmt::Display for SlurmConf {
             "ReturnToService=2",
             "SlurmctldTimeout=20",
             "SlurmdTimeout=60",
+            // Slow or emulated nodes: SLURM's defaults (10 s, 2 s) time out RPCs on busy VMs.
+            "MessageTimeout=30",
+            "TCPTimeout=10",
             "SchedulerType=sched/backfill",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
