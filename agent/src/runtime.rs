@@ -1022,11 +1022,7 @@ impl Agent {
             }
             let state = self.state.read(|d| d.state.without_kv());
             if !periodic && reconciler.is_some() && last.as_ref() == Some(&state) {
-                periodic = tokio::select! {
-                    _ = changes.changed() => false,
-                    _ = tokio::time::sleep(Duration::from_secs(15)) => true,
-                    _ = end.changed() => false,
-                };
+                periodic = next_wake(&mut changes, &mut end, Duration::from_secs(15)).await;
                 continue;
             }
             if reconciler.is_none() {
@@ -1065,11 +1061,7 @@ impl Agent {
                 *self.services.lock().expect("services lock") = Some(report);
                 last = Some(state);
             }
-            periodic = tokio::select! {
-                _ = changes.changed() => false,
-                _ = tokio::time::sleep(Duration::from_secs(15)) => true,
-                _ = end.changed() => false,
-            };
+            periodic = next_wake(&mut changes, &mut end, Duration::from_secs(15)).await;
         }
     }
 }
@@ -1118,11 +1110,7 @@ impl Agent {
             }
             let state = self.state.read(|d| d.state.without_kv());
             if !periodic && last.as_ref() == Some(&state) {
-                periodic = tokio::select! {
-                    _ = changes.changed() => false,
-                    _ = tokio::time::sleep(Duration::from_secs(10)) => true,
-                    _ = end.changed() => false,
-                };
+                periodic = next_wake(&mut changes, &mut end, Duration::from_secs(10)).await;
                 continue;
             }
             let mut report = MeshReport { interface: WG_INTERFACE.into(), ..Default::default() };
@@ -1179,12 +1167,22 @@ impl Agent {
                 last = Some(state);
             }
             *self.mesh.lock().expect("mesh lock") = Some(report);
-            periodic = tokio::select! {
-                _ = changes.changed() => false,
-                _ = tokio::time::sleep(Duration::from_secs(10)) => true,
-                _ = end.changed() => false,
-            };
+            periodic = next_wake(&mut changes, &mut end, Duration::from_secs(10)).await;
         }
+    }
+}
+
+/// Waits for the applied state to change, the run to end, or `period` to pass; true when the
+/// period passed (a periodic reconcile is due).
+async fn next_wake(
+    changes: &mut watch::Receiver<u64>,
+    end: &mut watch::Receiver<Option<RunEnd>>,
+    period: Duration,
+) -> bool {
+    tokio::select! {
+        _ = changes.changed() => false,
+        _ = tokio::time::sleep(period) => true,
+        _ = end.changed() => false,
     }
 }
 
