@@ -93,7 +93,8 @@ pub fn plan(i: &PlanInputs) -> ServicePlan {
     }
     p.units.push(unit(MUNGE_UNIT, "munge", have_key, &[MUNGE_KEY_PATH]));
 
-    let controller = roles.slurm_controller == Some(i.me) || roles.slurm_backup == Some(i.me);
+    // Only the controller runs slurmctld (see render::slurm); the backup is the designated successor.
+    let controller = roles.slurm_controller == Some(i.me);
     let worker = roles.slurm_workers.contains(&i.me);
     let mut slurm_ok = false;
     if controller || worker {
@@ -111,7 +112,7 @@ pub fn plan(i: &PlanInputs) -> ServicePlan {
             Err(e) => p.notes.push(format!("slurm: {e}")),
         }
     }
-    let ctl_role = if roles.slurm_controller == Some(i.me) { "slurm controller" } else { "slurm backup controller" };
+    let ctl_role = if roles.slurm_backup == Some(i.me) { "slurm backup (standby)" } else { "slurm controller" };
     p.units.push(unit(SLURMCTLD_UNIT, ctl_role, slurm_ok && controller, &[slurm::PATH]));
     p.units.push(unit(SLURMD_UNIT, "slurm worker", slurm_ok && worker, &[slurm::PATH]));
 
@@ -335,7 +336,7 @@ mod tests {
         assert!(!format!("{key_file:?}").contains("7, 7"), "contents in Debug output");
 
         let i = PlanInputs { me: 2, ..i };
-        assert!(wanted(&plan(&i))[SLURMCTLD_UNIT], "the backup runs slurmctld");
+        assert!(!wanted(&plan(&i))[SLURMCTLD_UNIT], "the backup waits: slurmctld runs on the controller only");
         let i = PlanInputs { me: 1, k3s_installed: true, ..i };
         let p = plan(&i);
         assert_eq!((wanted(&p)[K3S_SERVER_UNIT], wanted(&p)[K3S_AGENT_UNIT]), (true, false));

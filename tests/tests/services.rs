@@ -89,7 +89,9 @@ fn check_slurm(nodes: &[&Vm], workers: usize) -> Result<(String, String)> {
     ensure!(worker_names.len() == workers, "workers {worker_names:?}, want {workers}");
     for vm in nodes {
         let ctld = is_active(vm, "slurmctld.service")?;
-        let want_ctld = vm.name() == controller || vm.name() == backup;
+        // Without shared state storage a standby slurmctld cannot serve; the agent moves the
+        // controller role to the backup instead, so slurmctld runs on the controller only.
+        let want_ctld = vm.name() == controller;
         ensure!(ctld == want_ctld, "{}: slurmctld active={ctld}, controller {controller}, backup {backup}", vm.name());
         if worker_names.contains(vm.name()) {
             ensure!(is_active(vm, "slurmd.service")?, "{}: slurmd is not active", vm.name());
