@@ -11,6 +11,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/clusteros/agent.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/clusteros";
 pub const DEFAULT_SOCKET_PATH: &str = "/run/clusteros/agent.sock";
 pub const DEFAULT_PEER_PORT: u16 = 7600;
+pub const DEFAULT_METRICS_PORT: u16 = 7601;
 pub const MIN_SECRET_LEN: usize = 16;
 
 /// Names of the systemd credentials the agent reads.
@@ -122,6 +123,7 @@ pub struct FileConfig {
     pub cluster_secret_file: Option<PathBuf>,
     pub mesh_cidr: Option<String>,
     pub manage_services: Option<ServiceMode>,
+    pub metrics_addr: Option<String>,
     #[serde(default)]
     pub raft: RaftTuning,
     #[serde(default)]
@@ -159,6 +161,8 @@ pub struct Config {
     /// The WireGuard mesh network (address, prefix length).
     pub mesh_cidr: (std::net::Ipv4Addr, u8),
     pub manage_services: ServiceMode,
+    /// Prometheus metrics over plain HTTP (`GET /metrics`); `None`: off.
+    pub metrics_addr: Option<SocketAddr>,
     pub raft: RaftTuning,
     pub health: HealthTuning,
 }
@@ -280,6 +284,14 @@ impl Config {
         }
         let mesh_cidr = parse_cidr(file.mesh_cidr.as_deref().unwrap_or("10.90.0.0/16"))?;
         let manage_services = file.manage_services.unwrap_or_default();
+        // Default: the peer API's address, port 7601.
+        let metrics_addr = match file.metrics_addr.as_deref() {
+            Some("off") => None,
+            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
+                invalid("metrics_addr", format!("{a:?} is not IP:PORT or \"off\" ({e}); example: 0.0.0.0:7601"))
+            })?),
+            None => Some(SocketAddr::new(listen_addr.ip(), DEFAULT_METRICS_PORT)),
+        };
         let health = file.health;
         if !(health.suspect_after_ms < health.failed_after_ms && health.failed_after_ms <= health.remove_after_ms) {
             return Err(invalid(
@@ -299,6 +311,7 @@ impl Config {
             cluster_secret,
             mesh_cidr,
             manage_services,
+            metrics_addr,
             raft,
             health,
         })
@@ -489,6 +502,20 @@ mod tests {
     fn bad_credential_number_names_the_credential() {
         let e = load_str("", &[(credential::BOOTSTRAP_EXPECT, "three")], &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("clusteros.bootstrap-expect"), "{e}");
+    }
+
+    #[test]
+    fn metrics_address_follows_the_peer_address_unless_set() {
+        let c = Config::merge(FileConfig::default(), Credentials::default(), &Overrides::default()).unwrap();
+        assert_eq!(c.metrics_addr, Some("0.0.0.0:7601".parse().unwrap()));
+        let o = Overrides { listen_addr: Some("127.0.0.9:7600".into()), ..Default::default() };
+        let c = Config::merge(FileConfig::default(), Credentials::default(), &o).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.9:7601".parse().unwrap()));
+        let off = FileConfig { metrics_addr: Some("off".into()), ..Default::default() };
+        assert_eq!(Config::merge(off, Credentials::default(), &Overrides::default()).unwrap().metrics_addr, None);
+        let bad = FileConfig { metrics_addr: Some("nope".into()), ..Default::default() };
+        let e = Config::merge(bad, Credentials::default(), &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("metrics_addr"), "{e}");
     }
 
     #[test]

@@ -4,13 +4,14 @@
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sd_notify::NotifyState;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::api::local::LocalState;
 use crate::config::{Config, SECRET_HOWTO};
@@ -187,6 +188,20 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         let peer_app = crate::api::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let peer_task =
             spawn_server("peer API", axum::serve(peer, peer_app).with_graceful_shutdown(stopped(stop_rx.clone())));
+        let mesh_peer_task = tokio::spawn(serve_on_mesh(agent.clone(), stop_rx.clone()));
+        let metrics_task = match cfg.metrics_addr {
+            Some(addr) => match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    let app = crate::api::local::metrics_router(LocalState::Running(agent.clone()));
+                    spawn_server("metrics", axum::serve(l, app).with_graceful_shutdown(stopped(stop_rx.clone())))
+                }
+                Err(e) => {
+                    warn!("cannot serve metrics on {addr}: {e}; set metrics_addr to a free address or \"off\"");
+                    tokio::spawn(async {})
+                }
+            },
+            None => tokio::spawn(async {}),
+        };
         let local_task = spawn_local(bind_socket(&cfg.socket_path)?, LocalState::Running(agent.clone()), stop_rx);
         let formation = tokio::spawn({
             let a = agent.clone();
@@ -200,6 +215,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         let leader = tokio::spawn(agent.clone().run_leader());
         let services = tokio::spawn(agent.clone().run_services());
         let mesh = tokio::spawn(agent.clone().run_mesh());
+        let slurm_state = tokio::spawn(agent.clone().run_slurm_state());
         notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&agent))]);
 
         let mut end = agent.end_signal();
@@ -221,7 +237,9 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         if let Err(e) = agent.raft.shutdown().await {
             warn!("Raft shutdown: {e}");
         }
-        for mut t in [formation, leader, services, mesh, peer_task, local_task] {
+        for mut t in
+            [formation, leader, services, mesh, slurm_state, peer_task, mesh_peer_task, metrics_task, local_task]
+        {
             if tokio::time::timeout(Duration::from_secs(10), &mut t).await.is_err() {
                 t.abort();
                 let _ = t.await;
@@ -241,5 +259,45 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
                 notify(&[NotifyState::Reloading]);
             }
         }
+    }
+}
+
+/// When the peer API listens on one specific address (not 0.0.0.0), it also has to answer on the
+/// node's mesh address for Raft to move onto the mesh: bind a second listener there once the
+/// leader has assigned the address and the kernel has it (wg0 is up), and serve the same router.
+async fn serve_on_mesh(agent: Arc<Agent>, stop: watch::Receiver<bool>) {
+    let port = agent.cfg.listen_addr.port();
+    if agent.cfg.listen_addr.ip().is_unspecified() {
+        return;
+    }
+    let mut end = agent.end_signal();
+    let mut changes = agent.state.subscribe();
+    let mut last_error = None;
+    let listener = loop {
+        if end.borrow().is_some() {
+            return;
+        }
+        if let Some(ip) = agent.state.read(|d| d.state.members.get(&agent.id()).and_then(|m| m.mesh_ip)) {
+            let addr = SocketAddr::new(ip.into(), port);
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    info!(node_id = %hex_id(agent.id()), addr = %addr, "peer API also listening on the mesh address");
+                    break l;
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    if last_error.as_ref() != Some(&msg) {
+                        debug!(addr = %addr, "mesh address not bindable yet: {msg}");
+                        last_error = Some(msg);
+                    }
+                }
+            }
+        }
+        crate::runtime::next_wake(&mut changes, &mut end, Duration::from_secs(5)).await;
+    };
+    agent.set_mesh_listening();
+    let app = crate::api::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
+        error!("peer API (mesh) server failed: {e}");
     }
 }

@@ -144,6 +144,54 @@ pub fn plan_membership(v: &AutopilotView, t: &HealthTuning) -> Option<Membership
     None
 }
 
+// ---------------------------------------------------------------------------------------------
+// Transport: which address Raft and the peer API use for a member
+// ---------------------------------------------------------------------------------------------
+
+/// What the leader knows about how a member can be reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransportView {
+    /// The address in the Raft membership now.
+    pub current: String,
+    /// The member's own (underlay) address: where it joined from, its WireGuard endpoint.
+    pub underlay: String,
+    /// Its peer API on the mesh, once it has a mesh address.
+    pub mesh: Option<String>,
+    /// A signed hello over the mesh address was answered by this member.
+    pub mesh_answers: bool,
+    /// A signed hello over the underlay address was answered by this member.
+    pub underlay_answers: bool,
+    pub silent_for: Duration,
+}
+
+/// The address Raft should switch a member to, if any. A member moves to its mesh address once it
+/// answers there (its WireGuard tunnel to the leader works), and back to its underlay address only
+/// when it has gone silent on the mesh but still answers on the underlay (its tunnel broke).
+pub fn choose_transport(v: &TransportView, t: &HealthTuning) -> Option<String> {
+    match &v.mesh {
+        Some(mesh) if *mesh != v.current && v.mesh_answers => Some(mesh.clone()),
+        Some(mesh)
+            if *mesh == v.current
+                && !v.mesh_answers
+                && v.underlay_answers
+                && v.silent_for >= t.suspect_after()
+                && v.underlay != v.current =>
+        {
+            Some(v.underlay.clone())
+        }
+        _ => None,
+    }
+}
+
+/// Whether the leader should probe a member this round: it is not on its mesh address yet, or it
+/// is but has gone quiet there.
+pub fn needs_transport_probe(current: &str, mesh: Option<&str>, silent_for: Duration, t: &HealthTuning) -> bool {
+    match mesh {
+        None => false,
+        Some(m) => m != current || silent_for >= t.suspect_after(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,5 +348,52 @@ mod tests {
     #[test]
     fn stable_cluster_needs_no_change() {
         assert_eq!(plan_membership(&view(&[1, 2, 3], &[]), &tuning()), None);
+    }
+
+    fn transport(current: &str, mesh_answers: bool, underlay_answers: bool, silent_ms: u64) -> TransportView {
+        TransportView {
+            current: current.into(),
+            underlay: "192.168.1.5:7600".into(),
+            mesh: Some("10.90.0.5:7600".into()),
+            mesh_answers,
+            underlay_answers,
+            silent_for: Duration::from_millis(silent_ms),
+        }
+    }
+
+    #[test]
+    fn transport_moves_to_the_mesh_only_when_the_member_answers_there() {
+        let t = HealthTuning::default();
+        let under = "192.168.1.5:7600";
+        let mesh = "10.90.0.5:7600";
+        // (current, mesh answers, underlay answers, silent ms) -> new address
+        let table: &[(&str, bool, bool, u64, Option<&str>)] = &[
+            (under, true, true, 0, Some(mesh)),
+            (under, false, true, 0, None),
+            (under, false, false, 60_000, None),
+            (mesh, true, true, 0, None),
+            // Quiet on the mesh but fine on the underlay: the tunnel broke, fall back.
+            (mesh, false, true, 60_000, Some(under)),
+            // Not yet quiet long enough: a lost probe is not a broken tunnel.
+            (mesh, false, true, 100, None),
+            // Down on both: the node is down; the autopilot deals with it, the address stays.
+            (mesh, false, false, 60_000, None),
+        ];
+        for (current, m, u, silent, want) in table {
+            let got = choose_transport(&transport(current, *m, *u, *silent), &t);
+            assert_eq!(got.as_deref(), *want, "current={current} mesh={m} underlay={u} silent={silent}");
+        }
+        let no_mesh = TransportView { mesh: None, ..transport(under, true, true, 0) };
+        assert_eq!(choose_transport(&no_mesh, &t), None);
+    }
+
+    #[test]
+    fn transport_probes_only_members_off_the_mesh_or_quiet_on_it() {
+        let t = HealthTuning::default();
+        let quiet = t.suspect_after();
+        assert!(!needs_transport_probe("a:1", None, quiet, &t));
+        assert!(needs_transport_probe("a:1", Some("m:1"), Duration::ZERO, &t));
+        assert!(!needs_transport_probe("m:1", Some("m:1"), Duration::ZERO, &t));
+        assert!(needs_transport_probe("m:1", Some("m:1"), quiet, &t));
     }
 }

@@ -85,6 +85,8 @@ pub enum RunEnd {
 struct LeaderState {
     term: u64,
     since: Instant,
+    /// When the leader last probed members' mesh addresses.
+    transport_probe: Option<Instant>,
 }
 
 pub struct Agent {
@@ -103,6 +105,13 @@ pub struct Agent {
     pub services: Mutex<Option<crate::services::ServiceReport>>,
     /// The last mesh reconcile, for status.
     pub mesh: Mutex<Option<MeshReport>>,
+    /// The last round of SLURM state replication, for status.
+    pub slurm_state: Mutex<Option<SlurmStateReport>>,
+    /// wg0 has this node's mesh address and its peers (set by the mesh loop).
+    mesh_wg: std::sync::atomic::AtomicBool,
+    /// The peer API accepts connections on the mesh address: the listen address is unspecified
+    /// (0.0.0.0), or the extra listener on the mesh address is bound.
+    mesh_listening: std::sync::atomic::AtomicBool,
     progress: Mutex<Progress>,
     /// Candidates heard from directly during discovery, with what they reported.
     discovered: Mutex<BTreeMap<NodeId, (Candidate, Option<PeerView>)>>,
@@ -237,6 +246,9 @@ impl Agent {
             secret_box: crate::secrets::SecretBox::new(secret),
             services: Mutex::new(None),
             mesh: Mutex::new(None),
+            slurm_state: Mutex::new(None),
+            mesh_wg: std::sync::atomic::AtomicBool::new(false),
+            mesh_listening: std::sync::atomic::AtomicBool::new(cfg.listen_addr.ip().is_unspecified()),
             progress: Mutex::new(Progress { phase: Phase::Discovering, detail: "starting".into(), last_error: None }),
             discovered: Mutex::new(BTreeMap::new()),
             join_targets: Mutex::new(join_targets),
@@ -296,6 +308,57 @@ impl Agent {
             facts: self.facts.clone(),
             labels: BTreeMap::new(),
         }
+    }
+
+    /// Whether this node's peer API answers on its mesh address. Until it does, this node reaches
+    /// peers over their underlay addresses. Without a managed mesh (no systemd: host tests) the
+    /// mesh address counts as up once the extra listener is bound on it.
+    pub fn mesh_up(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.mesh_listening.load(Relaxed) && (self.mesh_wg.load(Relaxed) || !self.manages_services())
+    }
+
+    fn set_flag(&self, flag: &std::sync::atomic::AtomicBool, value: bool) {
+        let before = self.mesh_up();
+        flag.store(value, std::sync::atomic::Ordering::Relaxed);
+        let after = self.mesh_up();
+        if before != after {
+            info!(node_id = %hex_id(self.id()), mesh_up = after, "peer API on this node's mesh address is {}", if after { "up" } else { "down" });
+        }
+    }
+
+    /// The extra peer API listener on the mesh address is bound.
+    pub fn set_mesh_listening(&self) {
+        self.set_flag(&self.mesh_listening, true);
+    }
+
+    /// A member's own (underlay) address, where it can be reached without the mesh; falls back to
+    /// its Raft address for a member that has not registered yet.
+    fn underlay_addr(&self, id: NodeId, raft_addr: &str) -> String {
+        self.state
+            .read(|d| d.state.members.get(&id).map(|m| m.spec.api_addr.clone()))
+            .unwrap_or_else(|| raft_addr.into())
+    }
+
+    /// Where to send a peer API request for a member whose Raft address is `raft_addr`: that
+    /// address, unless this node's own mesh is not up yet (a node that just joined, or whose
+    /// tunnel is down), then the member's underlay address.
+    fn route(&self, id: NodeId, raft_addr: &str) -> String {
+        if self.mesh_up() { raft_addr.to_string() } else { self.underlay_addr(id, raft_addr) }
+    }
+
+    /// Underlay addresses of the Raft members (for rejoining and for asking whether this node was
+    /// removed: both must work without the mesh).
+    fn member_underlay_addrs(&self) -> BTreeMap<NodeId, String> {
+        self.state.read(|d| {
+            d.last_membership
+                .membership()
+                .nodes()
+                .map(|(id, n)| {
+                    (*id, d.state.members.get(id).map_or_else(|| n.addr.clone(), |m| m.spec.api_addr.clone()))
+                })
+                .collect()
+        })
     }
 
     fn candidate(&self, initialized: bool) -> Candidate {
@@ -411,7 +474,8 @@ impl Agent {
         }
         let membership = m.membership_config.membership();
         if let Some(node) = membership.get_node(&req.id) {
-            if node.addr != req.api_addr {
+            let mesh = self.state.read(|d| d.state.members.get(&req.id).and_then(|m| m.mesh_addr()));
+            if node.addr != req.api_addr && Some(&node.addr) != mesh.as_ref() {
                 info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), addr = %req.api_addr, "member changed its address");
                 let nodes = BTreeMap::from([(req.id, BasicNode::new(&req.api_addr))]);
                 self.change_membership(ChangeMembers::SetNodes(nodes), true).await?;
@@ -475,7 +539,8 @@ impl Agent {
         let mut last: ApiError;
         loop {
             last = match local().await {
-                Err(ApiError::NotLeader { leader: Some((_, addr)) }) => {
+                Err(ApiError::NotLeader { leader: Some((leader, addr)) }) => {
+                    let addr = self.route(leader, &addr);
                     let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 6);
                     match self.client.call::<_, Resp>(&addr, path, req, t).await {
                         Ok(r) => return Ok(r),
@@ -530,7 +595,7 @@ impl Agent {
         }
         let known = d.values().map(|(c, _)| c.clone()).collect();
         drop(d);
-        let members = m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        let members = self.member_underlay_addrs();
         HelloResponse { me: self.candidate(initialized), known, leader: m.current_leader, members }
     }
 
@@ -756,13 +821,10 @@ impl Agent {
             if end.borrow().is_some() {
                 return;
             }
-            let (in_raft, record, peers) = self.state.read(|d| {
-                (
-                    d.state.is_raft_member(self.id()),
-                    d.state.members.get(&self.id()).map(|m| m.spec.clone()),
-                    d.last_membership.membership().nodes().map(|(_, n)| n.addr.clone()).collect::<Vec<_>>(),
-                )
-            });
+            let (in_raft, record) = self
+                .state
+                .read(|d| (d.state.is_raft_member(self.id()), d.state.members.get(&self.id()).map(|m| m.spec.clone())));
+            let peers: Vec<String> = self.member_underlay_addrs().into_values().collect();
             if in_raft {
                 was_member = true;
                 let spec = self.my_spec();
@@ -854,7 +916,7 @@ impl Agent {
                 let mut l = self.leader.lock().expect("leader lock");
                 if l.as_ref().is_none_or(|l| l.term != m.current_term) {
                     info!(node_id = %hex_id(self.id()), term = m.current_term, "became leader");
-                    *l = Some(LeaderState { term: m.current_term, since: Instant::now() });
+                    *l = Some(LeaderState { term: m.current_term, since: Instant::now(), transport_probe: None });
                 }
             }
             if let Err(e) = self.leader_tick(&m).await {
@@ -871,6 +933,7 @@ impl Agent {
         self.ensure_secrets().await?;
         self.ensure_mesh_addresses().await?;
         self.ensure_roles().await?;
+        self.ensure_transport(m).await?;
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
@@ -977,6 +1040,91 @@ impl Agent {
         Ok(())
     }
 
+    /// Leader: moves members' Raft (and peer API) addresses onto the mesh once they answer there,
+    /// and back to the underlay if a member's tunnel breaks. Joins and discovery always use the
+    /// underlay addresses; everything else follows the Raft membership's addresses. Probes run at
+    /// most every 5 s and only for members that are off the mesh or quiet on it.
+    async fn ensure_transport(&self, m: &RaftMetrics) -> Result<(), ApiError> {
+        const PERIOD: Duration = Duration::from_secs(5);
+        {
+            let mut l = self.leader.lock().expect("leader lock");
+            let Some(l) = l.as_mut() else { return Ok(()) };
+            if l.transport_probe.is_some_and(|t| t.elapsed() < PERIOD) {
+                return Ok(());
+            }
+            l.transport_probe = Some(Instant::now());
+        }
+        let nodes: Vec<(NodeId, String)> =
+            m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        let records = self.state.read(|d| d.state.members.clone());
+        let mut views = Vec::new();
+        for (id, current) in nodes {
+            let Some(rec) = records.get(&id) else { continue };
+            let mesh = rec.mesh_addr();
+            let silent = if id == self.id() {
+                if self.mesh_up() { Duration::ZERO } else { Duration::MAX }
+            } else {
+                self.silent_for(id)
+            };
+            if !membership::needs_transport_probe(&current, mesh.as_deref(), silent, &self.cfg.health) {
+                continue;
+            }
+            views.push((
+                id,
+                membership::TransportView {
+                    current,
+                    underlay: rec.spec.api_addr.clone(),
+                    mesh,
+                    mesh_answers: false,
+                    underlay_answers: false,
+                    silent_for: silent,
+                },
+            ));
+        }
+        if views.is_empty() {
+            return Ok(());
+        }
+        let probes = views.iter().map(|(id, v)| async move {
+            if *id == self.id() {
+                // The leader's own mesh address works when its mesh is up; others prove it on
+                // every exchange with it once they have moved.
+                return (self.mesh_up(), true);
+            }
+            let mesh = match &v.mesh {
+                Some(a) => self.answers_as(a, *id).await,
+                None => false,
+            };
+            let underlay = if v.mesh.as_ref() == Some(&v.current) && !mesh {
+                self.answers_as(&v.underlay, *id).await
+            } else {
+                false
+            };
+            (mesh, underlay)
+        });
+        let answers = futures::future::join_all(probes).await;
+        let mut changes = BTreeMap::new();
+        for ((id, mut v), (mesh, underlay)) in views.into_iter().zip(answers) {
+            v.mesh_answers = mesh;
+            v.underlay_answers = underlay;
+            if let Some(addr) = membership::choose_transport(&v, &self.cfg.health) {
+                let via = if Some(&addr) == v.mesh.as_ref() { "mesh" } else { "underlay" };
+                info!(node_id = %hex_id(self.id()), peer = %hex_id(id), addr = %addr, via, "moving the member's Raft address");
+                changes.insert(id, BasicNode::new(&addr));
+            }
+        }
+        if changes.is_empty() {
+            return Ok(());
+        }
+        self.change_membership(ChangeMembers::SetNodes(changes), true).await
+    }
+
+    /// Whether the node at `addr` answers a signed hello as node `id`.
+    async fn answers_as(&self, addr: &str, id: NodeId) -> bool {
+        let req = HelloRequest { from: self.candidate(true) };
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
+        matches!(self.client.call::<_, HelloResponse>(addr, paths::HELLO, &req, t).await, Ok(r) if r.me.id == id)
+    }
+
     /// Leader: runs the role scheduler and commits a change of holders.
     async fn ensure_roles(&self) -> Result<(), ApiError> {
         let (members, current) = self.state.read(|d| (d.state.members.clone(), d.state.roles.clone()));
@@ -1003,6 +1151,38 @@ impl Agent {
         }
     }
 
+    /// Whether this node has installed a copy of the SLURM controller's state, heartbeat included
+    /// (see [`Agent::run_slurm_state`]).
+    fn slurm_standby_ready(&self) -> bool {
+        let marker = self.cfg.state_dir.join(RAFT_DIR).join(SLURM_STATE_MARKER);
+        marker.exists() && Path::new(crate::slurm_state::STATE_DIR).join(crate::slurm_state::HEARTBEAT).exists()
+    }
+
+    /// Waits until this node has applied everything the leader had committed when asked (a read
+    /// barrier through the leader: its commit index, then the local apply catching up to it);
+    /// false if `max` passed first or the run ended.
+    async fn wait_caught_up(&self, max: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + max;
+        let mut end = self.end_signal();
+        let mut rx = self.raft.metrics();
+        loop {
+            let attempt = async {
+                let index = self.read("").await.ok()?.read_index.unwrap_or(0);
+                rx.wait_for(|m| m.last_applied.map_or(0, |l| l.index) >= index).await.ok().map(|_| ())
+            };
+            tokio::select! {
+                r = attempt => if r.is_some() { return true },
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = end.changed() => return false,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep_until(deadline) => return false,
+                _ = end.changed() => return false,
+            }
+        }
+    }
+
     /// Keeps node services matching the replicated state, on every state change and every 15 s.
     pub async fn run_services(self: Arc<Self>) {
         use crate::services::{PlanInputs, Reconciler, ServiceReport, plan};
@@ -1010,18 +1190,30 @@ impl Agent {
             return;
         }
         let mut end = self.end_signal();
+        // Act on the cluster's current state, not on what this node last knew: after a reboot its
+        // log may still name it SLURM controller although the role has moved on. Wait (bounded:
+        // without any leader the last known state is the best there is) until it has heard from
+        // a leader and applied everything committed.
+        *self.services.lock().expect("services lock") = Some(ServiceReport {
+            notes: vec!["waiting to catch up with the cluster before starting services".into()],
+            ..Default::default()
+        });
+        if !self.wait_caught_up(Duration::from_secs(120)).await {
+            warn!(node_id = %hex_id(self.id()), "no leader within 120 s; starting services from this node's last known state");
+        }
         let mut changes = self.state.subscribe();
         let mut reconciler = None;
         // The inputs of the last reconcile: a state change that leaves them alone (a KV write)
         // wakes the loop but costs nothing; every 15 s it reconciles anyway (units may drift).
-        let mut last: Option<crate::state::ClusterState> = None;
+        let mut last: Option<(crate::state::ClusterState, bool)> = None;
         let mut periodic = true;
         loop {
             if end.borrow().is_some() {
                 return;
             }
             let state = self.state.read(|d| d.state.without_kv());
-            if !periodic && reconciler.is_some() && last.as_ref() == Some(&state) {
+            let standby_ready = self.slurm_standby_ready();
+            if !periodic && reconciler.is_some() && last.as_ref() == Some(&(state.clone(), standby_ready)) {
                 periodic = next_wake(&mut changes, &mut end, Duration::from_secs(15)).await;
                 continue;
             }
@@ -1053,13 +1245,14 @@ impl Agent {
                     munge_key: munge.as_deref(),
                     k3s_token: token.as_deref(),
                     k3s_installed: Path::new(crate::services::K3S_BINARY).exists(),
+                    standby_ready,
                 });
                 let report = r.apply(&p).await;
                 if let Some(e) = &report.error {
                     warn!(node_id = %hex_id(self.id()), "services: {e}");
                 }
                 *self.services.lock().expect("services lock") = Some(report);
-                last = Some(state);
+                last = Some((state, standby_ready));
             }
             periodic = next_wake(&mut changes, &mut end, Duration::from_secs(15)).await;
         }
@@ -1166,15 +1359,201 @@ impl Agent {
             if report.error.is_none() {
                 last = Some(state);
             }
+            self.set_flag(&self.mesh_wg, report.error.is_none() && report.address.is_some());
             *self.mesh.lock().expect("mesh lock") = Some(report);
             periodic = next_wake(&mut changes, &mut end, Duration::from_secs(10)).await;
         }
     }
 }
 
+/// What this node did in the last round of SLURM state replication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SlurmStateReport {
+    /// "publishing" on the controller, "installing" on the backup.
+    pub role: String,
+    /// The version of the copy published or installed last.
+    pub version: Option<u64>,
+    pub files: u32,
+    pub bytes: u64,
+    /// When the controller read its directory for that copy (ms since the epoch).
+    pub taken_at_ms: Option<u64>,
+    /// What the last round is waiting for, or why it failed.
+    pub note: Option<String>,
+}
+
+/// Where the backup records the version of the last copy it installed (inside the Raft
+/// directory: a node that joins anew starts over).
+const SLURM_STATE_MARKER: &str = "slurm-state.installed";
+
+impl Agent {
+    /// Replicates the SLURM controller's state directory to the backup, every 5 s: the controller
+    /// publishes a sealed copy when its state changed (at least every minute while its slurmctld
+    /// is in control, to keep the copied heartbeat current), and the backup installs the newest
+    /// copy while its own slurmctld is a standby. See [`crate::slurm_state`].
+    pub async fn run_slurm_state(self: Arc<Self>) {
+        if !self.manages_services() {
+            return;
+        }
+        let dir = PathBuf::from(crate::slurm_state::STATE_DIR);
+        let mut end = self.end_signal();
+        let mut published: Option<(String, Instant)> = None;
+        loop {
+            if end.borrow().is_some() {
+                return;
+            }
+            let roles = self.state.read(|d| d.state.roles.clone());
+            let report = if roles.slurm_controller == Some(self.id()) && roles.slurm_backup.is_some() {
+                Some(self.publish_slurm_state(&dir, &mut published).await)
+            } else if roles.slurm_backup == Some(self.id()) {
+                published = None;
+                Some(self.install_slurm_state(&dir, roles.slurm_controller).await)
+            } else {
+                published = None;
+                None
+            };
+            if let Some(note) = report.as_ref().and_then(|r| r.note.as_ref()) {
+                debug!(node_id = %hex_id(self.id()), "slurm state: {note}");
+            }
+            *self.slurm_state.lock().expect("slurm state lock") = report;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = end.changed() => {}
+            }
+        }
+    }
+
+    async fn publish_slurm_state(&self, dir: &Path, published: &mut Option<(String, Instant)>) -> SlurmStateReport {
+        use crate::slurm_state::{HEARTBEAT, SEAL_NAME, collect, in_control};
+        let mut report = SlurmStateReport { role: "publishing".into(), ..Default::default() };
+        let d = dir.to_owned();
+        let files = match tokio::task::spawn_blocking(move || collect(&d)).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => {
+                report.note = Some("slurmctld has not saved any state yet".into());
+                return report;
+            }
+            Ok(Err(e)) => {
+                warn!(node_id = %hex_id(self.id()), "slurm state: {e}");
+                report.note = Some(e.to_string());
+                return report;
+            }
+            Err(e) => {
+                report.note = Some(format!("reading the state directory failed: {e}"));
+                return report;
+            }
+        };
+        report.files = files.0.len() as u32;
+        report.bytes = files.bytes();
+        let now_secs = crate::now_ms() / 1000;
+        // Only a slurmctld in control writes a fresh heartbeat with index 0. When it is down (the
+        // backup may have taken over), publishing this directory would overwrite newer state.
+        if !in_control(files.0.get(HEARTBEAT).map(Vec::as_slice), 0, now_secs) {
+            report.note = Some("slurmctld on this node is not in control (no fresh heartbeat); not publishing".into());
+            return report;
+        }
+        let digest = files.digest(false);
+        if published.as_ref().is_some_and(|(d, at)| *d == digest && at.elapsed() < Duration::from_secs(60)) {
+            report.note = Some("unchanged".into());
+            return report;
+        }
+        let cmd = Command::SetSlurmState {
+            from: self.id(),
+            sealed: self.secret_box.seal(SEAL_NAME, &files.to_json()),
+            digest: files.digest(true),
+            files: report.files,
+            bytes: report.bytes,
+            taken_at_ms: crate::now_ms(),
+        };
+        match self.write(cmd).await {
+            Ok(Response::Ok) => {
+                *published = Some((digest, Instant::now()));
+                let c = self.state.read(|d| d.state.slurm_state.as_ref().map(|c| (c.version, c.taken_at_ms)));
+                report.version = c.map(|c| c.0);
+                report.taken_at_ms = c.map(|c| c.1);
+            }
+            Ok(Response::Rejected { reason }) => report.note = Some(reason),
+            Ok(other) => report.note = Some(format!("unexpected answer: {other:?}")),
+            Err(e) => report.note = Some(format!("cannot publish: {e}")),
+        }
+        report
+    }
+
+    async fn install_slurm_state(&self, dir: &Path, controller: Option<NodeId>) -> SlurmStateReport {
+        use crate::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, install, may_install};
+        let mut report = SlurmStateReport { role: "installing".into(), ..Default::default() };
+        let Some(copy) = self.state.read(|d| d.state.slurm_state.clone()) else {
+            report.note = Some("waiting for the controller's first copy".into());
+            return report;
+        };
+        report.files = copy.files;
+        report.bytes = copy.bytes;
+        report.taken_at_ms = Some(copy.taken_at_ms);
+        if Some(copy.from) != controller {
+            report.note = Some("the newest copy is from a former controller; waiting for the current one".into());
+            return report;
+        }
+        let marker = self.cfg.state_dir.join(RAFT_DIR).join(SLURM_STATE_MARKER);
+        let installed = std::fs::read_to_string(&marker).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        if copy.version <= installed {
+            report.version = Some(installed);
+            return report;
+        }
+        let local_hb = std::fs::read(dir.join(HEARTBEAT)).ok();
+        if !may_install(local_hb.as_deref(), crate::now_ms() / 1000) {
+            report.note = Some("the local slurmctld has taken control; the copy is not installed".into());
+            return report;
+        }
+        let files = match self
+            .secret_box
+            .open(SEAL_NAME, &copy.sealed)
+            .map_err(|e| e.to_string())
+            .and_then(|plain| StateFiles::from_json(&plain).map_err(|e| e.to_string()))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(node_id = %hex_id(self.id()), "slurm state: {e}");
+                report.note = Some(e);
+                return report;
+            }
+        };
+        let root = Path::new("/");
+        let (Some(uid), Some(gid)) = (
+            crate::services::lookup_id(root, "etc/passwd", "slurm"),
+            crate::services::lookup_id(root, "etc/group", "slurm"),
+        ) else {
+            report.note = Some("user or group \"slurm\" does not exist on this node: is slurmctld installed?".into());
+            return report;
+        };
+        let d = dir.to_owned();
+        let r = tokio::task::spawn_blocking(move || {
+            crate::files::ensure_dir(&d, 0o755)?;
+            install(&d, &files, uid, gid)
+        })
+        .await;
+        match r {
+            Ok(Ok(done)) => {
+                if let Err(e) = crate::files::write_atomic(&marker, format!("{}\n", copy.version).as_bytes(), 0o600) {
+                    report.note = Some(e.to_string());
+                    return report;
+                }
+                if done.written + done.removed > 0 {
+                    debug!(node_id = %hex_id(self.id()), version = copy.version, written = done.written, removed = done.removed, "installed the SLURM controller's state");
+                }
+                report.version = Some(copy.version);
+            }
+            Ok(Err(e)) => {
+                warn!(node_id = %hex_id(self.id()), "slurm state: {e}");
+                report.note = Some(e.to_string());
+            }
+            Err(e) => report.note = Some(format!("installing failed: {e}")),
+        }
+        report
+    }
+}
+
 /// Waits for the applied state to change, the run to end, or `period` to pass; true when the
 /// period passed (a periodic reconcile is due).
-async fn next_wake(
+pub(crate) async fn next_wake(
     changes: &mut watch::Receiver<u64>,
     end: &mut watch::Receiver<Option<RunEnd>>,
     period: Duration,

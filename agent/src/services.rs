@@ -70,6 +70,10 @@ pub struct PlanInputs<'a> {
     pub munge_key: Option<&'a [u8]>,
     pub k3s_token: Option<&'a str>,
     pub k3s_installed: bool,
+    /// The backup has installed a copy of the controller's SLURM state (with its heartbeat): its
+    /// standby slurmctld can start. Started earlier, it would wait for the heartbeat file without
+    /// answering, and the primary's start-up call to it would hang until it times out.
+    pub standby_ready: bool,
 }
 
 fn unit(unit: &str, role: &str, wanted: bool, inputs: &[&str]) -> UnitPlan {
@@ -93,8 +97,10 @@ pub fn plan(i: &PlanInputs) -> ServicePlan {
     }
     p.units.push(unit(MUNGE_UNIT, "munge", have_key, &[MUNGE_KEY_PATH]));
 
-    // Only the controller runs slurmctld (see render::slurm); the backup is the designated successor.
-    let controller = roles.slurm_controller == Some(i.me);
+    // The controller runs slurmctld in control, the backup a standby slurmctld that takes over
+    // with the state the agent replicates to it (see slurm_state).
+    let is_backup = roles.slurm_backup == Some(i.me) && roles.slurm_controller != Some(i.me);
+    let controller = roles.slurm_controller == Some(i.me) || is_backup;
     let worker = roles.slurm_workers.contains(&i.me);
     let mut slurm_ok = false;
     if controller || worker {
@@ -113,7 +119,11 @@ pub fn plan(i: &PlanInputs) -> ServicePlan {
         }
     }
     let ctl_role = if roles.slurm_backup == Some(i.me) { "slurm backup (standby)" } else { "slurm controller" };
-    p.units.push(unit(SLURMCTLD_UNIT, ctl_role, slurm_ok && controller, &[slurm::PATH]));
+    if slurm_ok && is_backup && !i.standby_ready {
+        p.notes.push("slurmctld standby: waiting for the first copy of the controller's state".into());
+    }
+    let ctld = slurm_ok && controller && (!is_backup || i.standby_ready);
+    p.units.push(unit(SLURMCTLD_UNIT, ctl_role, ctld, &[slurm::PATH]));
     p.units.push(unit(SLURMD_UNIT, "slurm worker", slurm_ok && worker, &[slurm::PATH]));
 
     let k3s_server = roles.k3s_server == Some(i.me);
@@ -181,7 +191,7 @@ pub enum FileError {
 }
 
 /// Looks a name up in a passwd or group file under `root`.
-fn lookup_id(root: &Path, file: &str, name: &str) -> Option<u32> {
+pub(crate) fn lookup_id(root: &Path, file: &str, name: &str) -> Option<u32> {
     let text = std::fs::read_to_string(root.join(file)).ok()?;
     text.lines().find_map(|l| {
         let mut parts = l.split(':');
@@ -323,7 +333,14 @@ mod tests {
     fn plan_follows_roles() {
         let s = state(roles());
         let key = [7u8; 1024];
-        let i = PlanInputs { me: 3, state: &s, munge_key: Some(&key), k3s_token: Some("t"), k3s_installed: false };
+        let i = PlanInputs {
+            me: 3,
+            state: &s,
+            munge_key: Some(&key),
+            k3s_token: Some("t"),
+            k3s_installed: false,
+            standby_ready: true,
+        };
         let p = plan(&i);
         let w = wanted(&p);
         assert!(w[MUNGE_UNIT]);
@@ -336,7 +353,11 @@ mod tests {
         assert!(!format!("{key_file:?}").contains("7, 7"), "contents in Debug output");
 
         let i = PlanInputs { me: 2, ..i };
-        assert!(!wanted(&plan(&i))[SLURMCTLD_UNIT], "the backup waits: slurmctld runs on the controller only");
+        assert!(wanted(&plan(&i))[SLURMCTLD_UNIT], "the backup runs a standby slurmctld");
+        let waiting = plan(&PlanInputs { standby_ready: false, ..i });
+        assert!(!wanted(&waiting)[SLURMCTLD_UNIT], "no standby before the first state copy");
+        assert!(waiting.notes.iter().any(|n| n.contains("first copy")), "{:?}", waiting.notes);
+        let i = PlanInputs { me: 2, ..i };
         let i = PlanInputs { me: 1, k3s_installed: true, ..i };
         let p = plan(&i);
         assert_eq!((wanted(&p)[K3S_SERVER_UNIT], wanted(&p)[K3S_AGENT_UNIT]), (true, false));
@@ -345,7 +366,14 @@ mod tests {
     #[test]
     fn nothing_slurm_runs_without_the_munge_key() {
         let s = state(roles());
-        let p = plan(&PlanInputs { me: 1, state: &s, munge_key: None, k3s_token: None, k3s_installed: false });
+        let p = plan(&PlanInputs {
+            me: 1,
+            state: &s,
+            munge_key: None,
+            k3s_token: None,
+            k3s_installed: false,
+            standby_ready: true,
+        });
         assert!(wanted(&p).values().all(|w| !w), "{p:?}");
         assert!(p.notes.iter().any(|n| n.contains("MUNGE key")));
     }
@@ -354,7 +382,14 @@ mod tests {
     fn no_controller_means_no_slurm_conf_and_a_note() {
         let s = state(RoleAssignments { slurm_workers: [1, 2, 3].into(), ..Default::default() });
         let key = [1u8; 32];
-        let p = plan(&PlanInputs { me: 1, state: &s, munge_key: Some(&key), k3s_token: None, k3s_installed: false });
+        let p = plan(&PlanInputs {
+            me: 1,
+            state: &s,
+            munge_key: Some(&key),
+            k3s_token: None,
+            k3s_installed: false,
+            standby_ready: true,
+        });
         assert!(p.files.iter().all(|f| f.path != Path::new(slurm::PATH)));
         assert!(p.notes.iter().any(|n| n.contains("SlurmctldHost")), "{:?}", p.notes);
     }
@@ -385,7 +420,14 @@ mod tests {
         let r = Reconciler { systemd: fake.clone(), root: root.path().to_owned() };
         let s = state(roles());
         let key = [9u8; 1024];
-        let p = plan(&PlanInputs { me: 1, state: &s, munge_key: Some(&key), k3s_token: None, k3s_installed: false });
+        let p = plan(&PlanInputs {
+            me: 1,
+            state: &s,
+            munge_key: Some(&key),
+            k3s_token: None,
+            k3s_installed: false,
+            standby_ready: true,
+        });
 
         let rep = r.apply(&p).await;
         assert_eq!(rep.error, None);
@@ -406,14 +448,28 @@ mod tests {
 
         // A new key restarts munged only.
         let key2 = [3u8; 1024];
-        let p2 = plan(&PlanInputs { me: 1, state: &s, munge_key: Some(&key2), k3s_token: None, k3s_installed: false });
+        let p2 = plan(&PlanInputs {
+            me: 1,
+            state: &s,
+            munge_key: Some(&key2),
+            k3s_token: None,
+            k3s_installed: false,
+            standby_ready: true,
+        });
         let rep = r.apply(&p2).await;
         assert_eq!(rep.files_written, vec![PathBuf::from(MUNGE_KEY_PATH)]);
         assert_eq!(fake.take_calls(), vec!["restart munge.service"]);
 
         // Losing the controller roles stops slurmctld.
         let s2 = state(RoleAssignments { slurm_controller: Some(2), slurm_backup: Some(3), ..roles() });
-        let p3 = plan(&PlanInputs { me: 1, state: &s2, munge_key: Some(&key2), k3s_token: None, k3s_installed: false });
+        let p3 = plan(&PlanInputs {
+            me: 1,
+            state: &s2,
+            munge_key: Some(&key2),
+            k3s_token: None,
+            k3s_installed: false,
+            standby_ready: true,
+        });
         r.apply(&p3).await;
         assert_eq!(fake.take_calls(), vec!["stop slurmctld.service", "restart slurmd.service"]);
     }
@@ -433,6 +489,7 @@ mod tests {
                 munge_key: Some(&key),
                 k3s_token: None,
                 k3s_installed: false,
+                standby_ready: true,
             }))
             .await;
         let slurmd = rep.units.iter().find(|u| u.unit == SLURMD_UNIT).unwrap();
@@ -457,6 +514,7 @@ mod tests {
                 munge_key: Some(&key),
                 k3s_token: None,
                 k3s_installed: false,
+                standby_ready: true,
             }))
             .await;
         assert!(rep.error.as_deref().unwrap().contains("user \"munge\" does not exist"), "{rep:?}");

@@ -77,6 +77,15 @@ pub struct Member {
     pub registered_at_ms: u64,
 }
 
+impl Member {
+    /// The peer API on this member's mesh address (its mesh IP, the port of its `api_addr`), once
+    /// the leader has assigned it one.
+    pub fn mesh_addr(&self) -> Option<String> {
+        let port = self.spec.api_addr.parse::<std::net::SocketAddr>().ok()?.port();
+        self.mesh_ip.map(|ip| std::net::SocketAddr::new(ip.into(), port).to_string())
+    }
+}
+
 /// A value in the user KV space.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct KvEntry {
@@ -114,6 +123,39 @@ impl std::fmt::Debug for SecretEntry {
     }
 }
 
+/// The SLURM controller's state directory, sealed with the cluster key (see
+/// [`slurm_state`](crate::slurm_state)). Only the current controller publishes it; the backup
+/// installs it.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct SlurmStateCopy {
+    pub from: NodeId,
+    /// Starts at 1, +1 on every published copy.
+    pub version: u64,
+    /// Sealed JSON of the files.
+    pub sealed: String,
+    /// SHA-256 of the files (paths and contents).
+    pub digest: String,
+    pub files: u32,
+    pub bytes: u64,
+    /// The controller's wall clock when it read the directory.
+    pub taken_at_ms: u64,
+}
+
+impl std::fmt::Debug for SlurmStateCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SlurmStateCopy")
+            .field("from", &format_args!("{:016x}", self.from))
+            .field("version", &self.version)
+            .field("files", &self.files)
+            .field("bytes", &self.bytes)
+            .field("taken_at_ms", &self.taken_at_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Largest sealed SLURM state copy the state machine accepts.
+pub const MAX_SLURM_STATE_SEALED: usize = 24 * 1024 * 1024;
+
 /// A command replicated through Raft.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -148,6 +190,15 @@ pub enum Command {
         name: String,
         value: String,
         at_ms: u64,
+    },
+    /// The SLURM controller publishes a copy of its state directory (refused from anyone else).
+    SetSlurmState {
+        from: NodeId,
+        sealed: String,
+        digest: String,
+        files: u32,
+        bytes: u64,
+        taken_at_ms: u64,
     },
     KvPut {
         key: String,
@@ -205,6 +256,9 @@ pub struct ClusterState {
     pub roles: RoleAssignments,
     #[serde(default)]
     pub secrets: BTreeMap<String, SecretEntry>,
+    /// The SLURM controller's state directory, for the backup controller.
+    #[serde(default)]
+    pub slurm_state: Option<SlurmStateCopy>,
     pub kv: BTreeMap<String, KvEntry>,
 }
 
@@ -225,8 +279,9 @@ pub fn validate_kv(key: &str, value: Option<&str>) -> Result<(), String> {
 }
 
 impl ClusterState {
-    /// A copy without the user KV space: what the node's mesh and services are derived from, so
-    /// that user writes neither cost a copy of the KV space nor wake those loops.
+    /// A copy without the user KV space and the SLURM state copy: what the node's mesh and
+    /// services are derived from, so that neither user writes nor SLURM state copies cost a copy
+    /// of those or a reconcile.
     pub fn without_kv(&self) -> ClusterState {
         ClusterState {
             cluster_id: self.cluster_id.clone(),
@@ -236,6 +291,7 @@ impl ClusterState {
             members: self.members.clone(),
             roles: self.roles.clone(),
             secrets: self.secrets.clone(),
+            slurm_state: None,
             kv: BTreeMap::new(),
         }
     }
@@ -344,6 +400,35 @@ impl ClusterState {
                 let version = self.secrets.get(name).map_or(1, |s| s.version + 1);
                 self.secrets.insert(name.clone(), SecretEntry { value: value.clone(), version, changed_at_ms: *at_ms });
                 Response::Secret { version }
+            }
+            Command::SetSlurmState { from, sealed, digest, files, bytes, taken_at_ms } => {
+                if self.roles.slurm_controller != Some(*from) {
+                    return Response::Rejected {
+                        reason: format!(
+                            "node {from:016x} is not the SLURM controller ({}); only the controller publishes its state",
+                            self.roles.slurm_controller.map_or_else(|| "none assigned".into(), |c| format!("{c:016x}"))
+                        ),
+                    };
+                }
+                if sealed.is_empty() || sealed.len() > MAX_SLURM_STATE_SEALED {
+                    return Response::Rejected {
+                        reason: format!(
+                            "SLURM state copy is {} bytes sealed; it must be 1..={MAX_SLURM_STATE_SEALED}",
+                            sealed.len()
+                        ),
+                    };
+                }
+                let version = self.slurm_state.as_ref().map_or(1, |c| c.version + 1);
+                self.slurm_state = Some(SlurmStateCopy {
+                    from: *from,
+                    version,
+                    sealed: sealed.clone(),
+                    digest: digest.clone(),
+                    files: *files,
+                    bytes: *bytes,
+                    taken_at_ms: *taken_at_ms,
+                });
+                Response::Ok
             }
             Command::KvPut { key, value } => {
                 if let Err(reason) = validate_kv(key, Some(value)) {
@@ -565,6 +650,37 @@ mod tests {
         assert!(!format!("{s:?}").contains("b3RoZXI="), "secret value in Debug output");
         let r = s.apply(3, &Command::SetSecret { name: "x".into(), value: String::new(), at_ms: 3 });
         assert!(matches!(r, Response::Rejected { .. }));
+    }
+
+    #[test]
+    fn only_the_slurm_controller_publishes_its_state() {
+        let mut s = state_with(&[1, 2], &[]);
+        let publish = |from| Command::SetSlurmState {
+            from,
+            sealed: "c2VhbGVk".into(),
+            digest: "d".into(),
+            files: 3,
+            bytes: 100,
+            taken_at_ms: 5,
+        };
+        assert!(matches!(s.apply(1, &publish(1)), Response::Rejected { .. }), "no controller assigned");
+        s.roles.slurm_controller = Some(1);
+        assert!(matches!(s.apply(2, &publish(2)), Response::Rejected { .. }), "node 2 is not the controller");
+        assert_eq!(s.apply(3, &publish(1)), Response::Ok);
+        assert_eq!(s.apply(4, &publish(1)), Response::Ok);
+        let c = s.slurm_state.clone().unwrap();
+        assert_eq!((c.from, c.version, c.files), (1, 2, 3));
+        assert!(!format!("{c:?}").contains("c2VhbGVk"), "sealed copy in Debug output");
+        assert_eq!(s.without_kv().slurm_state, None, "the services loop does not see copies");
+        let empty = Command::SetSlurmState {
+            from: 1,
+            sealed: String::new(),
+            digest: "d".into(),
+            files: 0,
+            bytes: 0,
+            taken_at_ms: 6,
+        };
+        assert!(matches!(s.apply(5, &empty), Response::Rejected { .. }));
     }
 
     #[test]

@@ -47,7 +47,11 @@ pub struct RaftReport {
 pub struct MemberReport {
     pub id: String,
     pub name: Option<String>,
+    /// The node's own (underlay) address: where it joined from and its WireGuard endpoint.
     pub api_addr: String,
+    /// The address Raft and the peer API use for it: its mesh address once it answers there.
+    #[serde(default)]
+    pub raft_addr: String,
     pub mesh_ip: Option<std::net::Ipv4Addr>,
     /// voter or learner.
     pub role: String,
@@ -57,6 +61,16 @@ pub struct MemberReport {
     pub memory_mb: Option<u64>,
     pub is_leader: bool,
     pub is_self: bool,
+}
+
+impl MemberReport {
+    /// "mesh" when Raft reaches the member over its mesh address, else "underlay".
+    pub fn raft_via(&self) -> &'static str {
+        match self.mesh_ip {
+            Some(ip) if self.raft_addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip() == ip) => "mesh",
+            _ => "underlay",
+        }
+    }
 }
 
 /// Role holders by name (id when a holder has no record yet).
@@ -96,6 +110,9 @@ pub struct StatusReport {
     pub services: Option<crate::services::ServiceReport>,
     /// This node's WireGuard interface; `None` when the agent does not manage the mesh here.
     pub mesh: Option<crate::runtime::MeshReport>,
+    /// SLURM state replication on this node (the controller publishes, the backup installs).
+    #[serde(default)]
+    pub slurm_state: Option<crate::runtime::SlurmStateReport>,
 }
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -116,6 +133,7 @@ pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
         secrets: Vec::new(),
         services: None,
         mesh: None,
+        slurm_state: None,
     }
 }
 
@@ -180,7 +198,8 @@ pub fn report(agent: &Agent) -> StatusReport {
             MemberReport {
                 id: hex_id(*id),
                 name: rec.map(|r| r.spec.name.clone()),
-                api_addr: node.addr.clone(),
+                api_addr: rec.map_or_else(|| node.addr.clone(), |r| r.spec.api_addr.clone()),
+                raft_addr: node.addr.clone(),
                 mesh_ip: rec.and_then(|r| r.mesh_ip),
                 role: if voters.contains(id) { "voter" } else { "learner" }.into(),
                 health: rec.map(|r| r.health),
@@ -217,6 +236,7 @@ pub fn report(agent: &Agent) -> StatusReport {
         secrets,
         services: agent.services.lock().expect("services lock").clone(),
         mesh: agent.mesh.lock().expect("mesh lock").clone(),
+        slurm_state: agent.slurm_state.lock().expect("slurm state lock").clone(),
     }
 }
 
@@ -229,15 +249,15 @@ pub fn render_members(r: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:<15} {:>4} {:>7}",
-        "", "NAME", "ID", "ROLE", "HEALTH", "ADDRESS", "MESH_IP", "CPUS", "MEM_MB"
+        "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:<15} {:<8} {:>4} {:>7}",
+        "", "NAME", "ID", "ROLE", "HEALTH", "ADDRESS", "MESH_IP", "RAFT_VIA", "CPUS", "MEM_MB"
     );
     for m in &r.members {
         let mark = if m.is_leader { "*" } else { "" };
         let name = m.name.clone().unwrap_or_else(|| "(registering)".into()) + if m.is_self { " (this)" } else { "" };
         let _ = writeln!(
             out,
-            "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:<15} {:>4} {:>7}",
+            "  {:<1} {:<16} {:<16} {:<8} {:<8} {:<21} {:<15} {:<8} {:>4} {:>7}",
             mark,
             name,
             m.id,
@@ -245,6 +265,7 @@ pub fn render_members(r: &StatusReport) -> String {
             opt(&m.health),
             m.api_addr,
             opt(&m.mesh_ip),
+            m.raft_via(),
             opt(&m.cpus),
             opt(&m.memory_mb)
         );
@@ -263,6 +284,20 @@ pub fn render_roles(r: &StatusReport) -> String {
     let _ = writeln!(out, "slurm workers      {}", many(&roles.slurm_workers));
     let _ = writeln!(out, "k3s server         {}", one(&roles.k3s_server));
     let _ = writeln!(out, "k3s agents         {}", many(&roles.k3s_agents));
+    if let Some(st) = &r.slurm_state {
+        let age = st
+            .taken_at_ms
+            .map_or_else(|| "-".to_string(), |t| format!("{} s ago", crate::now_ms().saturating_sub(t) / 1000));
+        let _ = writeln!(
+            out,
+            "slurm state copy   {} version {} ({} files, {} bytes, read {age}){}",
+            st.role,
+            opt(&st.version),
+            st.files,
+            st.bytes,
+            st.note.as_ref().map(|n| format!(": {n}")).unwrap_or_default()
+        );
+    }
     out.push_str(&render_services(r));
     out
 }

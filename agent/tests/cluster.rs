@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clusteros::client::ClientError;
 use clusteros::state::Response;
-use common::{Cluster, Opts, serial, wait_until};
+use common::{Cluster, NetNs, Opts, metric, serial, wait_until};
 use rand::Rng;
 use rand::seq::SliceRandom;
 
@@ -227,6 +227,11 @@ async fn wrong_secret_is_refused_and_changes_nothing() {
     .await;
     let refused_logged = c.nodes[..3].iter().any(|n| n.log().contains("refused peer request"));
     assert!(refused_logged, "no cluster node logged the refusal");
+    let mut refused = 0.0;
+    for n in &c.nodes[..3] {
+        refused += metric(&n.metrics().await.unwrap(), "clusteros_peer_requests_refused_total").unwrap();
+    }
+    assert!(refused >= 1.0, "the refusals are not counted in the metrics");
     let after = c.status(leader).await.unwrap();
     let who = |s: &clusteros::status::StatusReport| {
         s.members.iter().map(|m| (m.id.clone(), m.name.clone(), m.role.clone())).collect::<Vec<_>>()
@@ -471,4 +476,108 @@ async fn leader_assigns_mesh_addresses_roles_and_secrets() {
     }
     let json = serde_json::to_string(&c.status(0).await.unwrap()).unwrap();
     assert!(!json.contains("\"value\""), "a secret value leaked into status");
+}
+
+/// Once members answer on their mesh addresses, the leader moves Raft and the peer API onto them;
+/// elections and forwarded writes then run over the mesh, and a member whose mesh address stops
+/// answering is moved back to its underlay address. The host kernel has no WireGuard, so here the
+/// mesh addresses live on the loopback of a network namespace of the test's own and the agents
+/// bind their extra peer listener there, as they do on wg0 in the VMs (tests/tests/services.rs
+/// proves the same over real WireGuard tunnels).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_moves_onto_mesh_addresses_and_back_when_a_tunnel_breaks() {
+    let _g = serial();
+    let ns = NetNs::new("clusteros-mesh");
+    for i in 1..=6 {
+        ns.ip(&["addr", "add", &format!("10.91.0.{i}/32"), "dev", "lo"]);
+    }
+    let opts = Opts { mesh_cidr: Some("10.91.0.0/24".into()), netns: Some(ns.name.clone()), ..Opts::default() };
+    let mut c = Cluster::new(3, opts);
+    c.start_all();
+    c.wait_converged(3, 0, FORM).await;
+    wait_until(FORM, "every node lists every member on its mesh address", || all_on_mesh(&c, 3)).await;
+    let s = c.status(0).await.unwrap();
+    for m in &s.members {
+        assert!(m.raft_addr.starts_with("10.91.0."), "{m:?}");
+        assert!(m.api_addr.starts_with("127."), "the underlay address is kept: {m:?}");
+    }
+
+    // Elections and forwarded writes over the mesh addresses.
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let old = c.status(leader).await.unwrap().node.id.unwrap();
+    let follower = (leader + 1) % 3;
+    c.nodes[follower].client().kv_put("before", "1").await.unwrap();
+    c.kill(leader);
+    wait_until(FORM, "a new leader elected over the mesh addresses", || async {
+        let l = c.status(follower).await.ok()?.raft?.leader_id?;
+        (l != old).then_some(())
+    })
+    .await;
+    c.nodes[follower].client().kv_put("after", "2").await.unwrap();
+    c.start(leader);
+    c.wait_converged(3, 0, FORM).await;
+    wait_until(FORM, "the restarted node is back on its mesh address", || all_on_mesh(&c, 3)).await;
+
+    // Break one follower's "tunnel": its mesh address disappears, its underlay still works.
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let victim = (leader + 1) % 3;
+    let victim_id = c.status(victim).await.unwrap().node.id.unwrap();
+    let ip = c.status(leader).await.unwrap().members.iter().find(|m| m.id == victim_id).unwrap().mesh_ip.unwrap();
+    ns.ip(&["addr", "del", &format!("{ip}/32"), "dev", "lo"]);
+    wait_until(FORM, "the leader moves the member with a broken tunnel back to its underlay address", || async {
+        let s = c.status(leader).await.ok()?;
+        let m = s.members.iter().find(|m| m.id == victim_id)?;
+        (m.raft_via() == "underlay" && m.raft_addr == m.api_addr).then_some(())
+    })
+    .await;
+    c.wait_converged(3, 0, FORM).await;
+    c.nodes[victim].client().kv_put("fallback", "3").await.unwrap();
+    let r = c.nodes[leader].client().kv_get("fallback", true).await.unwrap();
+    assert_eq!(r.entry.map(|e| e.value).as_deref(), Some("3"));
+    let log = c.nodes.iter().map(|n| n.log()).collect::<String>();
+    assert!(log.contains("moving the member's Raft address"), "no transport change was logged");
+}
+
+/// Some when every running node lists `n` members, each on its mesh address.
+async fn all_on_mesh(c: &Cluster, n: usize) -> Option<()> {
+    for i in c.running() {
+        let s = c.status(i).await.ok()?;
+        if s.members.len() != n || s.members.iter().any(|m| m.raft_via() != "mesh") {
+            return None;
+        }
+    }
+    Some(())
+}
+
+/// Prometheus metrics on every node agree with `clusteros status`: one leader, three voters,
+/// every member alive, the secrets' versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_agree_with_status() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let texts = wait_until(FORM, "metrics on every node with 3 alive members and the secrets", || async {
+        let mut texts = Vec::new();
+        for n in &c.nodes {
+            let t = n.metrics().await?;
+            (metric(&t, "clusteros_members{health=\"alive\"}")? == 3.0).then_some(())?;
+            metric(&t, "clusteros_secret_version{secret=\"munge-key\"}")?;
+            texts.push(t);
+        }
+        Some(texts)
+    })
+    .await;
+    let leaders: Vec<usize> =
+        (0..3).filter(|i| metric(&texts[*i], "clusteros_raft_state{state=\"leader\"}") == Some(1.0)).collect();
+    assert_eq!(leaders, vec![leader], "exactly the leader reports state leader");
+    let status = c.status(leader).await.unwrap();
+    let raft = status.raft.unwrap();
+    for t in &texts {
+        assert_eq!(metric(t, "clusteros_raft_voters"), Some(3.0));
+        assert_eq!(metric(t, "clusteros_raft_term"), Some(raft.term as f64));
+        assert_eq!(metric(t, "clusteros_configured"), Some(1.0));
+    }
+    // Replication lag is reported by the leader only, one line per follower.
+    assert_eq!(texts[leader].matches("clusteros_raft_replication_lag_entries{").count(), 2, "{}", texts[leader]);
 }

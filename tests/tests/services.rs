@@ -79,6 +79,26 @@ fn check_mesh(nodes: &[&Vm]) -> Result<()> {
     Ok(())
 }
 
+/// Every node's Raft membership lists every member on its mesh address (Raft and the peer API run
+/// over WireGuard); the member's own underlay address is kept for its endpoint.
+fn check_raft_on_mesh(nodes: &[&Vm]) -> Result<()> {
+    for vm in nodes {
+        let st = clusteros_e2e::cluster::status_of(vm)?;
+        ensure!(st.members.len() == nodes.len(), "{}: {} members", vm.name(), st.members.len());
+        for m in &st.members {
+            ensure!(
+                m.raft_via() == "mesh",
+                "{}: member {:?} is reached at {} (mesh ip {:?}), not on the mesh",
+                vm.name(),
+                m.name,
+                m.raft_addr,
+                m.mesh_ip
+            );
+        }
+    }
+    Ok(())
+}
+
 /// slurmctld runs on exactly the controller and the backup, slurmd on every worker, and sinfo
 /// shows every worker idle. Returns (controller, backup).
 fn check_slurm(nodes: &[&Vm], workers: usize) -> Result<(String, String)> {
@@ -89,9 +109,7 @@ fn check_slurm(nodes: &[&Vm], workers: usize) -> Result<(String, String)> {
     ensure!(worker_names.len() == workers, "workers {worker_names:?}, want {workers}");
     for vm in nodes {
         let ctld = is_active(vm, "slurmctld.service")?;
-        // Without shared state storage a standby slurmctld cannot serve; the agent moves the
-        // controller role to the backup instead, so slurmctld runs on the controller only.
-        let want_ctld = vm.name() == controller;
+        let want_ctld = vm.name() == controller || vm.name() == backup;
         ensure!(ctld == want_ctld, "{}: slurmctld active={ctld}, controller {controller}, backup {backup}", vm.name());
         if worker_names.contains(vm.name()) {
             ensure!(is_active(vm, "slurmd.service")?, "{}: slurmd is not active", vm.name());
@@ -107,6 +125,32 @@ fn check_slurm(nodes: &[&Vm], workers: usize) -> Result<(String, String)> {
         .collect();
     ensure!(idle == worker_names, "sinfo: idle {idle:?}, workers {worker_names:?}:\n{}", sinfo.stdout);
     Ok((controller, backup))
+}
+
+/// `sbatch --hold`: a job that stays pending until released; returns its id.
+fn submit_held_job(vm: &Vm) -> Result<u64> {
+    let out = vm
+        .exec(&["sbatch", "--hold", "--job-name=survivor", "--output=/dev/null", "--wrap", "hostname"])?
+        .check("sbatch --hold")?;
+    out.stdout.split_whitespace().last().and_then(|w| w.parse().ok()).with_context(|| format!("sbatch said {out}"))
+}
+
+/// `scontrol show job ID` -> its JobState.
+fn job_state(vm: &Vm, id: u64) -> Result<String> {
+    let out = vm.exec(&["scontrol", "show", "job", &id.to_string()])?.check("scontrol show job")?;
+    out.stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("JobState="))
+        .map(str::to_string)
+        .with_context(|| format!("no JobState in {out}"))
+}
+
+/// The SLURM state copy this node published (controller) or installed (backup):
+/// (version, taken_at_ms).
+fn slurm_state_copy(vm: &Vm) -> Result<(u64, u64)> {
+    let st = clusteros_e2e::cluster::status_of(vm)?;
+    let c = st.slurm_state.with_context(|| format!("{}: no SLURM state replication here", vm.name()))?;
+    Ok((c.version.context("no copy yet")?, c.taken_at_ms.context("no copy yet")?))
 }
 
 /// `srun -N<n> hostname` prints n different host names.
@@ -144,6 +188,7 @@ fn mesh_munge_slurm_failover_and_rotation() {
 
     // 1. The mesh.
     wait_until(timeout(240), "a full WireGuard mesh with recent handshakes", || check_mesh(&nodes)).or_fail("(1) mesh");
+    wait_until(timeout(120), "Raft on the mesh addresses", || check_raft_on_mesh(&nodes)).or_fail("(1) raft on mesh");
     env.timer.phase("1.mesh");
     // 2. One MUNGE key everywhere.
     let md5 = wait_until(timeout(180), "the same MUNGE key on every node", || check_munge(&nodes)).or_fail("(2) munge");
@@ -179,6 +224,30 @@ fn mesh_munge_slurm_failover_and_rotation() {
         .with_context(|| format!("no VM is named {controller}, the controller"))
         .or_fail("(5) controller VM");
     let rest: Vec<&Vm> = all.iter().filter(|i| **i != ci).map(|i| cluster.node(*i)).collect();
+    let ctl = cluster.node(ci);
+    let bi = all
+        .iter()
+        .copied()
+        .find(|i| cluster.node(*i).name() == backup)
+        .with_context(|| format!("no VM is named {backup}, the backup"))
+        .or_fail("(5) backup VM");
+    // A job queued on the controller must survive it: the backup works from the replicated state.
+    let job = submit_held_job(ctl).or_fail("(5) sbatch --hold");
+    let submitted_ms = ctl.exec(&["date", "+%s%3N"]).and_then(|o| o.check("date")).or_fail("(5) date");
+    let submitted_ms: u64 = submitted_ms.stdout.trim().parse::<u64>().map_err(anyhow::Error::from).or_fail("(5) date");
+    let (version, _) = wait_until(timeout(120), "the controller publishes a state copy with the held job", || {
+        let (v, taken) = slurm_state_copy(ctl)?;
+        ensure!(taken > submitted_ms, "the newest copy was read before the job was submitted");
+        Ok((v, taken))
+    })
+    .or_fail("(5) publish");
+    wait_until(timeout(120), "the backup installs that copy", || {
+        let (v, _) = slurm_state_copy(cluster.node(bi))?;
+        ensure!(v >= version, "backup has copy {v}, want {version}");
+        Ok(())
+    })
+    .or_fail("(5) install");
+    eprintln!("e2e: held job {job} is in state copy {version}, installed on the backup {backup}");
     let t = Instant::now();
     cluster.node(ci).power_off(timeout(180)).or_fail("(5) power off the controller");
     wait_until(timeout(300), "srun -N2 hostname without the controller", || srun_hostnames(rest[0], 2))
@@ -194,6 +263,32 @@ fn mesh_munge_slurm_failover_and_rotation() {
         Some(backup.as_str()),
         "(5) the backup holds the controller role"
     );
+    wait_until(timeout(180), "slurmctld on the new controller and its new backup", || {
+        let r = roles(rest[0])?;
+        let (c, b) = (holder(&r, "slurm_controller"), holder(&r, "slurm_backup"));
+        for vm in &rest {
+            let want = Some(vm.name().to_string());
+            ensure!(c == want || b == want, "{} holds neither controller role ({c:?}, {b:?})", vm.name());
+            ensure!(is_active(vm, "slurmctld.service")?, "{}: slurmctld is not active", vm.name());
+        }
+        Ok(())
+    })
+    .or_fail("(5) slurmctld after failover");
+    // The job queued before the failover is still there, and runs once released (its script
+    // was replicated too: a lost script fails the job).
+    let state = job_state(rest[0], job).or_fail("(5) held job after failover");
+    assert_eq!(state, "PENDING", "(5) job {job} queued before the failover");
+    rest[0]
+        .exec(&["scontrol", "release", &job.to_string()])
+        .and_then(|o| o.check("scontrol release"))
+        .or_fail("(5) release");
+    wait_until(timeout(180), "the held job completes after its release", || {
+        let s = job_state(rest[0], job)?;
+        ensure!(s == "COMPLETED", "job {job} is {s}");
+        Ok(())
+    })
+    .or_fail("(5) held job completes");
+    eprintln!("e2e: job {job}, queued on {controller} before it powered off, completed after the failover");
     env.timer.phase("5.failover");
     env.timer.record("services/total", env.timer.total());
 }

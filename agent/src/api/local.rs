@@ -96,3 +96,17 @@ pub fn router(state: LocalState) -> Router {
         .route("/v1/leave", post(leave))
         .with_state(state)
 }
+
+async fn metrics(State(s): Shared) -> impl axum::response::IntoResponse {
+    let report = match &s {
+        LocalState::Running(a) => status::report(a),
+        LocalState::Unconfigured { name, problems } => status::unconfigured(name, problems.clone()),
+    };
+    let body = crate::metrics::render(&report, crate::metrics::refused(), crate::now_ms());
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+}
+
+/// The Prometheus endpoint (`GET /metrics`), served on plain HTTP at `metrics_addr`.
+pub fn metrics_router(state: LocalState) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(state)
+}

@@ -60,6 +60,7 @@ async fn authenticate(State(auth): State<Arc<AuthState>>, req: Request, next: Ne
         Ok(a) => a,
         Err(e) => {
             warn!(peer_addr = %remote, path = %path, "refused peer request: {e}");
+            crate::metrics::count_refused();
             return ApiError::Unauthorized(e.to_string()).into_response();
         }
     };

@@ -27,7 +27,7 @@ pub struct SlurmNode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlurmConf {
     pub cluster_name: String,
-    /// The controller. Never empty.
+    /// The controller, then the backup. Never empty.
     pub controllers: Vec<SlurmHost>,
     pub nodes: Vec<SlurmNode>,
     pub partition: String,
@@ -49,13 +49,15 @@ impl SlurmConf {
             let ip = m.mesh_ip.ok_or_else(|| RenderError::NoMeshAddress(m.spec.name.clone()))?;
             Ok((m.spec.name.clone(), ip))
         };
-        // Only the controller is listed. A standby slurmctld needs a StateSaveLocation shared with
-        // the primary (it waits for the primary's heartbeat file there, serving nothing); nodes
-        // have no shared storage, so the agent does the failover: when the controller fails, the
-        // backup role holder becomes controller and this file names it.
+        // The backup's standby slurmctld works from a copy of the controller's StateSaveLocation
+        // that the agent replicates (see slurm_state); when the controller fails, the backup takes
+        // over and the agent then names it first here.
         let primary = s.roles.slurm_controller.ok_or(RenderError::NoController)?;
-        let (name, addr) = host(primary)?;
-        let controllers = vec![SlurmHost { name, addr }];
+        let mut controllers = Vec::new();
+        for id in std::iter::once(primary).chain(s.roles.slurm_backup) {
+            let (name, addr) = host(id)?;
+            controllers.push(SlurmHost { name, addr });
+        }
         let mut nodes = Vec::new();
         for id in &s.roles.slurm_workers {
             let (name, addr) = host(*id)?;

@@ -33,6 +33,9 @@ pub struct Opts {
     pub remove_after_ms: u64,
     pub snapshot_after_logs: u64,
     pub logs_to_keep: u64,
+    pub mesh_cidr: Option<String>,
+    /// Run the agents inside this network namespace (see [`NetNs`]).
+    pub netns: Option<String>,
 }
 
 impl Default for Opts {
@@ -46,6 +49,8 @@ impl Default for Opts {
             remove_after_ms: 600_000,
             snapshot_after_logs: 1000,
             logs_to_keep: 500,
+            mesh_cidr: None,
+            netns: None,
         }
     }
 }
@@ -62,6 +67,15 @@ pub struct Node {
 impl Node {
     pub fn socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
+    }
+    /// `GET /metrics` of this node (the peer address, port 7601).
+    pub async fn metrics(&self) -> Option<String> {
+        let ip = self.addr.rsplit_once(':')?.0;
+        let r = reqwest::get(format!("http://{ip}:7601/metrics")).await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.text().await.ok()
     }
     pub fn log_path(&self) -> PathBuf {
         self.dir.join("agent.log")
@@ -83,7 +97,10 @@ impl Node {
     fn write_config(&self) {
         let o = &self.opts;
         let join = self.join.iter().map(|j| format!("{j:?}")).collect::<Vec<_>>().join(", ");
-        let expect = o.bootstrap_expect.map(|n| format!("bootstrap_expect = {n}\n")).unwrap_or_default();
+        let mut expect = o.bootstrap_expect.map(|n| format!("bootstrap_expect = {n}\n")).unwrap_or_default();
+        if let Some(cidr) = &o.mesh_cidr {
+            expect.push_str(&format!("mesh_cidr = {cidr:?}\n"));
+        }
         let text = format!(
             "node_name = {name:?}\nstate_dir = {state:?}\nsocket_path = {sock:?}\nlisten_addr = {addr:?}\n\
              join = [{join}]\n{expect}max_voters = {mv}\ncluster_secret_file = {secret:?}\n\
@@ -174,7 +191,15 @@ impl Cluster {
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "{} already running", node.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(node.log_path()).unwrap();
-        let child = Command::new(binary())
+        let mut cmd = match &node.opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = cmd
             .arg("agent")
             .arg("--config")
             .arg(node.dir.join("agent.toml"))
@@ -338,4 +363,49 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
 
 pub fn state_dir(node: &Node) -> &Path {
     &node.dir
+}
+
+/// A network namespace of its own for a test (needs root and iproute2), deleted on drop. Its
+/// loopback is up, so 127.0.0.0/8 works inside it as on the host.
+pub struct NetNs {
+    pub name: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("cannot run `ip` (install iproute2)");
+    assert!(
+        out.status.success(),
+        "`ip {}` failed: {} (network namespace tests need root)",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+}
+
+impl NetNs {
+    pub fn new(prefix: &str) -> NetNs {
+        let name = format!("{prefix}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `ip -n NAME ARGS...`, panicking with its error output when it fails.
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all);
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// The value of the sample `line_prefix VALUE` (e.g. `clusteros_raft_voters`) in a metrics text.
+pub fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(line_prefix)?.strip_prefix(' ')?.parse().ok())
 }
