@@ -16,26 +16,44 @@ fn label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: String,
+    samples: Vec<String>,
+}
+
+/// Samples grouped by metric: the text format wants each metric's lines together, after its HELP
+/// and TYPE lines, however the samples were produced.
 struct Out {
-    text: String,
-    declared: Vec<&'static str>,
+    families: Vec<Family>,
 }
 
 impl Out {
-    /// Writes one sample, with the HELP and TYPE lines before the first sample of a metric.
-    fn sample(&mut self, name: &'static str, kind: &str, help: &str, labels: &[(&str, &str)], value: f64) {
-        if !self.declared.contains(&name) {
-            self.declared.push(name);
-            let _ = writeln!(self.text, "# HELP {name} {help}");
-            let _ = writeln!(self.text, "# TYPE {name} {kind}");
-        }
+    fn sample(&mut self, name: &'static str, kind: &'static str, help: &str, labels: &[(&str, &str)], value: f64) {
         let labels = if labels.is_empty() {
             String::new()
         } else {
             let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", label(v))).collect();
             format!("{{{}}}", inner.join(","))
         };
-        let _ = writeln!(self.text, "{name}{labels} {value}");
+        let line = format!("{name}{labels} {value}");
+        match self.families.iter_mut().find(|f| f.name == name) {
+            Some(f) => f.samples.push(line),
+            None => self.families.push(Family { name, kind, help: help.into(), samples: vec![line] }),
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut out = String::new();
+        for f in &self.families {
+            let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+            let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+            for l in &f.samples {
+                let _ = writeln!(out, "{l}");
+            }
+        }
+        out
     }
 
     fn gauge(&mut self, name: &'static str, help: &str, labels: &[(&str, &str)], value: f64) {
@@ -49,7 +67,7 @@ fn flag(b: bool) -> f64 {
 
 /// Renders the report. `now_ms` is the wall clock (ms since the epoch), for ages.
 pub fn render(r: &StatusReport, refused: u64, now_ms: u64) -> String {
-    let mut o = Out { text: String::new(), declared: Vec::new() };
+    let mut o = Out { families: Vec::new() };
     let name = r.node.name.as_str();
     o.gauge("clusteros_build_info", "Agent version (always 1).", &[("version", &r.node.version)], 1.0);
     o.gauge("clusteros_configured", "1 when the agent can form or join a cluster.", &[], flag(r.configured));
@@ -215,7 +233,7 @@ pub fn render(r: &StatusReport, refused: u64, now_ms: u64) -> String {
         &[],
         refused as f64,
     );
-    o.text
+    o.text()
 }
 
 /// Counts one refused peer request.
@@ -249,6 +267,18 @@ mod tests {
                 value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line:?}"));
             }
         }
+    }
+
+    #[test]
+    fn samples_of_one_metric_are_contiguous() {
+        let mut o = Out { families: Vec::new() };
+        o.gauge("a", "A.", &[("unit", "x")], 1.0);
+        o.gauge("b", "B.", &[("unit", "x")], 0.0);
+        o.gauge("a", "A.", &[("unit", "y")], 0.0);
+        assert_eq!(
+            o.text(),
+            "# HELP a A.\n# TYPE a gauge\na{unit=\"x\"} 1\na{unit=\"y\"} 0\n# HELP b B.\n# TYPE b gauge\nb{unit=\"x\"} 0\n"
+        );
     }
 
     #[test]

@@ -107,11 +107,13 @@ pub struct Agent {
     pub mesh: Mutex<Option<MeshReport>>,
     /// The last round of SLURM state replication, for status.
     pub slurm_state: Mutex<Option<SlurmStateReport>>,
+    /// On the SLURM controller: the newest sealed copy of its state directory, for the backup.
+    pub slurm_copy: Mutex<Option<Arc<crate::api::SlurmStateBlob>>>,
     /// wg0 has this node's mesh address and its peers (set by the mesh loop).
     mesh_wg: std::sync::atomic::AtomicBool,
-    /// The peer API accepts connections on the mesh address: the listen address is unspecified
-    /// (0.0.0.0), or the extra listener on the mesh address is bound.
-    mesh_listening: std::sync::atomic::AtomicBool,
+    /// The extra peer listener on the mesh address is bound (only with a specific listen address;
+    /// a 0.0.0.0 listener covers the mesh address already).
+    mesh_listener: std::sync::atomic::AtomicBool,
     progress: Mutex<Progress>,
     /// Candidates heard from directly during discovery, with what they reported.
     discovered: Mutex<BTreeMap<NodeId, (Candidate, Option<PeerView>)>>,
@@ -247,8 +249,9 @@ impl Agent {
             services: Mutex::new(None),
             mesh: Mutex::new(None),
             slurm_state: Mutex::new(None),
+            slurm_copy: Mutex::new(None),
             mesh_wg: std::sync::atomic::AtomicBool::new(false),
-            mesh_listening: std::sync::atomic::AtomicBool::new(cfg.listen_addr.ip().is_unspecified()),
+            mesh_listener: std::sync::atomic::AtomicBool::new(false),
             progress: Mutex::new(Progress { phase: Phase::Discovering, detail: "starting".into(), last_error: None }),
             discovered: Mutex::new(BTreeMap::new()),
             join_targets: Mutex::new(join_targets),
@@ -310,12 +313,18 @@ impl Agent {
         }
     }
 
-    /// Whether this node's peer API answers on its mesh address. Until it does, this node reaches
-    /// peers over their underlay addresses. Without a managed mesh (no systemd: host tests) the
-    /// mesh address counts as up once the extra listener is bound on it.
+    /// Whether this node's peer API answers on its mesh address: wg0 is configured and the peer
+    /// API listens there (0.0.0.0, or the extra listener is bound). Without a managed wg0 (no
+    /// systemd, e.g. host tests) only an extra listener bound on the mesh address counts: the
+    /// kernel then has that address, or the bind would have failed.
     pub fn mesh_up(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
-        self.mesh_listening.load(Relaxed) && (self.mesh_wg.load(Relaxed) || !self.manages_services())
+        let listener = self.mesh_listener.load(Relaxed);
+        if self.manages_services() {
+            self.mesh_wg.load(Relaxed) && (listener || self.cfg.listen_addr.ip().is_unspecified())
+        } else {
+            listener
+        }
     }
 
     fn set_flag(&self, flag: &std::sync::atomic::AtomicBool, value: bool) {
@@ -329,7 +338,7 @@ impl Agent {
 
     /// The extra peer API listener on the mesh address is bound.
     pub fn set_mesh_listening(&self) {
-        self.set_flag(&self.mesh_listening, true);
+        self.set_flag(&self.mesh_listener, true);
     }
 
     /// A member's own (underlay) address, where it can be reached without the mesh; falls back to
@@ -341,10 +350,16 @@ impl Agent {
     }
 
     /// Where to send a peer API request for a member whose Raft address is `raft_addr`: that
-    /// address, unless this node's own mesh is not up yet (a node that just joined, or whose
-    /// tunnel is down), then the member's underlay address.
+    /// address once the leader has moved this node itself onto the mesh (proof that its tunnel to
+    /// the leader works); before that (a node that just joined) or after a fallback (its tunnel
+    /// broke), the member's underlay address.
     fn route(&self, id: NodeId, raft_addr: &str) -> String {
-        if self.mesh_up() { raft_addr.to_string() } else { self.underlay_addr(id, raft_addr) }
+        let on_mesh = self.state.read(|d| {
+            let mine = d.state.members.get(&self.id()).and_then(|m| m.mesh_addr());
+            let current = d.last_membership.membership().get_node(&self.id()).map(|n| n.addr.clone());
+            mine.is_some() && mine == current
+        });
+        if on_mesh && self.mesh_up() { raft_addr.to_string() } else { self.underlay_addr(id, raft_addr) }
     }
 
     /// Underlay addresses of the Raft members (for rejoining and for asking whether this node was
@@ -540,9 +555,17 @@ impl Agent {
         loop {
             last = match local().await {
                 Err(ApiError::NotLeader { leader: Some((leader, addr)) }) => {
-                    let addr = self.route(leader, &addr);
+                    let routed = self.route(leader, &addr);
                     let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 6);
-                    match self.client.call::<_, Resp>(&addr, path, req, t).await {
+                    let mut r = self.client.call::<_, Resp>(&routed, path, req, t).await;
+                    // The mesh path may be broken while wg0 looks fine: try the underlay once.
+                    let underlay = self.underlay_addr(leader, &addr);
+                    if matches!(r, Err(PeerError::Unreachable { .. } | PeerError::Timeout { .. })) && routed != underlay
+                    {
+                        debug!(leader = %hex_id(leader), via = %routed, "leader unreachable over the mesh; trying its underlay address");
+                        r = self.client.call::<_, Resp>(&underlay, path, req, t).await;
+                    }
+                    match r {
                         Ok(r) => return Ok(r),
                         Err(PeerError::Remote { kind, message, .. }) if kind == "not_leader" || kind == "no_leader" => {
                             ApiError::NoLeader(message)
@@ -922,6 +945,10 @@ impl Agent {
             if let Err(e) = self.leader_tick(&m).await {
                 debug!("leader tick: {e}");
             }
+            // Last: its probes may take a while when a member is down.
+            if let Err(e) = self.ensure_transport(&m).await {
+                debug!("transport: {e}");
+            }
         }
     }
 
@@ -933,7 +960,6 @@ impl Agent {
         self.ensure_secrets().await?;
         self.ensure_mesh_addresses().await?;
         self.ensure_roles().await?;
-        self.ensure_transport(m).await?;
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
@@ -1084,11 +1110,18 @@ impl Agent {
         if views.is_empty() {
             return Ok(());
         }
+        // Members already reached over the mesh: proof that the leader's own tunnel works.
+        let others_on_mesh = records.iter().any(|(id, r)| {
+            *id != self.id()
+                && r.mesh_addr().is_some_and(|a| {
+                    m.membership_config.membership().get_node(id).is_some_and(|n| n.addr == a)
+                        && self.silent_for(*id) < self.cfg.health.suspect_after()
+                })
+        });
         let probes = views.iter().map(|(id, v)| async move {
             if *id == self.id() {
-                // The leader's own mesh address works when its mesh is up; others prove it on
-                // every exchange with it once they have moved.
-                return (self.mesh_up(), true);
+                // Settled below, from the other members' answers.
+                return (false, true);
             }
             let mesh = match &v.mesh {
                 Some(a) => self.answers_as(a, *id).await,
@@ -1101,7 +1134,15 @@ impl Agent {
             };
             (mesh, underlay)
         });
-        let answers = futures::future::join_all(probes).await;
+        let mut answers = futures::future::join_all(probes).await;
+        // The leader moves itself once its mesh address is up and some member answers it over the
+        // mesh: then followers reach it there too.
+        let some_answered = views.iter().zip(&answers).any(|((id, _), (mesh, _))| *id != self.id() && *mesh);
+        for ((id, _), a) in views.iter().zip(answers.iter_mut()) {
+            if *id == self.id() {
+                a.0 = self.mesh_up() && (others_on_mesh || some_answered);
+            }
+        }
         let mut changes = BTreeMap::new();
         for ((id, mut v), (mesh, underlay)) in views.into_iter().zip(answers) {
             v.mesh_answers = mesh;
@@ -1154,8 +1195,9 @@ impl Agent {
     /// Whether this node has installed a copy of the SLURM controller's state, heartbeat included
     /// (see [`Agent::run_slurm_state`]).
     fn slurm_standby_ready(&self) -> bool {
-        let marker = self.cfg.state_dir.join(RAFT_DIR).join(SLURM_STATE_MARKER);
-        marker.exists() && Path::new(crate::slurm_state::STATE_DIR).join(crate::slurm_state::HEARTBEAT).exists()
+        let controller = self.state.read(|d| d.state.roles.slurm_controller);
+        self.installed_copy().is_some_and(|c| Some(c.from) == controller)
+            && Path::new(crate::slurm_state::STATE_DIR).join(crate::slurm_state::HEARTBEAT).exists()
     }
 
     /// Waits until this node has applied everything the leader had committed when asked (a read
@@ -1199,6 +1241,9 @@ impl Agent {
             ..Default::default()
         });
         if !self.wait_caught_up(Duration::from_secs(120)).await {
+            if end.borrow().is_some() {
+                return;
+            }
             warn!(node_id = %hex_id(self.id()), "no leader within 120 s; starting services from this node's last known state");
         }
         let mut changes = self.state.subscribe();
@@ -1381,35 +1426,67 @@ pub struct SlurmStateReport {
     pub note: Option<String>,
 }
 
-/// Where the backup records the version of the last copy it installed (inside the Raft
+/// Where the backup records the copy it installed last: `FROM_ID VERSION DIGEST` (inside the Raft
 /// directory: a node that joins anew starts over).
 const SLURM_STATE_MARKER: &str = "slurm-state.installed";
 
+/// The copy a backup installed last, as recorded in its marker file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct InstalledCopy {
+    from: NodeId,
+    version: u64,
+    digest: String,
+}
+
+impl InstalledCopy {
+    fn parse(text: &str) -> Option<InstalledCopy> {
+        let mut it = text.split_whitespace();
+        let from = NodeId::from_str_radix(it.next()?, 16).ok()?;
+        let version = it.next()?.parse().ok()?;
+        let digest = it.next()?.to_string();
+        Some(InstalledCopy { from, version, digest })
+    }
+
+    fn render(&self) -> String {
+        format!("{} {} {}\n", hex_id(self.from), self.version, self.digest)
+    }
+}
+
 impl Agent {
+    fn slurm_marker(&self) -> PathBuf {
+        self.cfg.state_dir.join(RAFT_DIR).join(SLURM_STATE_MARKER)
+    }
+
+    fn installed_copy(&self) -> Option<InstalledCopy> {
+        std::fs::read_to_string(self.slurm_marker()).ok().and_then(|t| InstalledCopy::parse(&t))
+    }
+
     /// Replicates the SLURM controller's state directory to the backup, every 5 s: the controller
-    /// publishes a sealed copy when its state changed (at least every minute while its slurmctld
-    /// is in control, to keep the copied heartbeat current), and the backup installs the newest
-    /// copy while its own slurmctld is a standby. See [`crate::slurm_state`].
+    /// reads its directory and, while its slurmctld is in control and the files changed, keeps
+    /// the sealed copy in memory (served at `/peer/v1/slurm-state`) and announces its digest
+    /// through Raft; the backup fetches each announced copy and installs it while its own
+    /// slurmctld is a standby. When the backup's slurmctld takes control by itself, its agent
+    /// asks for the roles to be swapped. See [`crate::slurm_state`].
     pub async fn run_slurm_state(self: Arc<Self>) {
         if !self.manages_services() {
             return;
         }
         let dir = PathBuf::from(crate::slurm_state::STATE_DIR);
         let mut end = self.end_signal();
-        let mut published: Option<(String, Instant)> = None;
         loop {
             if end.borrow().is_some() {
                 return;
             }
             let roles = self.state.read(|d| d.state.roles.clone());
             let report = if roles.slurm_controller == Some(self.id()) && roles.slurm_backup.is_some() {
-                Some(self.publish_slurm_state(&dir, &mut published).await)
-            } else if roles.slurm_backup == Some(self.id()) {
-                published = None;
-                Some(self.install_slurm_state(&dir, roles.slurm_controller).await)
+                Some(self.publish_slurm_state(&dir).await)
             } else {
-                published = None;
-                None
+                *self.slurm_copy.lock().expect("slurm copy lock") = None;
+                if roles.slurm_backup == Some(self.id()) {
+                    Some(self.install_slurm_state(&dir, roles.slurm_controller).await)
+                } else {
+                    None
+                }
             };
             if let Some(note) = report.as_ref().and_then(|r| r.note.as_ref()) {
                 debug!(node_id = %hex_id(self.id()), "slurm state: {note}");
@@ -1422,7 +1499,7 @@ impl Agent {
         }
     }
 
-    async fn publish_slurm_state(&self, dir: &Path, published: &mut Option<(String, Instant)>) -> SlurmStateReport {
+    async fn publish_slurm_state(&self, dir: &Path) -> SlurmStateReport {
         use crate::slurm_state::{HEARTBEAT, SEAL_NAME, collect, in_control};
         let mut report = SlurmStateReport { role: "publishing".into(), ..Default::default() };
         let d = dir.to_owned();
@@ -1444,43 +1521,68 @@ impl Agent {
         };
         report.files = files.0.len() as u32;
         report.bytes = files.bytes();
-        let now_secs = crate::now_ms() / 1000;
         // Only a slurmctld in control writes a fresh heartbeat with index 0. When it is down (the
-        // backup may have taken over), publishing this directory would overwrite newer state.
-        if !in_control(files.0.get(HEARTBEAT).map(Vec::as_slice), 0, now_secs) {
+        // backup may have taken over), this directory is older than the backup's.
+        if !in_control(files.0.get(HEARTBEAT).map(Vec::as_slice), 0, crate::now_ms() / 1000) {
             report.note = Some("slurmctld on this node is not in control (no fresh heartbeat); not publishing".into());
             return report;
         }
-        let digest = files.digest(false);
-        if published.as_ref().is_some_and(|(d, at)| *d == digest && at.elapsed() < Duration::from_secs(60)) {
-            report.note = Some("unchanged".into());
+        let digest = files.digest(true);
+        let announced = self.state.read(|d| d.state.slurm_state.clone()).filter(|c| c.from == self.id());
+        if let Some(c) = &announced
+            && c.digest == digest
+            && self.slurm_copy.lock().expect("slurm copy lock").as_ref().is_some_and(|b| b.digest == digest)
+        {
+            report.version = Some(c.version);
+            report.taken_at_ms = Some(c.taken_at_ms);
             return report;
         }
+        let sealed = self.secret_box.seal(SEAL_NAME, &files.to_json());
+        let taken_at_ms = crate::now_ms();
         let cmd = Command::SetSlurmState {
             from: self.id(),
-            sealed: self.secret_box.seal(SEAL_NAME, &files.to_json()),
-            digest: files.digest(true),
+            digest: digest.clone(),
             files: report.files,
             bytes: report.bytes,
-            taken_at_ms: crate::now_ms(),
+            taken_at_ms,
         };
         match self.write(cmd).await {
             Ok(Response::Ok) => {
-                *published = Some((digest, Instant::now()));
-                let c = self.state.read(|d| d.state.slurm_state.as_ref().map(|c| (c.version, c.taken_at_ms)));
-                report.version = c.map(|c| c.0);
-                report.taken_at_ms = c.map(|c| c.1);
+                let version = self
+                    .state
+                    .read(|d| d.state.slurm_state.as_ref().filter(|c| c.digest == digest).map(|c| c.version))
+                    .unwrap_or(0);
+                *self.slurm_copy.lock().expect("slurm copy lock") =
+                    Some(Arc::new(crate::api::SlurmStateBlob { from: self.id(), version, digest, sealed }));
+                report.version = Some(version);
+                report.taken_at_ms = Some(taken_at_ms);
             }
             Ok(Response::Rejected { reason }) => report.note = Some(reason),
             Ok(other) => report.note = Some(format!("unexpected answer: {other:?}")),
-            Err(e) => report.note = Some(format!("cannot publish: {e}")),
+            Err(e) => report.note = Some(format!("cannot announce the copy: {e}")),
         }
         report
     }
 
     async fn install_slurm_state(&self, dir: &Path, controller: Option<NodeId>) -> SlurmStateReport {
-        use crate::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, install, may_install};
+        use crate::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, in_control, install, may_install};
         let mut report = SlurmStateReport { role: "installing".into(), ..Default::default() };
+        let now_secs = crate::now_ms() / 1000;
+        let local_hb = std::fs::read(dir.join(HEARTBEAT)).ok();
+        // This node's slurmctld took control (index 1: the backup's): the controller's stopped
+        // answering it. Ask for the roles to be swapped, and never install over its state.
+        if in_control(local_hb.as_deref(), 1, now_secs) {
+            report.note = Some("the local slurmctld has taken control; asking for the controller role".into());
+            match self.write(Command::SlurmTakeover { id: self.id() }).await {
+                Ok(Response::Ok) => {
+                    warn!(node_id = %hex_id(self.id()), "slurmctld here took control from the controller; roles swapped")
+                }
+                Ok(Response::Rejected { reason }) => debug!("slurm takeover: {reason}"),
+                Ok(_) => {}
+                Err(e) => report.note = Some(format!("cannot ask for the controller role: {e}")),
+            }
+            return report;
+        }
         let Some(copy) = self.state.read(|d| d.state.slurm_state.clone()) else {
             report.note = Some("waiting for the controller's first copy".into());
             return report;
@@ -1488,28 +1590,59 @@ impl Agent {
         report.files = copy.files;
         report.bytes = copy.bytes;
         report.taken_at_ms = Some(copy.taken_at_ms);
-        if Some(copy.from) != controller {
+        let Some(controller) = controller.filter(|c| *c == copy.from) else {
             report.note = Some("the newest copy is from a former controller; waiting for the current one".into());
             return report;
-        }
-        let marker = self.cfg.state_dir.join(RAFT_DIR).join(SLURM_STATE_MARKER);
-        let installed = std::fs::read_to_string(&marker).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
-        if copy.version <= installed {
-            report.version = Some(installed);
+        };
+        let installed = self.installed_copy();
+        if installed.as_ref().is_some_and(|i| i.from == copy.from && i.version >= copy.version) {
+            report.version = installed.map(|i| i.version);
             return report;
         }
-        let local_hb = std::fs::read(dir.join(HEARTBEAT)).ok();
-        if !may_install(local_hb.as_deref(), crate::now_ms() / 1000) {
-            report.note = Some("the local slurmctld has taken control; the copy is not installed".into());
+        if !may_install(local_hb.as_deref(), now_secs) {
+            report.note = Some("the local slurmctld is in control; the copy is not installed".into());
             return report;
         }
-        let files = match self
-            .secret_box
-            .open(SEAL_NAME, &copy.sealed)
-            .map_err(|e| e.to_string())
-            .and_then(|plain| StateFiles::from_json(&plain).map_err(|e| e.to_string()))
+        let Some(raft_addr) =
+            self.metrics().membership_config.membership().get_node(&controller).map(|n| n.addr.clone())
+        else {
+            report.note = Some("the controller is not in the Raft membership".into());
+            return report;
+        };
+        let addr = self.route(controller, &raft_addr);
+        let t = Duration::from_millis(self.cfg.raft.snapshot_timeout_ms);
+        let blob = match self
+            .client
+            .call::<_, crate::api::SlurmStateBlob>(&addr, paths::SLURM_STATE, &crate::api::Empty {}, t)
+            .await
         {
-            Ok(f) => f,
+            Ok(b) if b.from == copy.from && b.version >= copy.version => b,
+            Ok(b) => {
+                report.note = Some(format!(
+                    "the controller served copy {} while {} is announced; retrying",
+                    b.version, copy.version
+                ));
+                return report;
+            }
+            Err(e) => {
+                report.note = Some(format!("cannot fetch the copy from the controller at {addr}: {e}"));
+                return report;
+            }
+        };
+        let secret_box = self.secret_box.clone();
+        let decoded = tokio::task::spawn_blocking(move || {
+            let plain = secret_box.open(SEAL_NAME, &blob.sealed).map_err(|e| e.to_string())?;
+            let files = StateFiles::from_json(&plain).map_err(|e| e.to_string())?;
+            if files.digest(true) != blob.digest {
+                return Err("the fetched copy does not match its digest".to_string());
+            }
+            Ok((files, blob.version, blob.digest))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let (files, version, digest) = match decoded {
+            Ok(d) => d,
             Err(e) => {
                 warn!(node_id = %hex_id(self.id()), "slurm state: {e}");
                 report.note = Some(e);
@@ -1527,19 +1660,22 @@ impl Agent {
         let d = dir.to_owned();
         let r = tokio::task::spawn_blocking(move || {
             crate::files::ensure_dir(&d, 0o755)?;
-            install(&d, &files, uid, gid)
+            let hb = d.join(HEARTBEAT);
+            let standby = || may_install(std::fs::read(&hb).ok().as_deref(), crate::now_ms() / 1000);
+            install(&d, &files, uid, gid, &standby)
         })
         .await;
         match r {
             Ok(Ok(done)) => {
-                if let Err(e) = crate::files::write_atomic(&marker, format!("{}\n", copy.version).as_bytes(), 0o600) {
+                let marker = InstalledCopy { from: copy.from, version, digest };
+                if let Err(e) = crate::files::write_atomic(&self.slurm_marker(), marker.render().as_bytes(), 0o600) {
                     report.note = Some(e.to_string());
                     return report;
                 }
                 if done.written + done.removed > 0 {
-                    debug!(node_id = %hex_id(self.id()), version = copy.version, written = done.written, removed = done.removed, "installed the SLURM controller's state");
+                    debug!(node_id = %hex_id(self.id()), version, written = done.written, removed = done.removed, "installed the SLURM controller's state");
                 }
-                report.version = Some(copy.version);
+                report.version = Some(version);
             }
             Ok(Err(e)) => {
                 warn!(node_id = %hex_id(self.id()), "slurm state: {e}");

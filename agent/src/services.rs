@@ -366,14 +366,7 @@ mod tests {
     #[test]
     fn nothing_slurm_runs_without_the_munge_key() {
         let s = state(roles());
-        let p = plan(&PlanInputs {
-            me: 1,
-            state: &s,
-            munge_key: None,
-            k3s_token: None,
-            k3s_installed: false,
-            standby_ready: true,
-        });
+        let p = plan(&inputs(1, &s, None));
         assert!(wanted(&p).values().all(|w| !w), "{p:?}");
         assert!(p.notes.iter().any(|n| n.contains("MUNGE key")));
     }
@@ -382,16 +375,14 @@ mod tests {
     fn no_controller_means_no_slurm_conf_and_a_note() {
         let s = state(RoleAssignments { slurm_workers: [1, 2, 3].into(), ..Default::default() });
         let key = [1u8; 32];
-        let p = plan(&PlanInputs {
-            me: 1,
-            state: &s,
-            munge_key: Some(&key),
-            k3s_token: None,
-            k3s_installed: false,
-            standby_ready: true,
-        });
+        let p = plan(&inputs(1, &s, Some(&key)));
         assert!(p.files.iter().all(|f| f.path != Path::new(slurm::PATH)));
         assert!(p.notes.iter().any(|n| n.contains("SlurmctldHost")), "{:?}", p.notes);
+    }
+
+    /// Plan inputs without k3s, with the standby's state copy in place.
+    fn inputs<'a>(me: NodeId, state: &'a ClusterState, munge_key: Option<&'a [u8]>) -> PlanInputs<'a> {
+        PlanInputs { me, state, munge_key, k3s_token: None, k3s_installed: false, standby_ready: true }
     }
 
     fn fake_root() -> tempfile::TempDir {
@@ -420,14 +411,7 @@ mod tests {
         let r = Reconciler { systemd: fake.clone(), root: root.path().to_owned() };
         let s = state(roles());
         let key = [9u8; 1024];
-        let p = plan(&PlanInputs {
-            me: 1,
-            state: &s,
-            munge_key: Some(&key),
-            k3s_token: None,
-            k3s_installed: false,
-            standby_ready: true,
-        });
+        let p = plan(&inputs(1, &s, Some(&key)));
 
         let rep = r.apply(&p).await;
         assert_eq!(rep.error, None);
@@ -448,28 +432,14 @@ mod tests {
 
         // A new key restarts munged only.
         let key2 = [3u8; 1024];
-        let p2 = plan(&PlanInputs {
-            me: 1,
-            state: &s,
-            munge_key: Some(&key2),
-            k3s_token: None,
-            k3s_installed: false,
-            standby_ready: true,
-        });
+        let p2 = plan(&inputs(1, &s, Some(&key2)));
         let rep = r.apply(&p2).await;
         assert_eq!(rep.files_written, vec![PathBuf::from(MUNGE_KEY_PATH)]);
         assert_eq!(fake.take_calls(), vec!["restart munge.service"]);
 
         // Losing the controller roles stops slurmctld.
         let s2 = state(RoleAssignments { slurm_controller: Some(2), slurm_backup: Some(3), ..roles() });
-        let p3 = plan(&PlanInputs {
-            me: 1,
-            state: &s2,
-            munge_key: Some(&key2),
-            k3s_token: None,
-            k3s_installed: false,
-            standby_ready: true,
-        });
+        let p3 = plan(&inputs(1, &s2, Some(&key2)));
         r.apply(&p3).await;
         assert_eq!(fake.take_calls(), vec!["stop slurmctld.service", "restart slurmd.service"]);
     }
@@ -482,16 +452,7 @@ mod tests {
         let r = Reconciler { systemd: fake, root: root.path().to_owned() };
         let s = state(roles());
         let key = [9u8; 1024];
-        let rep = r
-            .apply(&plan(&PlanInputs {
-                me: 3,
-                state: &s,
-                munge_key: Some(&key),
-                k3s_token: None,
-                k3s_installed: false,
-                standby_ready: true,
-            }))
-            .await;
+        let rep = r.apply(&plan(&inputs(3, &s, Some(&key)))).await;
         let slurmd = rep.units.iter().find(|u| u.unit == SLURMD_UNIT).unwrap();
         assert!(slurmd.error.as_deref().unwrap().contains("journalctl -u slurmd.service"), "{slurmd:?}");
         assert_eq!(slurmd.status.as_ref().unwrap().active_state, "failed");
@@ -507,16 +468,7 @@ mod tests {
         let r = Reconciler { systemd: fake.clone(), root: root.path().to_owned() };
         let s = state(roles());
         let key = [9u8; 1024];
-        let rep = r
-            .apply(&plan(&PlanInputs {
-                me: 1,
-                state: &s,
-                munge_key: Some(&key),
-                k3s_token: None,
-                k3s_installed: false,
-                standby_ready: true,
-            }))
-            .await;
+        let rep = r.apply(&plan(&inputs(1, &s, Some(&key)))).await;
         assert!(rep.error.as_deref().unwrap().contains("user \"munge\" does not exist"), "{rep:?}");
         assert!(fake.take_calls().is_empty());
         assert!(!root.path().join("etc/slurm/slurm.conf").exists(), "nothing written when one file cannot be");

@@ -50,6 +50,15 @@ pub enum SlurmStateError {
     Chown { path: PathBuf, source: std::io::Error },
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: std::io::Error },
+    #[error("{0} is not a plain directory (a symbolic link?); the copy was not installed: remove it")]
+    NotADirectory(PathBuf),
+    #[error("the local slurmctld took control while the copy was being installed; installing stopped")]
+    TookControl,
+}
+
+/// Whether `p` is a real directory (not a symbolic link to one).
+fn real_dir(p: &Path) -> bool {
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_dir())
 }
 
 /// The files of a state directory: relative path -> contents.
@@ -233,7 +242,7 @@ fn local_job_dirs(dir: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for h in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let hn = h.file_name().to_string_lossy().into_owned();
-        if !is_hash_dir(&hn) {
+        if !is_hash_dir(&hn) || !real_dir(&h.path()) {
             continue;
         }
         for j in std::fs::read_dir(h.path()).into_iter().flatten().flatten() {
@@ -253,31 +262,50 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), SlurmStateError> {
 
 /// Installs a copy into `dir` (files 0600, directories 0700, owned by `uid:gid`, each file
 /// replaced atomically), writing only files whose contents differ and removing the directories of
-/// jobs the copy no longer has. Must only run while the local slurmctld is a standby.
-pub fn install(dir: &Path, copy: &StateFiles, uid: u32, gid: u32) -> Result<InstallReport, SlurmStateError> {
+/// jobs the copy no longer has. `standby` is asked before every change: the local slurmctld must
+/// still be a standby. Symbolic links in the job directories (the directory is the slurm user's)
+/// are refused, never followed.
+pub fn install(
+    dir: &Path,
+    copy: &StateFiles,
+    uid: u32,
+    gid: u32,
+    standby: &dyn Fn() -> bool,
+) -> Result<InstallReport, SlurmStateError> {
     let mut report = InstallReport::default();
     for (rel, contents) in &copy.0 {
         if !valid_path(rel) {
             return Err(SlurmStateError::BadPath(rel.clone()));
         }
         let path = dir.join(rel);
-        if std::fs::read(&path).is_ok_and(|c| c == *contents) {
+        let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
+        if is_file && std::fs::read(&path).is_ok_and(|c| c == *contents) {
             continue;
         }
-        if let Some(parent) = path.parent().filter(|p| *p != dir) {
-            if !parent.exists() {
-                crate::files::ensure_dir(parent, 0o700)?;
-                chown(parent, uid, gid)?;
-                if let Some(hash) = parent.parent().filter(|p| *p != dir) {
-                    chown(hash, uid, gid)?;
-                }
+        // hash.N, then hash.N/job.ID: each must be a real directory or absent (then created).
+        let mut sub = dir.to_path_buf();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            sub.push(part);
+            if std::fs::symlink_metadata(&sub).is_err() {
+                crate::files::ensure_dir(&sub, 0o700)?;
+                chown(&sub, uid, gid)?;
+            } else if !real_dir(&sub) {
+                return Err(SlurmStateError::NotADirectory(sub));
             }
         }
+        if !standby() {
+            return Err(SlurmStateError::TookControl);
+        }
+        // The rename replaces a symbolic link itself, never its target.
         crate::files::write_atomic(&path, contents, 0o600)?;
         chown(&path, uid, gid)?;
         report.written += 1;
     }
     for job in stale_job_dirs(&local_job_dirs(dir), copy) {
+        if !standby() {
+            return Err(SlurmStateError::TookControl);
+        }
         let path = dir.join(&job);
         match std::fs::remove_dir_all(&path) {
             Ok(()) => report.removed += 1,
@@ -354,14 +382,29 @@ mod tests {
         std::fs::create_dir_all(dst.path().join("hash.2/job.2")).unwrap();
         std::fs::write(dst.path().join("hash.2/job.2/script"), "finished job").unwrap();
         let (uid, gid) = nix_ids();
-        let r = install(dst.path(), &copy, uid, gid).unwrap();
+        let yes = || true;
+        let r = install(dst.path(), &copy, uid, gid, &yes).unwrap();
         assert_eq!(r, InstallReport { written: 3, removed: 1 });
         assert_eq!(collect(dst.path()).unwrap().unwrap(), copy);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dst.path().join("job_state")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // Installing the same copy again writes nothing.
-        assert_eq!(install(dst.path(), &copy, uid, gid).unwrap(), InstallReport::default());
+        assert_eq!(install(dst.path(), &copy, uid, gid, &yes).unwrap(), InstallReport::default());
+
+        // The local slurmctld took control: nothing is written.
+        let newer = StateFiles(copy.0.iter().map(|(p, c)| (p.clone(), [c.as_slice(), b"+"].concat())).collect());
+        let no = || false;
+        assert!(matches!(install(dst.path(), &newer, uid, gid, &no), Err(SlurmStateError::TookControl)));
+        assert_eq!(collect(dst.path()).unwrap().unwrap(), copy);
+
+        // A symbolic link planted as a job directory is refused, and its target left alone.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dst.path().join("hash.9")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dst.path().join("hash.9/job.9")).unwrap();
+        let evil = StateFiles([("hash.9/job.9/script".to_string(), b"x".to_vec())].into());
+        assert!(matches!(install(dst.path(), &evil, uid, gid, &yes), Err(SlurmStateError::NotADirectory(_))));
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 
     fn heartbeat(t: u64, i: u64) -> Vec<u8> {

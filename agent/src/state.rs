@@ -123,16 +123,14 @@ impl std::fmt::Debug for SecretEntry {
     }
 }
 
-/// The SLURM controller's state directory, sealed with the cluster key (see
-/// [`slurm_state`](crate::slurm_state)). Only the current controller publishes it; the backup
-/// installs it.
-#[derive(Serialize, Deserialize, Clone, PartialEq, Eq)]
+/// The newest copy of the SLURM controller's state directory (see
+/// [`slurm_state`](crate::slurm_state)): which node has it and its digest. The files themselves
+/// stay out of the log; the backup fetches them from the controller.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct SlurmStateCopy {
     pub from: NodeId,
     /// Starts at 1, +1 on every published copy.
     pub version: u64,
-    /// Sealed JSON of the files.
-    pub sealed: String,
     /// SHA-256 of the files (paths and contents).
     pub digest: String,
     pub files: u32,
@@ -140,21 +138,6 @@ pub struct SlurmStateCopy {
     /// The controller's wall clock when it read the directory.
     pub taken_at_ms: u64,
 }
-
-impl std::fmt::Debug for SlurmStateCopy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SlurmStateCopy")
-            .field("from", &format_args!("{:016x}", self.from))
-            .field("version", &self.version)
-            .field("files", &self.files)
-            .field("bytes", &self.bytes)
-            .field("taken_at_ms", &self.taken_at_ms)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Largest sealed SLURM state copy the state machine accepts.
-pub const MAX_SLURM_STATE_SEALED: usize = 24 * 1024 * 1024;
 
 /// A command replicated through Raft.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
@@ -191,14 +174,19 @@ pub enum Command {
         value: String,
         at_ms: u64,
     },
-    /// The SLURM controller publishes a copy of its state directory (refused from anyone else).
+    /// The SLURM controller announces a new copy of its state directory (refused from anyone else).
     SetSlurmState {
         from: NodeId,
-        sealed: String,
         digest: String,
         files: u32,
         bytes: u64,
         taken_at_ms: u64,
+    },
+    /// The backup's slurmctld has taken control (the controller's stopped answering it): the two
+    /// swap roles, so that the controller's slurmctld comes back as the standby, after it has
+    /// installed the new controller's state, instead of taking control back with older state.
+    SlurmTakeover {
+        id: NodeId,
     },
     KvPut {
         key: String,
@@ -401,7 +389,7 @@ impl ClusterState {
                 self.secrets.insert(name.clone(), SecretEntry { value: value.clone(), version, changed_at_ms: *at_ms });
                 Response::Secret { version }
             }
-            Command::SetSlurmState { from, sealed, digest, files, bytes, taken_at_ms } => {
+            Command::SetSlurmState { from, digest, files, bytes, taken_at_ms } => {
                 if self.roles.slurm_controller != Some(*from) {
                     return Response::Rejected {
                         reason: format!(
@@ -410,25 +398,29 @@ impl ClusterState {
                         ),
                     };
                 }
-                if sealed.is_empty() || sealed.len() > MAX_SLURM_STATE_SEALED {
-                    return Response::Rejected {
-                        reason: format!(
-                            "SLURM state copy is {} bytes sealed; it must be 1..={MAX_SLURM_STATE_SEALED}",
-                            sealed.len()
-                        ),
-                    };
-                }
                 let version = self.slurm_state.as_ref().map_or(1, |c| c.version + 1);
                 self.slurm_state = Some(SlurmStateCopy {
                     from: *from,
                     version,
-                    sealed: sealed.clone(),
                     digest: digest.clone(),
                     files: *files,
                     bytes: *bytes,
                     taken_at_ms: *taken_at_ms,
                 });
                 Response::Ok
+            }
+            Command::SlurmTakeover { id } => {
+                let r = &mut self.roles;
+                match (r.slurm_controller, r.slurm_backup) {
+                    (Some(c), Some(b)) if b == *id => {
+                        r.slurm_controller = Some(b);
+                        r.slurm_backup = Some(c);
+                        Response::Ok
+                    }
+                    _ => Response::Rejected {
+                        reason: format!("node {id:016x} is not the SLURM backup controller; nothing to take over"),
+                    },
+                }
             }
             Command::KvPut { key, value } => {
                 if let Err(reason) = validate_kv(key, Some(value)) {
@@ -655,14 +647,7 @@ mod tests {
     #[test]
     fn only_the_slurm_controller_publishes_its_state() {
         let mut s = state_with(&[1, 2], &[]);
-        let publish = |from| Command::SetSlurmState {
-            from,
-            sealed: "c2VhbGVk".into(),
-            digest: "d".into(),
-            files: 3,
-            bytes: 100,
-            taken_at_ms: 5,
-        };
+        let publish = |from| Command::SetSlurmState { from, digest: "d".into(), files: 3, bytes: 100, taken_at_ms: 5 };
         assert!(matches!(s.apply(1, &publish(1)), Response::Rejected { .. }), "no controller assigned");
         s.roles.slurm_controller = Some(1);
         assert!(matches!(s.apply(2, &publish(2)), Response::Rejected { .. }), "node 2 is not the controller");
@@ -670,17 +655,20 @@ mod tests {
         assert_eq!(s.apply(4, &publish(1)), Response::Ok);
         let c = s.slurm_state.clone().unwrap();
         assert_eq!((c.from, c.version, c.files), (1, 2, 3));
-        assert!(!format!("{c:?}").contains("c2VhbGVk"), "sealed copy in Debug output");
         assert_eq!(s.without_kv().slurm_state, None, "the services loop does not see copies");
-        let empty = Command::SetSlurmState {
-            from: 1,
-            sealed: String::new(),
-            digest: "d".into(),
-            files: 0,
-            bytes: 0,
-            taken_at_ms: 6,
-        };
-        assert!(matches!(s.apply(5, &empty), Response::Rejected { .. }));
+    }
+
+    #[test]
+    fn slurm_takeover_swaps_controller_and_backup() {
+        let mut s = state_with(&[1, 2, 3], &[]);
+        s.roles.slurm_controller = Some(1);
+        s.roles.slurm_backup = Some(2);
+        assert!(matches!(s.apply(1, &Command::SlurmTakeover { id: 3 }), Response::Rejected { .. }));
+        assert!(matches!(s.apply(2, &Command::SlurmTakeover { id: 1 }), Response::Rejected { .. }));
+        assert_eq!(s.apply(3, &Command::SlurmTakeover { id: 2 }), Response::Ok);
+        assert_eq!((s.roles.slurm_controller, s.roles.slurm_backup), (Some(2), Some(1)));
+        // Replayed (a retry after a lost answer): node 2 is no longer the backup.
+        assert!(matches!(s.apply(4, &Command::SlurmTakeover { id: 2 }), Response::Rejected { .. }));
     }
 
     #[test]

@@ -127,6 +127,24 @@ fn check_slurm(nodes: &[&Vm], workers: usize) -> Result<(String, String)> {
     Ok((controller, backup))
 }
 
+/// Prometheus metrics on each node (curl inside the guest) show the mesh up, munged active and
+/// every member reached over the mesh.
+fn check_metrics(nodes: &[&Vm]) -> Result<()> {
+    for vm in nodes {
+        let out = vm.exec(&["curl", "-sf", "http://127.0.0.1:7601/metrics"])?.check("curl /metrics")?;
+        let text = out.stdout;
+        for want in
+            ["clusteros_mesh_up 1", "clusteros_unit_active{unit=\"munge.service\"} 1", "clusteros_raft_has_leader 1"]
+        {
+            ensure!(text.lines().any(|l| l == want), "{}: no `{want}` in /metrics", vm.name());
+        }
+        let on_mesh =
+            text.lines().filter(|l| l.starts_with("clusteros_member_info{") && l.contains("raft_via=\"mesh\"")).count();
+        ensure!(on_mesh == nodes.len(), "{}: {on_mesh} members on the mesh in /metrics", vm.name());
+    }
+    Ok(())
+}
+
 /// `sbatch --hold`: a job that stays pending until released; returns its id.
 fn submit_held_job(vm: &Vm) -> Result<u64> {
     let out = vm
@@ -203,6 +221,7 @@ fn mesh_munge_slurm_failover_and_rotation() {
     let hosts = wait_until(timeout(120), "srun -N3 hostname", || srun_hostnames(nodes[0], 3)).or_fail("(4) srun -N3");
     eprintln!("e2e: srun -N3 hostname -> {hosts:?}");
     env.timer.phase("4.srun");
+    wait_until(timeout(60), "metrics on every node", || check_metrics(&nodes)).or_fail("metrics");
     // 7. k3s without its binary.
     check_k3s_unavailable(&nodes).or_fail("(7) k3s");
     // 6. Key rotation.
@@ -217,20 +236,13 @@ fn mesh_munge_slurm_failover_and_rotation() {
     wait_until(timeout(120), "srun -N3 hostname after rotation", || srun_hostnames(nodes[0], 3)).or_fail("(6) srun");
     env.timer.phase("6.rotation");
     // 5. The controller's VM powers off: the backup takes over.
-    let ci = all
-        .iter()
-        .copied()
-        .find(|i| cluster.node(*i).name() == controller)
-        .with_context(|| format!("no VM is named {controller}, the controller"))
-        .or_fail("(5) controller VM");
+    let vm_named = |name: &str| {
+        all.iter().copied().find(|i| cluster.node(*i).name() == name).with_context(|| format!("no VM is named {name}"))
+    };
+    let ci = vm_named(&controller).or_fail("(5) the controller's VM");
     let rest: Vec<&Vm> = all.iter().filter(|i| **i != ci).map(|i| cluster.node(*i)).collect();
     let ctl = cluster.node(ci);
-    let bi = all
-        .iter()
-        .copied()
-        .find(|i| cluster.node(*i).name() == backup)
-        .with_context(|| format!("no VM is named {backup}, the backup"))
-        .or_fail("(5) backup VM");
+    let bi = vm_named(&backup).or_fail("(5) the backup's VM");
     // A job queued on the controller must survive it: the backup works from the replicated state.
     let job = submit_held_job(ctl).or_fail("(5) sbatch --hold");
     let submitted_ms = ctl.exec(&["date", "+%s%3N"]).and_then(|o| o.check("date")).or_fail("(5) date");

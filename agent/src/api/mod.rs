@@ -26,6 +26,17 @@ pub mod paths {
     pub const WRITE: &str = "/peer/v1/write";
     pub const READ: &str = "/peer/v1/read";
     pub const LEAVE: &str = "/peer/v1/leave";
+    pub const SLURM_STATE: &str = "/peer/v1/slurm-state";
+}
+
+/// The SLURM controller's newest state copy, sealed with the cluster key.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct SlurmStateBlob {
+    pub from: NodeId,
+    /// The version the state machine gave this copy when it was announced.
+    pub version: u64,
+    pub digest: String,
+    pub sealed: String,
 }
 
 /// The body of every error answer, on both APIs.

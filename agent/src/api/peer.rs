@@ -19,7 +19,7 @@ use tracing::warn;
 
 use super::{
     ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, ReadRequest, ReadResponse,
-    SnapshotRequest, WriteRequest, paths,
+    SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
 };
 use crate::auth::{AuthError, ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, RequestAuth};
 use crate::raft::{Snapshot, TypeConfig};
@@ -129,6 +129,17 @@ async fn leave(State(a): Shared, Json(req): Json<LeaveRequest>) -> Result<Json<E
     Ok(Json(a.local_leave(req).await?))
 }
 
+/// The SLURM controller's newest state copy (sealed), for the backup.
+async fn slurm_state(State(a): Shared, Json(_): Json<Empty>) -> Result<Json<SlurmStateBlob>, ApiError> {
+    match a.slurm_copy.lock().expect("slurm copy lock").clone() {
+        Some(b) => Ok(Json((*b).clone())),
+        None => Err(ApiError::Refused(
+            "this node holds no SLURM state copy: it is not the SLURM controller, or its slurmctld is not in control yet"
+                .into(),
+        )),
+    }
+}
+
 async fn write(State(a): Shared, Json(req): Json<WriteRequest>) -> Result<Json<CmdResponse>, ApiError> {
     Ok(Json(a.local_write(req.cmd).await?))
 }
@@ -149,6 +160,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(paths::LEAVE, post(leave))
         .route(paths::WRITE, post(write))
         .route(paths::READ, post(read))
+        .route(paths::SLURM_STATE, post(slurm_state))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(auth, authenticate))
         .with_state(agent)
