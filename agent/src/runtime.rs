@@ -1547,11 +1547,7 @@ impl Agent {
             taken_at_ms,
         };
         match self.write(cmd).await {
-            Ok(Response::Ok) => {
-                let version = self
-                    .state
-                    .read(|d| d.state.slurm_state.as_ref().filter(|c| c.digest == digest).map(|c| c.version))
-                    .unwrap_or(0);
+            Ok(Response::SlurmState { version }) => {
                 *self.slurm_copy.lock().expect("slurm copy lock") =
                     Some(Arc::new(crate::api::SlurmStateBlob { from: self.id(), version, digest, sealed }));
                 report.version = Some(version);

@@ -123,8 +123,10 @@ pub fn plan(i: &PlanInputs) -> ServicePlan {
         p.notes.push("slurmctld standby: waiting for the first copy of the controller's state".into());
     }
     let ctld = slurm_ok && controller && (!is_backup || i.standby_ready);
-    p.units.push(unit(SLURMCTLD_UNIT, ctl_role, ctld, &[slurm::PATH]));
-    p.units.push(unit(SLURMD_UNIT, "slurm worker", slurm_ok && worker, &[slurm::PATH]));
+    // A new MUNGE key restarts the SLURM daemons too: restarted, slurmd registers at once with
+    // the new key instead of waiting to be pinged back into service after failed credentials.
+    p.units.push(unit(SLURMCTLD_UNIT, ctl_role, ctld, &[slurm::PATH, MUNGE_KEY_PATH]));
+    p.units.push(unit(SLURMD_UNIT, "slurm worker", slurm_ok && worker, &[slurm::PATH, MUNGE_KEY_PATH]));
 
     let k3s_server = roles.k3s_server == Some(i.me);
     let k3s_agent = roles.k3s_agents.contains(&i.me);
@@ -430,12 +432,15 @@ mod tests {
         assert!(rep.files_written.is_empty());
         assert_eq!(fake.take_calls(), Vec::<String>::new());
 
-        // A new key restarts munged only.
+        // A new key restarts munged, then the SLURM daemons that use it.
         let key2 = [3u8; 1024];
         let p2 = plan(&inputs(1, &s, Some(&key2)));
         let rep = r.apply(&p2).await;
         assert_eq!(rep.files_written, vec![PathBuf::from(MUNGE_KEY_PATH)]);
-        assert_eq!(fake.take_calls(), vec!["restart munge.service"]);
+        assert_eq!(
+            fake.take_calls(),
+            vec!["restart munge.service", "restart slurmctld.service", "restart slurmd.service"]
+        );
 
         // Losing the controller roles stops slurmctld.
         let s2 = state(RoleAssignments { slurm_controller: Some(2), slurm_backup: Some(3), ..roles() });

@@ -224,6 +224,10 @@ pub enum Response {
     Secret {
         version: u64,
     },
+    /// A SLURM state copy was announced; the version it got.
+    SlurmState {
+        version: u64,
+    },
     /// The command was valid Raft-wise but refused by the state machine; the state is unchanged.
     Rejected {
         reason: String,
@@ -407,7 +411,7 @@ impl ClusterState {
                     bytes: *bytes,
                     taken_at_ms: *taken_at_ms,
                 });
-                Response::Ok
+                Response::SlurmState { version }
             }
             Command::SlurmTakeover { id } => {
                 let r = &mut self.roles;
@@ -651,8 +655,8 @@ mod tests {
         assert!(matches!(s.apply(1, &publish(1)), Response::Rejected { .. }), "no controller assigned");
         s.roles.slurm_controller = Some(1);
         assert!(matches!(s.apply(2, &publish(2)), Response::Rejected { .. }), "node 2 is not the controller");
-        assert_eq!(s.apply(3, &publish(1)), Response::Ok);
-        assert_eq!(s.apply(4, &publish(1)), Response::Ok);
+        assert_eq!(s.apply(3, &publish(1)), Response::SlurmState { version: 1 });
+        assert_eq!(s.apply(4, &publish(1)), Response::SlurmState { version: 2 });
         let c = s.slurm_state.clone().unwrap();
         assert_eq!((c.from, c.version, c.files), (1, 2, 3));
         assert_eq!(s.without_kv().slurm_state, None, "the services loop does not see copies");

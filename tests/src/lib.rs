@@ -61,10 +61,22 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> R
     let start = Instant::now();
     let mut delay = Duration::from_millis(200);
     let mut checks = 0u32;
+    let mut last_err: Option<String> = None;
     loop {
         checks += 1;
         let err = match check() {
-            Ok(v) => return Ok(v),
+            Ok(v) => {
+                // A slow success is worth a line: what kept failing, for the next person.
+                if start.elapsed() > Duration::from_secs(30)
+                    && let Some(e) = last_err
+                {
+                    eprintln!(
+                        "e2e: waited {:.0} s ({checks} checks) for {what}; last failure: {e}",
+                        start.elapsed().as_secs_f64()
+                    );
+                }
+                return Ok(v);
+            }
             Err(e) if e.is::<Abort>() => return Err(e.context(format!("while waiting for {what}"))),
             Err(e) => e,
         };
@@ -72,6 +84,7 @@ pub fn wait_until<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> R
         if elapsed >= timeout {
             bail!("timed out after {:.0} s ({checks} checks) waiting for {what}; last: {err:#}", elapsed.as_secs_f64());
         }
+        last_err = Some(format!("{err:#}"));
         // Polling interval, bounded by the deadline.
         std::thread::sleep(delay.min(timeout - elapsed));
         delay = (delay * 3 / 2).min(Duration::from_secs(2));

@@ -171,6 +171,58 @@ fn slurm_state_copy(vm: &Vm) -> Result<(u64, u64)> {
     Ok((c.version.context("no copy yet")?, c.taken_at_ms.context("no copy yet")?))
 }
 
+/// Submits a held job on the controller and waits until the backup has installed a state copy
+/// that holds it: read at least 7 s after the submission (slurmctld saves job state within 5 s,
+/// SAVE_MAX_WAIT). Returns (job id, copy version).
+fn held_job_reaches_backup(ctl: &Vm, backup: &Vm) -> Result<(u64, u64)> {
+    let now_ms = || -> Result<u64> { Ok(ctl.exec(&["date", "+%s%3N"])?.check("date")?.stdout.trim().parse()?) };
+    let job = submit_held_job(ctl)?;
+    let submitted_ms = now_ms()?;
+    let (version, _) = wait_until(timeout(120), "the controller announces a state copy with the held job", || {
+        let (v, taken) = slurm_state_copy(ctl)?;
+        ensure!(taken >= submitted_ms + 7000, "the newest copy may predate slurmctld's save of the job");
+        Ok((v, taken))
+    })?;
+    wait_until(timeout(120), "the backup installs that copy", || {
+        let (v, _) = slurm_state_copy(backup)?;
+        ensure!(v >= version, "backup has copy {v}, want {version}");
+        Ok(())
+    })?;
+    eprintln!("e2e: held job {job} is in state copy {version}, installed on the backup {}", backup.name());
+    Ok((job, version))
+}
+
+/// Masks and stops slurmctld on the controller, waits for the backup to take control and the roles
+/// to swap, unmasks it, and waits for SLURM to be whole again. Returns the new (controller, backup).
+fn slurmctld_takeover(nodes: &[&Vm], controller: &str, backup: &str) -> Result<(String, String)> {
+    let by_name = |n: &str| nodes.iter().copied().find(|vm| vm.name() == n).with_context(|| format!("no VM {n}"));
+    let ctl = by_name(controller)?;
+    let (job, _) = held_job_reaches_backup(ctl, by_name(backup)?)?;
+    let t = Instant::now();
+    ctl.exec(&["systemctl", "mask", "--runtime", "slurmctld.service"])?.check("mask slurmctld")?;
+    ctl.exec(&["systemctl", "stop", "slurmctld.service"])?.check("stop slurmctld")?;
+    let swapped = wait_until(timeout(240), "the roles swap after the standby takes control", || {
+        let r = roles(nodes[0])?;
+        let pair = (holder(&r, "slurm_controller"), holder(&r, "slurm_backup"));
+        ensure!(pair == (Some(backup.to_string()), Some(controller.to_string())), "roles {pair:?}");
+        Ok(())
+    });
+    // Unmask whatever happened, so the rest of the test (and its logs) see a normal node.
+    ctl.exec(&["systemctl", "unmask", "--runtime", "slurmctld.service"])?.check("unmask slurmctld")?;
+    swapped?;
+    eprintln!(
+        "e2e: slurmctld stopped on {controller}: {backup} took control, roles swapped after {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    let state = job_state(by_name(backup)?, job)?;
+    ensure!(state == "PENDING", "job {job}, queued before the takeover, is {state}");
+    let (c, b) = wait_until(timeout(240), "slurmctld on both controllers, every node idle", || check_slurm(nodes, 3))?;
+    ensure!((c.as_str(), b.as_str()) == (backup, controller), "roles moved on again: {c}, {b}");
+    wait_until(timeout(120), "srun -N3 hostname after the takeover", || srun_hostnames(nodes[0], 3))?;
+    nodes[0].exec(&["scancel", &job.to_string()])?.check("scancel")?;
+    Ok((c, b))
+}
+
 /// `srun -N<n> hostname` prints n different host names.
 fn srun_hostnames(vm: &Vm, n: usize) -> Result<BTreeSet<String>> {
     let out = vm.exec(&["timeout", "60", "srun", &format!("-N{n}"), "hostname"])?.check("srun")?;
@@ -235,6 +287,11 @@ fn mesh_munge_slurm_failover_and_rotation() {
     eprintln!("e2e: munge key md5 {md5} -> {rotated}");
     wait_until(timeout(120), "srun -N3 hostname after rotation", || srun_hostnames(nodes[0], 3)).or_fail("(6) srun");
     env.timer.phase("6.rotation");
+    // 5a. slurmctld alone dies on the controller (its node stays up) and stays down: the standby
+    // takes control, the agents swap the two roles, and the old controller comes back as the
+    // standby with the new controller's state (not as primary with its own older state).
+    let (controller, backup) = slurmctld_takeover(&nodes, &controller, &backup).or_fail("(5a) takeover");
+    env.timer.phase("5a.takeover");
     // 5. The controller's VM powers off: the backup takes over.
     let vm_named = |name: &str| {
         all.iter().copied().find(|i| cluster.node(*i).name() == name).with_context(|| format!("no VM is named {name}"))
@@ -244,22 +301,7 @@ fn mesh_munge_slurm_failover_and_rotation() {
     let ctl = cluster.node(ci);
     let bi = vm_named(&backup).or_fail("(5) the backup's VM");
     // A job queued on the controller must survive it: the backup works from the replicated state.
-    let job = submit_held_job(ctl).or_fail("(5) sbatch --hold");
-    let submitted_ms = ctl.exec(&["date", "+%s%3N"]).and_then(|o| o.check("date")).or_fail("(5) date");
-    let submitted_ms: u64 = submitted_ms.stdout.trim().parse::<u64>().map_err(anyhow::Error::from).or_fail("(5) date");
-    let (version, _) = wait_until(timeout(120), "the controller publishes a state copy with the held job", || {
-        let (v, taken) = slurm_state_copy(ctl)?;
-        ensure!(taken > submitted_ms, "the newest copy was read before the job was submitted");
-        Ok((v, taken))
-    })
-    .or_fail("(5) publish");
-    wait_until(timeout(120), "the backup installs that copy", || {
-        let (v, _) = slurm_state_copy(cluster.node(bi))?;
-        ensure!(v >= version, "backup has copy {v}, want {version}");
-        Ok(())
-    })
-    .or_fail("(5) install");
-    eprintln!("e2e: held job {job} is in state copy {version}, installed on the backup {backup}");
+    let (job, _) = held_job_reaches_backup(ctl, cluster.node(bi)).or_fail("(5) held job");
     let t = Instant::now();
     cluster.node(ci).power_off(timeout(180)).or_fail("(5) power off the controller");
     wait_until(timeout(300), "srun -N2 hostname without the controller", || srun_hostnames(rest[0], 2))
