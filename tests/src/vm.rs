@@ -485,14 +485,40 @@ impl Vm {
         out
     }
 
-    /// ACPI power-off through QMP; waits (bounded) for QEMU to exit.
+    /// ACPI power-off through QMP (the power button); waits (bounded) for QEMU to exit.
+    ///
+    /// A guest ignores the button until its ACPI button driver is bound and logind watches it. The
+    /// image loads the driver early (modules-load.d), but like a person at a machine that did not
+    /// react, this presses the button again when the console shows no sign of a shutdown after
+    /// [`POWER_BUTTON_RETRY`]; it says so when it had to.
     pub fn power_off(&self, timeout: Duration) -> Result<Duration> {
         let t0 = Instant::now();
-        crate::qmp::call(&self.dir.join("qmp.sock"), "system_powerdown", json!({}), Duration::from_secs(10))
-            .with_context(|| format!("{}: system_powerdown", self.name))?;
-        wait_until(timeout, &format!("{} to power off", self.name), || {
-            if self.is_running() { bail!("QEMU still runs") } else { Ok(()) }
-        })?;
+        let mut presses = 0u32;
+        let mut last_press = t0;
+        let mut serial_at_press = 0usize;
+        let result = wait_until(timeout, &format!("{} to power off", self.name), || {
+            if !self.is_running() {
+                return Ok(());
+            }
+            let serial = self.serial_log();
+            if presses == 0
+                || (last_press.elapsed() >= POWER_BUTTON_RETRY
+                    && !shows_shutdown(&serial[serial_at_press.min(serial.len())..]))
+            {
+                crate::qmp::call(&self.dir.join("qmp.sock"), "system_powerdown", json!({}), Duration::from_secs(10))
+                    .with_context(|| format!("{}: system_powerdown", self.name))?;
+                presses += 1;
+                last_press = Instant::now();
+                serial_at_press = serial.len();
+            }
+            bail!("QEMU still runs after {presses} power button press(es)")
+        });
+        if let Err(e) = result {
+            bail!("{e:#}\nlast lines of the serial console:\n{}", self.serial_tail(25));
+        }
+        if presses > 1 {
+            eprintln!("e2e: {}: the guest ignored the power button; it powered off after press {presses}", self.name);
+        }
         Ok(t0.elapsed())
     }
 
@@ -620,6 +646,14 @@ pub(crate) fn sweep_stale() {
     }
 }
 
+/// How long [`Vm::power_off`] waits for a sign of a shutdown before it presses the button again.
+const POWER_BUTTON_RETRY: Duration = Duration::from_secs(30);
+
+/// Whether console output shows systemd shutting the system down (its stop jobs or final stage).
+fn shows_shutdown(console: &str) -> bool {
+    ["Stopping ", "Stopped ", "systemd-shutdown", "Reached target shutdown"].iter().any(|m| console.contains(m))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,5 +664,15 @@ mod tests {
             strip_ansi("[\x1b[0;32m  OK  \x1b[0m] Reached \x1b[0;1;39mtarget\x1b[0m."),
             "[  OK  ] Reached target."
         );
+    }
+
+    #[test]
+    fn a_shutdown_is_recognised_on_the_console() {
+        let booting = "[\x1b[0;32m  OK  \x1b[0m] Started \x1b[0;1;39mssh.service\x1b[0m - OpenBSD Secure Shell server.\r\n\
+                       [   84.785476] ACPI: button: Power Button [PWRF]\r\n";
+        assert!(!shows_shutdown(booting));
+        let stopping = "         Stopping \x1b[0;1;39mclusteros-agent.service\x1b[0m - ClusterOS agent...\r\n";
+        assert!(shows_shutdown(stopping));
+        assert!(shows_shutdown("[  106.214286] systemd-shutdown[1]: All filesystems unmounted.\n"));
     }
 }
