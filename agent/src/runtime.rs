@@ -98,6 +98,8 @@ pub struct Agent {
     pub log: LogStore,
     pub client: PeerClient,
     pub contacts: ContactTracker,
+    /// When each leader's AppendEntries (replication or heartbeat) last reached this node.
+    pub heard_from_leader: ContactTracker,
     pub facts: NodeFacts,
     pub key: ClusterKey,
     pub secret_box: crate::secrets::SecretBox,
@@ -243,6 +245,7 @@ impl Agent {
             log,
             client,
             contacts,
+            heard_from_leader: ContactTracker::default(),
             facts: read_facts(),
             key,
             secret_box: crate::secrets::SecretBox::new(secret),
@@ -839,7 +842,7 @@ impl Agent {
         let mut end = self.end_signal();
         let mut changes = self.state.subscribe();
         let mut was_member = false;
-        let mut no_leader_since: Option<Instant> = None;
+        let mut leader_silent_since: Option<Instant> = None;
         loop {
             if end.borrow().is_some() {
                 return;
@@ -869,13 +872,21 @@ impl Agent {
                 return;
             }
             // A node that was removed while it was away never hears about it: nobody replicates
-            // to it. When there has been no leader for a while, ask the peers.
+            // to it. When no leader has replicated to it for a while, ask the peers. (A learner
+            // keeps the leader it last heard of in its metrics forever: it never holds an election.
+            // A learner that came back just as the leader removed it got one heartbeat, then silence.)
             let m = self.metrics();
-            if m.current_leader.is_some() {
-                no_leader_since = None;
+            let window = Duration::from_millis(self.cfg.raft.election_timeout_max_ms * 5);
+            let leader_heard = match m.current_leader {
+                Some(l) if l == self.id() => true,
+                Some(l) => self.heard_from_leader.last(l).is_some_and(|t| t.elapsed() < window),
+                None => false,
+            };
+            if leader_heard {
+                leader_silent_since = None;
             } else {
-                let since = *no_leader_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > Duration::from_millis(self.cfg.raft.election_timeout_max_ms * 5)
+                let since = *leader_silent_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > window
                     && let Some(via) = self.check_removed(&peers).await
                 {
                     warn!(node_id = %hex_id(self.id()), "the cluster no longer lists this node; joining again with a new identity");

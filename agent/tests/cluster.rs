@@ -406,6 +406,39 @@ async fn removed_node_rejoins_with_a_new_identity() {
     assert!(c.nodes[victim].log().contains("joining again with a new identity"));
 }
 
+/// A learner that was frozen (a paused VM) while the leader removed it wakes up still believing in
+/// that leader: a learner never holds an election, and nobody replicates to a removed node. It
+/// must notice the silence, ask its peers, and join again as a new member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_learner_removed_meanwhile_rejoins() {
+    let _g = serial();
+    let opts = Opts { suspect_after_ms: 1000, failed_after_ms: 2500, remove_after_ms: 5000, ..Opts::default() };
+    let mut c = Cluster::new(3, opts.clone());
+    let n = c.form_with_learner(&opts).await;
+    let leader = c.wait_converged(3, 1, FORM).await;
+    let old_id = c.status(n).await.unwrap().node.id.unwrap();
+    wait_until(FORM, "the learner follows the leader", || async {
+        let s = c.status(n).await.ok()?;
+        s.raft?.leader_id.is_some().then_some(())
+    })
+    .await;
+    c.freeze(n, true);
+    wait_until(Duration::from_secs(60), "the frozen learner is removed", || async {
+        let s = c.status(leader).await.ok()?;
+        (s.members.len() == 3 && !s.members.iter().any(|m| m.id == old_id)).then_some(())
+    })
+    .await;
+    c.freeze(n, false);
+    let s = wait_until(Duration::from_secs(90), "the woken learner rejoined as a new member", || async {
+        let s = c.status(n).await.ok()?;
+        let id = s.node.id.clone()?;
+        (id != old_id && s.members.len() == 4 && s.members.iter().any(|m| m.id == id && m.name.is_some())).then_some(s)
+    })
+    .await;
+    assert_eq!(s.raft.unwrap().voters.len(), 3);
+    assert!(c.nodes[n].log().contains("the cluster no longer lists this node; joining again with a new identity"));
+}
+
 /// Before the cluster forms, a write says what the node is waiting for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_before_formation_says_what_is_missing() {

@@ -93,7 +93,17 @@ async fn append(
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     check_target(&a, &target)?;
-    Ok(Json(a.raft.append_entries(req).await))
+    let leader = req.vote.leader_id().voted_for();
+    let resp = a.raft.append_entries(req).await;
+    // Not refused for a higher vote: a leader still replicates to this node (see run_member).
+    if let (
+        Ok(AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_) | AppendEntriesResponse::Conflict),
+        Some(l),
+    ) = (&resp, leader)
+    {
+        a.heard_from_leader.record(l);
+    }
+    Ok(Json(resp))
 }
 
 async fn vote(

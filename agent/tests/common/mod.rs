@@ -240,6 +240,14 @@ impl Cluster {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) a running node, like a paused VM or a suspended machine.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        let pid = self.nodes[i].pid().expect("the node runs");
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
     /// SIGTERM, then wait for the process to exit (bounded; SIGKILL after 20 s).
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
