@@ -298,7 +298,7 @@ impl Agent {
 
     pub fn request_end(&self, why: RunEnd) {
         self.end.send_replace(Some(why));
-        self.wake.notify_waiters();
+        self.wake.notify_one();
     }
 
     fn left_marker(&self) -> PathBuf {
@@ -545,8 +545,17 @@ impl Agent {
     }
 
     /// Runs `local` here if this node leads, else forwards `req` to the leader's peer API at `path`.
-    /// Waits for a leader (bounded) when there is none.
-    pub async fn on_leader<Req, Resp, F, Fut>(&self, path: &str, req: &Req, local: F) -> Result<Resp, ApiError>
+    /// Waits for a leader (bounded) when there is none. A request that is not `idempotent` (a Raft
+    /// write) is sent again only when the leader cannot have acted on it (it refused as not the
+    /// leader, or the connection was never made): a timed-out write may have been committed, and a
+    /// second copy would report a compare-and-set that succeeded as failed.
+    pub async fn on_leader<Req, Resp, F, Fut>(
+        &self,
+        path: &str,
+        req: &Req,
+        idempotent: bool,
+        local: F,
+    ) -> Result<Resp, ApiError>
     where
         Req: Serialize,
         Resp: serde::de::DeserializeOwned,
@@ -563,8 +572,13 @@ impl Agent {
                     let mut r = self.client.call::<_, Resp>(&routed, path, req, t).await;
                     // The mesh path may be broken while wg0 looks fine: try the underlay once.
                     let underlay = self.underlay_addr(leader, &addr);
-                    if matches!(r, Err(PeerError::Unreachable { .. } | PeerError::Timeout { .. })) && routed != underlay
-                    {
+                    let may_retry = |r: &Result<Resp, PeerError>| match r {
+                        Err(e @ (PeerError::Unreachable { .. } | PeerError::Timeout { .. })) => {
+                            idempotent || !e.maybe_delivered()
+                        }
+                        _ => false,
+                    };
+                    if may_retry(&r) && routed != underlay {
                         debug!(leader = %hex_id(leader), via = %routed, "leader unreachable over the mesh; trying its underlay address");
                         r = self.client.call::<_, Resp>(&underlay, path, req, t).await;
                     }
@@ -582,6 +596,11 @@ impl Agent {
                             });
                         }
                         Err(e) if e.is_auth() => return Err(ApiError::Peer(e)),
+                        Err(e) if !idempotent && e.maybe_delivered() => {
+                            return Err(ApiError::Timeout(format!(
+                                "{e}; the leader may still have applied this write: read the value back before you retry"
+                            )));
+                        }
                         Err(e) => ApiError::Peer(e),
                     }
                 }
@@ -599,12 +618,14 @@ impl Agent {
     }
 
     pub async fn write(&self, cmd: Command) -> Result<Response, ApiError> {
-        self.on_leader(paths::WRITE, &crate::api::WriteRequest { cmd: cmd.clone() }, || self.local_write(cmd.clone()))
-            .await
+        self.on_leader(paths::WRITE, &crate::api::WriteRequest { cmd: cmd.clone() }, false, || {
+            self.local_write(cmd.clone())
+        })
+        .await
     }
 
     pub async fn read(&self, key: &str) -> Result<ReadResponse, ApiError> {
-        self.on_leader(paths::READ, &ReadRequest { key: key.into() }, || self.local_read(key)).await
+        self.on_leader(paths::READ, &ReadRequest { key: key.into() }, true, || self.local_read(key)).await
     }
 
     // -----------------------------------------------------------------------------------------
@@ -820,7 +841,7 @@ impl Agent {
         let _ = std::fs::remove_file(self.left_marker());
         *self.join_targets.lock().expect("join lock") = vec![addr.clone()];
         info!(node_id = %hex_id(self.id()), via = %addr, "join requested");
-        self.wake.notify_waiters();
+        self.wake.notify_one();
         Ok(())
     }
 
@@ -830,7 +851,7 @@ impl Agent {
             return Err(ApiError::Refused("this node is not a member of a cluster".into()));
         }
         let req = LeaveRequest { id: self.id() };
-        self.on_leader(paths::LEAVE, &req, || self.local_leave(req.clone())).await?;
+        self.on_leader(paths::LEAVE, &req, true, || self.local_leave(req.clone())).await?;
         crate::files::write_atomic(&self.left_marker(), b"left\n", 0o600)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         self.request_end(RunEnd::Left);

@@ -11,8 +11,10 @@ use crate::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
+    /// `maybe_delivered`: the failure came after the request may have been sent (not while
+    /// connecting), so the other side may have acted on it.
     #[error("cannot reach {addr}: {message}")]
-    Unreachable { addr: String, message: String },
+    Unreachable { addr: String, message: String, maybe_delivered: bool },
     #[error("no answer from {addr} within {timeout:?}")]
     Timeout { addr: String, timeout: Duration },
     #[error("{addr} refused this node: {message}")]
@@ -29,6 +31,16 @@ impl PeerError {
     /// Authentication failures: the other side does not share our cluster secret.
     pub fn is_auth(&self) -> bool {
         matches!(self, PeerError::Refused { .. } | PeerError::BadResponseSignature { .. })
+    }
+
+    /// The call failed without an answer, but the other side may have received the request and
+    /// acted on it: retrying a request that is not idempotent could apply it twice.
+    pub fn maybe_delivered(&self) -> bool {
+        match self {
+            PeerError::Timeout { .. } => true,
+            PeerError::Unreachable { maybe_delivered, .. } => *maybe_delivered,
+            _ => false,
+        }
     }
 }
 
@@ -77,11 +89,18 @@ impl PeerClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| PeerError::Unreachable { addr: addr.into(), message: error_chain(&e) })?;
+            .map_err(|e| PeerError::Unreachable {
+                addr: addr.into(),
+                message: error_chain(&e),
+                maybe_delivered: !e.is_connect(),
+            })?;
         let status = resp.status().as_u16();
         let sig = resp.headers().get(HDR_AUTH).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let bytes =
-            resp.bytes().await.map_err(|e| PeerError::Unreachable { addr: addr.into(), message: error_chain(&e) })?;
+        let bytes = resp.bytes().await.map_err(|e| PeerError::Unreachable {
+            addr: addr.into(),
+            message: error_chain(&e),
+            maybe_delivered: true,
+        })?;
         if status == 401 {
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)
@@ -116,4 +135,60 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> PeerClient {
+        PeerClient::new(ClusterKey::derive("transport-test-secret"))
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_was_not_delivered() {
+        // Bind, learn the port, close: nothing listens there any more.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let e =
+            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(e, PeerError::Unreachable { .. }), "{e:?}");
+        assert!(!e.maybe_delivered(), "a connection that was never made cannot have delivered: {e:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_without_an_answer_may_have_been_delivered() {
+        // Accepts and reads, never answers.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+            std::future::pending::<()>().await;
+        });
+        let e = client()
+            .call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, PeerError::Timeout { .. }), "{e:?}");
+        assert!(e.maybe_delivered());
+        server.abort();
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_after_the_request_may_have_been_delivered() {
+        // Reads the request, then hangs up without an answer.
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+        });
+        let e =
+            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(e, PeerError::Unreachable { .. }), "{e:?}");
+        assert!(e.maybe_delivered(), "{e:?}");
+        server.await.unwrap();
+    }
 }

@@ -131,7 +131,7 @@ async fn hello(State(a): Shared, Json(req): Json<HelloRequest>) -> Json<HelloRes
 
 async fn join(State(a): Shared, Json(req): Json<JoinRequest>) -> Result<Json<JoinResponse>, ApiError> {
     // Forwarded to the leader, so the joining node may ask any member.
-    let r = a.on_leader(paths::JOIN, &req, || a.local_join(req.clone())).await?;
+    let r = a.on_leader(paths::JOIN, &req, true, || a.local_join(req.clone())).await?;
     Ok(Json(r))
 }
 
