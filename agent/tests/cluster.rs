@@ -31,15 +31,17 @@ async fn bootstrap_expect_forms_exactly_one_cluster_in_any_start_order() {
             tokio::time::sleep(Duration::from_millis(delay)).await; // random start skew is the point of the test
         }
         c.wait_converged(3, 0, FORM).await;
-        let mut cluster_ids = BTreeSet::new();
-        let mut leaders = 0;
-        for i in 0..3 {
-            let s = c.status(i).await.unwrap();
-            cluster_ids.insert(s.cluster_id.clone());
-            if s.raft.as_ref().unwrap().state == "leader" {
-                leaders += 1;
+        // Exactly one node leads (polled: an election on a loaded machine may be under way).
+        wait_until(Duration::from_secs(20), "exactly one leader", || async {
+            let mut leaders = 0;
+            for i in 0..3 {
+                if c.status(i).await.ok()?.raft?.state == "leader" {
+                    leaders += 1;
+                }
             }
-        }
+            (leaders == 1).then_some(())
+        })
+        .await;
         // The cluster id is committed once by the first leader; wait for all to have applied it.
         let ids = wait_until(Duration::from_secs(20), "every node applied the cluster id", || async {
             let mut ids = BTreeSet::new();
@@ -50,7 +52,6 @@ async fn bootstrap_expect_forms_exactly_one_cluster_in_any_start_order() {
         })
         .await;
         assert_eq!(ids.len(), 1, "round {round}: nodes disagree on the cluster: {ids:?}");
-        assert_eq!(leaders, 1, "round {round}: start order {order:?}");
         let inits: usize = c.nodes.iter().map(|n| n.log().matches("bootstrapping the cluster").count()).sum();
         assert!((1..=3).contains(&inits), "round {round}: {inits} initialize calls");
         eprintln!("round {round}: start order {order:?}, one cluster {ids:?}");
@@ -262,9 +263,10 @@ async fn dead_voter_is_replaced_and_removed() {
     })
     .await;
     assert_eq!(s.raft.as_ref().unwrap().voters.len(), 3);
-    let log = c.nodes[leader].log();
-    assert!(log.contains("Replace"), "the leader did not log the replacement");
-    assert!(log.contains("Remove"), "the leader did not log the removal");
+    // Whichever node led at the time logged it.
+    let log = c.nodes.iter().map(|n| n.log()).collect::<String>();
+    assert!(log.contains("Replace"), "no leader logged the replacement");
+    assert!(log.contains("Remove"), "no leader logged the removal");
     // The survivors agree.
     c.wait_converged(3, 0, Duration::from_secs(30)).await;
 }
@@ -375,7 +377,8 @@ async fn reinstalled_node_replaces_its_stale_entry() {
     })
     .await;
     assert_eq!(s.members.len(), 4);
-    assert!(c.nodes[leader].log().contains("replacing stale member with the same name"));
+    let log = c.nodes.iter().map(|n| n.log()).collect::<String>();
+    assert!(log.contains("replacing stale member with the same name"), "no leader logged the replacement");
 }
 
 /// A node removed while it was down notices when it comes back, and joins again as a new member.
@@ -565,7 +568,7 @@ async fn raft_moves_onto_mesh_addresses_and_back_when_a_tunnel_breaks() {
     .await;
     c.wait_converged(3, 0, FORM).await;
     c.nodes[victim].client().kv_put("fallback", "3").await.unwrap();
-    let r = c.nodes[leader].client().kv_get("fallback", true).await.unwrap();
+    let r = c.nodes[leader].client().kv_get("fallback", false).await.unwrap();
     assert_eq!(r.entry.map(|e| e.value).as_deref(), Some("3"));
     let log = c.nodes.iter().map(|n| n.log()).collect::<String>();
     assert!(log.contains("moving the member's Raft address"), "no transport change was logged");
@@ -589,26 +592,28 @@ async fn metrics_agree_with_status() {
     let _g = serial();
     let mut c = Cluster::new(3, Opts::default());
     c.start_all();
-    let leader = c.wait_converged(3, 0, FORM).await;
-    let texts = wait_until(FORM, "metrics on every node with 3 alive members and the secrets", || async {
-        let mut texts = Vec::new();
-        for n in &c.nodes {
-            let t = n.metrics().await?;
-            (metric(&t, "clusteros_members{health=\"alive\"}")? == 3.0).then_some(())?;
-            metric(&t, "clusteros_secret_version{secret=\"munge-key\"}")?;
-            texts.push(t);
-        }
-        Some(texts)
-    })
-    .await;
-    let leaders: Vec<usize> =
-        (0..3).filter(|i| metric(&texts[*i], "clusteros_raft_state{state=\"leader\"}") == Some(1.0)).collect();
-    assert_eq!(leaders, vec![leader], "exactly the leader reports state leader");
-    let status = c.status(leader).await.unwrap();
-    let raft = status.raft.unwrap();
+    c.wait_converged(3, 0, FORM).await;
+    // One consistent scrape: every node sees 3 alive members and the secrets, and exactly one node
+    // reports state leader (polled: a re-election may be under way on a loaded machine).
+    let (texts, leader) =
+        wait_until(FORM, "metrics on every node with 3 alive members, the secrets, one leader", || async {
+            let mut texts = Vec::new();
+            for n in &c.nodes {
+                let t = n.metrics().await?;
+                (metric(&t, "clusteros_members{health=\"alive\"}")? == 3.0).then_some(())?;
+                metric(&t, "clusteros_secret_version{secret=\"munge-key\"}")?;
+                texts.push(t);
+            }
+            let leaders: Vec<usize> =
+                (0..3).filter(|i| metric(&texts[*i], "clusteros_raft_state{state=\"leader\"}") == Some(1.0)).collect();
+            let [leader] = leaders[..] else { return None };
+            // Every node's term is the one the leader's status reports.
+            let term = c.status(leader).await.ok()?.raft?.term as f64;
+            texts.iter().all(|t| metric(t, "clusteros_raft_term") == Some(term)).then_some((texts, leader))
+        })
+        .await;
     for t in &texts {
         assert_eq!(metric(t, "clusteros_raft_voters"), Some(3.0));
-        assert_eq!(metric(t, "clusteros_raft_term"), Some(raft.term as f64));
         assert_eq!(metric(t, "clusteros_configured"), Some(1.0));
     }
     // Replication lag is reported by the leader only, one line per follower.
