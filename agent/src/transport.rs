@@ -155,17 +155,25 @@ mod tests {
         assert!(!e.maybe_delivered(), "a connection that was never made cannot have delivered: {e:?}");
     }
 
-    #[tokio::test]
-    async fn a_request_without_an_answer_may_have_been_delivered() {
-        // Accepts and reads, never answers.
+    /// A server that accepts one connection and reads the request, then never answers (`hang`) or
+    /// hangs up without an answer. Returns its address and task.
+    async fn reading_server(hang: bool) -> (String, tokio::task::JoinHandle<()>) {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let server = tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let (mut s, _) = l.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
             let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
-            std::future::pending::<()>().await;
+            if hang {
+                std::future::pending::<()>().await;
+            }
         });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn a_request_without_an_answer_may_have_been_delivered() {
+        let (addr, server) = reading_server(true).await;
         let e = client()
             .call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_millis(300))
             .await
@@ -177,14 +185,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_closed_after_the_request_may_have_been_delivered() {
-        // Reads the request, then hangs up without an answer.
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
-        });
+        let (addr, server) = reading_server(false).await;
         let e =
             client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
         assert!(matches!(e, PeerError::Unreachable { .. }), "{e:?}");
