@@ -495,21 +495,20 @@ impl Vm {
         let t0 = Instant::now();
         let mut presses = 0u32;
         let mut last_press = t0;
+        // Byte offset of the console at the last press; the console is read only when a press is due.
         let mut serial_at_press = 0usize;
         let result = wait_until(timeout, &format!("{} to power off", self.name), || {
             if !self.is_running() {
                 return Ok(());
             }
-            let serial = self.serial_log();
-            if presses == 0
-                || (last_press.elapsed() >= POWER_BUTTON_RETRY
-                    && !shows_shutdown(&serial[serial_at_press.min(serial.len())..]))
-            {
+            let press = presses == 0
+                || (last_press.elapsed() >= POWER_BUTTON_RETRY && !shows_shutdown(&self.serial_since(serial_at_press)));
+            if press {
+                serial_at_press = std::fs::metadata(self.dir.join("serial.log")).map_or(0, |m| m.len() as usize);
                 crate::qmp::call(&self.dir.join("qmp.sock"), "system_powerdown", json!({}), Duration::from_secs(10))
                     .with_context(|| format!("{}: system_powerdown", self.name))?;
                 presses += 1;
                 last_press = Instant::now();
-                serial_at_press = serial.len();
             }
             bail!("QEMU still runs after {presses} power button press(es)")
         });
@@ -537,7 +536,13 @@ impl Vm {
 
     /// The serial console so far.
     pub fn serial_log(&self) -> String {
-        std::fs::read(self.dir.join("serial.log")).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+        self.serial_since(0)
+    }
+
+    /// The serial console from byte `offset` on.
+    fn serial_since(&self, offset: usize) -> String {
+        let b = std::fs::read(self.dir.join("serial.log")).unwrap_or_default();
+        String::from_utf8_lossy(&b[offset.min(b.len())..]).into_owned()
     }
 
     /// The last lines of the serial console, without terminal escape sequences.
