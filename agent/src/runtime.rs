@@ -572,13 +572,9 @@ impl Agent {
                     let mut r = self.client.call::<_, Resp>(&routed, path, req, t).await;
                     // The mesh path may be broken while wg0 looks fine: try the underlay once.
                     let underlay = self.underlay_addr(leader, &addr);
-                    let may_retry = |r: &Result<Resp, PeerError>| match r {
-                        Err(e @ (PeerError::Unreachable { .. } | PeerError::Timeout { .. })) => {
-                            idempotent || !e.maybe_delivered()
-                        }
-                        _ => false,
-                    };
-                    if may_retry(&r) && routed != underlay {
+                    let resend = matches!(&r, Err(e @ (PeerError::Unreachable { .. } | PeerError::Timeout { .. }))
+                        if idempotent || !e.maybe_delivered());
+                    if resend && routed != underlay {
                         debug!(leader = %hex_id(leader), via = %routed, "leader unreachable over the mesh; trying its underlay address");
                         r = self.client.call::<_, Resp>(&underlay, path, req, t).await;
                     }
