@@ -264,7 +264,7 @@ async fn dead_voter_is_replaced_and_removed() {
     .await;
     assert_eq!(s.raft.as_ref().unwrap().voters.len(), 3);
     // Whichever node led at the time logged it.
-    let log = c.nodes.iter().map(|n| n.log()).collect::<String>();
+    let log = c.all_logs();
     assert!(log.contains("Replace"), "no leader logged the replacement");
     assert!(log.contains("Remove"), "no leader logged the removal");
     // The survivors agree.
@@ -377,7 +377,7 @@ async fn reinstalled_node_replaces_its_stale_entry() {
     })
     .await;
     assert_eq!(s.members.len(), 4);
-    let log = c.nodes.iter().map(|n| n.log()).collect::<String>();
+    let log = c.all_logs();
     assert!(log.contains("replacing stale member with the same name"), "no leader logged the replacement");
 }
 
@@ -392,19 +392,9 @@ async fn removed_node_rejoins_with_a_new_identity() {
     let victim = (0..4).find(|i| *i != leader).unwrap();
     let victim_id = c.status(victim).await.unwrap().node.id.unwrap();
     c.kill(victim);
-    wait_until(Duration::from_secs(60), "the dead node is removed", || async {
-        let s = c.status(leader).await.ok()?;
-        (s.members.len() == 3 && !s.members.iter().any(|m| m.id == victim_id)).then_some(())
-    })
-    .await;
+    wait_removed(&c, leader, &victim_id, "the dead node is removed").await;
     c.start(victim);
-    let s = wait_until(Duration::from_secs(90), "the removed node rejoined as a new member", || async {
-        let s = c.status(victim).await.ok()?;
-        let id = s.node.id.clone()?;
-        (id != victim_id && s.members.len() == 4 && s.members.iter().any(|m| m.id == id && m.name.is_some()))
-            .then_some(s)
-    })
-    .await;
+    let s = wait_rejoined(&c, victim, &victim_id, "the removed node rejoined as a new member").await;
     assert_eq!(s.raft.unwrap().voters.len(), 3);
     assert!(c.nodes[victim].log().contains("joining again with a new identity"));
 }
@@ -426,20 +416,31 @@ async fn frozen_learner_removed_meanwhile_rejoins() {
     })
     .await;
     c.freeze(n, true);
-    wait_until(Duration::from_secs(60), "the frozen learner is removed", || async {
-        let s = c.status(leader).await.ok()?;
-        (s.members.len() == 3 && !s.members.iter().any(|m| m.id == old_id)).then_some(())
-    })
-    .await;
+    wait_removed(&c, leader, &old_id, "the frozen learner is removed").await;
     c.freeze(n, false);
-    let s = wait_until(Duration::from_secs(90), "the woken learner rejoined as a new member", || async {
+    let s = wait_rejoined(&c, n, &old_id, "the woken learner rejoined as a new member").await;
+    assert_eq!(s.raft.unwrap().voters.len(), 3);
+    assert!(c.nodes[n].log().contains("the cluster no longer lists this node; joining again with a new identity"));
+}
+
+/// Waits (60 s) until node `at` lists 3 members and not `id`.
+async fn wait_removed(c: &Cluster, at: usize, id: &str, what: &str) {
+    wait_until(Duration::from_secs(60), what, || async {
+        let s = c.status(at).await.ok()?;
+        (s.members.len() == 3 && !s.members.iter().any(|m| m.id == id)).then_some(())
+    })
+    .await
+}
+
+/// Waits (90 s) until node `n` is a registered member again under a new id (not `old_id`), with 4
+/// members in all; returns its status.
+async fn wait_rejoined(c: &Cluster, n: usize, old_id: &str, what: &str) -> clusteros::status::StatusReport {
+    wait_until(Duration::from_secs(90), what, || async {
         let s = c.status(n).await.ok()?;
         let id = s.node.id.clone()?;
         (id != old_id && s.members.len() == 4 && s.members.iter().any(|m| m.id == id && m.name.is_some())).then_some(s)
     })
-    .await;
-    assert_eq!(s.raft.unwrap().voters.len(), 3);
-    assert!(c.nodes[n].log().contains("the cluster no longer lists this node; joining again with a new identity"));
+    .await
 }
 
 /// Before the cluster forms, a write says what the node is waiting for.
@@ -570,7 +571,7 @@ async fn raft_moves_onto_mesh_addresses_and_back_when_a_tunnel_breaks() {
     c.nodes[victim].client().kv_put("fallback", "3").await.unwrap();
     let r = c.nodes[leader].client().kv_get("fallback", false).await.unwrap();
     assert_eq!(r.entry.map(|e| e.value).as_deref(), Some("3"));
-    let log = c.nodes.iter().map(|n| n.log()).collect::<String>();
+    let log = c.all_logs();
     assert!(log.contains("moving the member's Raft address"), "no transport change was logged");
 }
 
