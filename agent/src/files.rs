@@ -27,9 +27,11 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), WriteErro
     let err = |source| WriteError { path: path.to_owned(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = path.file_name().ok_or_else(|| err(std::io::Error::other("path has no file name")))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name.to_string_lossy(), std::process::id()));
+    // A name no other writer uses (concurrent writers of one path each get their own), created
+    // exclusively so that nothing already there is followed or reused.
+    let tmp = dir.join(format!(".{}.tmp-{:016x}", file_name.to_string_lossy(), rand::random::<u64>()));
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         // The mode given to open() is filtered by the umask; set it exactly.
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
@@ -62,6 +64,29 @@ mod tests {
         write_atomic(&p, b"two", 0o640).unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o640);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn concurrent_writers_of_one_path_each_replace_it_whole() {
+        // Two writers of one file (openraft builds and installs snapshots concurrently) must
+        // not share a temporary file: each rename must succeed and leave one whole version.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("snap");
+        let a = vec![b'a'; 64 * 1024];
+        let b = vec![b'b'; 96 * 1024];
+        std::thread::scope(|s| {
+            for data in [&a, &b] {
+                let p = &p;
+                s.spawn(move || {
+                    for _ in 0..200 {
+                        write_atomic(p, data, 0o600).unwrap();
+                    }
+                });
+            }
+        });
+        let got = std::fs::read(&p).unwrap();
+        assert!(got == a || got == b, "a torn file of {} bytes", got.len());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
     }
 

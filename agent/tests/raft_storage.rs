@@ -66,3 +66,50 @@ fn corrupt_snapshot_is_reported() {
     assert!(e.to_string().contains("corrupt") && e.to_string().contains("move it away"), "{e}");
     assert_eq!(std::fs::read(dir.path().join("snapshot.json")).unwrap(), b"{garbage");
 }
+
+/// openraft builds a snapshot while it may install a newer one from the leader. A build that
+/// captured the state before the install must not write its older snapshot over the installed
+/// one, neither on disk nor as the current snapshot.
+#[tokio::test]
+async fn a_snapshot_built_before_an_install_does_not_replace_it() {
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId};
+
+    use clusteros::raft::Entry;
+    use clusteros::raft::state_machine::SmData;
+    use clusteros::state::Command;
+
+    let dir = tempfile::tempdir().unwrap();
+    let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+    let put = |i: u64| Entry {
+        log_id: log_id(i),
+        payload: EntryPayload::Normal(Command::KvPut { key: format!("k{i}"), value: "v".into() }),
+    };
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    sm.apply([put(1)]).await.unwrap();
+    // The build captures the state at index 1 ...
+    let (old_meta, old_bytes) = sm.capture().unwrap();
+    // ... the leader's snapshot at index 5 is installed meanwhile ...
+    let mut newer = SmData { last_applied: Some(log_id(5)), ..Default::default() };
+    for i in 1..=5 {
+        newer.state.apply(i, &Command::KvPut { key: format!("k{i}"), value: "v".into() });
+    }
+    let meta = clusteros::raft::SnapshotMeta {
+        last_log_id: Some(log_id(5)),
+        last_membership: Default::default(),
+        snapshot_id: "leader-5".into(),
+    };
+    sm.install_snapshot(&meta, Box::new(serde_json::to_vec(&newer).unwrap())).await.unwrap();
+    // ... and then the build finishes.
+    let built = sm.store_built(old_meta, old_bytes).await.unwrap();
+    assert_eq!(built.meta.last_log_id, Some(log_id(5)), "the newer snapshot stays current");
+    let current = sm.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.snapshot_id, "leader-5");
+    drop(sm);
+    let sm = StateMachineStore::open(dir.path()).unwrap();
+    assert_eq!(
+        sm.handle().read(|d| (d.last_applied, d.state.kv.len())),
+        (Some(log_id(5)), 5),
+        "the file on disk is the newer one"
+    );
+}

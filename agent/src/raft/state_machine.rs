@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, StorageIOError};
@@ -68,7 +68,11 @@ pub enum OpenError {
 pub struct StateMachineStore {
     shared: Arc<Shared>,
     dir: PathBuf,
-    current: Arc<Mutex<Option<Snapshot>>>,
+    /// The newest snapshot, which is also the one on disk. openraft builds a snapshot (in a task
+    /// of its own) while it may install one from the leader: both write the snapshot file, so
+    /// this lock makes the writes exclusive, and a built snapshot that is not newer than the one
+    /// already there is not written (an older snapshot never replaces a newer one).
+    current: Arc<tokio::sync::Mutex<Option<Snapshot>>>,
     counter: Arc<AtomicU64>,
 }
 
@@ -94,7 +98,7 @@ impl StateMachineStore {
         Ok(StateMachineStore {
             shared: Arc::new(Shared { data: RwLock::new(data), changed }),
             dir: dir.to_owned(),
-            current: Arc::new(Mutex::new(current)),
+            current: Arc::new(tokio::sync::Mutex::new(current)),
             counter: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -125,8 +129,9 @@ impl StateMachineStore {
     }
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+impl StateMachineStore {
+    /// The first half of building a snapshot: the applied state, serialized, with its metadata.
+    pub fn capture(&self) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
         let (bytes, last_applied, last_membership) = {
             let d = self.shared.data.read().expect("state lock");
             let bytes = serde_json::to_vec(&*d).map_err(|e| StorageIOError::read_state_machine(&e))?;
@@ -137,11 +142,29 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, n),
             None => format!("none-{n}"),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership, snapshot_id };
+        Ok((SnapshotMeta { last_log_id: last_applied, last_membership, snapshot_id }, bytes))
+    }
+
+    /// The second half: writes the captured snapshot unless a newer one (installed from the
+    /// leader meanwhile) is already there. Returns the snapshot that is current afterwards.
+    pub async fn store_built(&self, meta: SnapshotMeta, bytes: Vec<u8>) -> Result<Snapshot, StorageError> {
+        let mut current = self.current.lock().await;
+        if let Some(c) = current.as_ref()
+            && c.meta.last_log_id >= meta.last_log_id
+        {
+            return Ok(c.clone());
+        }
         self.persist(&meta, &bytes).await?;
         let snap = Snapshot { meta, snapshot: Box::new(bytes) };
-        *self.current.lock().expect("snapshot lock") = Some(snap.clone());
+        *current = Some(snap.clone());
         Ok(snap)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let (meta, bytes) = self.capture()?;
+        self.store_built(meta, bytes).await
     }
 }
 
@@ -197,14 +220,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             )
             .into());
         }
+        let mut current = self.current.lock().await;
         self.persist(meta, &snapshot).await?;
         *self.shared.data.write().expect("state lock") = data;
-        *self.current.lock().expect("snapshot lock") = Some(Snapshot { meta: meta.clone(), snapshot });
+        *current = Some(Snapshot { meta: meta.clone(), snapshot });
+        drop(current);
         self.shared.changed.send_modify(|v| *v += 1);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self.current.lock().expect("snapshot lock").clone())
+        Ok(self.current.lock().await.clone())
     }
 }
