@@ -99,6 +99,16 @@ async fn serve_problems(
     for p in &problems {
         error!("{p}");
     }
+    serve_problems_quietly(socket, name, problems, until).await
+}
+
+/// [`serve_problems`] without logging them (the caller does, rate-limited).
+async fn serve_problems_quietly(
+    socket: &Path,
+    name: String,
+    problems: Vec<String>,
+    until: impl std::future::Future<Output = ()>,
+) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let local =
         spawn_local(bind_socket(socket)?, LocalState::Unconfigured { name, problems: problems.clone() }, stop_rx);
@@ -171,9 +181,37 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             return Ok(());
         }
     }
+    let mut storage_log = LogLimiter::new(Duration::from_secs(60));
     loop {
-        let identity = Identity::load_or_create(&cfg.state_dir, &name)?;
-        let agent = Agent::open(cfg.clone(), identity, &secret, std::mem::take(&mut extra_join)).await?;
+        // The state directory must take writes before Raft starts on it: a full or read-only
+        // disk is reported in `status` (and the metrics) and retried, not met halfway through a
+        // log append.
+        let agent = loop {
+            let problem = match crate::files::probe_writable(&cfg.state_dir, STATE_PROBE_BYTES) {
+                Err(e) => storage_problem(&cfg, &e.to_string()),
+                Ok(()) => {
+                    let opened = match Identity::load_or_create(&cfg.state_dir, &name) {
+                        Ok(identity) => Agent::open(cfg.clone(), identity, &secret, extra_join.clone())
+                            .await
+                            .map_err(|e| (e.is_storage(), e.to_string())),
+                        Err(e) => Err((true, e.to_string())),
+                    };
+                    match opened {
+                        Ok(agent) => break agent,
+                        Err((true, e)) => storage_problem(&cfg, &e),
+                        Err((false, e)) => anyhow::bail!(e),
+                    }
+                }
+            };
+            if storage_log.should_log(&problem) {
+                warn!("{problem}");
+            }
+            if !wait_with_problem(&cfg, &name, problem, &mut signal).await? {
+                notify(&[NotifyState::Stopping]);
+                return Ok(());
+            }
+        };
+        extra_join.clear();
         info!(
             node_id = %hex_id(agent.id()),
             name = %agent.identity.name,
@@ -222,6 +260,10 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         let outcome = loop {
             tokio::select! {
                 _ = &mut signal => break RunEnd::Shutdown,
+                why = raft_fatal(&agent) => {
+                    error!(node_id = %hex_id(agent.id()), "{}", fatal_message(&cfg, &why));
+                    break RunEnd::Fatal(why);
+                }
                 r = end.changed() => {
                     if r.is_ok() && let Some(e) = end.borrow().clone() { break e; }
                 }
@@ -249,6 +291,9 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         drop(agent);
         match outcome {
             RunEnd::Shutdown => return Ok(()),
+            // Nothing acknowledged is lost: a write is acknowledged only after its log entry was
+            // synced. systemd starts the agent again; it waits until the directory takes writes.
+            RunEnd::Fatal(why) => anyhow::bail!(fatal_message(&cfg, &why)),
             RunEnd::Left | RunEnd::Rejoin { .. } => {
                 // A new member needs a new node id: node ids are never reused.
                 wipe_membership_state(&state_dir).context("cannot remove the old Raft state")?;
@@ -260,6 +305,94 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             }
         }
     }
+}
+
+/// Lets a repeated message through when it changes, and otherwise once per `every`.
+struct LogLimiter {
+    every: Duration,
+    last: Option<(String, std::time::Instant)>,
+}
+
+impl LogLimiter {
+    fn new(every: Duration) -> LogLimiter {
+        LogLimiter { every, last: None }
+    }
+
+    fn should_log(&mut self, message: &str) -> bool {
+        let due = match &self.last {
+            Some((m, at)) => m != message || at.elapsed() >= self.every,
+            None => true,
+        };
+        if due {
+            self.last = Some((message.to_string(), std::time::Instant::now()));
+        }
+        due
+    }
+}
+
+/// How much the state directory must take before Raft starts on it.
+const STATE_PROBE_BYTES: usize = 1 << 20;
+
+/// The `status` problem for a state directory that cannot be used.
+fn storage_problem(cfg: &Config, error: &str) -> String {
+    format!(
+        "the state directory {} cannot be used ({error}): free space or make it writable; the agent tries again every 5 s and nothing the cluster acknowledged is lost",
+        cfg.state_dir.display()
+    )
+}
+
+/// The journal line (and exit error) when Raft stopped on a storage error.
+fn fatal_message(cfg: &Config, why: &str) -> String {
+    format!(
+        "Raft stopped: {why}; check that {} is writable and has free space. The agent exits so that systemd starts it again; it waits until the directory takes writes, and nothing the cluster acknowledged is lost",
+        cfg.state_dir.display()
+    )
+}
+
+/// Resolves with the reason once Raft has stopped on a fatal error (a storage write failed).
+async fn raft_fatal(agent: &Agent) -> String {
+    let mut rx = agent.raft.metrics();
+    loop {
+        // The guard is dropped before the await.
+        if let Err(f) = &rx.borrow_and_update().running_state {
+            return f.to_string();
+        }
+        if rx.changed().await.is_err() {
+            return "Raft stopped".into();
+        }
+    }
+}
+
+/// Serves `problem` in `status` (and the metrics) for 5 s. Returns false on a shutdown signal.
+async fn wait_with_problem(
+    cfg: &Config,
+    name: &str,
+    problem: String,
+    signal: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+) -> Result<bool> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let metrics = match cfg.metrics_addr {
+        Some(addr) => TcpListener::bind(addr).await.ok().map(|l| {
+            let state = LocalState::Unconfigured { name: name.to_string(), problems: vec![problem.clone()] };
+            let app = crate::api::local::metrics_router(state);
+            spawn_server("metrics", axum::serve(l, app).with_graceful_shutdown(stopped(stop_rx)))
+        }),
+        None => None,
+    };
+    let mut stopped = false;
+    let until = async {
+        tokio::select! {
+            _ = signal.as_mut() => stopped = true,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    };
+    let served = serve_problems_quietly(&cfg.socket_path, name.to_string(), vec![problem], until).await;
+    let _ = stop_tx.send(true);
+    if let Some(m) = metrics {
+        let _ = m.await;
+    }
+    served?;
+    Ok(!stopped)
 }
 
 /// When the peer API listens on one specific address (not 0.0.0.0), it also has to answer on the

@@ -45,6 +45,25 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), WriteErro
     result.map_err(err)
 }
 
+/// Checks that `dir` takes writes: creates a probe file, writes `bytes` bytes, syncs it and
+/// removes it. A full or read-only file system fails here, before anything else is written.
+pub fn probe_writable(dir: &Path, bytes: usize) -> Result<(), WriteError> {
+    let path = dir.join(format!(".space-probe-{:016x}", rand::random::<u64>()));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path)?;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            f.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        f.sync_all()
+    })();
+    let _ = std::fs::remove_file(&path);
+    result.map_err(|source| WriteError { path: dir.to_owned(), source })
+}
+
 /// Creates a directory (and parents) with the given mode if it does not exist.
 pub fn ensure_dir(path: &Path, mode: u32) -> Result<(), WriteError> {
     let err = |source| WriteError { path: path.to_owned(), source };
@@ -88,6 +107,15 @@ mod tests {
         let got = std::fs::read(&p).unwrap();
         assert!(got == a || got == b, "a torn file of {} bytes", got.len());
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn probe_leaves_nothing_and_names_a_missing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        probe_writable(dir.path(), 100_000).unwrap();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        let e = probe_writable(&dir.path().join("missing"), 10).unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
     }
 
     #[test]

@@ -80,6 +80,9 @@ pub enum RunEnd {
     Left,
     /// Removed by the cluster while away: wipe Raft state, take a new node id, join again via these.
     Rejoin { via: Vec<String> },
+    /// Raft stopped on an error it cannot recover from (a storage write failed: disk full,
+    /// read-only file system, I/O error). The process exits so that systemd starts it again.
+    Fatal(String),
 }
 
 struct LeaderState {
@@ -124,6 +127,17 @@ pub struct Agent {
     wake: Notify,
     end: watch::Sender<Option<RunEnd>>,
     leader: Mutex<Option<LeaderState>>,
+}
+
+impl StartError {
+    /// Whether the error is about the state directory's storage (full, read-only, unreadable,
+    /// corrupt): then the agent reports it and tries again later instead of exiting.
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            StartError::StateDir(_) | StartError::Log { .. } | StartError::StateMachine(_) | StartError::Raft(_)
+        )
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -204,6 +204,59 @@ async fn full_restart_brings_back_the_same_cluster() {
     assert_eq!(inits_after, inits_before, "a restarted node bootstrapped again");
 }
 
+/// A follower's state disk fills up: its Raft log append fails and openraft stops. The agent
+/// must not stay up with a dead Raft (it used to, pinging the watchdog): it says why and exits,
+/// and started again while the disk is still full it reports the problem in `status` instead of
+/// joining halfway. Once space returns it catches up; every acknowledged write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_state_disk_is_reported_and_survived() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    let disk = common::Tmpfs::mount(&c.nodes[2].dir.join("state"), 32);
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let writer = if leader == 2 { 0 } else { leader };
+    if leader == 2 {
+        // The full disk must be a follower's: hand the leadership away by restarting node 3.
+        c.kill(2);
+        c.start(2);
+        c.wait_converged(3, 0, FORM).await;
+    }
+    disk.fill("filler");
+    // Write until the node with the full disk has to append, fails and exits (bounded).
+    let mut acked = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let exited = loop {
+        if c.nodes[writer].client().kv_put(&format!("d{acked}"), "v").await.is_ok() {
+            acked += 1;
+        }
+        if let Some(Ok(Some(status))) = c.nodes[2].child.as_mut().map(|ch| ch.try_wait()) {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the agent with the full disk still runs after 60 s");
+    };
+    assert!(!exited.success(), "exited with {exited}");
+    assert!(c.nodes[2].log().contains("Raft stopped"), "the reason is logged");
+    c.nodes[2].child = None;
+    // Started again (systemd would) while the disk is still full: the problem is in `status`.
+    c.start(2);
+    wait_until(Duration::from_secs(30), "status to report the full state directory", || async {
+        let s = c.status(2).await.ok()?;
+        s.problems.iter().any(|p| p.contains("cannot be used") && p.contains("free space")).then_some(())
+    })
+    .await;
+    for i in acked..acked + 20 {
+        c.nodes[writer].client().kv_put(&format!("d{i}"), "v").await.unwrap();
+    }
+    acked += 20;
+    std::fs::remove_file(disk.path.join("filler")).unwrap();
+    c.wait_converged(3, 0, FORM).await;
+    for i in 0..acked {
+        let r = c.nodes[2].client().kv_get(&format!("d{i}"), true).await.unwrap();
+        assert!(r.entry.is_some(), "acknowledged write d{i} missing on the node whose disk was full");
+    }
+}
+
 /// A node with the wrong cluster secret is refused, says why, keeps retrying, and the cluster
 /// state does not change.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

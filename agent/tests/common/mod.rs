@@ -422,3 +422,36 @@ impl Drop for NetNs {
 pub fn metric(text: &str, line_prefix: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(line_prefix)?.strip_prefix(' ')?.parse().ok())
 }
+
+/// A small tmpfs mounted over a directory (needs root); unmounted on drop.
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size_mb: u64) -> Tmpfs {
+        std::fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mb}m,mode=0700"), "tmpfs"])
+            .arg(path)
+            .output()
+            .expect("cannot run mount");
+        assert!(out.status.success(), "mount tmpfs: {} (this test needs root)", String::from_utf8_lossy(&out.stderr));
+        Tmpfs { path: path.to_owned() }
+    }
+
+    /// Writes zeros into `name` until the file system is full.
+    pub fn fill(&self, name: &str) {
+        use std::io::Write;
+        let mut f = File::create(self.path.join(name)).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while f.write(&chunk).map(|n| n > 0).unwrap_or(false) {}
+        while f.write(&chunk[..64]).map(|n| n > 0).unwrap_or(false) {}
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+    }
+}
