@@ -192,9 +192,55 @@ pub fn needs_transport_probe(current: &str, mesh: Option<&str>, silent_for: Dura
     }
 }
 
+/// The lowest log index a leader may serve linearizable reads at, in the term it leads.
+///
+/// openraft's read index is `max(commit index, first entry of the leader's term)`. That is
+/// enough for a freshly elected leader (its blank entry comes after everything before), but not
+/// for a leader that openraft restores at startup in the same term: its term's first entry is
+/// old, and its commit index comes from disk, where it is not synced (it may be older than
+/// writes the leader acknowledged before the crash). Every acknowledged write is in the
+/// leader's log, though (it is acknowledged after it was applied, and applied after it was
+/// synced there). So the floor is the last log index the leader held when this process first
+/// saw itself lead the term: reads wait until that is committed and applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadFloor {
+    pub term: u64,
+    pub index: u64,
+}
+
+impl ReadFloor {
+    /// The floor for `term`: the one already recorded for it, or a new one at
+    /// `last_log_index` (taking it later than the term began only raises it, which is safe).
+    pub fn observe(prev: Option<ReadFloor>, term: u64, last_log_index: Option<u64>) -> ReadFloor {
+        match prev {
+            Some(f) if f.term == term => f,
+            _ => ReadFloor { term, index: last_log_index.unwrap_or(0) },
+        }
+    }
+
+    /// The index a read must wait for: openraft's read index or the floor, whichever is later.
+    pub fn read_index(&self, raft_read_index: Option<u64>) -> u64 {
+        raft_read_index.unwrap_or(0).max(self.index)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_floor_is_fixed_per_term_and_covers_the_restored_leaders_log() {
+        // Restored leader of term 4: log up to 120, commit index from disk 90, term began at 80.
+        let f = ReadFloor::observe(None, 4, Some(120));
+        assert_eq!(f.read_index(Some(90)), 120, "reads wait for everything the leader held");
+        // Later in the same term the floor stays; openraft's index takes over once it is higher.
+        let f = ReadFloor::observe(Some(f), 4, Some(500));
+        assert_eq!(f.index, 120);
+        assert_eq!(f.read_index(Some(480)), 480);
+        // A new term gets a new floor.
+        assert_eq!(ReadFloor::observe(Some(f), 5, Some(501)), ReadFloor { term: 5, index: 501 });
+        assert_eq!(ReadFloor::observe(None, 1, None).read_index(None), 0);
+    }
 
     fn peer(addr: &str, known: &[NodeId]) -> PeerView {
         PeerView { addr: addr.into(), initialized: false, known: known.iter().copied().collect() }

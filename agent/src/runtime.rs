@@ -127,6 +127,8 @@ pub struct Agent {
     wake: Notify,
     end: watch::Sender<Option<RunEnd>>,
     leader: Mutex<Option<LeaderState>>,
+    /// Where linearizable reads start in the term this node leads.
+    read_floor: Mutex<Option<membership::ReadFloor>>,
 }
 
 impl StartError {
@@ -275,6 +277,7 @@ impl Agent {
             wake: Notify::new(),
             end,
             leader: Mutex::new(None),
+            read_floor: Mutex::new(None),
             cfg,
         }))
     }
@@ -458,10 +461,22 @@ impl Agent {
         }
     }
 
-    /// Serves a linearizable read on this node, which must be the leader.
+    /// Serves a linearizable read on this node, which must be the leader: leadership confirmed
+    /// by a quorum after the read arrived, then the state applied up to the read index, which
+    /// covers every write this leader acknowledged (see [`membership::ReadFloor`]).
     pub async fn local_read(&self, key: &str) -> Result<ReadResponse, ApiError> {
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 5);
-        let read = match tokio::time::timeout(t, self.raft.ensure_linearizable()).await {
+        let deadline = tokio::time::Instant::now() + t;
+        let m = self.metrics();
+        if !Self::is_leader(&m) {
+            return Err(self.not_leader(&m));
+        }
+        let floor = {
+            let mut f = self.read_floor.lock().expect("read floor lock");
+            *f = Some(membership::ReadFloor::observe(*f, m.current_term, m.last_log_index));
+            f.expect("just set")
+        };
+        let read = match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
             Ok(Ok(log_id)) => log_id,
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => return Err(self.forward_err(f)),
             Ok(Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)))) => {
@@ -472,8 +487,26 @@ impl Agent {
                 return Err(ApiError::Timeout(format!("the read could not be confirmed by a quorum within {t:?}")));
             }
         };
+        // The leadership just confirmed must be the one whose floor applies.
+        let m = self.metrics();
+        if m.current_term != floor.term || !Self::is_leader(&m) {
+            return Err(self.not_leader(&m));
+        }
+        let index = floor.read_index(read.map(|l| l.index));
+        let mut rx = self.raft.metrics();
+        let applied =
+            tokio::time::timeout_at(deadline, rx.wait_for(|m| m.last_applied.is_some_and(|l| l.index >= index)));
+        match applied.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(ApiError::Internal("Raft stopped".into())),
+            Err(_) => {
+                return Err(ApiError::Timeout(format!(
+                    "the read index {index} was not applied within {t:?}: a quorum of voters may be down"
+                )));
+            }
+        }
         let entry = self.state.read(|d| d.state.kv.get(key).cloned());
-        Ok(ReadResponse { key: key.to_string(), entry, read_index: read.map(|l| l.index) })
+        Ok(ReadResponse { key: key.to_string(), entry, read_index: Some(index) })
     }
 
     async fn change_membership(&self, changes: ChangeMembers<NodeId, BasicNode>, retain: bool) -> Result<(), ApiError> {

@@ -148,8 +148,13 @@ where
     }
 }
 
+/// The agent under test: this build's binary, or `CLUSTEROS_TEST_BIN` (to run a scenario against
+/// another build, e.g. to show that a regression test fails without its fix).
 pub fn binary() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_clusteros"))
+    match std::env::var_os("CLUSTEROS_TEST_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_clusteros")),
+    }
 }
 
 impl Cluster {
