@@ -251,6 +251,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             }
         });
         let leader = tokio::spawn(agent.clone().run_leader());
+        let elections = tokio::spawn(agent.clone().run_elections());
         let services = tokio::spawn(agent.clone().run_services());
         let mesh = tokio::spawn(agent.clone().run_mesh());
         let slurm_state = tokio::spawn(agent.clone().run_slurm_state());
@@ -279,9 +280,18 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         if let Err(e) = agent.raft.shutdown().await {
             warn!("Raft shutdown: {e}");
         }
-        for mut t in
-            [formation, leader, services, mesh, slurm_state, peer_task, mesh_peer_task, metrics_task, local_task]
-        {
+        for mut t in [
+            formation,
+            leader,
+            elections,
+            services,
+            mesh,
+            slurm_state,
+            peer_task,
+            mesh_peer_task,
+            metrics_task,
+            local_task,
+        ] {
             if tokio::time::timeout(Duration::from_secs(10), &mut t).await.is_err() {
                 t.abort();
                 let _ = t.await;

@@ -224,9 +224,78 @@ impl ReadFloor {
     }
 }
 
+/// What a node knows when a candidate asks for its pre-vote.
+#[derive(Clone, Debug)]
+pub struct PreVoteView {
+    /// This node leads (a leader never helps unseat itself).
+    pub is_leader: bool,
+    /// Since this node last heard from a leader (or granted a vote); None: never in this run.
+    pub heard_leader_ago: Option<Duration>,
+    pub last_log_id: Option<crate::raft::LogId>,
+}
+
+/// Whether to grant a pre-vote to a candidate with `candidate_last_log`: only when this node has
+/// not heard from a leader for `lease` (the shortest election timeout) and the candidate's log
+/// is at least as up to date as this node's, exactly what the real vote will check.
+pub fn grant_pre_vote(
+    v: &PreVoteView,
+    candidate_last_log: Option<&crate::raft::LogId>,
+    lease: Duration,
+) -> Result<(), String> {
+    if v.is_leader {
+        return Err("this node is the leader".into());
+    }
+    if let Some(ago) = v.heard_leader_ago
+        && ago < lease
+    {
+        return Err(format!("this node heard from a leader {} ms ago", ago.as_millis()));
+    }
+    if candidate_last_log < v.last_log_id.as_ref() {
+        return Err("the candidate's log is behind this node's".into());
+    }
+    Ok(())
+}
+
+/// Whether `granted` holds a majority of every configuration of a (possibly joint) membership.
+pub fn is_quorum(configs: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) -> bool {
+    !configs.is_empty() && configs.iter().all(|c| c.intersection(granted).count() * 2 > c.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pre_vote_needs_silence_and_an_up_to_date_log() {
+        use openraft::{CommittedLeaderId, LogId};
+        let log = |term, index| Some(LogId::new(CommittedLeaderId::new(term, 1), index));
+        let lease = Duration::from_millis(800);
+        let quiet =
+            PreVoteView { is_leader: false, heard_leader_ago: Some(Duration::from_secs(2)), last_log_id: log(3, 10) };
+        assert_eq!(grant_pre_vote(&quiet, log(3, 10).as_ref(), lease), Ok(()));
+        assert_eq!(grant_pre_vote(&quiet, log(4, 2).as_ref(), lease), Ok(()), "a later term wins over a longer log");
+        assert!(grant_pre_vote(&quiet, log(3, 9).as_ref(), lease).unwrap_err().contains("behind"));
+        assert!(grant_pre_vote(&quiet, None, lease).is_err());
+        // A healed follower asking while the leader is alive is refused: it stays in its term.
+        let live = PreVoteView { heard_leader_ago: Some(Duration::from_millis(120)), ..quiet.clone() };
+        assert!(grant_pre_vote(&live, log(9, 99).as_ref(), lease).unwrap_err().contains("heard from a leader"));
+        let leader = PreVoteView { is_leader: true, ..quiet.clone() };
+        assert!(grant_pre_vote(&leader, log(9, 99).as_ref(), lease).is_err());
+        let fresh = PreVoteView { heard_leader_ago: None, ..quiet };
+        assert_eq!(grant_pre_vote(&fresh, log(3, 10).as_ref(), lease), Ok(()), "just started: no leader heard");
+    }
+
+    #[test]
+    fn quorum_is_a_majority_of_every_joint_configuration() {
+        let set = |v: &[NodeId]| v.iter().copied().collect::<BTreeSet<_>>();
+        assert!(is_quorum(&[set(&[1, 2, 3])], &set(&[1, 2])));
+        assert!(!is_quorum(&[set(&[1, 2, 3])], &set(&[1])));
+        assert!(!is_quorum(&[set(&[1, 2, 3, 4])], &set(&[1, 2])), "half is not a majority");
+        assert!(is_quorum(&[set(&[1])], &set(&[1])));
+        assert!(!is_quorum(&[set(&[1, 2, 3]), set(&[3, 4, 5])], &set(&[1, 2, 3])));
+        assert!(is_quorum(&[set(&[1, 2, 3]), set(&[3, 4, 5])], &set(&[2, 3, 4])));
+        assert!(!is_quorum(&[], &set(&[1])));
+    }
 
     #[test]
     fn read_floor_is_fixed_per_term_and_covers_the_restored_leaders_log() {

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{ContactTracker, Network};
 use crate::raft::state_machine::{StateHandle, StateMachineStore};
 use crate::raft::{Raft, RaftMetrics, raft_config};
-use crate::state::{Command, Health, MemberSpec, NodeFacts, NodeId, Response};
+use crate::state::{Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, Response};
 use crate::transport::{PeerClient, PeerError};
 
 pub const LEFT_MARKER: &str = "left";
@@ -129,6 +130,21 @@ pub struct Agent {
     leader: Mutex<Option<LeaderState>>,
     /// Where linearizable reads start in the term this node leads.
     read_floor: Mutex<Option<membership::ReadFloor>>,
+    /// Request ids of this run: a random origin and a counter.
+    request_origin: u64,
+    request_seq: AtomicU64,
+    /// When this agent run started (the election timer's start before any leader is heard).
+    started: Instant,
+}
+
+/// How one forwarding attempt ended.
+enum Forwarded<Resp> {
+    /// The leader's answer (or an error that retrying would not change).
+    Answer(Result<Resp, ApiError>),
+    /// This node follows a new leader now: send the request there.
+    LeaderChanged,
+    /// Try again (the leader was not there, or could not act in time).
+    Retry { error: ApiError, maybe_delivered: bool },
 }
 
 impl StartError {
@@ -278,6 +294,9 @@ impl Agent {
             end,
             leader: Mutex::new(None),
             read_floor: Mutex::new(None),
+            request_origin: rand::random(),
+            request_seq: AtomicU64::new(0),
+            started: Instant::now(),
             cfg,
         }))
     }
@@ -591,18 +610,17 @@ impl Agent {
         Ok(crate::api::Empty {})
     }
 
-    /// Runs `local` here if this node leads, else forwards `req` to the leader's peer API at `path`.
-    /// Waits for a leader (bounded) when there is none. A request that is not `idempotent` (a Raft
-    /// write) is sent again only when the leader cannot have acted on it (it refused as not the
-    /// leader, or the connection was never made): a timed-out write may have been committed, and a
-    /// second copy would report a compare-and-set that succeeded as failed.
-    pub async fn on_leader<Req, Resp, F, Fut>(
-        &self,
-        path: &str,
-        req: &Req,
-        idempotent: bool,
-        local: F,
-    ) -> Result<Resp, ApiError>
+    /// Runs `local` here if this node leads, else forwards `req` to the leader's peer API at `path`,
+    /// until one answers or the forwarding deadline passes. Waits for a leader (bounded) when
+    /// there is none, and moves on to a new leader as soon as this node learns of one, even while
+    /// a request to the old one is still in flight (an isolated leader never answers).
+    ///
+    /// Every request sent through here must be safe to repeat: reads, joins, leaves, and writes
+    /// under a [`RequestId`](crate::state::RequestId) (see [`Agent::write`]), which the state
+    /// machine applies once however often they commit. When the deadline passes after an attempt
+    /// that may have reached a leader, the error is a timeout that says the write may have been
+    /// applied; otherwise it says why nothing was done.
+    pub async fn on_leader<Req, Resp, F, Fut>(&self, path: &str, req: &Req, local: F) -> Result<Resp, ApiError>
     where
         Req: Serialize,
         Resp: serde::de::DeserializeOwned,
@@ -610,65 +628,116 @@ impl Agent {
         Fut: std::future::Future<Output = Result<Resp, ApiError>>,
     {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.raft.election_timeout_max_ms * 4 + 2000);
+        // Whether some attempt may have been acted on by a leader.
+        let mut maybe_acted = false;
         let mut last: ApiError;
         loop {
+            let mut moved_on = false;
             last = match local().await {
                 Err(ApiError::NotLeader { leader: Some((leader, addr)) }) => {
-                    let routed = self.route(leader, &addr);
-                    let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 6);
-                    let mut r = self.client.call::<_, Resp>(&routed, path, req, t).await;
-                    // The mesh path may be broken while wg0 looks fine: try the underlay once.
-                    let underlay = self.underlay_addr(leader, &addr);
-                    let resend = matches!(&r, Err(e @ (PeerError::Unreachable { .. } | PeerError::Timeout { .. }))
-                        if idempotent || !e.maybe_delivered());
-                    if resend && routed != underlay {
-                        debug!(leader = %hex_id(leader), via = %routed, "leader unreachable over the mesh; trying its underlay address");
-                        r = self.client.call::<_, Resp>(&underlay, path, req, t).await;
-                    }
-                    match r {
-                        Ok(r) => return Ok(r),
-                        Err(PeerError::Remote { kind, message, .. }) if kind == "not_leader" || kind == "no_leader" => {
-                            ApiError::NoLeader(message)
+                    match self.forward::<Req, Resp>(leader, &addr, path, req).await {
+                        Forwarded::Answer(r) => return r,
+                        Forwarded::LeaderChanged => {
+                            debug!(old = %hex_id(leader), path, "the leader changed while a request was in flight; sending it to the new one");
+                            maybe_acted = true;
+                            moved_on = true;
+                            ApiError::NoLeader(format!("leader {} was replaced", hex_id(leader)))
                         }
-                        Err(PeerError::Remote { kind, message, .. }) => {
-                            return Err(match kind.as_str() {
-                                "bad_request" => ApiError::BadRequest(message),
-                                "refused" => ApiError::Refused(message),
-                                "timeout" => ApiError::Timeout(message),
-                                _ => ApiError::Internal(message),
-                            });
+                        Forwarded::Retry { error, maybe_delivered } => {
+                            maybe_acted |= maybe_delivered;
+                            error
                         }
-                        Err(e) if e.is_auth() => return Err(ApiError::Peer(e)),
-                        Err(e) if !idempotent && e.maybe_delivered() => {
-                            return Err(ApiError::Timeout(format!(
-                                "{e}; the leader may still have applied this write: read the value back before you retry"
-                            )));
-                        }
-                        Err(e) => ApiError::Peer(e),
                     }
                 }
                 Err(ApiError::NotLeader { leader: None }) => ApiError::NoLeader(self.no_leader_message()),
                 Err(ApiError::NoLeader(m)) => ApiError::NoLeader(m),
+                // This node leads but could not commit in time: the entry may still commit.
+                Err(ApiError::Timeout(m)) => {
+                    maybe_acted = true;
+                    ApiError::Timeout(m)
+                }
                 other => return other,
             };
             if Instant::now() >= deadline {
-                return Err(last);
+                return Err(if maybe_acted {
+                    ApiError::Timeout(format!(
+                        "{last}; it may still be applied (at most once: it was sent under one request id), so read the value back before you retry"
+                    ))
+                } else {
+                    last
+                });
             }
-            // Wait for the leader to change (or a short while), then try again.
-            let mut rx = self.raft.metrics();
-            let _ = tokio::time::timeout(Duration::from_millis(300), rx.changed()).await;
+            if !moved_on {
+                // Wait for the leader to change (or a short while), then try again.
+                let mut rx = self.raft.metrics();
+                let _ = tokio::time::timeout(Duration::from_millis(300), rx.changed()).await;
+            }
         }
     }
 
+    /// Sends `req` to `leader` (over the mesh when this node is on it, the underlay once more if
+    /// that fails), giving up as soon as this node follows another leader.
+    async fn forward<Req: Serialize, Resp: serde::de::DeserializeOwned>(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        path: &str,
+        req: &Req,
+    ) -> Forwarded<Resp> {
+        let call = async {
+            let routed = self.route(leader, addr);
+            let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 6);
+            let mut r = self.client.call::<_, Resp>(&routed, path, req, t).await;
+            // The mesh path may be broken while wg0 looks fine: try the underlay once.
+            let underlay = self.underlay_addr(leader, addr);
+            let mut maybe_delivered = false;
+            if let Err(e @ (PeerError::Unreachable { .. } | PeerError::Timeout { .. })) = &r
+                && routed != underlay
+            {
+                maybe_delivered = e.maybe_delivered();
+                debug!(leader = %hex_id(leader), via = %routed, "leader unreachable over the mesh; trying its underlay address");
+                r = self.client.call::<_, Resp>(&underlay, path, req, t).await;
+            }
+            (r, maybe_delivered)
+        };
+        let moved = async {
+            let mut rx = self.raft.metrics();
+            if rx.wait_for(|m| m.current_leader.is_some_and(|l| l != leader)).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
+        let (r, earlier_maybe) = tokio::select! {
+            r = call => r,
+            _ = moved => return Forwarded::LeaderChanged,
+        };
+        match r {
+            Ok(r) => Forwarded::Answer(Ok(r)),
+            Err(PeerError::Remote { kind, message, .. }) => match ApiError::from_remote(&kind, message) {
+                // The leader refused before acting (it is not the leader any more).
+                e @ ApiError::NoLeader(_) => Forwarded::Retry { error: e, maybe_delivered: earlier_maybe },
+                // Its write may commit later; the retry carries the same request id.
+                e @ ApiError::Timeout(_) => Forwarded::Retry { error: e, maybe_delivered: true },
+                e => Forwarded::Answer(Err(e)),
+            },
+            Err(e) if e.is_auth() => Forwarded::Answer(Err(ApiError::Peer(e))),
+            Err(e) => {
+                let maybe_delivered = earlier_maybe || e.maybe_delivered();
+                Forwarded::Retry { error: ApiError::Peer(e), maybe_delivered }
+            }
+        }
+    }
+
+    /// Proposes `cmd` through the leader under a new request id, so that resending it (to a new
+    /// leader, after a timeout) never applies it twice.
     pub async fn write(&self, cmd: Command) -> Result<Response, ApiError> {
-        self.on_leader(paths::WRITE, &crate::api::WriteRequest { cmd: cmd.clone() }, false, || {
-            self.local_write(cmd.clone())
-        })
-        .await
+        let id = RequestId { origin: self.request_origin, seq: self.request_seq.fetch_add(1, Ordering::Relaxed) };
+        let cmd = Command::Request { id, at_ms: crate::now_ms(), cmd: Box::new(cmd) };
+        self.on_leader(paths::WRITE, &crate::api::WriteRequest { cmd: cmd.clone() }, || self.local_write(cmd.clone()))
+            .await
     }
 
     pub async fn read(&self, key: &str) -> Result<ReadResponse, ApiError> {
-        self.on_leader(paths::READ, &ReadRequest { key: key.into() }, true, || self.local_read(key)).await
+        self.on_leader(paths::READ, &ReadRequest { key: key.into() }, || self.local_read(key)).await
     }
 
     // -----------------------------------------------------------------------------------------
@@ -894,7 +963,7 @@ impl Agent {
             return Err(ApiError::Refused("this node is not a member of a cluster".into()));
         }
         let req = LeaveRequest { id: self.id() };
-        self.on_leader(paths::LEAVE, &req, true, || self.local_leave(req.clone())).await?;
+        self.on_leader(paths::LEAVE, &req, || self.local_leave(req.clone())).await?;
         crate::files::write_atomic(&self.left_marker(), b"left\n", 0o600)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         self.request_end(RunEnd::Left);
@@ -981,6 +1050,123 @@ impl Agent {
             }
         }
         None
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Elections (openraft's own election timer is off; see raft_config)
+    // -----------------------------------------------------------------------------------------
+
+    /// Since this node last heard from a leader (or granted a vote), or since the run started.
+    fn leader_silence(&self) -> Duration {
+        self.heard_from_leader.latest().unwrap_or(self.started).max(self.started).elapsed()
+    }
+
+    fn election_timeout(&self) -> Duration {
+        let (lo, hi) = (self.cfg.raft.election_timeout_min_ms, self.cfg.raft.election_timeout_max_ms);
+        Duration::from_millis(rand::thread_rng().gen_range(lo..=hi.max(lo)))
+    }
+
+    /// Answers a candidate's pre-vote (changes nothing here).
+    pub fn answer_pre_vote(&self, req: &crate::api::PreVoteRequest) -> crate::api::PreVoteResponse {
+        let m = self.metrics();
+        let view = membership::PreVoteView {
+            is_leader: Self::is_leader(&m),
+            heard_leader_ago: self.heard_from_leader.latest().map(|t| t.elapsed()),
+            last_log_id: self.last_log_id(),
+        };
+        let lease = Duration::from_millis(self.cfg.raft.election_timeout_min_ms);
+        let verdict = membership::grant_pre_vote(&view, req.last_log_id.as_ref(), lease);
+        if let Err(why) = &verdict {
+            debug!(candidate = %hex_id(req.candidate), "pre-vote refused: {why}");
+        }
+        crate::api::PreVoteResponse { granted: verdict.is_ok(), term: m.current_term, reason: verdict.err() }
+    }
+
+    /// The id of the last entry in this node's log.
+    fn last_log_id(&self) -> Option<crate::raft::LogId> {
+        let m = self.metrics();
+        let index = m.last_log_index?;
+        // The metrics carry the index only; the term is the one of the entry at that index, which
+        // the log holds unless it was purged into the snapshot.
+        self.log.log_id_at(index).or_else(|| m.snapshot.filter(|s| s.index == index))
+    }
+
+    /// Asks the voters for their pre-vote; true when a quorum (this node included) grants it.
+    async fn pre_vote(&self, m: &RaftMetrics) -> bool {
+        let membership = m.membership_config.membership().clone();
+        let configs = membership.get_joint_config().clone();
+        let req =
+            crate::api::PreVoteRequest { candidate: self.id(), term: m.current_term, last_log_id: self.last_log_id() };
+        let mut granted: BTreeSet<NodeId> = [self.id()].into();
+        if membership::is_quorum(&configs, &granted) {
+            return true;
+        }
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
+        let voters: BTreeSet<NodeId> = membership.voter_ids().filter(|v| *v != self.id()).collect();
+        let mut calls: futures::stream::FuturesUnordered<_> = voters
+            .iter()
+            .filter_map(|v| membership.get_node(v).map(|n| (*v, n.addr.clone())))
+            .map(|(v, addr)| {
+                let req = req.clone();
+                async move {
+                    let routed = self.route(v, &addr);
+                    let path = format!("{}/{}", paths::RAFT_PREVOTE, hex_id(v));
+                    (v, self.client.call::<_, crate::api::PreVoteResponse>(&routed, &path, &req, t).await)
+                }
+            })
+            .collect();
+        use futures::StreamExt;
+        let mut refusals = Vec::new();
+        while let Some((v, r)) = calls.next().await {
+            match r {
+                Ok(resp) if resp.granted => {
+                    granted.insert(v);
+                    if membership::is_quorum(&configs, &granted) {
+                        return true;
+                    }
+                }
+                Ok(resp) => refusals.push(format!("{}: {}", hex_id(v), resp.reason.unwrap_or_default())),
+                Err(e) => refusals.push(format!("{}: {e}", hex_id(v))),
+            }
+        }
+        debug!(node_id = %hex_id(self.id()), "pre-vote lost: {}", refusals.join("; "));
+        false
+    }
+
+    /// The election timer: a voter that has heard from no leader for a random election timeout
+    /// asks the others for their pre-vote, and starts an election (openraft raises its term and
+    /// asks for real votes) only when a quorum would grant it. Runs for the whole agent run.
+    pub async fn run_elections(self: Arc<Self>) {
+        let mut end = self.end_signal();
+        let mut timeout = self.election_timeout();
+        let mut last_try: Option<Instant> = None;
+        loop {
+            if end.borrow().is_some() {
+                return;
+            }
+            let m = self.metrics();
+            let voter = m.membership_config.membership().voter_ids().any(|v| v == self.id());
+            let since_try = last_try.map_or(Duration::MAX, |t| t.elapsed());
+            let silence = self.leader_silence().min(since_try);
+            if voter && !Self::is_leader(&m) && m.running_state.is_ok() && silence >= timeout {
+                last_try = Some(Instant::now());
+                timeout = self.election_timeout();
+                if self.pre_vote(&m).await
+                    && self.leader_silence() >= Duration::from_millis(self.cfg.raft.election_timeout_min_ms)
+                {
+                    info!(node_id = %hex_id(self.id()), term = m.current_term + 1, "no leader heard from: pre-vote granted, starting an election");
+                    if let Err(e) = self.raft.trigger().elect().await {
+                        warn!(node_id = %hex_id(self.id()), "cannot start an election: {e}");
+                    }
+                }
+                continue;
+            }
+            let wait = timeout.saturating_sub(silence).clamp(Duration::from_millis(20), Duration::from_millis(200));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = end.changed() => {}
+            }
+        }
     }
 
     fn silent_for(&self, id: NodeId) -> Duration {

@@ -202,6 +202,124 @@ pub enum Command {
         expected: Option<String>,
         new: Option<String>,
     },
+    /// A client's command under its request id: applied once however often it is proposed (a
+    /// forwarded write is sent again when the leader changes while it is in flight, and both
+    /// copies may commit). A repeat answers with the first one's response.
+    Request {
+        id: RequestId,
+        /// The proposer's wall clock, for how long the id is remembered.
+        at_ms: u64,
+        cmd: Box<Command>,
+    },
+}
+
+/// Names one client request across retries: `origin` is random per agent run, `seq` counts the
+/// requests that run received.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId {
+    pub origin: u64,
+    pub seq: u64,
+}
+
+/// The requests applied recently and their responses: the state machine's memory for applying a
+/// request once. Deterministic (it is part of the replicated state): an id is remembered for
+/// [`RequestLog::RETAIN_MS`] of the proposers' clock (the newest `at_ms` applied, so a clock
+/// going back does not shorten it), and at most [`RequestLog::MAX_ENTRIES`] ids and
+/// [`RequestLog::MAX_BYTES`] of responses are kept, the oldest dropped first. A retry of a
+/// forgotten request is applied again; the agent retries only within its forwarding deadline
+/// (seconds).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(from = "Vec<AppliedRequest>", into = "Vec<AppliedRequest>")]
+pub struct RequestLog {
+    order: std::collections::VecDeque<AppliedRequest>,
+    index: BTreeMap<RequestId, usize>,
+    /// Sequence number of `order[0]` (entries are numbered as they are recorded).
+    first: usize,
+    bytes: usize,
+    newest_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedRequest {
+    pub id: RequestId,
+    pub at_ms: u64,
+    pub response: Response,
+}
+
+impl AppliedRequest {
+    fn bytes(&self) -> usize {
+        64 + match &self.response {
+            Response::Kv { previous } => previous.as_ref().map_or(0, String::len),
+            Response::Cas { current, .. } => current.as_ref().map_or(0, String::len),
+            Response::Rejected { reason } => reason.len(),
+            _ => 0,
+        }
+    }
+}
+
+/// Equal when the same requests with the same responses are remembered (the index is derived).
+impl PartialEq for RequestLog {
+    fn eq(&self, other: &RequestLog) -> bool {
+        self.order == other.order
+    }
+}
+
+impl Eq for RequestLog {}
+
+impl From<Vec<AppliedRequest>> for RequestLog {
+    fn from(v: Vec<AppliedRequest>) -> RequestLog {
+        let mut log = RequestLog::default();
+        for r in v {
+            log.record(r.id, r.at_ms, r.response);
+        }
+        log
+    }
+}
+
+impl From<RequestLog> for Vec<AppliedRequest> {
+    fn from(log: RequestLog) -> Vec<AppliedRequest> {
+        log.order.into_iter().collect()
+    }
+}
+
+impl RequestLog {
+    pub const RETAIN_MS: u64 = 120_000;
+    pub const MAX_ENTRIES: usize = 50_000;
+    pub const MAX_BYTES: usize = 8 << 20;
+
+    pub fn get(&self, id: &RequestId) -> Option<&Response> {
+        let seq = *self.index.get(id)?;
+        self.order.get(seq - self.first).map(|r| &r.response)
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn record(&mut self, id: RequestId, at_ms: u64, response: Response) {
+        if self.index.contains_key(&id) {
+            return;
+        }
+        let r = AppliedRequest { id, at_ms, response };
+        self.bytes += r.bytes();
+        self.newest_ms = self.newest_ms.max(at_ms);
+        self.index.insert(id, self.first + self.order.len());
+        self.order.push_back(r);
+        while let Some(old) = self.order.front() {
+            let expired = old.at_ms.saturating_add(Self::RETAIN_MS) < self.newest_ms;
+            if !(expired || self.order.len() > Self::MAX_ENTRIES || self.bytes > Self::MAX_BYTES) {
+                break;
+            }
+            let old = self.order.pop_front().expect("front exists");
+            self.bytes -= old.bytes();
+            self.index.remove(&old.id);
+            self.first += 1;
+        }
+    }
 }
 
 /// The result of applying one command.
@@ -252,6 +370,9 @@ pub struct ClusterState {
     #[serde(default)]
     pub slurm_state: Option<SlurmStateCopy>,
     pub kv: BTreeMap<String, KvEntry>,
+    /// Client requests applied recently (see [`RequestLog`]).
+    #[serde(default)]
+    pub requests: RequestLog,
 }
 
 /// Checks a KV key and value against the limits; the error says what is wrong.
@@ -285,6 +406,7 @@ impl ClusterState {
             secrets: self.secrets.clone(),
             slurm_state: None,
             kv: BTreeMap::new(),
+            requests: RequestLog::default(),
         }
     }
 
@@ -456,6 +578,17 @@ impl ClusterState {
                 }
                 Response::Cas { succeeded: true, current: new.clone() }
             }
+            Command::Request { id, at_ms, cmd } => {
+                if let Some(first) = self.requests.get(id) {
+                    return first.clone();
+                }
+                if matches!(**cmd, Command::Request { .. }) {
+                    return Response::Rejected { reason: "a request cannot contain another request".into() };
+                }
+                let response = self.apply(index, cmd);
+                self.requests.record(*id, *at_ms, response.clone());
+                response
+            }
         }
     }
 }
@@ -479,6 +612,56 @@ mod tests {
         let mut s = ClusterState::default();
         s.apply_membership(voters.iter().copied().collect(), learners.iter().copied().collect());
         s
+    }
+
+    fn request(seq: u64, at_ms: u64, cmd: Command) -> Command {
+        Command::Request { id: RequestId { origin: 7, seq }, at_ms, cmd: Box::new(cmd) }
+    }
+
+    #[test]
+    fn a_request_is_applied_once_however_often_it_commits() {
+        let mut s = ClusterState::default();
+        let cas = request(1, 1000, Command::KvCas { key: "k".into(), expected: None, new: Some("a".into()) });
+        assert_eq!(s.apply(1, &cas), Response::Cas { succeeded: true, current: Some("a".into()) });
+        // The same request committed again (a forwarded write resent to a new leader) answers
+        // as the first did and changes nothing; without the id it would report a failed CAS.
+        assert_eq!(s.apply(2, &cas), Response::Cas { succeeded: true, current: Some("a".into()) });
+        assert_eq!(s.kv["k"].mod_index, 1);
+        let put = request(2, 1001, Command::KvPut { key: "k".into(), value: "b".into() });
+        assert_eq!(s.apply(3, &put), Response::Kv { previous: Some("a".into()) });
+        assert_eq!(s.apply(4, &put), Response::Kv { previous: Some("a".into()) });
+        assert_eq!(s.kv["k"].value, "b");
+        let nested = request(3, 1002, request(4, 1002, Command::KvDelete { key: "k".into() }));
+        assert!(matches!(s.apply(5, &nested), Response::Rejected { .. }));
+        assert_eq!(s.kv["k"].value, "b");
+    }
+
+    #[test]
+    fn request_ids_are_forgotten_by_age_count_and_size_deterministically() {
+        let mut s = ClusterState::default();
+        let put = |seq, at| request(seq, at, Command::KvPut { key: format!("k{seq}"), value: "v".into() });
+        s.apply(1, &put(1, 1_000));
+        s.apply(2, &put(2, 1_000 + RequestLog::RETAIN_MS));
+        assert_eq!(s.requests.len(), 2, "exactly RETAIN_MS old: still remembered");
+        s.apply(3, &put(3, 1_001 + RequestLog::RETAIN_MS));
+        assert_eq!(s.requests.len(), 2);
+        assert!(s.requests.get(&RequestId { origin: 7, seq: 1 }).is_none());
+        // A clock that goes back does not make the others expire early.
+        s.apply(4, &put(4, 5));
+        assert_eq!(s.requests.len(), 3);
+        // Large responses: bounded by bytes.
+        let big = "x".repeat(1 << 20);
+        for seq in 10..30 {
+            s.apply(seq, &request(seq, 200_000, Command::KvPut { key: "big".into(), value: big.clone() }));
+        }
+        assert!(s.requests.bytes <= RequestLog::MAX_BYTES);
+        // The snapshot form round-trips, index included.
+        let back: ClusterState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert!(back == s, "the state differs after a round trip through its snapshot form");
+        assert_eq!(
+            back.requests.get(&RequestId { origin: 7, seq: 29 }),
+            s.requests.get(&RequestId { origin: 7, seq: 29 })
+        );
     }
 
     #[test]

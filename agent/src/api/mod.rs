@@ -21,6 +21,7 @@ pub mod paths {
     pub const RAFT_APPEND: &str = "/peer/v1/raft/append";
     pub const RAFT_VOTE: &str = "/peer/v1/raft/vote";
     pub const RAFT_SNAPSHOT: &str = "/peer/v1/raft/snapshot";
+    pub const RAFT_PREVOTE: &str = "/peer/v1/raft/prevote";
     pub const HELLO: &str = "/peer/v1/hello";
     pub const JOIN: &str = "/peer/v1/join";
     pub const WRITE: &str = "/peer/v1/write";
@@ -52,6 +53,27 @@ pub struct SnapshotRequest {
     pub meta: SnapshotMeta,
     /// JSON of the state machine.
     pub data: String,
+}
+
+/// Pre-vote: "would you vote for me if I started an election now?" Answering changes nothing on
+/// the responder; a node starts a real election (and raises its term) only after a quorum said
+/// yes, so a node that cannot reach a quorum, or that a healthy leader still reaches, never
+/// disturbs the cluster.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct PreVoteRequest {
+    pub candidate: NodeId,
+    /// The candidate's current term (it would campaign in the next one).
+    pub term: u64,
+    pub last_log_id: Option<crate::raft::LogId>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PreVoteResponse {
+    pub granted: bool,
+    /// The responder's current term.
+    pub term: u64,
+    /// Why not, when not granted.
+    pub reason: Option<String>,
 }
 
 /// What a node says about itself during discovery.
@@ -164,6 +186,18 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The error a peer answered with (its kind and message), as this node's own: "not the
+    /// leader" and "no leader" both mean "ask the leader again".
+    pub fn from_remote(kind: &str, message: String) -> ApiError {
+        match kind {
+            "not_leader" | "no_leader" => ApiError::NoLeader(message),
+            "bad_request" => ApiError::BadRequest(message),
+            "refused" => ApiError::Refused(message),
+            "timeout" => ApiError::Timeout(message),
+            _ => ApiError::Internal(message),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             ApiError::NotLeader { .. } => "not_leader",

@@ -18,8 +18,8 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotRespon
 use tracing::warn;
 
 use super::{
-    ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, ReadRequest, ReadResponse,
-    SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
+    ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PreVoteRequest,
+    PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
 };
 use crate::auth::{AuthError, ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, RequestAuth};
 use crate::raft::{Snapshot, TypeConfig};
@@ -112,7 +112,24 @@ async fn vote(
     Json(req): Json<VoteRequest<NodeId>>,
 ) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     check_target(&a, &target)?;
-    Ok(Json(a.raft.vote(req).await))
+    let candidate = req.vote.leader_id().voted_for();
+    let resp = a.raft.vote(req).await;
+    // A vote granted resets this node's election timer, as a leader's heartbeat does.
+    if let (Ok(r), Some(c)) = (&resp, candidate)
+        && r.vote_granted
+    {
+        a.heard_from_leader.record(c);
+    }
+    Ok(Json(resp))
+}
+
+async fn prevote(
+    State(a): Shared,
+    Path(target): Path<String>,
+    Json(req): Json<PreVoteRequest>,
+) -> Result<Json<PreVoteResponse>, ApiError> {
+    check_target(&a, &target)?;
+    Ok(Json(a.answer_pre_vote(&req)))
 }
 
 async fn snapshot(
@@ -131,7 +148,7 @@ async fn hello(State(a): Shared, Json(req): Json<HelloRequest>) -> Json<HelloRes
 
 async fn join(State(a): Shared, Json(req): Json<JoinRequest>) -> Result<Json<JoinResponse>, ApiError> {
     // Forwarded to the leader, so the joining node may ask any member.
-    let r = a.on_leader(paths::JOIN, &req, true, || a.local_join(req.clone())).await?;
+    let r = a.on_leader(paths::JOIN, &req, || a.local_join(req.clone())).await?;
     Ok(Json(r))
 }
 
@@ -165,6 +182,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(&format!("{}/{{target}}", paths::RAFT_APPEND), post(append))
         .route(&format!("{}/{{target}}", paths::RAFT_VOTE), post(vote))
         .route(&format!("{}/{{target}}", paths::RAFT_SNAPSHOT), post(snapshot))
+        .route(&format!("{}/{{target}}", paths::RAFT_PREVOTE), post(prevote))
         .route(paths::HELLO, post(hello))
         .route(paths::JOIN, post(join))
         .route(paths::LEAVE, post(leave))

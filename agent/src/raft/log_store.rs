@@ -62,6 +62,14 @@ impl LogStore {
         self.committed.load(Ordering::Relaxed).checked_sub(1)
     }
 
+    /// The id of the entry at `index`, if the log holds it.
+    pub fn log_id_at(&self, index: u64) -> Option<LogId> {
+        let txn = self.db.begin_read().ok()?;
+        let table = txn.open_table(LOGS).ok()?;
+        let v = table.get(index).ok()??;
+        serde_json::from_slice::<Entry>(v.value()).ok().map(|e| e.log_id)
+    }
+
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageIOError<u64>> {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(META).map_err(read_err)?;

@@ -36,6 +36,11 @@ impl ContactTracker {
     pub fn last(&self, id: NodeId) -> Option<Instant> {
         self.inner.lock().expect("contact lock").get(&id).copied()
     }
+
+    /// The most recent contact with any peer.
+    pub fn latest(&self) -> Option<Instant> {
+        self.inner.lock().expect("contact lock").values().max().copied()
+    }
 }
 
 #[derive(Clone)]
