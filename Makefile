@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all deps build release image cluster down test test-host e2e check fmt bench
+.PHONY: all deps build release image cluster down test test-host faults faults-short e2e check fmt bench
 
 all: build
 
@@ -25,13 +25,27 @@ cluster: image
 down:
 	qemu/cluster down
 
-# Every test: unit and host cluster tests, then the VM end-to-end suite (in that order, also under -j).
+# Every test: unit and host cluster tests, the short fault suite, then the VM end-to-end suite (in
+# that order, also under -j).
 test:
 	$(MAKE) test-host
+	$(MAKE) faults-short
 	$(MAKE) e2e
 
 test-host:
 	$(CARGO) test --workspace
+
+# The fault-injection suite (root, nftables): release agents in network namespaces, 3- and 5-node
+# clusters at once, clients on every node, FAULTS_ROUNDS rounds of every fault kind, histories
+# checked for linearizability and lost writes; prints a report per cluster. Files of a failed run
+# stay in target/faults/n3 and target/faults/n5. FAULTS_SEED, FAULTS_KINDS: see tests/src/faults/mod.rs.
+FAULTS_ROUNDS ?= 20
+faults: deps release
+	FAULTS_ROUNDS=$(FAULTS_ROUNDS) $(CARGO) test --release -p clusteros-e2e --features faults --test faults -- --nocapture
+
+# The bounded version that .ci/run runs: 2 rounds of every fault kind.
+faults-short:
+	$(MAKE) faults FAULTS_ROUNDS=2
 
 # The VM end-to-end suites (tests/tests/*.rs, root; e2e.rs alone takes 3-5 minutes under TCG): build the agent and the image,
 # boot VMs and check them from inside. A failed test leaves its logs in target/e2e-logs/<test>/.
@@ -49,7 +63,7 @@ e2e: image
 check:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) clippy -p clusteros-e2e --features e2e --all-targets -- -D warnings
+	$(CARGO) clippy -p clusteros-e2e --features e2e,faults --all-targets -- -D warnings
 	$(CARGO) test --workspace
 
 fmt:

@@ -340,13 +340,16 @@ impl LogLimiter {
     }
 }
 
+/// How often the agent looks again at a state directory that cannot be used.
+const STORAGE_RETRY: Duration = Duration::from_secs(2);
+
 /// How much the state directory must take before Raft starts on it.
 const STATE_PROBE_BYTES: usize = 1 << 20;
 
 /// The `status` problem for a state directory that cannot be used.
 fn storage_problem(cfg: &Config, error: &str) -> String {
     format!(
-        "the state directory {} cannot be used ({error}): free space or make it writable; the agent tries again every 5 s and nothing the cluster acknowledged is lost",
+        "the state directory {} cannot be used ({error}): free space or make it writable; the agent tries again every 2 s and nothing the cluster acknowledged is lost",
         cfg.state_dir.display()
     )
 }
@@ -373,7 +376,8 @@ async fn raft_fatal(agent: &Agent) -> String {
     }
 }
 
-/// Serves `problem` in `status` (and the metrics) for 5 s. Returns false on a shutdown signal.
+/// Serves `problem` in `status` (and the metrics) for [`STORAGE_RETRY`]. Returns false on a
+/// shutdown signal.
 async fn wait_with_problem(
     cfg: &Config,
     name: &str,
@@ -393,7 +397,7 @@ async fn wait_with_problem(
     let until = async {
         tokio::select! {
             _ = signal.as_mut() => stopped = true,
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = tokio::time::sleep(STORAGE_RETRY) => {}
         }
     };
     let served = serve_problems_quietly(&cfg.socket_path, name.to_string(), vec![problem], until).await;

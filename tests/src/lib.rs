@@ -14,6 +14,7 @@
 //! The tests themselves (`tests/e2e.rs`) need the `e2e` feature, root and a built image.
 
 pub mod cluster;
+pub mod faults;
 pub mod image;
 pub mod netns;
 pub mod qga;
