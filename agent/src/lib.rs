@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod files;
 pub mod identity;
+pub mod logging;
 pub mod membership;
 pub mod mesh;
 pub mod metrics;

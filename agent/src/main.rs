@@ -2,23 +2,25 @@ use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches};
 use clusteros::cli::{Cli, Command};
+use clusteros::logging::{DEPENDENCY_WINDOW, RateLimitDependencies};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 /// Logs go to the journal (with structured fields) when stderr is connected to it, else to stderr.
+/// openraft's WARN and ERROR lines are rate-limited per source line (see `clusteros::logging`).
 fn init_logging() {
     let filter = EnvFilter::try_from_env("CLUSTEROS_LOG").unwrap_or_else(|_| EnvFilter::new("info,openraft=warn"));
+    let limit = || RateLimitDependencies::new(DEPENDENCY_WINDOW);
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     if journal && let Ok(layer) = tracing_journald::layer() {
         let layer = layer.with_field_prefix(None).with_syslog_identifier("clusteros".into());
-        tracing_subscriber::registry().with(filter).with(layer).init();
+        tracing_subscriber::registry().with(filter).with(layer.with_filter(limit())).init();
         return;
     }
-    tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
-        .init();
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    tracing_subscriber::registry().with(filter).with(layer.with_filter(limit())).init();
 }
 
 fn main() -> ExitCode {

@@ -104,6 +104,12 @@ pub fn render(r: &StatusReport, refused: u64, now_ms: u64) -> String {
         o.gauge("clusteros_raft_learners", "Learners in the Raft membership.", &[], raft.learners.len() as f64);
         for rep in &raft.replication {
             let peer = rep.name.clone().unwrap_or_else(|| rep.id.clone());
+            o.gauge(
+                "clusteros_raft_follower_reachable",
+                "1 when the follower answered the leader within the shortest election timeout (leader only).",
+                &[("peer", &peer)],
+                flag(rep.reachable),
+            );
             if let Some(lag) = rep.lag {
                 o.gauge(
                     "clusteros_raft_replication_lag_entries",

@@ -1169,6 +1169,28 @@ impl Agent {
         }
     }
 
+    /// On the leader: since its last successful Raft RPC with `id` in its current term.
+    pub fn leader_contact_age(&self, id: NodeId) -> Option<Duration> {
+        let since = self.leader.lock().expect("leader lock").as_ref().map(|l| l.since)?;
+        Some(self.contacts.last(id).map_or(since, |t| t.max(since)).elapsed())
+    }
+
+    /// On the leader: the followers (voters and learners) it has not reached for the shortest
+    /// election timeout. Reported as state (status, metrics) and logged once per change, not per
+    /// failed RPC.
+    pub fn unreachable_followers(&self, m: &RaftMetrics) -> BTreeSet<NodeId> {
+        if !Self::is_leader(m) {
+            return BTreeSet::new();
+        }
+        let limit = Duration::from_millis(self.cfg.raft.election_timeout_min_ms);
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, _)| *id)
+            .filter(|id| *id != self.id() && self.leader_contact_age(*id).is_some_and(|age| age >= limit))
+            .collect()
+    }
+
     fn silent_for(&self, id: NodeId) -> Duration {
         let since = self.leader.lock().expect("leader lock").as_ref().map(|l| l.since);
         let last = match (self.contacts.last(id), since) {
@@ -1183,6 +1205,7 @@ impl Agent {
     pub async fn run_leader(self: Arc<Self>) {
         let mut end = self.end_signal();
         let tick = Duration::from_millis(500);
+        let mut unreachable: BTreeSet<NodeId> = BTreeSet::new();
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -1194,6 +1217,7 @@ impl Agent {
             let m = self.metrics();
             if !Self::is_leader(&m) {
                 *self.leader.lock().expect("leader lock") = None;
+                unreachable.clear();
                 continue;
             }
             {
@@ -1203,6 +1227,18 @@ impl Agent {
                     *l = Some(LeaderState { term: m.current_term, since: Instant::now(), transport_probe: None });
                 }
             }
+            let now_unreachable = self.unreachable_followers(&m);
+            let name = |id: &NodeId| {
+                self.state.read(|d| d.state.members.get(id).map(|r| r.spec.name.clone())).unwrap_or_else(|| hex_id(*id))
+            };
+            for id in now_unreachable.difference(&unreachable) {
+                let voters = m.membership_config.membership().voter_ids().count();
+                warn!(node_id = %hex_id(self.id()), peer = %hex_id(*id), "follower {} is unreachable: the leader goes on with the others while a quorum of the {voters} voters answers", name(id));
+            }
+            for id in unreachable.difference(&now_unreachable) {
+                info!(node_id = %hex_id(self.id()), peer = %hex_id(*id), "follower {} answers again", name(id));
+            }
+            unreachable = now_unreachable;
             if let Err(e) = self.leader_tick(&m).await {
                 debug!("leader tick: {e}");
             }

@@ -23,6 +23,16 @@ pub struct ReplicationReport {
     pub matched_index: Option<u64>,
     /// Entries the follower is behind the leader's log.
     pub lag: Option<u64>,
+    /// Since the leader's last successful Raft RPC with it (ms); None: none in this term.
+    #[serde(default)]
+    pub last_contact_ms: Option<u64>,
+    /// It answered within the shortest election timeout (see [`Agent::unreachable_followers`]).
+    #[serde(default = "yes")]
+    pub reachable: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -155,6 +165,7 @@ pub fn report(agent: &Agent) -> StatusReport {
     let voters: Vec<u64> = membership.voter_ids().collect();
     let learners: Vec<u64> = membership.learner_ids().collect();
     let last = m.last_log_index;
+    let unreachable = agent.unreachable_followers(&m);
     let replication = m
         .replication
         .as_ref()
@@ -166,6 +177,8 @@ pub fn report(agent: &Agent) -> StatusReport {
                     name: name_of(*id),
                     matched_index: l.map(|l| l.index),
                     lag: last.map(|last| last.saturating_sub(l.map_or(0, |l| l.index))),
+                    last_contact_ms: agent.leader_contact_age(*id).map(|d| d.as_millis() as u64),
+                    reachable: !unreachable.contains(id),
                 })
                 .collect()
         })
@@ -396,11 +409,16 @@ pub fn render_raft(r: &StatusReport) -> String {
         for rep in &raft.replication {
             let _ = writeln!(
                 out,
-                "  {:<16} {:<16} matched {:>8} lag {:>6}",
+                "  {:<16} {:<16} matched {:>8} lag {:>6}{}",
                 rep.name.clone().unwrap_or_default(),
                 rep.id,
                 opt(&rep.matched_index),
-                opt(&rep.lag)
+                opt(&rep.lag),
+                if rep.reachable {
+                    String::new()
+                } else {
+                    format!("  UNREACHABLE (last contact {} ms ago)", opt(&rep.last_contact_ms))
+                }
             );
         }
     }

@@ -556,6 +556,46 @@ async fn wait_rejoined(c: &Cluster, n: usize, old_id: &str, what: &str) -> clust
     .await
 }
 
+/// With one voter down, the leader reports it once, as state (status marks it unreachable, the
+/// metric is 0, one log line), and linearizable reads do not log an ERROR each (they used to:
+/// openraft's "timeout while confirming leadership", 877 lines on one node in 90 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_voter_is_reported_once_not_per_read() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let down = (leader + 1) % 3;
+    let down_id = c.status(down).await.unwrap().node.id.unwrap();
+    c.nodes[leader].client().kv_put("k", "v").await.unwrap();
+    c.kill(down);
+    let rep = wait_until(FORM, "the leader's status to mark the stopped voter unreachable", || async {
+        let s = c.status(leader).await.ok()?;
+        s.raft?.replication.into_iter().find(|r| r.id == down_id && !r.reachable)
+    })
+    .await;
+    assert!(rep.last_contact_ms.is_some(), "{rep:?}");
+    let metrics = c.nodes[leader].metrics().await.unwrap();
+    assert!(metrics.contains("clusteros_raft_follower_reachable{peer=\"node"), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("clusteros_raft_follower_reachable") && l.ends_with(" 0")),
+        "{metrics}"
+    );
+    for _ in 0..200 {
+        let r = c.nodes[leader].client().kv_get("k", false).await.unwrap();
+        assert_eq!(r.entry.unwrap().value, "v");
+    }
+    let log = c.nodes[leader].log();
+    let per_read = log.matches("confirming leadership").count();
+    assert!(per_read <= 1, "{per_read} lines about confirming leadership for 200 reads");
+    assert_eq!(log.matches("is unreachable: the leader goes on with the others").count(), 1, "reported once");
+    c.start(down);
+    wait_until(FORM, "the leader to say the voter answers again", || async {
+        c.nodes[leader].log().contains("answers again").then_some(())
+    })
+    .await;
+}
+
 /// Before the cluster forms, a write says what the node is waiting for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_before_formation_says_what_is_missing() {
