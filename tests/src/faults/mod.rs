@@ -235,7 +235,12 @@ async fn run_in(cfg: &Config, lan: Arc<Lan>, agents: Arc<Agents>) -> Result<Outc
     let started = Instant::now();
     let verdicts = checker::check(&ops);
     println!("faults: {}: checked {} operations in {:.1} s", cfg.name, ops.len(), started.elapsed().as_secs_f64());
-    let exits: Vec<String> = agents.nodes.iter().flat_map(|n| n.exits()).collect();
+    let exits: Vec<(u64, String)> = agents
+        .nodes
+        .iter()
+        .flat_map(|n| n.exits())
+        .map(|(at, what)| (at.saturating_duration_since(rec.start()).as_nanos() as u64, what))
+        .collect();
     let node_of = |p: usize| if p == usize::MAX { 0 } else { p / per };
     let report = report::build(
         cfg.nodes,

@@ -79,6 +79,13 @@ impl FaultKind {
     }
 }
 
+impl FaultKind {
+    /// Faults healed by starting agents again (the heal is a restart, not a network repair).
+    pub fn restarts(self) -> bool {
+        matches!(self, FaultKind::KillLeader | FaultKind::KillRandom | FaultKind::RestartAll | FaultKind::ReadOnly)
+    }
+}
+
 impl fmt::Display for FaultKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -321,7 +328,7 @@ impl Nemesis {
                 }
             );
             events.push(ev);
-            let quiet = ms(&mut self.rng, 500, 1000);
+            let quiet = ms(&mut self.rng, 300, 800);
             tokio::time::sleep(quiet).await;
         }
         Ok(events)

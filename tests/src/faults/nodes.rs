@@ -50,8 +50,8 @@ pub struct Node {
     paused: AtomicBool,
     /// Agent starts so far.
     pub starts: AtomicU32,
-    /// Exits the nemesis did not cause (status and time), for the report.
-    exits: Mutex<Vec<String>>,
+    /// Exits the nemesis did not cause: when, and what.
+    exits: Mutex<Vec<(Instant, String)>>,
     last_exit: Mutex<Option<Instant>>,
     bin: PathBuf,
 }
@@ -81,7 +81,7 @@ impl Node {
         self.paused.load(Ordering::SeqCst)
     }
 
-    pub fn exits(&self) -> Vec<String> {
+    pub fn exits(&self) -> Vec<(Instant, String)> {
         self.exits.lock().expect("exits lock").clone()
     }
 
@@ -166,7 +166,7 @@ impl Node {
         {
             *slot = None;
             *self.last_exit.lock().expect("exit lock") = Some(Instant::now());
-            self.exits.lock().expect("exits lock").push(format!("{} exited: {status}", self.name));
+            self.exits.lock().expect("exits lock").push((Instant::now(), format!("{} exited: {status}", self.name)));
         }
         drop(slot);
         let due = self.last_exit.lock().expect("exit lock").is_none_or(|t| t.elapsed() >= RESTART_DELAY);

@@ -53,6 +53,9 @@ pub struct KindStats {
     pub all_nodes_write_ms: Vec<u64>,
     /// Longest gap between successful writes from just before the heal to 3 s after it (ms).
     pub heal_gap_ms: Vec<u64>,
+    /// From the restart (kill kinds, read-only) to the first successful write started after it
+    /// (ms), per round.
+    pub after_restart_ms: Vec<u64>,
     /// From the heal until the cluster was whole again (ms), per round.
     pub recovered_ms: Vec<u64>,
     /// Rounds after which the cluster was not whole again within the limit.
@@ -77,8 +80,10 @@ pub struct Report {
     pub longest_write_gap_ms: u64,
     pub longest_write_gap_at_s: f64,
     pub kinds: BTreeMap<FaultKind, KindStats>,
-    /// Agent exits the nemesis did not cause (disk full, read-only...).
-    pub agent_exits: Vec<String>,
+    /// Agents that exited by themselves while their disk was full or read-only (they should:
+    /// systemd starts them again), and at any other time (they should not).
+    pub expected_exits: usize,
+    pub unexpected_exits: Vec<String>,
 }
 
 /// A successful write: time of completion, node (process's node) and invocation.
@@ -135,7 +140,7 @@ pub fn build(
     events: &[FaultEvent],
     node_of: &dyn Fn(usize) -> usize,
     workload: (u64, u64),
-    agent_exits: Vec<String>,
+    agent_exits: Vec<(u64, String)>,
 ) -> Report {
     let mut register = Counts::default();
     let mut quiet = Counts::default();
@@ -171,6 +176,19 @@ pub fn build(
     let lost_writes: Vec<String> = acked.iter().filter(|k| !present.contains(**k)).map(|k| (*k).clone()).collect();
     let unknown_set_adds_present = sets.iter().filter(|s| s.outcome == "unknown" && present.contains(&s.key)).count();
 
+    // A storage fault makes its node's agent exit (until the node is whole again).
+    let storage_fault = |t: u64| {
+        events.iter().any(|e| {
+            matches!(e.kind, FaultKind::DiskFull | FaultKind::ReadOnly)
+                && t >= e.inject
+                && t <= e.heal + e.recovered_ms.unwrap_or(60_000) * 1_000_000
+        })
+    };
+    let unexpected_exits: Vec<String> = agent_exits
+        .iter()
+        .filter(|(t, _)| !storage_fault(*t))
+        .map(|(t, what)| format!("{what} at {:.1} s", *t as f64 / 1e9))
+        .collect();
     let w = writes(ops, sets, node_of);
     // Every write attempt: (invoke, node).
     let mut tries: Vec<(u64, usize)> = ops
@@ -222,7 +240,13 @@ pub fn build(
         let prev = w.iter().map(|x| x.complete).filter(|c| *c <= e.heal).max().unwrap_or(0);
         let from = prev.max(e.heal.saturating_sub(1_000_000_000));
         let (g, _) = longest_gap(&w, from, (e.heal + 3_000_000_000).min(next.max(e.heal)));
-        k.heal_gap_ms.push(g / 1_000_000);
+        if e.kind.restarts() {
+            if let Some(first) = w.iter().filter(|x| x.invoke >= e.heal).map(|x| x.complete).min() {
+                k.after_restart_ms.push((first - e.heal) / 1_000_000);
+            }
+        } else {
+            k.heal_gap_ms.push(g / 1_000_000);
+        }
         match e.recovered_ms {
             Some(ms) => k.recovered_ms.push(ms),
             None => k.not_recovered += 1,
@@ -244,7 +268,8 @@ pub fn build(
         longest_write_gap_ms: gap / 1_000_000,
         longest_write_gap_at_s: gap_at as f64 / 1e9,
         kinds,
-        agent_exits,
+        expected_exits: agent_exits.len() - unexpected_exits.len(),
+        unexpected_exits,
     }
 }
 
@@ -267,12 +292,14 @@ fn max(v: &[u64]) -> String {
 
 impl Report {
     /// Whether the run found nothing wrong: every key linearizable (none inconclusive), no lost
-    /// write, and the cluster whole again after every fault.
+    /// write, the cluster whole again after every fault, and no agent exit outside a storage
+    /// fault.
     pub fn passed(&self) -> bool {
         self.violations.is_empty()
             && self.inconclusive.is_empty()
             && self.lost_writes.is_empty()
             && self.kinds.values().all(|k| k.not_recovered == 0)
+            && self.unexpected_exits.is_empty()
     }
 }
 
@@ -313,25 +340,33 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "  {:<14} {:>6} {:>13} {:>14} {:>14} {:>14} {:>15}",
-            "fault", "rounds", "ok during", "1st write ms", "every node ms", "heal gap ms", "whole again ms"
+            "  {:<14} {:>6} {:>13} {:>14} {:>14} {:>14} {:>14} {:>15}",
+            "fault",
+            "rounds",
+            "ok during",
+            "1st write ms",
+            "every node ms",
+            "heal gap ms",
+            "restart->write",
+            "whole again ms"
         )?;
         writeln!(
             f,
-            "  {:<14} {:>6} {:>13} {:>14} {:>14} {:>14} {:>15}",
-            "", "", "ok/all", "p50/max", "p50/max", "p50/max", "p50/max"
+            "  {:<14} {:>6} {:>13} {:>14} {:>14} {:>14} {:>14} {:>15}",
+            "", "", "ok/all", "p50/max", "p50/max", "p50/max", "ms p50/max", "p50/max"
         )?;
         for (k, s) in &self.kinds {
             let whole = format!("{}/{}", median(&s.recovered_ms), max(&s.recovered_ms));
             writeln!(
                 f,
-                "  {:<14} {:>6} {:>13} {:>14} {:>14} {:>14} {:>15}",
+                "  {:<14} {:>6} {:>13} {:>14} {:>14} {:>14} {:>14} {:>15}",
                 k.name(),
                 s.rounds,
                 format!("{}/{}", s.during.ok, s.during.total()),
                 format!("{}/{}", median(&s.first_write_ms), max(&s.first_write_ms)),
                 format!("{}/{}", median(&s.all_nodes_write_ms), max(&s.all_nodes_write_ms)),
                 format!("{}/{}", median(&s.heal_gap_ms), max(&s.heal_gap_ms)),
+                format!("{}/{}", median(&s.after_restart_ms), max(&s.after_restart_ms)),
                 if s.not_recovered > 0 { format!("{whole} ({} NOT)", s.not_recovered) } else { whole },
             )?;
         }
@@ -344,8 +379,13 @@ impl fmt::Display for Report {
         if !self.lost_writes.is_empty() {
             writeln!(f, "  LOST acknowledged set adds: {}", self.lost_writes.join(", "))?;
         }
-        if !self.agent_exits.is_empty() {
-            writeln!(f, "  agent exits not caused by the nemesis: {}", self.agent_exits.len())?;
+        writeln!(
+            f,
+            "  agents that exited on a full or read-only disk (and were started again): {}",
+            self.expected_exits
+        )?;
+        for e in &self.unexpected_exits {
+            writeln!(f, "  UNEXPECTED EXIT {e}")?;
         }
         Ok(())
     }
