@@ -256,6 +256,12 @@ async fn run_kv(client: &LocalClient, kv: KvCommand, json: bool) -> Result<ExitC
                 }
                 ExitCode::FAILURE
             }
+            Response::AlreadyApplied => {
+                if !json {
+                    println!("OK (applied once, by an earlier copy of this request; read the value back to see it)");
+                }
+                ExitCode::SUCCESS
+            }
             _ => {
                 if !json {
                     println!("OK");

@@ -187,8 +187,8 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         // disk is reported in `status` (and the metrics) and retried, not met halfway through a
         // log append.
         let agent = loop {
-            let problem = match crate::files::probe_writable(&cfg.state_dir, STATE_PROBE_BYTES) {
-                Err(e) => storage_problem(&cfg, &e.to_string()),
+            let problem = match probe_state_dir(&cfg.state_dir).await {
+                Err(e) => storage_problem(&cfg, &e),
                 Ok(()) => {
                     let opened = match Identity::load_or_create(&cfg.state_dir, &name) {
                         Ok(identity) => Agent::open(cfg.clone(), identity, &secret, extra_join.clone())
@@ -346,10 +346,33 @@ const STORAGE_RETRY: Duration = Duration::from_secs(2);
 /// How much the state directory must take before Raft starts on it.
 const STATE_PROBE_BYTES: usize = 1 << 20;
 
+/// How long the storage probe may take before the disk counts as hung.
+const STATE_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Removes what a crash left behind in the state directory, then checks that it takes a synced
+/// write (off the async threads, bounded: a hung disk is reported, not waited for).
+async fn probe_state_dir(dir: &Path) -> Result<(), String> {
+    let dir = dir.to_owned();
+    let probe = tokio::task::spawn_blocking(move || {
+        crate::files::remove_leftovers(&dir);
+        crate::files::remove_leftovers(&dir.join(crate::runtime::RAFT_DIR));
+        crate::files::probe_writable(&dir, STATE_PROBE_BYTES)
+    });
+    match tokio::time::timeout(STATE_PROBE_TIMEOUT, probe).await {
+        Ok(Ok(r)) => r.map_err(|e| e.to_string()),
+        Ok(Err(e)) => Err(format!("the storage check failed: {e}")),
+        Err(_) => {
+            Err(format!("a 1 MiB write did not finish within {} s (the disk hangs)", STATE_PROBE_TIMEOUT.as_secs()))
+        }
+    }
+}
+
 /// The `status` problem for a state directory that cannot be used.
 fn storage_problem(cfg: &Config, error: &str) -> String {
+    // A corrupt file says itself what to do; a full or read-only disk needs space or a remount.
+    let fix = if error.contains("corrupt") { "do what it says" } else { "free space or make it writable" };
     format!(
-        "the state directory {} cannot be used ({error}): free space or make it writable; the agent tries again every 2 s and nothing the cluster acknowledged is lost",
+        "the state directory {} cannot be used ({error}): {fix}; the agent tries again every 2 s and nothing the cluster acknowledged is lost",
         cfg.state_dir.display()
     )
 }

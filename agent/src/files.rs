@@ -24,25 +24,68 @@ fn hint(e: &std::io::Error) -> &'static str {
 
 /// Atomically replaces `path` with `data`, created with permission bits `mode`.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), WriteError> {
+    stage(path, data, mode)?.commit()
+}
+
+/// A file written and synced under a temporary name beside its target, not in place yet: commit
+/// it, or drop it to remove it. (Writing is the slow part; a caller that must decide under a lock
+/// whether the file goes in place stages it first and commits under the lock.)
+#[derive(Debug)]
+pub struct Staged {
+    tmp: PathBuf,
+    path: PathBuf,
+    done: bool,
+}
+
+/// Writes `data` to a temporary file beside `path` (a name no other writer uses, created
+/// exclusively so that nothing already there is followed or reused), with mode `mode`, synced.
+pub fn stage(path: &Path, data: &[u8], mode: u32) -> Result<Staged, WriteError> {
     let err = |source| WriteError { path: path.to_owned(), source };
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let file_name = path.file_name().ok_or_else(|| err(std::io::Error::other("path has no file name")))?;
-    // A name no other writer uses (concurrent writers of one path each get their own), created
-    // exclusively so that nothing already there is followed or reused.
     let tmp = dir.join(format!(".{}.tmp-{:016x}", file_name.to_string_lossy(), rand::random::<u64>()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
+    let staged = Staged { tmp, path: path.to_owned(), done: false };
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&staged.tmp).map_err(err)?;
+    (|| {
         // The mode given to open() is filtered by the umask; set it exactly.
         f.set_permissions(std::fs::Permissions::from_mode(mode))?;
         f.write_all(data)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        f.sync_all()
+    })()
+    .map_err(err)?;
+    Ok(staged)
+}
+
+impl Staged {
+    /// Renames the file over its target and syncs the directory.
+    pub fn commit(mut self) -> Result<(), WriteError> {
+        let err = |source| WriteError { path: self.path.clone(), source };
+        std::fs::rename(&self.tmp, &self.path).map_err(err)?;
+        self.done = true;
+        let dir = self.path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
     }
-    result.map_err(err)
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Removes temporary files that [`stage`] and [`probe_writable`] leave behind when the process
+/// dies between writing and renaming (they take space, exactly when a disk is full).
+pub fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".space-probe-") || (name.starts_with('.') && name.contains(".tmp-")) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Checks that `dir` takes writes: creates a probe file, writes `bytes` bytes, syncs it and
@@ -116,6 +159,21 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let e = probe_writable(&dir.path().join("missing"), 10).unwrap_err();
         assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_dropped_stage_leaves_nothing_and_leftovers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        drop(stage(&p, b"x", 0o600).unwrap());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // What a crash between write and rename leaves:
+        std::mem::forget(stage(&p, b"x", 0o600).unwrap());
+        std::fs::write(dir.path().join(".space-probe-00ff"), b"").unwrap();
+        std::fs::write(dir.path().join("kept"), b"").unwrap();
+        remove_leftovers(dir.path());
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("kept")]);
     }
 
     #[test]

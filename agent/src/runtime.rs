@@ -137,6 +137,14 @@ pub struct Agent {
     started: Instant,
 }
 
+/// The error for a request that a leader may still apply: a timeout that says so. (A write goes
+/// under one request id, so it is applied at most once however often it was sent.)
+fn may_be_applied(last: &ApiError) -> ApiError {
+    ApiError::Timeout(format!(
+        "{last}; a leader may still apply the request (a write at most once), so read the value back before you retry"
+    ))
+}
+
 /// How one forwarding attempt ended.
 enum Forwarded<Resp> {
     /// The leader's answer (or an error that retrying would not change).
@@ -636,7 +644,10 @@ impl Agent {
             last = match local().await {
                 Err(ApiError::NotLeader { leader: Some((leader, addr)) }) => {
                     match self.forward::<Req, Resp>(leader, &addr, path, req).await {
-                        Forwarded::Answer(r) => return r,
+                        Forwarded::Answer(Ok(r)) => return Ok(r),
+                        // A refusal now does not undo an earlier attempt that may have been applied.
+                        Forwarded::Answer(Err(e)) if maybe_acted => return Err(may_be_applied(&e)),
+                        Forwarded::Answer(Err(e)) => return Err(e),
                         Forwarded::LeaderChanged => {
                             debug!(old = %hex_id(leader), path, "the leader changed while a request was in flight; sending it to the new one");
                             maybe_acted = true;
@@ -659,13 +670,7 @@ impl Agent {
                 other => return other,
             };
             if Instant::now() >= deadline {
-                return Err(if maybe_acted {
-                    ApiError::Timeout(format!(
-                        "{last}; it may still be applied (at most once: it was sent under one request id), so read the value back before you retry"
-                    ))
-                } else {
-                    last
-                });
+                return Err(if maybe_acted { may_be_applied(&last) } else { last });
             }
             if !moved_on {
                 // Wait for the leader to change (or a short while), then try again.
@@ -1069,13 +1074,21 @@ impl Agent {
     /// Answers a candidate's pre-vote (changes nothing here).
     pub fn answer_pre_vote(&self, req: &crate::api::PreVoteRequest) -> crate::api::PreVoteResponse {
         let m = self.metrics();
-        let view = membership::PreVoteView {
-            is_leader: Self::is_leader(&m),
-            heard_leader_ago: self.heard_from_leader.latest().map(|t| t.elapsed()),
-            last_log_id: self.last_log_id(),
-        };
         let lease = Duration::from_millis(self.cfg.raft.election_timeout_min_ms);
-        let verdict = membership::grant_pre_vote(&view, req.last_log_id.as_ref(), lease);
+        let verdict = match self.last_log_id() {
+            Err(e) => Err(format!("this node cannot read its own log: {e}")),
+            Ok(last_log_id) => {
+                // Silence counts from this run's start, as openraft's lease does (it refuses votes
+                // for a lease after startup): a node that just started grants nothing it would
+                // then refuse.
+                let view = membership::PreVoteView {
+                    is_leader: Self::is_leader(&m),
+                    heard_leader_ago: Some(self.leader_silence()),
+                    last_log_id,
+                };
+                membership::grant_pre_vote(&view, req.last_log_id.as_ref(), lease)
+            }
+        };
         if let Err(why) = &verdict {
             debug!(candidate = %hex_id(req.candidate), "pre-vote refused: {why}");
         }
@@ -1083,20 +1096,34 @@ impl Agent {
     }
 
     /// The id of the last entry in this node's log.
-    fn last_log_id(&self) -> Option<crate::raft::LogId> {
+    fn last_log_id(&self) -> Result<Option<crate::raft::LogId>, String> {
         let m = self.metrics();
-        let index = m.last_log_index?;
+        let Some(index) = m.last_log_index else { return Ok(None) };
         // The metrics carry the index only; the term is the one of the entry at that index, which
         // the log holds unless it was purged into the snapshot.
-        self.log.log_id_at(index).or_else(|| m.snapshot.filter(|s| s.index == index))
+        match self.log.log_id_at(index) {
+            Ok(Some(id)) => Ok(Some(id)),
+            Ok(None) => m
+                .snapshot
+                .filter(|s| s.index == index)
+                .map(Some)
+                .ok_or_else(|| format!("log entry {index} is neither in the log nor the snapshot")),
+            Err(e) => Err(e),
+        }
     }
 
     /// Asks the voters for their pre-vote; true when a quorum (this node included) grants it.
     async fn pre_vote(&self, m: &RaftMetrics) -> bool {
         let membership = m.membership_config.membership().clone();
         let configs = membership.get_joint_config().clone();
-        let req =
-            crate::api::PreVoteRequest { candidate: self.id(), term: m.current_term, last_log_id: self.last_log_id() };
+        let last_log_id = match self.last_log_id() {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(node_id = %hex_id(self.id()), "no election: {e}");
+                return false;
+            }
+        };
+        let req = crate::api::PreVoteRequest { candidate: self.id(), term: m.current_term, last_log_id };
         let mut granted: BTreeSet<NodeId> = [self.id()].into();
         if membership::is_quorum(&configs, &granted) {
             return true;
@@ -1140,14 +1167,23 @@ impl Agent {
         let mut end = self.end_signal();
         let mut timeout = self.election_timeout();
         let mut last_try: Option<Instant> = None;
+        // The timer runs from when this node became a voter (not from before it formed or
+        // joined the cluster, which could start a second election right after the first).
+        let mut voter_since: Option<Instant> = None;
         loop {
             if end.borrow().is_some() {
                 return;
             }
             let m = self.metrics();
             let voter = m.membership_config.membership().voter_ids().any(|v| v == self.id());
+            if !voter {
+                voter_since = None;
+            } else if voter_since.is_none() {
+                voter_since = Some(Instant::now());
+            }
             let since_try = last_try.map_or(Duration::MAX, |t| t.elapsed());
-            let silence = self.leader_silence().min(since_try);
+            let since_voter = voter_since.map_or(Duration::ZERO, |t| t.elapsed());
+            let silence = self.leader_silence().min(since_try).min(since_voter);
             if voter && !Self::is_leader(&m) && m.running_state.is_ok() && silence >= timeout {
                 last_try = Some(Instant::now());
                 timeout = self.election_timeout();

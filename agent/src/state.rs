@@ -207,7 +207,8 @@ pub enum Command {
     /// copies may commit). A repeat answers with the first one's response.
     Request {
         id: RequestId,
-        /// The proposer's wall clock, for how long the id is remembered.
+        /// The proposer's wall clock when it first sent the request (for people reading the log;
+        /// the state machine does not use it).
         at_ms: u64,
         cmd: Box<Command>,
     },
@@ -222,12 +223,13 @@ pub struct RequestId {
 }
 
 /// The requests applied recently and their responses: the state machine's memory for applying a
-/// request once. Deterministic (it is part of the replicated state): an id is remembered for
-/// [`RequestLog::RETAIN_MS`] of the proposers' clock (the newest `at_ms` applied, so a clock
-/// going back does not shorten it), and at most [`RequestLog::MAX_ENTRIES`] ids and
-/// [`RequestLog::MAX_BYTES`] of responses are kept, the oldest dropped first. A retry of a
-/// forgotten request is applied again; the agent retries only within its forwarding deadline
-/// (seconds).
+/// request once. It is part of the replicated state, so it must be deterministic: an id is
+/// remembered for the next [`RequestLog::MAX_ENTRIES`] log entries after the one that applied it
+/// (by log index, never by a clock: clocks differ between nodes and jump), and the responses of
+/// the newest ids are kept up to [`RequestLog::MAX_BYTES`]; an older id whose response was dropped
+/// to stay in that bound still counts as applied and answers [`Response::AlreadyApplied`]. A
+/// request is resent only within the agent's forwarding deadline (seconds), long before 100,000
+/// more entries commit.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(from = "Vec<AppliedRequest>", into = "Vec<AppliedRequest>")]
 pub struct RequestLog {
@@ -235,25 +237,26 @@ pub struct RequestLog {
     index: BTreeMap<RequestId, usize>,
     /// Sequence number of `order[0]` (entries are numbered as they are recorded).
     first: usize,
+    /// Sequence number of the oldest entry that still has its response.
+    responses_from: usize,
     bytes: usize,
-    newest_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedRequest {
     pub id: RequestId,
-    pub at_ms: u64,
-    pub response: Response,
+    /// The log index that applied it.
+    pub index: u64,
+    /// Its response; None once dropped to stay within [`RequestLog::MAX_BYTES`].
+    pub response: Option<Response>,
 }
 
-impl AppliedRequest {
-    fn bytes(&self) -> usize {
-        64 + match &self.response {
-            Response::Kv { previous } => previous.as_ref().map_or(0, String::len),
-            Response::Cas { current, .. } => current.as_ref().map_or(0, String::len),
-            Response::Rejected { reason } => reason.len(),
-            _ => 0,
-        }
+fn response_bytes(r: &Option<Response>) -> usize {
+    64 + match r {
+        Some(Response::Kv { previous }) => previous.as_ref().map_or(0, String::len),
+        Some(Response::Cas { current, .. }) => current.as_ref().map_or(0, String::len),
+        Some(Response::Rejected { reason }) => reason.len(),
+        _ => 0,
     }
 }
 
@@ -266,12 +269,17 @@ impl PartialEq for RequestLog {
 
 impl Eq for RequestLog {}
 
+/// From the snapshot form: exactly the entries that were there (no eviction here, so a node that
+/// installed a snapshot holds what a node that applied the log holds).
 impl From<Vec<AppliedRequest>> for RequestLog {
     fn from(v: Vec<AppliedRequest>) -> RequestLog {
         let mut log = RequestLog::default();
-        for r in v {
-            log.record(r.id, r.at_ms, r.response);
+        for (seq, r) in v.into_iter().enumerate() {
+            log.index.insert(r.id, seq);
+            log.bytes += response_bytes(&r.response);
+            log.order.push_back(r);
         }
+        log.responses_from = log.order.iter().position(|r| r.response.is_some()).unwrap_or(log.order.len());
         log
     }
 }
@@ -283,13 +291,14 @@ impl From<RequestLog> for Vec<AppliedRequest> {
 }
 
 impl RequestLog {
-    pub const RETAIN_MS: u64 = 120_000;
-    pub const MAX_ENTRIES: usize = 50_000;
+    pub const MAX_ENTRIES: usize = 100_000;
     pub const MAX_BYTES: usize = 8 << 20;
 
-    pub fn get(&self, id: &RequestId) -> Option<&Response> {
+    /// The first response of request `id`, if it was applied and is still remembered: `Some(None)`
+    /// when it was applied but its response is no longer kept.
+    pub fn get(&self, id: &RequestId) -> Option<Option<&Response>> {
         let seq = *self.index.get(id)?;
-        self.order.get(seq - self.first).map(|r| &r.response)
+        self.order.get(seq - self.first).map(|r| r.response.as_ref())
     }
 
     pub fn len(&self) -> usize {
@@ -300,24 +309,32 @@ impl RequestLog {
         self.order.is_empty()
     }
 
-    fn record(&mut self, id: RequestId, at_ms: u64, response: Response) {
+    fn record(&mut self, id: RequestId, index: u64, response: Response) {
         if self.index.contains_key(&id) {
             return;
         }
-        let r = AppliedRequest { id, at_ms, response };
-        self.bytes += r.bytes();
-        self.newest_ms = self.newest_ms.max(at_ms);
+        let response = Some(response);
+        self.bytes += response_bytes(&response);
         self.index.insert(id, self.first + self.order.len());
-        self.order.push_back(r);
+        self.order.push_back(AppliedRequest { id, index, response });
+        // Forget ids applied more than MAX_ENTRIES log entries ago.
         while let Some(old) = self.order.front() {
-            let expired = old.at_ms.saturating_add(Self::RETAIN_MS) < self.newest_ms;
-            if !(expired || self.order.len() > Self::MAX_ENTRIES || self.bytes > Self::MAX_BYTES) {
+            if old.index.saturating_add(Self::MAX_ENTRIES as u64) >= index {
                 break;
             }
             let old = self.order.pop_front().expect("front exists");
-            self.bytes -= old.bytes();
+            self.bytes -= response_bytes(&old.response);
             self.index.remove(&old.id);
             self.first += 1;
+        }
+        self.responses_from = self.responses_from.max(self.first);
+        // Keep the newest responses within MAX_BYTES; the ids stay.
+        while self.bytes > Self::MAX_BYTES && self.responses_from < self.first + self.order.len() {
+            let r = &mut self.order[self.responses_from - self.first];
+            let before = response_bytes(&r.response);
+            r.response = None;
+            self.bytes = self.bytes - before + response_bytes(&None);
+            self.responses_from += 1;
         }
     }
 }
@@ -350,6 +367,9 @@ pub enum Response {
     Rejected {
         reason: String,
     },
+    /// A repeat of a request that was applied earlier, whose response is no longer kept (see
+    /// [`RequestLog`]): it was applied once; read the value back for its effect.
+    AlreadyApplied,
 }
 
 /// The replicated cluster state: the one source of truth.
@@ -578,15 +598,17 @@ impl ClusterState {
                 }
                 Response::Cas { succeeded: true, current: new.clone() }
             }
-            Command::Request { id, at_ms, cmd } => {
-                if let Some(first) = self.requests.get(id) {
-                    return first.clone();
+            Command::Request { id, cmd, .. } => {
+                match self.requests.get(id) {
+                    Some(Some(first)) => return first.clone(),
+                    Some(None) => return Response::AlreadyApplied,
+                    None => {}
                 }
                 if matches!(**cmd, Command::Request { .. }) {
                     return Response::Rejected { reason: "a request cannot contain another request".into() };
                 }
                 let response = self.apply(index, cmd);
-                self.requests.record(*id, *at_ms, response.clone());
+                self.requests.record(*id, index, response.clone());
                 response
             }
         }
@@ -637,31 +659,35 @@ mod tests {
     }
 
     #[test]
-    fn request_ids_are_forgotten_by_age_count_and_size_deterministically() {
+    fn request_ids_are_kept_by_log_distance_and_responses_by_size() {
         let mut s = ClusterState::default();
-        let put = |seq, at| request(seq, at, Command::KvPut { key: format!("k{seq}"), value: "v".into() });
-        s.apply(1, &put(1, 1_000));
-        s.apply(2, &put(2, 1_000 + RequestLog::RETAIN_MS));
-        assert_eq!(s.requests.len(), 2, "exactly RETAIN_MS old: still remembered");
-        s.apply(3, &put(3, 1_001 + RequestLog::RETAIN_MS));
-        assert_eq!(s.requests.len(), 2);
-        assert!(s.requests.get(&RequestId { origin: 7, seq: 1 }).is_none());
-        // A clock that goes back does not make the others expire early.
-        s.apply(4, &put(4, 5));
-        assert_eq!(s.requests.len(), 3);
-        // Large responses: bounded by bytes.
+        let put = |seq, value: &str| request(seq, 0, Command::KvPut { key: "k".into(), value: value.into() });
+        // Large responses (1 MiB previous values) push the oldest responses out, not the ids: a
+        // repeat of the first request is still not applied again.
         let big = "x".repeat(1 << 20);
-        for seq in 10..30 {
-            s.apply(seq, &request(seq, 200_000, Command::KvPut { key: "big".into(), value: big.clone() }));
+        s.apply(1, &put(1, "first"));
+        for seq in 2..20 {
+            s.apply(seq, &put(seq, &big));
         }
         assert!(s.requests.bytes <= RequestLog::MAX_BYTES);
-        // The snapshot form round-trips, index included.
-        let back: ClusterState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert!(s.apply(20, &put(1, "first")) == Response::AlreadyApplied, "applied once, answer dropped");
+        assert!(s.kv["k"].value == big, "the repeat changed nothing");
+        assert!(s.apply(21, &put(19, &big)) == Response::Kv { previous: Some(big.clone()) }, "recent: same answer");
+        // An id is forgotten MAX_ENTRIES log entries after it was applied, not before.
+        let far = 1 + RequestLog::MAX_ENTRIES as u64;
+        s.apply(far, &request(100, 0, Command::KvDelete { key: "other".into() }));
+        assert!(s.requests.get(&RequestId { origin: 7, seq: 1 }).is_some());
+        s.apply(far + 1, &request(101, 0, Command::KvDelete { key: "other".into() }));
+        assert!(s.requests.get(&RequestId { origin: 7, seq: 1 }).is_none());
+        assert!(s.requests.get(&RequestId { origin: 7, seq: 2 }).is_some());
+        // The snapshot form round-trips, and the rebuilt log goes on exactly as the original.
+        let mut back: ClusterState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
         assert!(back == s, "the state differs after a round trip through its snapshot form");
-        assert_eq!(
-            back.requests.get(&RequestId { origin: 7, seq: 29 }),
-            s.requests.get(&RequestId { origin: 7, seq: 29 })
-        );
+        for (i, seq) in (far + 2..far + 40).zip(200..) {
+            let cmd = request(seq, 0, Command::KvPut { key: "k".into(), value: big.clone() });
+            assert!(s.apply(i, &cmd) == back.apply(i, &cmd));
+        }
+        assert!(back == s, "a node that installed the snapshot diverged from one that applied the log");
     }
 
     #[test]

@@ -37,7 +37,8 @@ impl PeerError {
     /// acted on it: retrying a request that is not idempotent could apply it twice.
     pub fn maybe_delivered(&self) -> bool {
         match self {
-            PeerError::Timeout { .. } => true,
+            // An answer that cannot be decoded came from a node that read the request.
+            PeerError::Timeout { .. } | PeerError::Decode { .. } => true,
             PeerError::Unreachable { maybe_delivered, .. } => *maybe_delivered,
             _ => false,
         }

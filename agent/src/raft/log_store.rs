@@ -63,11 +63,12 @@ impl LogStore {
     }
 
     /// The id of the entry at `index`, if the log holds it.
-    pub fn log_id_at(&self, index: u64) -> Option<LogId> {
-        let txn = self.db.begin_read().ok()?;
-        let table = txn.open_table(LOGS).ok()?;
-        let v = table.get(index).ok()??;
-        serde_json::from_slice::<Entry>(v.value()).ok().map(|e| e.log_id)
+    pub fn log_id_at(&self, index: u64) -> Result<Option<LogId>, String> {
+        let err = |e: &dyn std::fmt::Display| format!("cannot read log entry {index}: {e}");
+        let txn = self.db.begin_read().map_err(|e| err(&e))?;
+        let table = txn.open_table(LOGS).map_err(|e| err(&e))?;
+        let Some(v) = table.get(index).map_err(|e| err(&e))? else { return Ok(None) };
+        serde_json::from_slice::<Entry>(v.value()).map(|e| Some(e.log_id)).map_err(|e| err(&e))
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageIOError<u64>> {

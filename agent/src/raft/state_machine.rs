@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use crate::files::write_atomic;
+use crate::files::{Staged, stage};
 use crate::state::{ClusterState, Response};
 
 pub const SNAPSHOT_FILE: &str = "snapshot.json";
@@ -30,6 +30,22 @@ struct StoredSnapshot {
     meta: SnapshotMeta,
     /// JSON of [`SmData`].
     data: String,
+}
+
+/// Decodes the snapshot file as [`StateMachineStore::open`] reads it: the state and the snapshot
+/// it came from. The error says what is wrong.
+pub fn decode_snapshot_file(bytes: &[u8]) -> Result<(SmData, Snapshot), String> {
+    let stored: StoredSnapshot = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let data: SmData = serde_json::from_str(&stored.data).map_err(|e| e.to_string())?;
+    if data.last_applied != stored.meta.last_log_id {
+        return Err("snapshot metadata does not match its data".into());
+    }
+    Ok((data, Snapshot { meta: stored.meta, snapshot: Box::new(stored.data.into_bytes()) }))
+}
+
+/// The snapshot file for `meta` and `data` (the JSON of [`SmData`]), as the store writes it.
+pub fn encode_snapshot_file(meta: &SnapshotMeta, data: String) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(&StoredSnapshot { meta: meta.clone(), data })
 }
 
 struct Shared {
@@ -69,9 +85,11 @@ pub struct StateMachineStore {
     shared: Arc<Shared>,
     dir: PathBuf,
     /// The newest snapshot, which is also the one on disk. openraft builds a snapshot (in a task
-    /// of its own) while it may install one from the leader: both write the snapshot file, so
-    /// this lock makes the writes exclusive, and a built snapshot that is not newer than the one
-    /// already there is not written (an older snapshot never replaces a newer one).
+    /// of its own) while it may install one from the leader: both write the snapshot file. Each
+    /// writes its file under a name of its own first, then takes this lock to put it in place,
+    /// and a built snapshot that is not newer than the current one is dropped (an older snapshot
+    /// never replaces a newer one). The lock is never held while a file is written, so
+    /// `get_current_snapshot` (which the state machine worker calls) does not wait for a write.
     current: Arc<tokio::sync::Mutex<Option<Snapshot>>>,
     counter: Arc<AtomicU64>,
 }
@@ -83,12 +101,7 @@ impl StateMachineStore {
         let corrupt = |message: String| OpenError::Corrupt { path: path.clone(), message };
         let (data, current) = match std::fs::read(&path) {
             Ok(bytes) => {
-                let stored: StoredSnapshot = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-                let data: SmData = serde_json::from_str(&stored.data).map_err(|e| corrupt(e.to_string()))?;
-                if data.last_applied != stored.meta.last_log_id {
-                    return Err(corrupt("snapshot metadata does not match its data".into()));
-                }
-                let snap = Snapshot { meta: stored.meta, snapshot: Box::new(stored.data.into_bytes()) };
+                let (data, snap) = decode_snapshot_file(&bytes).map_err(corrupt)?;
                 (data, Some(snap))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => (SmData::default(), None),
@@ -116,13 +129,22 @@ impl StateMachineStore {
         }
     }
 
-    async fn persist(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    /// Writes the snapshot file beside its place, synced (the slow part, done without the lock).
+    async fn stage(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<Staged, StorageError> {
         let text =
             String::from_utf8(data.to_vec()).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
-        let bytes = serde_json::to_vec(&StoredSnapshot { meta: meta.clone(), data: text })
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
+        let bytes =
+            encode_snapshot_file(meta, text).map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?;
         let path = self.dir.join(SNAPSHOT_FILE);
-        tokio::task::spawn_blocking(move || write_atomic(&path, &bytes, 0o600))
+        tokio::task::spawn_blocking(move || stage(&path, &bytes, 0o600))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
+    }
+
+    /// Puts a staged snapshot file in place (a rename and a directory sync).
+    async fn commit(meta: &SnapshotMeta, staged: Staged) -> Result<(), StorageError> {
+        tokio::task::spawn_blocking(move || staged.commit())
             .await
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e))?
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), &e).into())
@@ -148,13 +170,15 @@ impl StateMachineStore {
     /// The second half: writes the captured snapshot unless a newer one (installed from the
     /// leader meanwhile) is already there. Returns the snapshot that is current afterwards.
     pub async fn store_built(&self, meta: SnapshotMeta, bytes: Vec<u8>) -> Result<Snapshot, StorageError> {
+        let staged = self.stage(&meta, &bytes).await?;
         let mut current = self.current.lock().await;
         if let Some(c) = current.as_ref()
             && c.meta.last_log_id >= meta.last_log_id
         {
+            // Dropping the staged file removes it.
             return Ok(c.clone());
         }
-        self.persist(&meta, &bytes).await?;
+        Self::commit(&meta, staged).await?;
         let snap = Snapshot { meta, snapshot: Box::new(bytes) };
         *current = Some(snap.clone());
         Ok(snap)
@@ -220,8 +244,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             )
             .into());
         }
+        let staged = self.stage(meta, &snapshot).await?;
         let mut current = self.current.lock().await;
-        self.persist(meta, &snapshot).await?;
+        Self::commit(meta, staged).await?;
         *self.shared.data.write().expect("state lock") = data;
         *current = Some(Snapshot { meta: meta.clone(), snapshot });
         drop(current);
