@@ -13,6 +13,7 @@
 //! Needs root (namespaces, tmpfs mounts) and `nft` (nftables).
 
 pub mod checker;
+pub mod delay;
 pub mod nemesis;
 pub mod net;
 pub mod nodes;

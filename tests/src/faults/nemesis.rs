@@ -37,6 +37,9 @@ pub enum FaultKind {
     Bridge,
     /// Every node loses a share (10-30%) of the packets it sends and receives.
     Loss,
+    /// Every node's incoming packets are held 5-40 ms (with jitter), as `tc netem delay` would
+    /// (the host kernel has no netem: an NFQUEUE worker per node does it, see `delay.rs`).
+    Delay,
     /// kill -9 of every node, all restarted 0.5-2 s later.
     RestartAll,
     /// One node's state file system fills up (the leader half the time), then space returns.
@@ -46,7 +49,7 @@ pub enum FaultKind {
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 12] = [
+    pub const ALL: [FaultKind; 13] = [
         FaultKind::KillLeader,
         FaultKind::KillRandom,
         FaultKind::Pause,
@@ -56,6 +59,7 @@ impl FaultKind {
         FaultKind::OneWay,
         FaultKind::Bridge,
         FaultKind::Loss,
+        FaultKind::Delay,
         FaultKind::RestartAll,
         FaultKind::DiskFull,
         FaultKind::ReadOnly,
@@ -72,6 +76,7 @@ impl FaultKind {
             FaultKind::OneWay => "one-way",
             FaultKind::Bridge => "bridge",
             FaultKind::Loss => "loss",
+            FaultKind::Delay => "delay",
             FaultKind::RestartAll => "restart-all",
             FaultKind::DiskFull => "disk-full",
             FaultKind::ReadOnly => "read-only",
@@ -196,7 +201,7 @@ impl Nemesis {
                 let v = self.maybe_leader().await;
                 inject = self.rec.now();
                 self.agents.nodes[v].pause(true)?;
-                let hold = ms(&mut self.rng, 1000, 3000);
+                let hold = ms(&mut self.rng, 1000, 2500);
                 tokio::time::sleep(hold).await;
                 self.agents.nodes[v].pause(false)?;
                 detail = format!("SIGSTOP {} for {} ms", self.names(&[v]), hold.as_millis());
@@ -206,7 +211,7 @@ impl Nemesis {
                 let v = self.maybe_leader().await;
                 inject = self.rec.now();
                 self.agents.nodes[v].fill_disk()?;
-                let hold = ms(&mut self.rng, 1000, 3000);
+                let hold = ms(&mut self.rng, 1000, 2500);
                 tokio::time::sleep(hold).await;
                 self.agents.nodes[v].free_disk()?;
                 detail = format!("state disk of {} full for {} ms", self.names(&[v]), hold.as_millis());
@@ -242,7 +247,7 @@ impl Nemesis {
                 }
                 inject = self.rec.now();
                 self.lan.apply(&rules)?;
-                let hold = ms(&mut self.rng, 1200, 3000);
+                let hold = ms(&mut self.rng, 1000, 2500);
                 tokio::time::sleep(hold).await;
                 let how = if kind == FaultKind::OneWay { "cannot send to the others" } else { "cut off" };
                 detail = format!("{} {how} for {} ms", self.names(&[v]), hold.as_millis());
@@ -255,7 +260,7 @@ impl Nemesis {
                 rules.partition(&minority);
                 inject = self.rec.now();
                 self.lan.apply(&rules)?;
-                let hold = ms(&mut self.rng, 1200, 3000);
+                let hold = ms(&mut self.rng, 1000, 2500);
                 tokio::time::sleep(hold).await;
                 detail = format!("minority {} | majority for {} ms", self.names(&minority), hold.as_millis());
                 affected = minority;
@@ -273,7 +278,7 @@ impl Nemesis {
                 }
                 inject = self.rec.now();
                 self.lan.apply(&rules)?;
-                let hold = ms(&mut self.rng, 1200, 3000);
+                let hold = ms(&mut self.rng, 1000, 2500);
                 tokio::time::sleep(hold).await;
                 detail = format!(
                     "{} | {} with {} reaching both for {} ms",
@@ -286,6 +291,28 @@ impl Nemesis {
                 // the nodes that kept writing.
                 affected = Vec::new();
             }
+            FaultKind::Delay => {
+                let base = self.rng.gen_range(5..=40u64);
+                let jitter = self.rng.gen_range(0..=base / 2);
+                let (d, j) = (Duration::from_millis(base), Duration::from_millis(jitter));
+                inject = self.rec.now();
+                let mut held = Vec::new();
+                for i in 0..n {
+                    held.push(super::delay::delay_ingress(self.lan.netns(i), "eth0", 0, d, j)?);
+                }
+                let hold = ms(&mut self.rng, 1000, 2500);
+                tokio::time::sleep(hold).await;
+                let mut overflow = 0;
+                for h in held {
+                    let st = h.stop()?;
+                    overflow += st.overflow_accepted + st.kernel_fail_open;
+                }
+                detail = format!(
+                    "every node's incoming packets held {base}±{jitter} ms for {} ms ({overflow} packets passed undelayed)",
+                    hold.as_millis()
+                );
+                affected = Vec::new();
+            }
             FaultKind::Loss => {
                 let p = self.rng.gen_range(10..=30u8);
                 for i in 0..n {
@@ -293,7 +320,7 @@ impl Nemesis {
                 }
                 inject = self.rec.now();
                 self.lan.apply(&rules)?;
-                let hold = ms(&mut self.rng, 1200, 3000);
+                let hold = ms(&mut self.rng, 1000, 2500);
                 tokio::time::sleep(hold).await;
                 detail = format!("{p}% packet loss on every node for {} ms", hold.as_millis());
                 affected = Vec::new();
