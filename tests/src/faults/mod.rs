@@ -128,6 +128,7 @@ where
 /// the checker finds is in the report.
 pub async fn run(cfg: &Config) -> Result<Outcomes> {
     let dir = crate::target_dir().join("faults").join(&cfg.name);
+    nodes::unmount_below(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     println!(
         "faults: {}: {} nodes, {} rounds of {} kinds, seed {}",

@@ -219,6 +219,19 @@ impl Node {
     }
 }
 
+/// Unmounts every file system mounted below `dir` (state file systems an earlier run, killed
+/// before it could clean up, left behind), deepest first.
+pub fn unmount_below(dir: &Path) {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else { return };
+    let prefix = format!("{}/", dir.display());
+    let mut points: Vec<&str> =
+        mounts.lines().filter_map(|l| l.split_whitespace().nth(1)).filter(|p| p.starts_with(&prefix)).collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = run_cmd("umount", &["-l", p]);
+    }
+}
+
 /// All agents of one cluster under test, their directories and the supervisor.
 pub struct Agents {
     pub nodes: Vec<Arc<Node>>,
