@@ -62,6 +62,15 @@ pub struct RequestAuth {
     pub signature: String,
 }
 
+/// Reads the three authentication headers of a request (`None`: the header is absent or not
+/// visible ASCII). What the peer API's middleware checks first, before the signature.
+pub fn parse_auth(time: Option<&str>, nonce: Option<&str>, signature: Option<&str>) -> Result<RequestAuth, AuthError> {
+    let time_ms = time.ok_or(AuthError::Missing(HDR_TIME))?.parse::<i64>().map_err(|_| AuthError::Missing(HDR_TIME))?;
+    let nonce = nonce.ok_or(AuthError::Missing(HDR_NONCE))?.to_string();
+    let signature = signature.ok_or(AuthError::Missing(HDR_AUTH))?.to_string();
+    Ok(RequestAuth { time_ms, nonce, signature })
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -107,11 +116,23 @@ impl ClusterKey {
     pub fn sign_request(&self, method: &str, path: &str, time_ms: i64, body: &[u8]) -> RequestAuth {
         let mut n = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut n);
-        let nonce = hex(&n);
-        let parts = Self::request_parts(method, path, time_ms, &nonce, body);
+        self.sign_request_with_nonce(method, path, time_ms, &hex(&n), body)
+    }
+
+    /// [`sign_request`](Self::sign_request) with a given nonce (deterministic: for tests, seeds
+    /// and fuzzing; real requests need a fresh random nonce each).
+    pub fn sign_request_with_nonce(
+        &self,
+        method: &str,
+        path: &str,
+        time_ms: i64,
+        nonce: &str,
+        body: &[u8],
+    ) -> RequestAuth {
+        let parts = Self::request_parts(method, path, time_ms, nonce, body);
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         let signature = hex(&self.mac(&refs).finalize().into_bytes());
-        RequestAuth { time_ms, nonce, signature }
+        RequestAuth { time_ms, nonce: nonce.to_string(), signature }
     }
 
     /// Checks the signature only (time and replay are the [`ReplayGuard`]'s job).
@@ -154,14 +175,15 @@ pub struct ReplayGuard {
 impl ReplayGuard {
     /// Checks freshness and records the nonce. `now_ms` is this node's clock.
     pub fn check(&self, auth: &RequestAuth, now_ms: i64) -> Result<(), AuthError> {
-        let window = REPLAY_WINDOW.as_millis() as i64;
-        let skew = auth.time_ms - now_ms;
-        if skew.abs() > window {
+        let window = REPLAY_WINDOW.as_millis() as u64;
+        // Saturating: a time near the ends of the i64 range is stale, not an overflow.
+        let skew = auth.time_ms.saturating_sub(now_ms);
+        if skew.unsigned_abs() > window {
             return Err(AuthError::Stale { skew_ms: skew, limit_s: REPLAY_WINDOW.as_secs() });
         }
         let mut seen = self.seen.lock().expect("replay guard lock");
         if seen.len() >= MAX_NONCES / 2 {
-            seen.retain(|_, t| (now_ms - *t).abs() <= window);
+            seen.retain(|_, t| now_ms.saturating_sub(*t).unsigned_abs() <= window);
         }
         if seen.len() >= MAX_NONCES {
             return Err(AuthError::Overloaded);
@@ -218,6 +240,33 @@ mod tests {
         assert!(matches!(g.check(&old, now), Err(AuthError::Stale { .. })));
         let future = k.sign_request("POST", "/p", now + 61_000, b"");
         assert!(matches!(g.check(&future, now), Err(AuthError::Stale { .. })));
+    }
+
+    /// Found by fuzzing (peer_request): a signed request with time -9223372036854775808
+    /// overflowed `time - now` (a panic in debug builds; in release builds a time of exactly
+    /// `now + i64::MIN` wrapped to a skew whose `abs()` is negative, and passed as fresh).
+    #[test]
+    fn extreme_request_times_are_stale_not_an_overflow() {
+        let k = ClusterKey::derive("secret-secret-secret");
+        let g = ReplayGuard::default();
+        let now = 1_750_000_000_000;
+        for t in [i64::MIN, i64::MIN + now, i64::MIN + now + 1, i64::MAX, i64::MAX - 1] {
+            let a = k.sign_request("POST", "/p", t, b"");
+            assert!(matches!(g.check(&a, now), Err(AuthError::Stale { .. })), "time {t}");
+        }
+        let a = parse_auth(Some("-9223372036854775808"), Some(""), Some("")).unwrap();
+        assert!(matches!(g.check(&a, now), Err(AuthError::Stale { .. })));
+        assert!(g.seen.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn auth_headers_are_parsed_in_order() {
+        let ok = parse_auth(Some("12"), Some("n"), Some("s")).unwrap();
+        assert_eq!(ok, RequestAuth { time_ms: 12, nonce: "n".into(), signature: "s".into() });
+        assert_eq!(parse_auth(None, None, None), Err(AuthError::Missing(HDR_TIME)));
+        assert_eq!(parse_auth(Some("x"), Some("n"), Some("s")), Err(AuthError::Missing(HDR_TIME)));
+        assert_eq!(parse_auth(Some("1"), None, Some("s")), Err(AuthError::Missing(HDR_NONCE)));
+        assert_eq!(parse_auth(Some("1"), Some("n"), None), Err(AuthError::Missing(HDR_AUTH)));
     }
 
     #[test]

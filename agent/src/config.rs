@@ -187,7 +187,11 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), ConfigError> {
     if !(8..=28).contains(&len) {
         return Err(bad("prefix must be between 8 and 28"));
     }
-    if !ip.is_private() {
+    // The whole network, not just the address given: 192.168.0.0/8 is 192.0.0.0/8.
+    let mask = u32::MAX << (32 - u32::from(len));
+    let first = std::net::Ipv4Addr::from(u32::from(ip) & mask);
+    let last = std::net::Ipv4Addr::from(u32::from(ip) | !mask);
+    if !(first.is_private() && last.is_private()) {
         return Err(bad("use a private network (10/8, 172.16/12, 192.168/16)"));
     }
     Ok((ip, len))
@@ -203,8 +207,7 @@ impl Config {
         overrides: &Overrides,
     ) -> Result<Config, ConfigError> {
         let file = match std::fs::read_to_string(path) {
-            Ok(text) => toml::from_str::<FileConfig>(&text)
-                .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })?,
+            Ok(text) => parse_toml(path, &text)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_required => FileConfig::default(),
             Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
         };
@@ -216,6 +219,18 @@ impl Config {
     }
 
     fn merge(file: FileConfig, creds: Credentials, o: &Overrides) -> Result<Config, ConfigError> {
+        Self::resolve(file, creds, o, &|p| std::fs::read_to_string(p))
+    }
+
+    /// Combines the config file, the credentials and the overrides and validates the result.
+    /// Pure but for `read_secret_file`, which reads `cluster_secret_file` ([`Config::load`]
+    /// passes `std::fs::read_to_string`).
+    pub fn resolve(
+        file: FileConfig,
+        creds: Credentials,
+        o: &Overrides,
+        read_secret_file: &dyn Fn(&Path) -> std::io::Result<String>,
+    ) -> Result<Config, ConfigError> {
         let node_name = o.node_name.clone().or(creds.node_name).or(file.node_name);
         if let Some(name) = &node_name {
             validate_node_name(name)?;
@@ -259,7 +274,7 @@ impl Config {
         let cluster_secret = match (creds.cluster_secret, secret_file, file.cluster_secret) {
             (Some(s), _, _) => Some(s),
             (None, Some(p), _) => Some(
-                std::fs::read_to_string(&p)
+                read_secret_file(&p)
                     .map_err(|e| invalid("cluster_secret_file", format!("cannot read {}: {e}", p.display())))?
                     .trim_end_matches(['\n', '\r'])
                     .to_string(),
@@ -318,9 +333,14 @@ impl Config {
     }
 }
 
+/// Parses the text of the config file (`path` names it in the error).
+pub fn parse_toml(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str::<FileConfig>(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+}
+
 /// Values found in `$CREDENTIALS_DIRECTORY`.
 #[derive(Debug, Default)]
-struct Credentials {
+pub struct Credentials {
     cluster_secret: Option<String>,
     join: Option<Vec<String>>,
     bootstrap_expect: Option<usize>,
@@ -330,12 +350,33 @@ struct Credentials {
 
 impl Credentials {
     fn read(dir: &Path) -> Result<Credentials, ConfigError> {
+        Self::decode(|name| match std::fs::read_to_string(dir.join(name)) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ConfigError::Credential { name: name.into(), dir: dir.into(), source }),
+        })
+    }
+
+    /// The credentials from the contents of the files in `dir` (name, bytes), as
+    /// [`Config::load`] reads them there; a name that is not given is a missing file.
+    pub fn from_files(dir: &Path, files: &[(&str, &[u8])]) -> Result<Credentials, ConfigError> {
+        Self::decode(|name| {
+            let Some((_, bytes)) = files.iter().find(|(n, _)| *n == name) else { return Ok(None) };
+            // What `read_to_string` says about such a file.
+            let text = std::str::from_utf8(bytes).map_err(|_| ConfigError::Credential {
+                name: name.into(),
+                dir: dir.into(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidData, "stream did not contain valid UTF-8"),
+            })?;
+            Ok(Some(text.to_string()))
+        })
+    }
+
+    /// Decodes the credentials; `read(name)` gives the contents of credential `name`, `None` if
+    /// there is none.
+    fn decode(read: impl Fn(&str) -> Result<Option<String>, ConfigError>) -> Result<Credentials, ConfigError> {
         let get = |name: &str| -> Result<Option<String>, ConfigError> {
-            match std::fs::read_to_string(dir.join(name)) {
-                Ok(v) => Ok(Some(v.trim().to_string()).filter(|v| !v.is_empty())),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-                Err(source) => Err(ConfigError::Credential { name: name.into(), dir: dir.into(), source }),
-            }
+            Ok(read(name)?.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()))
         };
         let number = |name: &'static str, key: &'static str| -> Result<Option<usize>, ConfigError> {
             get(name)?
@@ -516,6 +557,21 @@ mod tests {
         let bad = FileConfig { metrics_addr: Some("nope".into()), ..Default::default() };
         let e = Config::merge(bad, Credentials::default(), &Overrides::default()).unwrap_err();
         assert!(e.to_string().contains("metrics_addr"), "{e}");
+    }
+
+    /// Found by fuzzing (config): "192.168.0.0/8" was accepted because only the address was
+    /// checked, and mesh addresses were then allocated from 192.0.0.0/8, which is public.
+    #[test]
+    fn the_whole_mesh_network_must_be_private() {
+        for bad in ["192.168.0.0/8", "172.16.0.0/8", "172.16.0.0/11", "192.168.1.0/15"] {
+            let e = parse_cidr(bad).unwrap_err();
+            assert!(e.to_string().contains("use a private network"), "{bad}: {e}");
+        }
+        let e = load_str("mesh_cidr = \"192.168.0.0/8\"\n", &[], &Overrides::default()).unwrap_err();
+        assert!(e.to_string().contains("mesh_cidr"), "{e}");
+        for ok in ["10.0.0.0/8", "10.90.0.0/16", "172.16.0.0/12", "172.31.255.0/24", "192.168.0.0/16", "10.90.5.5/16"] {
+            assert!(parse_cidr(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

@@ -9,8 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use futures::{StreamExt, TryStreamExt};
-use netlink_packet_core::{NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload};
-use netlink_packet_generic::GenlMessage;
+use netlink_packet_core::{
+    DecodeError, Emitable, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload, NlasIterator,
+    ParseableParametrized,
+};
+use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
 use netlink_packet_wireguard::{
     WireguardAddressFamily, WireguardAllowedIp, WireguardAllowedIpAttr, WireguardAttribute, WireguardCmd,
     WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardPeerFlags,
@@ -49,6 +52,66 @@ pub struct PeerStats {
 
 pub fn decode_key(k: &str) -> Result<[u8; 32], WgError> {
     B64.decode(k).ok().and_then(|v| v.try_into().ok()).ok_or_else(|| WgError::BadKey(k.to_string()))
+}
+
+/// A WireGuard generic netlink message as the adapter sends and receives it: the same message,
+/// decoded through [`decode_message`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WgMessage(pub WireguardMessage);
+
+impl GenlFamily for WgMessage {
+    fn family_name() -> &'static str {
+        WireguardMessage::family_name()
+    }
+    fn family_id(&self) -> u16 {
+        self.0.family_id()
+    }
+    fn command(&self) -> u8 {
+        self.0.command()
+    }
+    fn version(&self) -> u8 {
+        self.0.version()
+    }
+}
+
+impl Emitable for WgMessage {
+    fn buffer_len(&self) -> usize {
+        self.0.buffer_len()
+    }
+    fn emit(&self, buffer: &mut [u8]) {
+        self.0.emit(buffer)
+    }
+}
+
+impl ParseableParametrized<[u8], GenlHeader> for WgMessage {
+    fn parse_with_param(buf: &[u8], header: GenlHeader) -> Result<WgMessage, DecodeError> {
+        decode_message(buf, header).map(WgMessage)
+    }
+}
+
+const WGDEVICE_A_PEERS: u16 = 8;
+const WGPEER_A_ALLOWEDIPS: u16 = 9;
+const WGALLOWEDIP_A_CIDR_MASK: u16 = 3;
+
+/// Whether the attributes in `buf` hold one at `path` (attribute kinds, `None`: any kind) whose
+/// value is `bad`. Stops at the first attribute that cannot be read (decoding reports it).
+fn find_attribute(buf: &[u8], path: &[Option<u16>], bad: &dyn Fn(&[u8]) -> bool) -> bool {
+    let Some((kind, rest)) = path.split_first() else { return false };
+    NlasIterator::new(buf).map_while(Result::ok).any(|nla| {
+        kind.is_none_or(|k| nla.kind() == k)
+            && if rest.is_empty() { bad(nla.value()) } else { find_attribute(nla.value(), rest, bad) }
+    })
+}
+
+/// Decodes the attributes of a WireGuard message (what follows the generic netlink header).
+/// netlink-packet-wireguard 0.5 reads an allowed IP's CIDR attribute without checking its length
+/// and panics on an empty one: that is refused here, with an error.
+pub fn decode_message(buf: &[u8], header: GenlHeader) -> Result<WireguardMessage, DecodeError> {
+    let cidr = [Some(WGDEVICE_A_PEERS), None, Some(WGPEER_A_ALLOWEDIPS), None, Some(WGALLOWEDIP_A_CIDR_MASK)];
+    if find_attribute(buf, &cidr, &|v| v.is_empty()) {
+        return Err(DecodeError::from("invalid WGALLOWEDIP_A_CIDR_MASK value: empty"));
+    }
+    WireguardMessage::parse_with_param(buf, header)
 }
 
 fn peer_attributes(p: &PeerConfig, flags: WireguardPeerFlags) -> Result<WireguardPeer, WgError> {
@@ -171,8 +234,12 @@ pub fn merge_dump(msgs: &[WireguardMessage], now: SystemTime) -> (ObservedDevice
                                     }
                                 }
                                 WireguardPeerAttribute::LastHandshake(t) if t.seconds > 0 => {
-                                    let at = UNIX_EPOCH + Duration::new(t.seconds as u64, t.nano_seconds as u32);
-                                    stats.handshake_age_secs = Some(now.duration_since(at).map_or(0, |d| d.as_secs()));
+                                    // A time past what SystemTime holds is later than `now`,
+                                    // as any time after `now` is: age 0 (`+` would panic).
+                                    let d = Duration::new(t.seconds as u64, t.nano_seconds as u32);
+                                    let at = UNIX_EPOCH.checked_add(d);
+                                    let age = at.and_then(|at| now.duration_since(at).ok()).map_or(0, |d| d.as_secs());
+                                    stats.handshake_age_secs = Some(age);
                                 }
                                 WireguardPeerAttribute::RxBytes(b) => stats.rx_bytes = *b,
                                 WireguardPeerAttribute::TxBytes(b) => stats.tx_bytes = *b,
@@ -243,7 +310,7 @@ impl WgNetlink {
     }
 
     async fn genl_request(&mut self, msg: WireguardMessage, flags: u16) -> Result<Vec<WireguardMessage>, WgError> {
-        let mut nl = NetlinkMessage::from(GenlMessage::from_payload(msg));
+        let mut nl = NetlinkMessage::from(GenlMessage::from_payload(WgMessage(msg)));
         nl.header.flags = flags;
         let mut stream = self.genl.request(nl).await.map_err(|e| {
             let text = e.to_string();
@@ -257,7 +324,7 @@ impl WgNetlink {
         while let Some(r) = stream.next().await {
             let m = r.map_err(nl_err)?;
             match m.payload {
-                NetlinkPayload::InnerMessage(g) => out.push(g.payload),
+                NetlinkPayload::InnerMessage(g) => out.push(g.payload.0),
                 NetlinkPayload::Error(e) if e.code.is_some() => {
                     let code = e.code.map_or(0, |c| c.get());
                     return Err(if is_unsupported(code) { WgError::NoKernelSupport } else { nl_err(e) });
@@ -334,8 +401,6 @@ impl WgNetlink {
 
 #[cfg(test)]
 mod tests {
-    use netlink_packet_core::{Emitable, ParseableParametrized};
-    use netlink_packet_generic::GenlHeader;
     use netlink_packet_wireguard::WireguardTimeSpec;
 
     use super::*;
@@ -445,6 +510,54 @@ mod tests {
         assert_eq!(p.keepalive_secs, Some(25));
         assert_eq!(stats[0].handshake_age_secs, Some(10));
         assert_eq!((stats[0].rx_bytes, stats[0].tx_bytes), (10, 20));
+    }
+
+    /// Found by fuzzing (wg_dump): a dump whose allowed IP has an empty CIDR attribute made
+    /// netlink-packet-wireguard panic (index out of bounds) in the mesh task, which then died.
+    #[test]
+    fn an_empty_cidr_attribute_is_an_error_not_a_panic() {
+        // Peers { peer { allowed IPs { allowed IP { CIDR (no value) } } } }
+        let attrs = [
+            0x14, 0x00, 0x08, 0x80, 0x10, 0x00, 0x00, 0x80, 0x0c, 0x00, 0x09, 0x80, 0x08, 0x00, 0x00, 0x80, 0x04, 0x00,
+            0x03, 0x00,
+        ];
+        let header = GenlHeader { cmd: WireguardCmd::GetDevice.into(), version: 1 };
+        let e = WgMessage::parse_with_param(&attrs, header).unwrap_err();
+        assert!(e.to_string().contains("WGALLOWEDIP_A_CIDR_MASK"), "{e}");
+        // With a value it decodes.
+        let mut ok = attrs.to_vec();
+        for i in [0, 4, 8, 12] {
+            ok[i] += 4;
+        }
+        ok[16] = 5;
+        ok.extend([24, 0, 0, 0]);
+        let m = WgMessage::parse_with_param(&ok, header).unwrap();
+        let WireguardAttribute::Peers(p) = &m.0.attributes[0] else { panic!("{m:?}") };
+        assert_eq!(
+            p[0].0,
+            vec![WireguardPeerAttribute::AllowedIps(vec![WireguardAllowedIp(vec![WireguardAllowedIpAttr::Cidr(24)])])]
+        );
+    }
+
+    /// Found by review while writing the wg_dump target, reproduced with it (the fuzzer gets no
+    /// feedback from the std arithmetic that panics): a handshake time near i64::MAX seconds
+    /// with nanoseconds >= 1e9 overflowed `UNIX_EPOCH + Duration` and panicked the mesh task.
+    #[test]
+    fn a_handshake_time_out_of_range_is_no_panic() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let peer = |seconds, nano_seconds| WireguardMessage {
+            cmd: WireguardCmd::GetDevice,
+            attributes: vec![WireguardAttribute::Peers(vec![WireguardPeer(vec![
+                WireguardPeerAttribute::PublicKey([1; 32]),
+                WireguardPeerAttribute::LastHandshake(WireguardTimeSpec { seconds, nano_seconds }),
+            ])])],
+        };
+        for (s, ns) in [(i64::MAX, 0xffff_ffff), (i64::MAX, 1_000_000_000), (i64::MAX - 3, 0xffff_ffff)] {
+            let (_, stats) = merge_dump(&[round_trip(&peer(s, ns))], now);
+            assert_eq!(stats[0].handshake_age_secs, Some(0), "{s} {ns}");
+        }
+        let (_, stats) = merge_dump(&[peer(999_000, 0)], now);
+        assert_eq!(stats[0].handshake_age_secs, Some(1000));
     }
 
     #[test]

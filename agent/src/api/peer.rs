@@ -21,7 +21,7 @@ use super::{
     ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PreVoteRequest,
     PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
 };
-use crate::auth::{AuthError, ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, RequestAuth};
+use crate::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
 use crate::raft::{Snapshot, TypeConfig};
 use crate::runtime::{Agent, hex_id};
 use crate::state::{NodeId, Response as CmdResponse};
@@ -34,18 +34,15 @@ struct AuthState {
     guard: ReplayGuard,
 }
 
-fn header(req: &Request, name: &'static str) -> Result<String, AuthError> {
-    req.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string).ok_or(AuthError::Missing(name))
+fn header<'a>(req: &'a Request, name: &'static str) -> Option<&'a str> {
+    req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
 async fn authenticate(State(auth): State<Arc<AuthState>>, req: Request, next: Next) -> Response {
     let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string()).unwrap_or_default();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
-    let parsed = (|| -> Result<RequestAuth, AuthError> {
-        let time_ms = header(&req, HDR_TIME)?.parse::<i64>().map_err(|_| AuthError::Missing(HDR_TIME))?;
-        Ok(RequestAuth { time_ms, nonce: header(&req, HDR_NONCE)?, signature: header(&req, HDR_AUTH)? })
-    })();
+    let parsed = parse_auth(header(&req, HDR_TIME), header(&req, HDR_NONCE), header(&req, HDR_AUTH));
     let (parts, body) = req.into_parts();
     let bytes = match to_bytes(body, MAX_BODY).await {
         Ok(b) => b,
