@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all deps build release image cluster down test test-host faults faults-short e2e check fmt bench
+.PHONY: all deps build release image cluster down test test-host faults faults-short fuzz-smoke e2e check fmt bench
 
 all: build
 
@@ -25,11 +25,12 @@ cluster: image
 down:
 	qemu/cluster down
 
-# Every test: unit and host cluster tests, the short fault suite, then the VM end-to-end suite (in
-# that order, also under -j).
+# Every test: unit and host cluster tests, the short fault suite, the fuzz smoke run, then the VM
+# end-to-end suite (in that order, also under -j).
 test:
 	$(MAKE) test-host
 	$(MAKE) faults-short
+	$(MAKE) fuzz-smoke
 	$(MAKE) e2e
 
 test-host:
@@ -46,6 +47,12 @@ faults: deps release
 # The bounded version that .ci/run runs: 2 rounds of every fault kind.
 faults-short:
 	$(MAKE) faults FAULTS_ROUNDS=2
+
+# Every fuzz target (agent/fuzz: peer requests and auth headers, config and credentials,
+# snapshots, apply, WireGuard dumps, the SLURM state copy) for FUZZ_SECONDS (default 30) from its
+# committed seeds, on the stable toolchain (cargo-fuzz without a sanitizer; installed if missing).
+fuzz-smoke:
+	scripts/fuzz-smoke
 
 # The VM end-to-end suites (tests/tests/*.rs, root; e2e.rs alone takes 3-5 minutes under TCG): build the agent and the image,
 # boot VMs and check them from inside. A failed test leaves its logs in target/e2e-logs/<test>/.

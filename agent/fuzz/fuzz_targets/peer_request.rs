@@ -1,0 +1,248 @@
+//! The peer API as a request from the network meets it: the authentication headers, the
+//! signature and replay checks the middleware runs before any handler, and the JSON body of every
+//! request type the router accepts; then the answer as the client checks it (response signature,
+//! error body, answer type).
+//!
+//! Input: `[kind, flags, status_lo, status_hi]` then `time \n nonce \n signature \n
+//! response-signature \n body`. `kind` picks the route; `flags`: 1, 2, 4 = the time, nonce and
+//! signature headers are present; 8 = replace the signature by a correct one (to get past the
+//! HMAC to the replay guard and the handlers); 16 = sign the answer correctly; 32 = the answer
+//! signature header is present.
+
+#![forbid(unsafe_code)]
+#![no_main]
+
+use std::sync::LazyLock;
+
+use clusteros::api::{
+    Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PreVoteRequest,
+    PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
+};
+use clusteros::auth::{AuthError, ClusterKey, ReplayGuard, parse_auth};
+use clusteros::raft::TypeConfig;
+use clusteros::raft::state_machine::SmData;
+use clusteros::state::{NodeId, Response as CmdResponse};
+use libfuzzer_sys::fuzz_target;
+use openraft::error::{Fatal, RaftError};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+const SECRET: &str = "fuzz-cluster-secret-0123456789";
+/// This node's clock (ms), near the seeds' request times.
+const NOW_MS: i64 = 1_750_000_000_000;
+const TARGET: &str = "0123456789abcdef";
+
+static KEY: LazyLock<ClusterKey> = LazyLock::new(|| ClusterKey::derive(SECRET));
+
+/// A header value as the middleware sees it: absent, or not visible ASCII, is `None`.
+fn header(present: bool, raw: &[u8]) -> Option<String> {
+    if !present {
+        return None;
+    }
+    let v = http::HeaderValue::from_bytes(raw).ok()?;
+    v.to_str().ok().map(str::to_string)
+}
+
+/// Decodes `body` as `T` (what `axum::Json<T>` does); a value that decodes must re-encode to
+/// JSON that decodes to the same value.
+fn decode<T: DeserializeOwned + Serialize>(body: &[u8]) -> Option<T> {
+    let v: T = serde_json::from_slice(body).ok()?;
+    let text = serde_json::to_vec(&v).expect("a decoded value encodes");
+    let again: T = serde_json::from_slice(&text).expect("an encoded value decodes");
+    assert_eq!(
+        serde_json::to_value(&v).expect("to value"),
+        serde_json::to_value(&again).expect("to value"),
+        "round trip changed the value"
+    );
+    Some(v)
+}
+
+fn route(kind: u8) -> String {
+    match kind % 11 {
+        0 => format!("{}/{TARGET}", paths::RAFT_APPEND),
+        1 => format!("{}/{TARGET}", paths::RAFT_VOTE),
+        2 => format!("{}/{TARGET}", paths::RAFT_SNAPSHOT),
+        3 => format!("{}/{TARGET}", paths::RAFT_PREVOTE),
+        4 => paths::HELLO.into(),
+        5 => paths::JOIN.into(),
+        6 => paths::LEAVE.into(),
+        7 => paths::WRITE.into(),
+        8 => paths::READ.into(),
+        9 => paths::SLURM_STATE.into(),
+        // Not a route: only the middleware runs.
+        _ => "/peer/v1/nope".into(),
+    }
+}
+
+/// The handler's body extractor for `kind`.
+fn decode_request(kind: u8, body: &[u8]) {
+    match kind % 11 {
+        0 => {
+            decode::<AppendEntriesRequest<TypeConfig>>(body);
+        }
+        1 => {
+            decode::<VoteRequest<NodeId>>(body);
+        }
+        2 => {
+            // The handler passes `data` to the state machine, which decodes it and checks it
+            // against the metadata (`install_snapshot`).
+            if let Some(req) = decode::<SnapshotRequest>(body)
+                && let Some(data) = decode::<SmData>(req.data.as_bytes())
+            {
+                let _matches = data.last_applied == req.meta.last_log_id;
+            }
+        }
+        3 => {
+            decode::<PreVoteRequest>(body);
+        }
+        4 => {
+            decode::<HelloRequest>(body);
+        }
+        5 => {
+            decode::<JoinRequest>(body);
+        }
+        6 => {
+            decode::<LeaveRequest>(body);
+        }
+        7 => {
+            decode::<WriteRequest>(body);
+        }
+        8 => {
+            decode::<ReadRequest>(body);
+        }
+        9 => {
+            decode::<Empty>(body);
+        }
+        _ => {}
+    }
+}
+
+/// The client's decoding of a verified 2xx answer to `kind`.
+fn decode_answer(kind: u8, body: &[u8]) {
+    match kind % 11 {
+        0 => {
+            decode::<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>(body);
+        }
+        1 => {
+            decode::<Result<VoteResponse<NodeId>, RaftError<NodeId>>>(body);
+        }
+        2 => {
+            decode::<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(body);
+        }
+        3 => {
+            decode::<PreVoteResponse>(body);
+        }
+        4 => {
+            decode::<HelloResponse>(body);
+        }
+        5 => {
+            decode::<JoinResponse>(body);
+        }
+        6 => {
+            decode::<Empty>(body);
+        }
+        7 => {
+            decode::<CmdResponse>(body);
+        }
+        8 => {
+            decode::<ReadResponse>(body);
+        }
+        9 => {
+            decode::<SlurmStateBlob>(body);
+        }
+        _ => {}
+    }
+}
+
+/// The client's reading of an error answer (`transport::PeerClient::call_raw`).
+fn error_message(body: &[u8]) -> String {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => {
+            let again: ErrorBody = serde_json::from_slice(&serde_json::to_vec(&b).unwrap()).unwrap();
+            assert_eq!(again, b);
+            b.error
+        }
+        Err(_) => String::from_utf8_lossy(body).into_owned(),
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 4 {
+        return;
+    }
+    let (kind, flags, status) = (data[0], data[1], u16::from_le_bytes([data[2], data[3]]));
+    let mut parts = data[4..].splitn(5, |b| *b == b'\n');
+    let time_raw = parts.next().unwrap_or_default();
+    let nonce_raw = parts.next().unwrap_or_default();
+    let sig_raw = parts.next().unwrap_or_default();
+    let resp_sig_raw = parts.next().unwrap_or_default();
+    let body = parts.next().unwrap_or_default();
+    let path = route(kind);
+    let key = &*KEY;
+
+    // The middleware: headers, then signature, then freshness and replay.
+    let time = header(flags & 1 != 0, time_raw);
+    let nonce = header(flags & 2 != 0, nonce_raw);
+    let sig = header(flags & 4 != 0, sig_raw);
+    let parsed = parse_auth(time.as_deref(), nonce.as_deref(), sig.as_deref());
+    if let Err(e) = &parsed {
+        assert!(matches!(e, AuthError::Missing(_)), "{e:?}");
+    }
+    let mut auth = parsed.clone();
+    if flags & 8 != 0
+        && let Ok(a) = &parsed
+    {
+        let signed = key.sign_request_with_nonce("POST", &path, a.time_ms, &a.nonce, body);
+        assert_eq!((signed.time_ms, &signed.nonce), (a.time_ms, &a.nonce));
+        auth = Ok(signed);
+    }
+    let guard = ReplayGuard::default();
+    let checked = auth.clone().and_then(|a| {
+        key.verify_request("POST", &path, &a, body)?;
+        guard.check(&a, NOW_MS)?;
+        Ok(a)
+    });
+    if flags & 8 != 0 && auth.is_ok() {
+        let a = auth.as_ref().unwrap();
+        // A correct signature verifies; the same request again is refused.
+        assert_eq!(key.verify_request("POST", &path, a, body), Ok(()));
+        let again = guard.check(a, NOW_MS);
+        match &checked {
+            Ok(_) => assert_eq!(again, Err(AuthError::Replayed)),
+            Err(AuthError::Stale { .. }) => assert!(matches!(again, Err(AuthError::Stale { .. }))),
+            Err(e) => panic!("a correctly signed request was refused: {e:?}"),
+        }
+    }
+    if let Err(e) = &checked {
+        // The refusal's message (logged and sent back).
+        let _message = e.to_string();
+    }
+    // The handler's body (the real server decodes only after the checks passed; decoding every
+    // input here lets the fuzzer reach the decoders without a valid signature).
+    decode_request(kind, body);
+
+    // The client: the answer to a request with this nonce.
+    let req_nonce =
+        auth.as_ref().map(|a| a.nonce.clone()).unwrap_or_else(|_| String::from_utf8_lossy(nonce_raw).into());
+    let resp_sig = if flags & 16 != 0 {
+        let s = key.sign_response(&req_nonce, status, body);
+        assert_eq!(key.verify_response(&req_nonce, status, body, &s), Ok(()));
+        Some(s)
+    } else {
+        header(flags & 32 != 0, resp_sig_raw)
+    };
+    if status == 401 {
+        error_message(body);
+        return;
+    }
+    let verified = resp_sig.is_some_and(|s| key.verify_response(&req_nonce, status, body, &s).is_ok());
+    if !verified {
+        return;
+    }
+    if !(200..300).contains(&status) {
+        error_message(body);
+        return;
+    }
+    decode_answer(kind, body);
+});
