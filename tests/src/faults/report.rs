@@ -51,7 +51,8 @@ pub struct KindStats {
     /// How long a write started after the injection waited for success, through the slowest
     /// node the fault did not touch (ms), per round.
     pub all_nodes_write_ms: Vec<u64>,
-    /// Longest gap between successful writes from just before the heal to 3 s after it (ms).
+    /// Longest gap between successful writes from the last one before the heal to 3 s after it
+    /// (ms), for the rounds in which writes were succeeding when the fault was healed.
     pub heal_gap_ms: Vec<u64>,
     /// From the restart (kill kinds, read-only) to the first successful write started after it
     /// (ms), per round.
@@ -236,15 +237,17 @@ pub fn build(
             }
         }
         // Whether healing caused an outage: the longest gap between successful writes from the
-        // last one before the heal (at most 1 s before it) to 3 s after it, or to the next fault.
+        // last one before the heal to 3 s after it (or to the next fault). Only when writes were
+        // succeeding just before the heal (within 500 ms): otherwise the fault itself had stopped
+        // them, and the gap would measure the fault, not the heal.
         let prev = w.iter().map(|x| x.complete).filter(|c| *c <= e.heal).max().unwrap_or(0);
-        let from = prev.max(e.heal.saturating_sub(1_000_000_000));
-        let (g, _) = longest_gap(&w, from, (e.heal + 3_000_000_000).min(next.max(e.heal)));
+        let flowing = prev + 500_000_000 >= e.heal;
+        let (g, _) = longest_gap(&w, prev, (e.heal + 3_000_000_000).min(next.max(e.heal)));
         if e.kind.restarts() {
             if let Some(first) = w.iter().filter(|x| x.invoke >= e.heal).map(|x| x.complete).min() {
                 k.after_restart_ms.push((first - e.heal) / 1_000_000);
             }
-        } else {
+        } else if flowing {
             k.heal_gap_ms.push(g / 1_000_000);
         }
         match e.recovered_ms {
