@@ -71,6 +71,7 @@ check:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p clusteros-e2e --features e2e,faults --all-targets -- -D warnings
+	cd agent/fuzz && $(CARGO) fmt --check && $(CARGO) clippy --all-targets -- -D warnings
 	$(CARGO) test --workspace
 
 fmt:

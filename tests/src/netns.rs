@@ -90,10 +90,15 @@ impl Drop for NetNs {
 
 /// Deletes namespaces left by runs of this harness whose process is gone (killed before Drop ran).
 pub(crate) fn sweep_stale() {
+    sweep_namespaces(PREFIX);
+}
+
+/// Deletes the namespaces named `<prefix><pid>-...` whose test process `pid` is gone.
+pub(crate) fn sweep_namespaces(prefix: &str) {
     let Ok(list) = run_cmd("ip", &["netns", "list"]) else { return };
     for line in list.lines() {
         let Some(name) = line.split_whitespace().next() else { continue };
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
+        let Some(rest) = name.strip_prefix(prefix) else { continue };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
         if !harness_alive(pid) {
             let _ = run_cmd("ip", &["netns", "delete", name]);

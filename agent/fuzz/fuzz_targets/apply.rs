@@ -58,7 +58,7 @@ impl Gen<'_> {
     }
     fn opt_id(&mut self) -> Option<NodeId> {
         let b = self.byte();
-        (b % 6 != 0).then(|| IDS[b as usize % IDS.len()])
+        (!b.is_multiple_of(6)).then(|| IDS[b as usize % IDS.len()])
     }
     fn id_set(&mut self) -> BTreeSet<NodeId> {
         let mask = self.byte();
@@ -66,7 +66,7 @@ impl Gen<'_> {
     }
     fn opt_value(&mut self) -> Option<String> {
         let b = self.byte();
-        (b % 5 != 0).then(|| VALUES[b as usize % VALUES.len()].to_string())
+        (!b.is_multiple_of(5)).then(|| VALUES[b as usize % VALUES.len()].to_string())
     }
 
     fn command(&mut self, depth: u8) -> Command {

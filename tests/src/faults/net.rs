@@ -13,7 +13,6 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::netns::harness_alive;
 use crate::run_cmd;
 
 /// Namespaces of this suite: `cfl-<pid>-<lan>-<hub|nN>`.
@@ -206,15 +205,7 @@ impl Rules {
 
 /// Deletes namespaces left behind by runs of this suite whose process is gone.
 pub fn sweep_stale() {
-    let Ok(list) = run_cmd("ip", &["netns", "list"]) else { return };
-    for line in list.lines() {
-        let Some(name) = line.split_whitespace().next() else { continue };
-        let Some(rest) = name.strip_prefix(PREFIX) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !harness_alive(pid) {
-            let _ = run_cmd("ip", &["netns", "delete", name]);
-        }
-    }
+    crate::netns::sweep_namespaces(PREFIX);
 }
 
 #[cfg(test)]
