@@ -18,6 +18,7 @@ pub mod logging;
 pub mod membership;
 pub mod mesh;
 pub mod metrics;
+pub mod pledge;
 pub mod raft;
 pub mod render;
 pub mod roles;

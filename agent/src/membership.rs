@@ -5,12 +5,34 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+
 use crate::config::HealthTuning;
 use crate::state::{Health, NodeId};
 
 // ---------------------------------------------------------------------------------------------
 // Formation
 // ---------------------------------------------------------------------------------------------
+
+/// A node's promise to form the first cluster with exactly `members` (id -> peer address), as
+/// proposed by `proposer`, the smallest id among them. A node holds at most one pledge, keeps it
+/// on disk, and gives it up only when its proposer is seen to have withdrawn it. Only the
+/// proposer initializes Raft, and only once every member has pledged: two clusters cannot form
+/// from nodes that share a member, however stale the views of discovery are.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Pledge {
+    pub proposer: NodeId,
+    /// The proposer numbers its proposals (it keeps the counter on disk): a late request for an
+    /// older one never replaces a newer one.
+    pub seq: u64,
+    pub members: BTreeMap<NodeId, String>,
+}
+
+impl Pledge {
+    pub fn ids(&self) -> BTreeSet<NodeId> {
+        self.members.keys().copied().collect()
+    }
+}
 
 /// What one discovered peer told us about itself and the candidates it has heard from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,18 +41,41 @@ pub struct PeerView {
     pub initialized: bool,
     /// Candidate ids the peer has heard from directly, itself included.
     pub known: BTreeSet<NodeId>,
+    /// The pledge the peer holds.
+    pub pledged: Option<Pledge>,
+    /// The Raft members the peer has applied (empty before its first membership commits).
+    pub members: BTreeSet<NodeId>,
+    /// The discovery round whose hello this view answers (rounds count up from 1 per run).
+    pub round: u64,
+}
+
+/// This node's own pledge, and the first discovery round whose views were asked after it was
+/// made (older views of the proposer cannot show it, so they cannot release it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldPledge {
+    pub pledge: Pledge,
+    pub views_from_round: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Formation {
     /// Fewer than `expected` candidates are known.
     Wait { seen: usize, expected: usize },
-    /// Enough candidates, but not all of the chosen set agree on it yet (or this node is not in it).
+    /// Enough candidates, but not all of the chosen set agree on it yet, or this node is not the
+    /// one to propose it, or another proposal is under way.
     Settling { chosen: BTreeSet<NodeId> },
     /// A peer is already in a cluster: join it instead of forming one.
     Join { via: String },
-    /// Initialize Raft with exactly these members (id -> peer address).
-    Initialize { members: BTreeMap<NodeId, String> },
+    /// Propose forming the cluster with these members (id -> peer address): hold a new pledge
+    /// for them, then ask every other member for theirs.
+    Propose { members: BTreeMap<NodeId, String> },
+    /// Ask the members of this node's own proposal again.
+    AskAgain { pledge: Pledge },
+    /// This node has pledged to another node's proposal: wait for its Raft contact.
+    Pledged { proposer: NodeId },
+    /// Give this node's pledge up: its proposer withdrew it, or (as proposer) a cluster formed
+    /// elsewhere.
+    Release,
 }
 
 fn smallest(ids: impl IntoIterator<Item = NodeId>, n: usize) -> BTreeSet<NodeId> {
@@ -38,15 +83,52 @@ fn smallest(ids: impl IntoIterator<Item = NodeId>, n: usize) -> BTreeSet<NodeId>
     all.into_iter().take(n).collect()
 }
 
-/// Decides whether this node may bootstrap, following `bootstrap_expect = expect`.
+/// Decides this node's next formation step under `bootstrap_expect = expect`.
 ///
 /// The chosen set is the `expect` smallest ids among the candidates this node heard from directly
-/// (itself included). This node initializes only when it is in that set and every other member of
-/// the set reports the same set from its own view, so every node that initializes uses the
-/// identical member set. A peer that is already initialized turns formation into a join.
-pub fn decide_formation(me: NodeId, my_addr: &str, expect: usize, peers: &BTreeMap<NodeId, PeerView>) -> Formation {
+/// (itself included). Its smallest member proposes it once every other member reports the same
+/// set from its own view; the others wait for its pledge request. Views may be stale, so the
+/// decision only picks what to propose: the pledges (see [`answer_pledge`] and
+/// [`pledge_outcome`]) make the choice safe. A peer that is already initialized turns formation
+/// into a join; a proposal under way elsewhere makes this node wait for it.
+pub fn decide_formation(
+    me: NodeId,
+    my_addr: &str,
+    expect: usize,
+    held: Option<&HeldPledge>,
+    peers: &BTreeMap<NodeId, PeerView>,
+) -> Formation {
+    if let Some(h) = held {
+        let proposer = h.pledge.proposer;
+        if proposer == me {
+            // A cluster formed without this proposal (its members were taken): give it up and join.
+            if peers.values().any(|p| p.initialized) {
+                return Formation::Release;
+            }
+            return Formation::AskAgain { pledge: h.pledge.clone() };
+        }
+        // Released only by a view of the proposer asked after the pledge, that shows it withdrew
+        // the proposal: not initialized and not holding it, or in a cluster without this node
+        // (it withdrew and joined another; a cluster it formed from the pledge has this node in
+        // the membership it applies first).
+        let withdrawn = |v: &PeerView| {
+            if v.initialized {
+                !v.members.is_empty() && !v.members.contains(&me)
+            } else {
+                v.pledged.as_ref() != Some(&h.pledge)
+            }
+        };
+        return match peers.get(&proposer).filter(|v| v.round >= h.views_from_round) {
+            Some(v) if withdrawn(v) => Formation::Release,
+            _ => Formation::Pledged { proposer },
+        };
+    }
     if let Some(p) = peers.values().find(|p| p.initialized) {
         return Formation::Join { via: p.addr.clone() };
+    }
+    // Another proposal is under way: it forms the cluster (or is withdrawn); join it later.
+    if let Some(p) = peers.values().find_map(|p| p.pledged.as_ref()) {
+        return Formation::Settling { chosen: p.ids() };
     }
     let mut known: BTreeSet<NodeId> = peers.keys().copied().collect();
     known.insert(me);
@@ -54,7 +136,7 @@ pub fn decide_formation(me: NodeId, my_addr: &str, expect: usize, peers: &BTreeM
         return Formation::Wait { seen: known.len(), expected: expect };
     }
     let chosen = smallest(known.iter().copied(), expect);
-    if !chosen.contains(&me) {
+    if chosen.first() != Some(&me) {
         return Formation::Settling { chosen };
     }
     let agreed = chosen
@@ -66,7 +148,83 @@ pub fn decide_formation(me: NodeId, my_addr: &str, expect: usize, peers: &BTreeM
     }
     let members =
         chosen.iter().map(|id| (*id, if *id == me { my_addr.to_string() } else { peers[id].addr.clone() })).collect();
-    Formation::Initialize { members }
+    Formation::Propose { members }
+}
+
+/// Why a node refuses to pledge.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PledgeRefusal {
+    #[error("this node is already in a cluster")]
+    InCluster,
+    #[error("this node has pledged to the proposal of {}", crate::state::hex_id(*.0))]
+    PledgedTo(NodeId),
+    #[error("this node holds a newer proposal of the same proposer")]
+    Superseded,
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Whether this node (`me`, with `bootstrap_expect = expect`) pledges to `req`, holding `current`.
+/// It pledges to one proposal at a time; its proposer may replace its own proposal.
+pub fn answer_pledge(
+    me: NodeId,
+    expect: Option<usize>,
+    initialized: bool,
+    current: Option<&Pledge>,
+    req: &Pledge,
+) -> Result<(), PledgeRefusal> {
+    if initialized {
+        return Err(PledgeRefusal::InCluster);
+    }
+    if !req.members.contains_key(&me) {
+        return Err(PledgeRefusal::Invalid("the proposal does not name this node".into()));
+    }
+    if req.members.keys().next() != Some(&req.proposer) {
+        return Err(PledgeRefusal::Invalid("the proposer must be the smallest id of the proposal".into()));
+    }
+    match expect {
+        Some(n) if n == req.members.len() => {}
+        other => {
+            return Err(PledgeRefusal::Invalid(format!(
+                "the proposal has {} members, this node has bootstrap_expect {other:?}: give every node the same value",
+                req.members.len()
+            )));
+        }
+    }
+    match current {
+        Some(c) if c.proposer != req.proposer => Err(PledgeRefusal::PledgedTo(c.proposer)),
+        Some(c) if req.seq < c.seq => Err(PledgeRefusal::Superseded),
+        _ => Ok(()),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PledgeOutcome {
+    /// Every member holds the pledge: initialize Raft with them.
+    Initialize,
+    /// Withdraw the proposal: a member is in a cluster, or pledged to a smaller proposer (which
+    /// wins, so that competing proposals cannot wait on each other in a cycle).
+    Withdraw { why: String },
+    /// Ask again: a member did not answer, or is pledged to a larger proposer (which withdraws).
+    Retry { why: String },
+}
+
+/// What the proposer `me` does after asking the other members: `answers` holds one entry per
+/// member asked (`Err(None)`: no answer).
+pub fn pledge_outcome(me: NodeId, answers: &BTreeMap<NodeId, Result<(), Option<PledgeRefusal>>>) -> PledgeOutcome {
+    let mut retry = Vec::new();
+    for (id, a) in answers {
+        let who = crate::state::hex_id(*id);
+        match a {
+            Ok(()) => {}
+            Err(Some(PledgeRefusal::PledgedTo(p))) if *p > me => {
+                retry.push(format!("{who}: pledged to {}", crate::state::hex_id(*p)))
+            }
+            Err(Some(r)) => return PledgeOutcome::Withdraw { why: format!("{who}: {r}") },
+            Err(None) => retry.push(format!("{who}: no answer")),
+        }
+    }
+    if retry.is_empty() { PledgeOutcome::Initialize } else { PledgeOutcome::Retry { why: retry.join("; ") } }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -312,38 +470,44 @@ mod tests {
     }
 
     fn peer(addr: &str, known: &[NodeId]) -> PeerView {
-        PeerView { addr: addr.into(), initialized: false, known: known.iter().copied().collect() }
+        let known = known.iter().copied().collect();
+        PeerView { addr: addr.into(), initialized: false, known, pledged: None, members: BTreeSet::new(), round: 1 }
+    }
+
+    fn pledge(proposer: NodeId, ids: &[NodeId]) -> Pledge {
+        Pledge { proposer, seq: 1, members: members(ids) }
+    }
+
+    fn members(ids: &[NodeId]) -> BTreeMap<NodeId, String> {
+        ids.iter().map(|i| (*i, format!("n{i}"))).collect()
     }
 
     #[test]
     fn formation_waits_until_expected_candidates_are_seen() {
         let peers = BTreeMap::from([(2, peer("b", &[1, 2]))]);
-        assert_eq!(decide_formation(1, "a", 3, &peers), Formation::Wait { seen: 2, expected: 3 });
+        assert_eq!(decide_formation(1, "a", 3, None, &peers), Formation::Wait { seen: 2, expected: 3 });
     }
 
     #[test]
-    fn formation_initializes_with_identical_sets_on_every_node() {
+    fn only_the_smallest_chosen_node_proposes() {
         let full = [1, 2, 3];
         let views = |me: NodeId| -> BTreeMap<NodeId, PeerView> {
             full.iter().filter(|id| **id != me).map(|id| (*id, peer(&format!("n{id}"), &full))).collect()
         };
-        let mut sets = Vec::new();
-        for me in full {
-            match decide_formation(me, &format!("n{me}"), 3, &views(me)) {
-                Formation::Initialize { members } => sets.push(members),
-                other => panic!("node {me}: {other:?}"),
-            }
+        assert_eq!(decide_formation(1, "n1", 3, None, &views(1)), Formation::Propose { members: members(&full) });
+        for me in [2, 3] {
+            assert_eq!(
+                decide_formation(me, &format!("n{me}"), 3, None, &views(me)),
+                Formation::Settling { chosen: full.into() }
+            );
         }
-        assert!(sets.windows(2).all(|w| w[0] == w[1]), "{sets:?}");
-        assert_eq!(sets[0].keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(sets[0][&2], "n2");
     }
 
     #[test]
     fn formation_waits_while_a_chosen_peer_has_a_different_view() {
         // Node 3 has not heard from node 1 yet.
         let peers = BTreeMap::from([(2, peer("b", &[1, 2, 3])), (3, peer("c", &[2, 3]))]);
-        assert!(matches!(decide_formation(1, "a", 3, &peers), Formation::Settling { .. }));
+        assert!(matches!(decide_formation(1, "a", 3, None, &peers), Formation::Settling { .. }));
     }
 
     #[test]
@@ -352,13 +516,19 @@ mod tests {
         let peers: BTreeMap<NodeId, PeerView> =
             all.iter().filter(|i| **i != 9).map(|i| (*i, peer(&format!("n{i}"), &all))).collect();
         // Node 9 is not among the 3 smallest: it waits and joins later.
-        assert_eq!(decide_formation(9, "n9", 3, &peers), Formation::Settling { chosen: [1, 5, 7].into() });
+        assert_eq!(decide_formation(9, "n9", 3, None, &peers), Formation::Settling { chosen: [1, 5, 7].into() });
         let peers: BTreeMap<NodeId, PeerView> =
             all.iter().filter(|i| **i != 1).map(|i| (*i, peer(&format!("n{i}"), &all))).collect();
-        match decide_formation(1, "n1", 3, &peers) {
-            Formation::Initialize { members } => assert_eq!(members.keys().copied().collect::<Vec<_>>(), vec![1, 5, 7]),
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(decide_formation(1, "n1", 3, None, &peers), Formation::Propose { members: members(&[1, 5, 7]) });
+    }
+
+    #[test]
+    fn a_proposal_under_way_elsewhere_makes_others_wait() {
+        // Node 4 knows 1..5 and would choose {1,2,4}, but node 2 holds node 1's pledge for {1,2,3}.
+        let mut p2 = peer("n2", &[1, 2, 3, 4, 5]);
+        p2.pledged = Some(pledge(1, &[1, 2, 3]));
+        let peers = BTreeMap::from([(2, p2), (5, peer("n5", &[1, 2, 3, 4, 5]))]);
+        assert_eq!(decide_formation(4, "n4", 3, None, &peers), Formation::Settling { chosen: [1, 2, 3].into() });
     }
 
     #[test]
@@ -366,15 +536,93 @@ mod tests {
         let mut p = peer("b", &[2]);
         p.initialized = true;
         let peers = BTreeMap::from([(2, p), (3, peer("c", &[1, 2, 3]))]);
-        assert_eq!(decide_formation(1, "a", 3, &peers), Formation::Join { via: "b".into() });
+        assert_eq!(decide_formation(1, "a", 3, None, &peers), Formation::Join { via: "b".into() });
     }
 
     #[test]
     fn single_node_bootstrap() {
-        match decide_formation(4, "a", 1, &BTreeMap::new()) {
-            Formation::Initialize { members } => assert_eq!(members, BTreeMap::from([(4, "a".to_string())])),
-            other => panic!("{other:?}"),
+        let me = BTreeMap::from([(4, "a".to_string())]);
+        assert_eq!(decide_formation(4, "a", 1, None, &BTreeMap::new()), Formation::Propose { members: me });
+        assert_eq!(pledge_outcome(4, &BTreeMap::new()), PledgeOutcome::Initialize);
+    }
+
+    #[test]
+    fn a_pledged_member_waits_and_releases_only_on_a_fresh_view_of_its_proposer() {
+        let held = HeldPledge { pledge: pledge(1, &[1, 2, 3]), views_from_round: 5 };
+        let view = |round: u64, pledged: Option<Pledge>, initialized: bool| {
+            BTreeMap::from([(1, PeerView { round, pledged, initialized, ..peer("n1", &[1, 2, 3]) })])
+        };
+        let wait = Formation::Pledged { proposer: 1 };
+        // Another cluster elsewhere does not release it: only its proposer does.
+        let mut others = view(5, held.pledge.clone().into(), false);
+        others.insert(9, PeerView { initialized: true, ..peer("n9", &[9]) });
+        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &others), wait);
+        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &BTreeMap::new()), wait, "proposer not seen");
+        assert_eq!(
+            decide_formation(2, "n2", 3, Some(&held), &view(4, None, false)),
+            wait,
+            "view from before the pledge"
+        );
+        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &view(5, None, true)), wait, "it formed, not applied yet");
+        let mut formed = view(5, None, true);
+        formed.get_mut(&1).unwrap().members = [1, 2, 3].into();
+        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &formed), wait, "the proposer formed it");
+        formed.get_mut(&1).unwrap().members = [1, 7, 8].into();
+        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &formed), Formation::Release, "it joined another");
+        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &view(5, None, false)), Formation::Release);
+        let other = Some(pledge(1, &[1, 2, 4]));
+        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &view(6, other, false)), Formation::Release);
+    }
+
+    #[test]
+    fn a_proposer_goes_on_proposing_until_a_cluster_forms_elsewhere() {
+        let held = HeldPledge { pledge: pledge(1, &[1, 2, 3]), views_from_round: 1 };
+        let peers = BTreeMap::from([(2, peer("n2", &[1, 2]))]);
+        assert_eq!(
+            decide_formation(1, "n1", 3, Some(&held), &peers),
+            Formation::AskAgain { pledge: held.pledge.clone() }
+        );
+        let peers = BTreeMap::from([(7, PeerView { initialized: true, ..peer("n7", &[7]) })]);
+        assert_eq!(decide_formation(1, "n1", 3, Some(&held), &peers), Formation::Release);
+    }
+
+    #[test]
+    fn a_node_pledges_to_one_proposer_at_a_time() {
+        let p1 = pledge(1, &[1, 2, 3]);
+        assert_eq!(answer_pledge(2, Some(3), false, None, &p1), Ok(()));
+        assert_eq!(answer_pledge(2, Some(3), false, Some(&p1), &p1), Ok(()), "asked again");
+        let newer = Pledge { seq: 2, ..pledge(1, &[1, 2, 4]) };
+        assert_eq!(answer_pledge(2, Some(3), false, Some(&p1), &newer), Ok(()), "its proposer's new set");
+        assert_eq!(
+            answer_pledge(2, Some(3), false, Some(&newer), &p1),
+            Err(PledgeRefusal::Superseded),
+            "a late request"
+        );
+        assert_eq!(
+            answer_pledge(2, Some(3), false, Some(&p1), &pledge(2, &[2, 3, 4])),
+            Err(PledgeRefusal::PledgedTo(1))
+        );
+        assert_eq!(answer_pledge(2, Some(3), true, None, &p1), Err(PledgeRefusal::InCluster));
+        for bad in [pledge(1, &[1, 3, 4]), pledge(3, &[1, 2, 3]), pledge(1, &[1, 2])] {
+            assert!(matches!(answer_pledge(2, Some(3), false, None, &bad), Err(PledgeRefusal::Invalid(_))), "{bad:?}");
         }
+        let Err(PledgeRefusal::Invalid(why)) = answer_pledge(2, None, false, None, &p1) else { panic!() };
+        assert!(why.contains("bootstrap_expect"), "{why}");
+    }
+
+    #[test]
+    fn the_smaller_proposer_wins_a_contested_member() {
+        let ok = |ids: &[NodeId]| ids.iter().map(|i| (*i, Ok(()))).collect::<BTreeMap<_, _>>();
+        assert_eq!(pledge_outcome(3, &ok(&[5, 7])), PledgeOutcome::Initialize);
+        let mut a = ok(&[5]);
+        a.insert(7, Err(Some(PledgeRefusal::PledgedTo(2))));
+        assert!(matches!(pledge_outcome(3, &a), PledgeOutcome::Withdraw { .. }), "pledged to a smaller proposer");
+        a.insert(7, Err(Some(PledgeRefusal::PledgedTo(4))));
+        assert!(matches!(pledge_outcome(3, &a), PledgeOutcome::Retry { .. }), "the larger one withdraws");
+        a.insert(7, Err(None));
+        assert!(matches!(pledge_outcome(3, &a), PledgeOutcome::Retry { .. }), "no answer");
+        a.insert(7, Err(Some(PledgeRefusal::InCluster)));
+        assert!(matches!(pledge_outcome(3, &a), PledgeOutcome::Withdraw { .. }));
     }
 
     fn tuning() -> HealthTuning {

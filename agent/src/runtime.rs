@@ -18,13 +18,13 @@ use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
 use crate::api::{
-    ApiError, Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, ReadRequest,
-    ReadResponse, paths,
+    ApiError, Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
+    ReadRequest, ReadResponse, paths,
 };
 use crate::auth::ClusterKey;
 use crate::config::Config;
 use crate::identity::Identity;
-use crate::membership::{self, AutopilotView, Formation, MembershipAction, PeerView};
+use crate::membership::{self, AutopilotView, Formation, MembershipAction, PeerView, Pledge, PledgeOutcome};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{ContactTracker, Network};
 use crate::raft::state_machine::{StateHandle, StateMachineStore};
@@ -123,6 +123,12 @@ pub struct Agent {
     progress: Mutex<Progress>,
     /// Candidates heard from directly during discovery, with what they reported.
     discovered: Mutex<BTreeMap<NodeId, (Candidate, Option<PeerView>)>>,
+    /// Discovery rounds of this run (views carry the round whose hello they answer).
+    discovery_rounds: AtomicU64,
+    /// The formation pledge this node holds (bootstrap_expect).
+    pledges: crate::pledge::PledgeStore,
+    /// Held while pledging and while joining, so that a node never does both at once.
+    formation_lock: tokio::sync::Mutex<()>,
     /// Join addresses: from the config, or given by `clusteros join`.
     join_targets: Mutex<Vec<String>>,
     wake: Notify,
@@ -234,9 +240,7 @@ pub fn read_facts() -> NodeFacts {
     NodeFacts { cpus, memory_mb, kernel, arch: std::env::consts::ARCH.to_string() }
 }
 
-pub fn hex_id(id: NodeId) -> String {
-    format!("{id:016x}")
-}
+pub use crate::state::hex_id;
 
 impl Agent {
     /// Opens storage, starts Raft and returns the agent; the caller starts servers and loops.
@@ -297,6 +301,9 @@ impl Agent {
             mesh_listener: std::sync::atomic::AtomicBool::new(false),
             progress: Mutex::new(Progress { phase: Phase::Discovering, detail: "starting".into(), last_error: None }),
             discovered: Mutex::new(BTreeMap::new()),
+            discovery_rounds: AtomicU64::new(0),
+            pledges: crate::pledge::PledgeStore::open(&cfg.state_dir),
+            formation_lock: tokio::sync::Mutex::new(()),
             join_targets: Mutex::new(join_targets),
             wake: Notify::new(),
             end,
@@ -430,6 +437,7 @@ impl Agent {
             api_addr: self.api_addr.clone(),
             initialized,
             bootstrap_expect: self.cfg.bootstrap_expect,
+            pledged: self.pledges.held().ok().flatten().map(|h| h.pledge),
         }
     }
 
@@ -777,6 +785,9 @@ impl Agent {
             }
             let initialized = self.raft.is_initialized().await.unwrap_or(false);
             if initialized {
+                if let Err(e) = self.pledges.clear() {
+                    warn!(node_id = %hex_id(self.id()), "cannot remove the formation pledge, which no longer applies: {e}");
+                }
                 self.set_progress(Phase::Member, "member of the cluster", None);
                 return;
             }
@@ -818,6 +829,7 @@ impl Agent {
         addrs.extend(self.discovered.lock().expect("discovered lock").values().map(|(c, _)| c.api_addr.clone()));
         addrs.remove(&self.api_addr);
         let req = HelloRequest { from: self.candidate(false) };
+        let round = self.discovery_rounds.fetch_add(1, Ordering::SeqCst) + 1;
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
         let calls = addrs.iter().map(|a| {
             let req = req.clone();
@@ -846,6 +858,9 @@ impl Agent {
                             addr: resp.me.api_addr.clone(),
                             initialized: resp.me.initialized || resp.leader.is_some(),
                             known,
+                            pledged: resp.me.pledged.clone(),
+                            members: resp.members.keys().copied().collect(),
+                            round,
                         };
                         d.insert(resp.me.id, (resp.me.clone(), Some(view)));
                         for c in resp.known {
@@ -873,7 +888,14 @@ impl Agent {
             .filter_map(|(id, (_, v))| v.clone().map(|v| (*id, v)))
             .collect();
         let last_error = errors.first().cloned();
-        match membership::decide_formation(self.id(), &self.api_addr, expect, &views) {
+        let held = match self.pledges.held() {
+            Ok(h) => h,
+            Err(e) => {
+                self.set_progress(Phase::Discovering, "formation stopped: the pledge file is unreadable", Some(e));
+                return false;
+            }
+        };
+        match membership::decide_formation(self.id(), &self.api_addr, expect, held.as_ref(), &views) {
             Formation::Wait { seen, expected } => {
                 self.set_progress(Phase::Discovering, format!("{seen} of {expected} expected nodes seen"), last_error);
                 false
@@ -891,14 +913,107 @@ impl Agent {
                 true
             }
             Formation::Join { via } => self.join_round(&[via]).await,
-            Formation::Initialize { members } => {
-                let nodes: BTreeMap<NodeId, BasicNode> =
-                    members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
-                info!(
-                    node_id = %hex_id(self.id()),
-                    members = %members.keys().map(|i| hex_id(*i)).collect::<Vec<_>>().join(","),
-                    "bootstrapping the cluster with {} voters", nodes.len()
+            Formation::Pledged { proposer } => {
+                let who = self.describe_candidate(proposer);
+                let silent = views.get(&proposer).is_none_or(|v| v.round != round);
+                let error = silent.then(|| {
+                    format!(
+                        "{who} does not answer; start it again. If it is gone for good and formed no cluster, stop this \
+                         agent, delete {} and start it again",
+                        self.pledges.path().display()
+                    )
+                });
+                self.set_progress(
+                    Phase::Discovering,
+                    format!("pledged to form the cluster proposed by {who}; waiting for it"),
+                    error.or(last_error),
                 );
+                true
+            }
+            Formation::Release => {
+                if let Some(h) = held {
+                    let released = if h.pledge.proposer == self.id() {
+                        self.pledges.withdraw(&h.pledge)
+                    } else {
+                        self.pledges.release(&h)
+                    };
+                    match released {
+                        Ok(_) => info!(
+                            node_id = %hex_id(self.id()),
+                            proposer = %hex_id(h.pledge.proposer),
+                            "formation pledge released: its proposal was withdrawn or another cluster formed"
+                        ),
+                        Err(e) => self.set_last_error(Some(format!("cannot release the formation pledge: {e}"))),
+                    }
+                }
+                true
+            }
+            Formation::Propose { members } => match self.pledges.propose(self.id(), members, round + 1) {
+                Ok(Some(pledge)) => self.ask_pledges(pledge).await,
+                // A pledge request came in meanwhile: this node holds another's pledge now.
+                Ok(None) => true,
+                Err(e) => {
+                    self.set_last_error(Some(e.to_string()));
+                    false
+                }
+            },
+            Formation::AskAgain { pledge } => self.ask_pledges(pledge).await,
+        }
+    }
+
+    /// "name (address)" of a discovered candidate, or its id.
+    fn describe_candidate(&self, id: NodeId) -> String {
+        match self.discovered.lock().expect("discovered lock").get(&id) {
+            Some((c, _)) => format!("{} ({})", c.name, c.api_addr),
+            None => hex_id(id),
+        }
+    }
+
+    /// As proposer, holding `pledge`: asks every other member for theirs, and initializes Raft
+    /// once all of them hold it. Returns whether it made progress.
+    async fn ask_pledges(&self, pledge: Pledge) -> bool {
+        let me = self.id();
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
+        let calls = pledge.members.iter().filter(|(id, _)| **id != me).map(|(id, addr)| {
+            let req = pledge.clone();
+            async move { (*id, self.client.call::<_, PledgeResponse>(addr, paths::PLEDGE, &req, t).await) }
+        });
+        let answers: BTreeMap<NodeId, Result<(), Option<membership::PledgeRefusal>>> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|(id, r)| {
+                let a = match r {
+                    Ok(PledgeResponse { refused: None }) => Ok(()),
+                    Ok(PledgeResponse { refused: Some(why) }) => Err(Some(why)),
+                    Err(e) => {
+                        debug!(peer = %hex_id(id), "pledge request: {e}");
+                        Err(None)
+                    }
+                };
+                (id, a)
+            })
+            .collect();
+        let members = pledge.members.keys().map(|i| hex_id(*i)).collect::<Vec<_>>().join(",");
+        match membership::pledge_outcome(me, &answers) {
+            PledgeOutcome::Retry { why } => {
+                self.set_progress(
+                    Phase::Discovering,
+                    format!("proposed forming the cluster with {members}; waiting for their pledges"),
+                    Some(why),
+                );
+                false
+            }
+            PledgeOutcome::Withdraw { why } => {
+                info!(node_id = %hex_id(me), members = %members, "formation proposal withdrawn: {why}");
+                if let Err(e) = self.pledges.withdraw(&pledge) {
+                    self.set_last_error(Some(format!("cannot withdraw the formation proposal: {e}")));
+                }
+                true
+            }
+            PledgeOutcome::Initialize => {
+                let nodes: BTreeMap<NodeId, BasicNode> =
+                    pledge.members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+                info!(node_id = %hex_id(me), members = %members, "every member pledged: bootstrapping the cluster with {} voters", nodes.len());
                 match self.raft.initialize(nodes).await {
                     Ok(()) => {}
                     Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
@@ -914,8 +1029,28 @@ impl Agent {
         }
     }
 
+    /// Answers a proposer's pledge request (see [`membership::answer_pledge`]).
+    pub async fn answer_pledge(&self, req: Pledge) -> Result<PledgeResponse, ApiError> {
+        let _formation = self.formation_lock.lock().await;
+        let initialized = self.raft.is_initialized().await.unwrap_or(true);
+        let from_round = self.discovery_rounds.load(Ordering::SeqCst) + 1;
+        let taken = self.pledges.take(&req, from_round, |cur| {
+            membership::answer_pledge(self.id(), self.cfg.bootstrap_expect, initialized, cur, &req)
+        });
+        match taken {
+            Ok(Ok(())) => {
+                info!(node_id = %hex_id(self.id()), proposer = %hex_id(req.proposer), "pledged to form the cluster with {} nodes", req.members.len());
+                self.wake.notify_one();
+                Ok(PledgeResponse { refused: None })
+            }
+            Ok(Err(why)) => Ok(PledgeResponse { refused: Some(why) }),
+            Err(e) => Err(ApiError::Internal(e.to_string())),
+        }
+    }
+
     /// Asks each target in turn to admit this node. Returns whether one accepted.
     async fn join_round(&self, targets: &[String]) -> bool {
+        let _formation = self.formation_lock.lock().await;
         let req = JoinRequest { id: self.id(), name: self.identity.name.clone(), api_addr: self.api_addr.clone() };
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 12);
         let mut last = None;

@@ -13,6 +13,11 @@ use serde::{Deserialize, Serialize};
 /// Raft node id. Random 64-bit, generated once per installation, never reused.
 pub type NodeId = u64;
 
+/// A node id as status, logs and peer paths show it: 16 hex digits.
+pub fn hex_id(id: NodeId) -> String {
+    format!("{id:016x}")
+}
+
 /// Largest accepted KV key, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
 /// Largest accepted KV value, in bytes.

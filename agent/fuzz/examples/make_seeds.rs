@@ -9,15 +9,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use clusteros::api::{
-    Candidate, Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PreVoteRequest,
-    PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
+    Candidate, Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
+    PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
 use clusteros::auth::{ClusterKey, parse_auth};
+use clusteros::membership::{Pledge, PledgeRefusal};
 use clusteros::raft::state_machine::{SmData, encode_snapshot_file};
 use clusteros::raft::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use clusteros::secrets::SecretBox;
 use clusteros::slurm_state::{SEAL_NAME, StateFiles};
 use clusteros::state::{ClusterState, Command, KvEntry, MemberSpec, NodeFacts, RequestId, Response, RoleAssignments};
+use clusteros_agent_fuzz::{NOW_MS, SECRET, route};
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
@@ -27,11 +29,6 @@ use netlink_packet_wireguard::{
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership, Vote};
 use serde::Serialize;
-
-// Must match the targets.
-const SECRET: &str = "fuzz-cluster-secret-0123456789";
-const NOW_MS: i64 = 1_750_000_000_000;
-const TARGET: &str = "0123456789abcdef";
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
     let dir = Path::new("seeds").join(target);
@@ -181,19 +178,7 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
 /// peer_request: `[kind, flags, status_lo, status_hi] time \n nonce \n sig \n resp-sig \n body`.
 fn peer_request_input(kind: u8, flags: u8, status: u16, body: &[u8], sign_answer: bool) -> Vec<u8> {
     let key = ClusterKey::derive(SECRET);
-    let path = match kind {
-        0 => format!("{}/{TARGET}", paths::RAFT_APPEND),
-        1 => format!("{}/{TARGET}", paths::RAFT_VOTE),
-        2 => format!("{}/{TARGET}", paths::RAFT_SNAPSHOT),
-        3 => format!("{}/{TARGET}", paths::RAFT_PREVOTE),
-        4 => paths::HELLO.into(),
-        5 => paths::JOIN.into(),
-        6 => paths::LEAVE.into(),
-        7 => paths::WRITE.into(),
-        8 => paths::READ.into(),
-        9 => paths::SLURM_STATE.into(),
-        _ => "/peer/v1/nope".into(),
-    };
+    let path = route(kind);
     let nonce = format!("{:032x}", u128::from(kind) * 0x1234_5678_9abc_def1 + u128::from(status));
     let a = key.sign_request_with_nonce("POST", &path, NOW_MS, &nonce, body);
     let resp_sig = if sign_answer { key.sign_response(&a.nonce, status, body) } else { String::new() };
@@ -217,7 +202,9 @@ fn peer_request() {
         api_addr: "10.0.0.1:7600".into(),
         initialized: true,
         bootstrap_expect: Some(3),
+        pledged: Some(Pledge { proposer: 1, seq: 2, members: BTreeMap::from([(1, "10.0.0.1:7600".into())]) }),
     };
+    let pledge = Pledge { proposer: 1, seq: 4, members: (1..=3).map(|i| (i, format!("10.0.0.{i}:7600"))).collect() };
     let entries = vec![
         openraft::Entry::<TypeConfig> { log_id: log_id(1, 1), payload: EntryPayload::Blank },
         openraft::Entry::<TypeConfig> {
@@ -258,6 +245,7 @@ fn peer_request() {
         to_json(&WriteRequest { cmd: Command::KvPut { key: "k".into(), value: "v".into() } }),
         to_json(&ReadRequest { key: "k".into() }),
         to_json(&Empty {}),
+        to_json(&pledge),
     ];
     let answers: Vec<Vec<u8>> = vec![
         to_json(&Ok::<_, ()>(AppendEntriesResponse::<u64>::Success)),
@@ -283,6 +271,7 @@ fn peer_request() {
             read_index: Some(7),
         }),
         to_json(&SlurmStateBlob { from: 1, version: 2, digest: "ab".repeat(32), sealed: "AAAA".into() }),
+        to_json(&PledgeResponse { refused: Some(PledgeRefusal::PledgedTo(1)) }),
     ];
     let mut tokens = BTreeSet::new();
     for (kind, (req, ans)) in requests.iter().zip(&answers).enumerate() {

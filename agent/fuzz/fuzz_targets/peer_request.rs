@@ -15,23 +15,20 @@
 use std::sync::LazyLock;
 
 use clusteros::api::{
-    Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PreVoteRequest,
-    PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
+    Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
+    PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
 use clusteros::auth::{AuthError, ClusterKey, ReplayGuard, parse_auth};
+use clusteros::membership::{Pledge, answer_pledge};
 use clusteros::raft::TypeConfig;
 use clusteros::raft::state_machine::SmData;
 use clusteros::state::{NodeId, Response as CmdResponse};
+use clusteros_agent_fuzz::{NOW_MS, SECRET, route};
 use libfuzzer_sys::fuzz_target;
 use openraft::error::{Fatal, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-
-const SECRET: &str = "fuzz-cluster-secret-0123456789";
-/// This node's clock (ms), near the seeds' request times.
-const NOW_MS: i64 = 1_750_000_000_000;
-const TARGET: &str = "0123456789abcdef";
 
 static KEY: LazyLock<ClusterKey> = LazyLock::new(|| ClusterKey::derive(SECRET));
 
@@ -58,26 +55,9 @@ fn decode<T: DeserializeOwned + Serialize>(body: &[u8]) -> Option<T> {
     Some(v)
 }
 
-fn route(kind: u8) -> String {
-    match kind % 11 {
-        0 => format!("{}/{TARGET}", paths::RAFT_APPEND),
-        1 => format!("{}/{TARGET}", paths::RAFT_VOTE),
-        2 => format!("{}/{TARGET}", paths::RAFT_SNAPSHOT),
-        3 => format!("{}/{TARGET}", paths::RAFT_PREVOTE),
-        4 => paths::HELLO.into(),
-        5 => paths::JOIN.into(),
-        6 => paths::LEAVE.into(),
-        7 => paths::WRITE.into(),
-        8 => paths::READ.into(),
-        9 => paths::SLURM_STATE.into(),
-        // Not a route: only the middleware runs.
-        _ => "/peer/v1/nope".into(),
-    }
-}
-
 /// The handler's body extractor for `kind`.
 fn decode_request(kind: u8, body: &[u8]) {
-    match kind % 11 {
+    match kind % 12 {
         0 => {
             decode::<AppendEntriesRequest<TypeConfig>>(body);
         }
@@ -114,13 +94,22 @@ fn decode_request(kind: u8, body: &[u8]) {
         9 => {
             decode::<Empty>(body);
         }
+        10 => {
+            // The handler's decision on a decoded proposal, against a pledge this node holds.
+            if let Some(req) = decode::<Pledge>(body) {
+                let held = Pledge { proposer: 1, seq: 3, members: [(1, "a".into()), (2, "b".into())].into() };
+                for current in [None, Some(&held)] {
+                    let _ = answer_pledge(2, Some(2), false, current, &req);
+                }
+            }
+        }
         _ => {}
     }
 }
 
 /// The client's decoding of a verified 2xx answer to `kind`.
 fn decode_answer(kind: u8, body: &[u8]) {
-    match kind % 11 {
+    match kind % 12 {
         0 => {
             decode::<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>(body);
         }
@@ -150,6 +139,9 @@ fn decode_answer(kind: u8, body: &[u8]) {
         }
         9 => {
             decode::<SlurmStateBlob>(body);
+        }
+        10 => {
+            decode::<PledgeResponse>(body);
         }
         _ => {}
     }

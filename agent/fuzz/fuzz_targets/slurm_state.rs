@@ -18,9 +18,9 @@ use clusteros::secrets::SecretBox;
 use clusteros::slurm_state::{
     HEARTBEAT, SEAL_NAME, StateFiles, in_control, may_install, parse_heartbeat, stale_job_dirs, valid_path,
 };
+use clusteros_agent_fuzz::SECRET;
 use libfuzzer_sys::fuzz_target;
 
-const SECRET: &str = "fuzz-cluster-secret-0123456789";
 static BOX: LazyLock<SecretBox> = LazyLock::new(|| SecretBox::new(SECRET));
 
 /// A path the copy may hold stays inside the state directory.

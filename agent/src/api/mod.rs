@@ -28,6 +28,8 @@ pub mod paths {
     pub const READ: &str = "/peer/v1/read";
     pub const LEAVE: &str = "/peer/v1/leave";
     pub const SLURM_STATE: &str = "/peer/v1/slurm-state";
+    /// Formation: a proposer asks a member to pledge to its proposal (`bootstrap_expect`).
+    pub const PLEDGE: &str = "/peer/v1/form/pledge";
 }
 
 /// The SLURM controller's newest state copy, sealed with the cluster key.
@@ -86,6 +88,16 @@ pub struct Candidate {
     pub initialized: bool,
     /// `bootstrap_expect` of that node, to detect mismatched settings.
     pub bootstrap_expect: Option<usize>,
+    /// The formation pledge the node holds (it is forming a cluster with those members).
+    #[serde(default)]
+    pub pledged: Option<crate::membership::Pledge>,
+}
+
+/// The answer to a pledge request (the request body is a [`crate::membership::Pledge`]).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct PledgeResponse {
+    /// Why the node did not pledge; `None`: it holds the pledge (on disk) now.
+    pub refused: Option<crate::membership::PledgeRefusal>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

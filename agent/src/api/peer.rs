@@ -18,10 +18,11 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotRespon
 use tracing::warn;
 
 use super::{
-    ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PreVoteRequest,
-    PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
+    ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
+    PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
 };
 use crate::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
+use crate::membership::Pledge;
 use crate::raft::{Snapshot, TypeConfig};
 use crate::runtime::{Agent, hex_id};
 use crate::state::{NodeId, Response as CmdResponse};
@@ -143,6 +144,10 @@ async fn hello(State(a): Shared, Json(req): Json<HelloRequest>) -> Json<HelloRes
     Json(a.hello(req).await)
 }
 
+async fn pledge(State(a): Shared, Json(req): Json<Pledge>) -> Result<Json<PledgeResponse>, ApiError> {
+    Ok(Json(a.answer_pledge(req).await?))
+}
+
 async fn join(State(a): Shared, Json(req): Json<JoinRequest>) -> Result<Json<JoinResponse>, ApiError> {
     // Forwarded to the leader, so the joining node may ask any member.
     let r = a.on_leader(paths::JOIN, &req, || a.local_join(req.clone())).await?;
@@ -181,6 +186,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route(&format!("{}/{{target}}", paths::RAFT_SNAPSHOT), post(snapshot))
         .route(&format!("{}/{{target}}", paths::RAFT_PREVOTE), post(prevote))
         .route(paths::HELLO, post(hello))
+        .route(paths::PLEDGE, post(pledge))
         .route(paths::JOIN, post(join))
         .route(paths::LEAVE, post(leave))
         .route(paths::WRITE, post(write))

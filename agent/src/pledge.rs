@@ -1,0 +1,268 @@
+//! This node's formation pledge, kept on disk (`STATE/formation-pledge.json`) so that it survives
+//! a crash: a node that promised a proposer to form the first cluster with it must still be bound
+//! by that promise after a restart, or the proposer could initialize with a member that has since
+//! promised another proposal. The decisions are in [`crate::membership`]; this is the storage.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+use crate::files::WriteError;
+use crate::membership::{HeldPledge, Pledge, PledgeRefusal};
+use crate::state::NodeId;
+
+pub const PLEDGE_FILE: &str = "formation-pledge.json";
+/// A pledge names `bootstrap_expect` members (a handful); anything larger is not one of ours.
+const MAX_FILE_BYTES: u64 = 64 * 1024;
+
+pub struct PledgeStore {
+    path: PathBuf,
+    /// `Err`: the file exists but cannot be read; formation stops until someone looks at it.
+    held: Mutex<Result<Held, String>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Held {
+    pledge: Option<HeldPledge>,
+    /// The number of this node's last proposal.
+    proposed: u64,
+}
+
+/// The file: the pledge held, and the proposal counter (kept when a proposal is withdrawn).
+#[derive(Serialize, Deserialize)]
+struct OnDisk {
+    pledge: Option<Pledge>,
+    proposed: u64,
+}
+
+impl PledgeStore {
+    /// Loads the pledge a previous run left, if any.
+    pub fn open(state_dir: &Path) -> PledgeStore {
+        let path = state_dir.join(PLEDGE_FILE);
+        let held = load(&path).map(|d| Held {
+            pledge: d.pledge.map(|pledge| HeldPledge { pledge, views_from_round: 0 }),
+            proposed: d.proposed,
+        });
+        PledgeStore { path, held: Mutex::new(held) }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pledge this node holds, or why the pledge file cannot be read.
+    pub fn held(&self) -> Result<Option<HeldPledge>, String> {
+        self.held.lock().expect("pledge lock").as_ref().map(|h| h.pledge.clone()).map_err(Clone::clone)
+    }
+
+    /// As `proposer`: holds a new proposal (numbered after every earlier one) for `members`,
+    /// unless this node holds another proposer's pledge (`None` then).
+    pub fn propose(
+        &self,
+        proposer: NodeId,
+        members: BTreeMap<NodeId, String>,
+        views_from_round: u64,
+    ) -> Result<Option<Pledge>, TakeError> {
+        let mut guard = self.held.lock().expect("pledge lock");
+        let held = guard.as_mut().map_err(|e| TakeError::Unreadable(e.clone()))?;
+        if held.pledge.as_ref().is_some_and(|h| h.pledge.proposer != proposer) {
+            return Ok(None);
+        }
+        let pledge = Pledge { proposer, seq: held.proposed + 1, members };
+        let next = Held { pledge: Some(HeldPledge { pledge: pledge.clone(), views_from_round }), proposed: pledge.seq };
+        self.store(&next).map_err(TakeError::Write)?;
+        *held = next;
+        Ok(Some(pledge))
+    }
+
+    /// Takes `pledge` when `allow` (shown the pledge held now) says so: written and synced to
+    /// disk before this returns, so an answer "pledged" is never lost. Views of discovery rounds
+    /// from `views_from_round` on count for releasing it.
+    pub fn take(
+        &self,
+        pledge: &Pledge,
+        views_from_round: u64,
+        allow: impl FnOnce(Option<&Pledge>) -> Result<(), PledgeRefusal>,
+    ) -> Result<Result<(), PledgeRefusal>, TakeError> {
+        let mut guard = self.held.lock().expect("pledge lock");
+        let held = guard.as_mut().map_err(|e| TakeError::Unreadable(e.clone()))?;
+        if let Err(r) = allow(held.pledge.as_ref().map(|h| &h.pledge)) {
+            return Ok(Err(r));
+        }
+        if let Some(h) = held.pledge.as_mut().filter(|h| h.pledge == *pledge) {
+            // Asked again. Views asked before now cannot show a withdrawal of this very proposal
+            // (a proposer numbers every proposal anew), so this is defence in depth: the
+            // release rule then never rests on numbering alone.
+            h.views_from_round = h.views_from_round.max(views_from_round);
+            return Ok(Ok(()));
+        }
+        let next = Held { pledge: Some(HeldPledge { pledge: pledge.clone(), views_from_round }), ..held.clone() };
+        self.store(&next).map_err(TakeError::Write)?;
+        *held = next;
+        Ok(Ok(()))
+    }
+
+    /// Gives up the pledge `seen` if it is still held as it was seen (not confirmed again since).
+    /// Returns whether it was.
+    pub fn release(&self, seen: &HeldPledge) -> Result<bool, WriteError> {
+        self.drop_pledge(|h| h == seen)
+    }
+
+    /// As its proposer: withdraws `pledge` if it is still held. Returns whether it was.
+    pub fn withdraw(&self, pledge: &Pledge) -> Result<bool, WriteError> {
+        self.drop_pledge(|h| h.pledge == *pledge)
+    }
+
+    fn drop_pledge(&self, held_is: impl FnOnce(&HeldPledge) -> bool) -> Result<bool, WriteError> {
+        let mut guard = self.held.lock().expect("pledge lock");
+        let Ok(held) = guard.as_mut() else { return Ok(false) };
+        if !held.pledge.as_ref().is_some_and(held_is) {
+            return Ok(false);
+        }
+        let next = Held { pledge: None, ..held.clone() };
+        self.store(&next)?;
+        *held = next;
+        Ok(true)
+    }
+
+    fn store(&self, held: &Held) -> Result<(), WriteError> {
+        let disk = OnDisk { pledge: held.pledge.as_ref().map(|h| h.pledge.clone()), proposed: held.proposed };
+        let json = serde_json::to_vec_pretty(&disk).expect("a pledge serializes");
+        crate::files::write_atomic(&self.path, &json, 0o600)
+    }
+
+    /// Drops whatever is held: this node is in a cluster now, and a pledge means nothing any more.
+    pub fn clear(&self) -> Result<(), WriteError> {
+        let mut held = self.held.lock().expect("pledge lock");
+        if matches!(&*held, Ok(h) if h.pledge.is_none() && h.proposed == 0) {
+            return Ok(());
+        }
+        remove(&self.path)?;
+        *held = Ok(Held::default());
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    #[error("{0}")]
+    Unreadable(String),
+    #[error("cannot store the pledge: {0}")]
+    Write(WriteError),
+}
+
+fn remove(path: &Path) -> Result<(), WriteError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(WriteError { path: path.to_path_buf(), source }),
+    }
+}
+
+fn load(path: &Path) -> Result<OnDisk, String> {
+    let unreadable = |why: String| {
+        format!(
+            "the formation pledge {} is unreadable ({why}); it records which nodes this node promised to form the \
+             first cluster with. If a cluster has formed, or none of those nodes has Raft state, stop the agent, \
+             delete the file and start it again",
+            path.display()
+        )
+    };
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(OnDisk { pledge: None, proposed: 0 }),
+        Err(e) => return Err(unreadable(e.to_string())),
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(unreadable(format!("{} bytes, more than {MAX_FILE_BYTES}", meta.len())));
+    }
+    let bytes = std::fs::read(path).map_err(|e| unreadable(e.to_string()))?;
+    serde_json::from_slice(&bytes).map_err(|e| unreadable(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pledge(proposer: u64, ids: &[u64]) -> Pledge {
+        Pledge { proposer, seq: 1, members: members(ids) }
+    }
+
+    fn members(ids: &[u64]) -> BTreeMap<u64, String> {
+        ids.iter().map(|i| (*i, format!("10.0.0.{i}:7600"))).collect()
+    }
+
+    #[test]
+    fn a_pledge_survives_a_restart_and_is_released_only_as_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PledgeStore::open(dir.path());
+        assert_eq!(s.held(), Ok(None));
+        let p = pledge(1, &[1, 2, 3]);
+        assert_eq!(s.take(&p, 7, |_| Ok(())).unwrap(), Ok(()));
+        assert_eq!(s.held().unwrap().unwrap().views_from_round, 7);
+
+        let again = PledgeStore::open(dir.path());
+        assert_eq!(again.held().unwrap().unwrap().pledge, p, "the pledge is on disk");
+        // Another proposal is not released by mistake; the held one is.
+        let held = again.held().unwrap().unwrap();
+        let other = HeldPledge { pledge: pledge(1, &[1, 2, 4]), ..held.clone() };
+        assert!(!again.release(&other).unwrap());
+        assert!(again.release(&held).unwrap());
+        assert_eq!(PledgeStore::open(dir.path()).held(), Ok(None));
+    }
+
+    #[test]
+    fn a_pledge_confirmed_again_is_not_released_by_a_view_from_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PledgeStore::open(dir.path());
+        let p = pledge(1, &[1, 2, 3]);
+        s.take(&p, 3, |_| Ok(())).unwrap().unwrap();
+        let seen = s.held().unwrap().unwrap();
+        // The proposer asks again (round 9 is next): the release decided on `seen` is void.
+        s.take(&p, 9, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(s.held().unwrap().unwrap().views_from_round, 9);
+        assert!(!s.release(&seen).unwrap());
+        assert_eq!(s.held().unwrap().unwrap().pledge, p);
+    }
+
+    #[test]
+    fn proposals_are_numbered_across_withdrawals_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PledgeStore::open(dir.path());
+        let first = s.propose(1, members(&[1, 2, 3]), 1).unwrap().unwrap();
+        assert_eq!(first.seq, 1);
+        assert!(s.withdraw(&first).unwrap());
+        let s = PledgeStore::open(dir.path());
+        assert_eq!(s.held(), Ok(None));
+        let second = s.propose(1, members(&[1, 2, 3]), 1).unwrap().unwrap();
+        assert_eq!(second.seq, 2, "the same members, a new number");
+        // Holding another proposer's pledge, this node does not propose.
+        s.withdraw(&second).unwrap();
+        s.take(&pledge(0, &[0, 1, 2]), 1, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(s.propose(1, members(&[1, 2, 3]), 1).unwrap(), None);
+    }
+
+    #[test]
+    fn a_refused_pledge_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PledgeStore::open(dir.path());
+        let p = pledge(1, &[1, 2, 3]);
+        s.take(&p, 1, |_| Ok(())).unwrap().unwrap();
+        let r = s.take(&pledge(2, &[2, 3, 4]), 1, |cur| Err(PledgeRefusal::PledgedTo(cur.unwrap().proposer)));
+        assert_eq!(r.unwrap(), Err(PledgeRefusal::PledgedTo(1)));
+        assert_eq!(PledgeStore::open(dir.path()).held().unwrap().unwrap().pledge, p);
+    }
+
+    #[test]
+    fn a_corrupt_pledge_file_stops_formation_with_advice() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(PLEDGE_FILE), b"{\"proposer\": 1, \"memb").unwrap();
+        let s = PledgeStore::open(dir.path());
+        let err = s.held().unwrap_err();
+        assert!(err.contains(PLEDGE_FILE) && err.contains("delete the file"), "{err}");
+        assert!(matches!(s.take(&pledge(1, &[1]), 1, |_| Ok(())), Err(TakeError::Unreadable(_))));
+        assert!(dir.path().join(PLEDGE_FILE).exists(), "the evidence stays");
+    }
+}
