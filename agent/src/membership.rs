@@ -101,8 +101,11 @@ pub fn decide_formation(
     if let Some(h) = held {
         let proposer = h.pledge.proposer;
         if proposer == me {
-            // A cluster formed without this proposal (its members were taken): give it up and join.
-            if peers.values().any(|p| p.initialized) {
+            // A cluster formed without this proposal (its members were taken): give it up and
+            // join. A member gone silent (absent from `peers`, which holds recent views only)
+            // would hold it up for ever: give it up and choose again without that member.
+            let silent = h.pledge.members.keys().any(|m| *m != me && !peers.contains_key(m));
+            if silent || peers.values().any(|p| p.initialized) {
                 return Formation::Release;
             }
             return Formation::AskAgain { pledge: h.pledge.clone() };
@@ -126,8 +129,13 @@ pub fn decide_formation(
     if let Some(p) = peers.values().find(|p| p.initialized) {
         return Formation::Join { via: p.addr.clone() };
     }
-    // Another proposal is under way: it forms the cluster (or is withdrawn); join it later.
-    if let Some(p) = peers.values().find_map(|p| p.pledged.as_ref()) {
+    // Another proposal is under way: it forms the cluster (or is withdrawn); join it later. A
+    // peer's pledge that its proposer was seen to withdraw since does not count.
+    let withdrawn = |held_by: &PeerView, p: &Pledge| {
+        let gone = |v: &PeerView| !v.initialized && v.pledged.as_ref().is_none_or(|q| q.proposer != p.proposer);
+        peers.get(&p.proposer).is_some_and(|v| v.round > held_by.round && gone(v))
+    };
+    if let Some(p) = peers.values().find_map(|v| v.pledged.as_ref().filter(|p| !withdrawn(v, p))) {
         return Formation::Settling { chosen: p.ids() };
     }
     let mut known: BTreeSet<NodeId> = peers.keys().copied().collect();
@@ -158,6 +166,8 @@ pub enum PledgeRefusal {
     InCluster,
     #[error("this node has pledged to the proposal of {}", crate::state::hex_id(*.0))]
     PledgedTo(NodeId),
+    #[error("this node is joining an existing cluster")]
+    Joining,
     #[error("this node holds a newer proposal of the same proposer")]
     Superseded,
     #[error("{0}")]
@@ -185,8 +195,9 @@ pub fn answer_pledge(
     match expect {
         Some(n) if n == req.members.len() => {}
         other => {
+            let mine = other.map_or_else(|| "unset".to_string(), |n| n.to_string());
             return Err(PledgeRefusal::Invalid(format!(
-                "the proposal has {} members, this node has bootstrap_expect {other:?}: give every node the same value",
+                "the proposal has {} members, this node has bootstrap_expect {mine}: give every node the same value",
                 req.members.len()
             )));
         }
@@ -532,6 +543,28 @@ mod tests {
     }
 
     #[test]
+    fn a_pledge_its_proposer_withdrew_since_does_not_hold_others_up() {
+        let all = [1, 2, 3, 4, 5];
+        let mut p5 = PeerView { round: 3, ..peer("n5", &all) };
+        p5.pledged = Some(pledge(3, &[3, 4, 5]));
+        let p3 = PeerView { round: 4, ..peer("n3", &all) };
+        let mut peers: BTreeMap<NodeId, PeerView> = [2, 4].iter().map(|i| (*i, peer(&format!("n{i}"), &all))).collect();
+        peers.insert(5, p5);
+        peers.insert(3, p3.clone());
+        assert_eq!(decide_formation(1, "n1", 3, None, &peers), Formation::Propose { members: members(&[1, 2, 3]) });
+        // Seen before node 5's view (or still holding it): it counts.
+        peers.insert(3, PeerView { round: 3, ..p3 });
+        assert_eq!(decide_formation(1, "n1", 3, None, &peers), Formation::Settling { chosen: [3, 4, 5].into() });
+    }
+
+    #[test]
+    fn a_proposer_gives_up_a_proposal_with_a_silent_member() {
+        let held = HeldPledge { pledge: pledge(1, &[1, 2, 3]), views_from_round: 1 };
+        let peers = BTreeMap::from([(2, peer("n2", &[1, 2, 3]))]);
+        assert_eq!(decide_formation(1, "n1", 3, Some(&held), &peers), Formation::Release);
+    }
+
+    #[test]
     fn formation_joins_an_existing_cluster() {
         let mut p = peer("b", &[2]);
         p.initialized = true;
@@ -577,12 +610,12 @@ mod tests {
     #[test]
     fn a_proposer_goes_on_proposing_until_a_cluster_forms_elsewhere() {
         let held = HeldPledge { pledge: pledge(1, &[1, 2, 3]), views_from_round: 1 };
-        let peers = BTreeMap::from([(2, peer("n2", &[1, 2]))]);
+        let mut peers = BTreeMap::from([(2, peer("n2", &[1, 2])), (3, peer("n3", &[1, 3]))]);
         assert_eq!(
             decide_formation(1, "n1", 3, Some(&held), &peers),
             Formation::AskAgain { pledge: held.pledge.clone() }
         );
-        let peers = BTreeMap::from([(7, PeerView { initialized: true, ..peer("n7", &[7]) })]);
+        peers.insert(7, PeerView { initialized: true, ..peer("n7", &[7]) });
         assert_eq!(decide_formation(1, "n1", 3, Some(&held), &peers), Formation::Release);
     }
 

@@ -28,13 +28,20 @@ struct Held {
     pledge: Option<HeldPledge>,
     /// The number of this node's last proposal.
     proposed: u64,
+    /// This node asked a cluster to admit it: it may be a learner there before any Raft state
+    /// reaches it, so it pledges to nothing until it is in a cluster.
+    joining: bool,
 }
 
-/// The file: the pledge held, and the proposal counter (kept when a proposal is withdrawn).
-#[derive(Serialize, Deserialize)]
+/// The file: the pledge held, the proposal counter (kept when a proposal is withdrawn) and the
+/// joining mark. Fields added later must default, so that an older file still reads.
+#[derive(Serialize, Deserialize, Default)]
 struct OnDisk {
     pledge: Option<Pledge>,
+    #[serde(default)]
     proposed: u64,
+    #[serde(default)]
+    joining: bool,
 }
 
 impl PledgeStore {
@@ -44,6 +51,7 @@ impl PledgeStore {
         let held = load(&path).map(|d| Held {
             pledge: d.pledge.map(|pledge| HeldPledge { pledge, views_from_round: 0 }),
             proposed: d.proposed,
+            joining: d.joining,
         });
         PledgeStore { path, held: Mutex::new(held) }
     }
@@ -67,11 +75,15 @@ impl PledgeStore {
     ) -> Result<Option<Pledge>, TakeError> {
         let mut guard = self.held.lock().expect("pledge lock");
         let held = guard.as_mut().map_err(|e| TakeError::Unreadable(e.clone()))?;
-        if held.pledge.as_ref().is_some_and(|h| h.pledge.proposer != proposer) {
+        if held.joining || held.pledge.as_ref().is_some_and(|h| h.pledge.proposer != proposer) {
             return Ok(None);
         }
         let pledge = Pledge { proposer, seq: held.proposed + 1, members };
-        let next = Held { pledge: Some(HeldPledge { pledge: pledge.clone(), views_from_round }), proposed: pledge.seq };
+        let next = Held {
+            pledge: Some(HeldPledge { pledge: pledge.clone(), views_from_round }),
+            proposed: pledge.seq,
+            joining: false,
+        };
         self.store(&next).map_err(TakeError::Write)?;
         *held = next;
         Ok(Some(pledge))
@@ -88,6 +100,9 @@ impl PledgeStore {
     ) -> Result<Result<(), PledgeRefusal>, TakeError> {
         let mut guard = self.held.lock().expect("pledge lock");
         let held = guard.as_mut().map_err(|e| TakeError::Unreadable(e.clone()))?;
+        if held.joining {
+            return Ok(Err(PledgeRefusal::Joining));
+        }
         if let Err(r) = allow(held.pledge.as_ref().map(|h| &h.pledge)) {
             return Ok(Err(r));
         }
@@ -110,6 +125,22 @@ impl PledgeStore {
         self.drop_pledge(|h| h == seen)
     }
 
+    /// Marks this node as joining an existing cluster (synced before the join request goes out),
+    /// unless it holds a pledge: then it must not join elsewhere, and this says why.
+    pub fn begin_join(&self) -> Result<(), JoinBlocked> {
+        let mut guard = self.held.lock().expect("pledge lock");
+        let held = guard.as_mut().map_err(|e| JoinBlocked::Unreadable(e.clone()))?;
+        if let Some(h) = &held.pledge {
+            return Err(JoinBlocked::Pledged(h.pledge.proposer, self.path.clone()));
+        }
+        if !held.joining {
+            let next = Held { joining: true, ..held.clone() };
+            self.store(&next).map_err(JoinBlocked::Write)?;
+            *held = next;
+        }
+        Ok(())
+    }
+
     /// As its proposer: withdraws `pledge` if it is still held. Returns whether it was.
     pub fn withdraw(&self, pledge: &Pledge) -> Result<bool, WriteError> {
         self.drop_pledge(|h| h.pledge == *pledge)
@@ -128,21 +159,41 @@ impl PledgeStore {
     }
 
     fn store(&self, held: &Held) -> Result<(), WriteError> {
-        let disk = OnDisk { pledge: held.pledge.as_ref().map(|h| h.pledge.clone()), proposed: held.proposed };
+        let disk = OnDisk {
+            pledge: held.pledge.as_ref().map(|h| h.pledge.clone()),
+            proposed: held.proposed,
+            joining: held.joining,
+        };
         let json = serde_json::to_vec_pretty(&disk).expect("a pledge serializes");
         crate::files::write_atomic(&self.path, &json, 0o600)
     }
 
-    /// Drops whatever is held: this node is in a cluster now, and a pledge means nothing any more.
+    /// Drops everything: this node is in a cluster now (its Raft state says so from here on),
+    /// and neither a pledge nor the proposal counter means anything any more (a node that leaves
+    /// its cluster comes back with a new id).
     pub fn clear(&self) -> Result<(), WriteError> {
         let mut held = self.held.lock().expect("pledge lock");
-        if matches!(&*held, Ok(h) if h.pledge.is_none() && h.proposed == 0) {
+        if matches!(&*held, Ok(h) if h.pledge.is_none() && h.proposed == 0 && !h.joining) {
             return Ok(());
         }
         remove(&self.path)?;
         *held = Ok(Held::default());
         Ok(())
     }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinBlocked {
+    #[error("{0}")]
+    Unreadable(String),
+    #[error(
+        "this node has pledged to form a new cluster with {} ({}), so it cannot join another; it \
+         releases the pledge when that proposal is withdrawn",
+        crate::state::hex_id(*.0), .1.display()
+    )]
+    Pledged(NodeId, PathBuf),
+    #[error("cannot store the joining mark: {0}")]
+    Write(WriteError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +223,7 @@ fn load(path: &Path) -> Result<OnDisk, String> {
     };
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(OnDisk { pledge: None, proposed: 0 }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(OnDisk::default()),
         Err(e) => return Err(unreadable(e.to_string())),
     };
     if meta.len() > MAX_FILE_BYTES {
@@ -242,6 +293,33 @@ mod tests {
         s.withdraw(&second).unwrap();
         s.take(&pledge(0, &[0, 1, 2]), 1, |_| Ok(())).unwrap().unwrap();
         assert_eq!(s.propose(1, members(&[1, 2, 3]), 1).unwrap(), None);
+    }
+
+    #[test]
+    fn a_joining_node_pledges_to_nothing_and_a_pledged_one_does_not_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PledgeStore::open(dir.path());
+        s.begin_join().unwrap();
+        let s = PledgeStore::open(dir.path());
+        assert_eq!(
+            s.take(&pledge(1, &[1, 2, 3]), 1, |_| Ok(())).unwrap(),
+            Err(PledgeRefusal::Joining),
+            "after a restart too"
+        );
+        assert_eq!(s.propose(2, members(&[2, 3, 4]), 1).unwrap(), None);
+        s.clear().unwrap();
+        s.take(&pledge(1, &[1, 2, 3]), 1, |_| Ok(())).unwrap().unwrap();
+        let err = s.begin_join().unwrap_err().to_string();
+        assert!(err.contains("cannot join") && err.contains(PLEDGE_FILE), "{err}");
+    }
+
+    #[test]
+    fn an_older_file_without_the_later_fields_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pledge(1, &[1, 2, 3]);
+        let old = serde_json::json!({ "pledge": p });
+        std::fs::write(dir.path().join(PLEDGE_FILE), old.to_string()).unwrap();
+        assert_eq!(PledgeStore::open(dir.path()).held().unwrap().unwrap().pledge, p);
     }
 
     #[test]

@@ -121,8 +121,8 @@ pub struct Agent {
     /// a 0.0.0.0 listener covers the mesh address already).
     mesh_listener: std::sync::atomic::AtomicBool,
     progress: Mutex<Progress>,
-    /// Candidates heard from directly during discovery, with what they reported.
-    discovered: Mutex<BTreeMap<NodeId, (Candidate, Option<PeerView>)>>,
+    /// Candidates of discovery, with what they reported.
+    discovered: Mutex<BTreeMap<NodeId, Discovered>>,
     /// Discovery rounds of this run (views carry the round whose hello they answer).
     discovery_rounds: AtomicU64,
     /// The formation pledge this node holds (bootstrap_expect).
@@ -190,6 +190,16 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot work out this node's address: {0}; set advertise_addr in /etc/clusteros/agent.toml")]
     Advertise(String),
+}
+
+/// A candidate of discovery: heard from directly (its hello, or its answer to ours), or named by
+/// another candidate.
+struct Discovered {
+    candidate: Candidate,
+    /// Its answer to this node's last hello that it answered.
+    view: Option<PeerView>,
+    /// When this node last heard from it directly.
+    heard: Option<Instant>,
 }
 
 fn jitter(d: Duration) -> Duration {
@@ -430,15 +440,27 @@ impl Agent {
         })
     }
 
-    fn candidate(&self, initialized: bool) -> Candidate {
+    /// This node as discovery shows it. An unreadable pledge file shows as no pledge: formation
+    /// stops on this node until the file is dealt with, so nothing acts on that.
+    fn candidate(&self, initialized: bool, pledged: Option<Pledge>) -> Candidate {
         Candidate {
             id: self.id(),
             name: self.identity.name.clone(),
             api_addr: self.api_addr.clone(),
             initialized,
             bootstrap_expect: self.cfg.bootstrap_expect,
-            pledged: self.pledges.held().ok().flatten().map(|h| h.pledge),
+            pledged,
         }
+    }
+
+    fn held_pledge(&self) -> Option<Pledge> {
+        self.pledges.held().ok().flatten().map(|h| h.pledge)
+    }
+
+    /// Discovery forgets a candidate it has not heard from directly for this long: a node that
+    /// died during formation must not be chosen, or waited for, for ever.
+    fn forget_after(&self) -> Duration {
+        Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 15)
     }
 
     fn leader_addr(m: &RaftMetrics, id: NodeId) -> Option<String> {
@@ -758,17 +780,23 @@ impl Agent {
     // -----------------------------------------------------------------------------------------
 
     pub async fn hello(&self, req: HelloRequest) -> HelloResponse {
+        // Read in this order: a proposer drops its pledge only once it is initialized, so a
+        // pledge read as gone, followed by "not initialized", really means withdrawn (read the
+        // other way round, a proposer that initializes in between would look withdrawn).
+        let pledged = self.held_pledge();
         let initialized = self.raft.is_initialized().await.unwrap_or(false);
         let m = self.metrics();
         let mut d = self.discovered.lock().expect("discovered lock");
         if req.from.id != self.id() {
-            let view = d.get(&req.from.id).and_then(|(_, v)| v.clone());
-            d.insert(req.from.id, (req.from.clone(), view));
+            let view = d.remove(&req.from.id).and_then(|e| e.view);
+            d.insert(req.from.id, Discovered { candidate: req.from.clone(), view, heard: Some(Instant::now()) });
         }
-        let known = d.values().map(|(c, _)| c.clone()).collect();
+        let forget = self.forget_after();
+        let known =
+            d.values().filter(|e| e.heard.is_some_and(|t| t.elapsed() < forget)).map(|e| e.candidate.clone()).collect();
         drop(d);
         let members = self.member_underlay_addrs();
-        HelloResponse { me: self.candidate(initialized), known, leader: m.current_leader, members }
+        HelloResponse { me: self.candidate(initialized, pledged), known, leader: m.current_leader, members }
     }
 
     // -----------------------------------------------------------------------------------------
@@ -826,9 +854,9 @@ impl Agent {
     /// One round of `bootstrap_expect` discovery. Returns whether it made progress.
     async fn discovery_round(&self, expect: usize, targets: &[String]) -> bool {
         let mut addrs: BTreeSet<String> = targets.iter().cloned().collect();
-        addrs.extend(self.discovered.lock().expect("discovered lock").values().map(|(c, _)| c.api_addr.clone()));
+        addrs.extend(self.discovered.lock().expect("discovered lock").values().map(|e| e.candidate.api_addr.clone()));
         addrs.remove(&self.api_addr);
-        let req = HelloRequest { from: self.candidate(false) };
+        let req = HelloRequest { from: self.candidate(false, self.held_pledge()) };
         let round = self.discovery_rounds.fetch_add(1, Ordering::SeqCst) + 1;
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
         let calls = addrs.iter().map(|a| {
@@ -862,10 +890,13 @@ impl Agent {
                             members: resp.members.keys().copied().collect(),
                             round,
                         };
-                        d.insert(resp.me.id, (resp.me.clone(), Some(view)));
+                        d.insert(
+                            resp.me.id,
+                            Discovered { candidate: resp.me.clone(), view: Some(view), heard: Some(Instant::now()) },
+                        );
                         for c in resp.known {
                             if c.id != self.id() {
-                                d.entry(c.id).or_insert((c, None));
+                                d.entry(c.id).or_insert(Discovered { candidate: c, view: None, heard: None });
                             }
                         }
                     }
@@ -880,12 +911,14 @@ impl Agent {
                 }
             }
         }
+        let forget = self.forget_after();
         let views: BTreeMap<NodeId, PeerView> = self
             .discovered
             .lock()
             .expect("discovered lock")
             .iter()
-            .filter_map(|(id, (_, v))| v.clone().map(|v| (*id, v)))
+            .filter(|(_, e)| e.heard.is_some_and(|t| t.elapsed() < forget))
+            .filter_map(|(id, e)| e.view.clone().map(|v| (*id, v)))
             .collect();
         let last_error = errors.first().cloned();
         let held = match self.pledges.held() {
@@ -964,7 +997,7 @@ impl Agent {
     /// "name (address)" of a discovered candidate, or its id.
     fn describe_candidate(&self, id: NodeId) -> String {
         match self.discovered.lock().expect("discovered lock").get(&id) {
-            Some((c, _)) => format!("{} ({})", c.name, c.api_addr),
+            Some(e) => format!("{} ({})", e.candidate.name, e.candidate.api_addr),
             None => hex_id(id),
         }
     }
@@ -1005,6 +1038,11 @@ impl Agent {
             }
             PledgeOutcome::Withdraw { why } => {
                 info!(node_id = %hex_id(me), members = %members, "formation proposal withdrawn: {why}");
+                self.set_progress(
+                    Phase::Discovering,
+                    format!("withdrew the proposal to form the cluster with {members}"),
+                    Some(why),
+                );
                 if let Err(e) = self.pledges.withdraw(&pledge) {
                     self.set_last_error(Some(format!("cannot withdraw the formation proposal: {e}")));
                 }
@@ -1051,6 +1089,12 @@ impl Agent {
     /// Asks each target in turn to admit this node. Returns whether one accepted.
     async fn join_round(&self, targets: &[String]) -> bool {
         let _formation = self.formation_lock.lock().await;
+        // Once asked, a cluster may admit this node at any time, even after an answer that timed
+        // out or a restart: from now on it pledges to no new cluster.
+        if let Err(e) = self.pledges.begin_join() {
+            self.set_progress(Phase::Joining, "cannot join", Some(e.to_string()));
+            return false;
+        }
         let req = JoinRequest { id: self.id(), name: self.identity.name.clone(), api_addr: self.api_addr.clone() };
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 12);
         let mut last = None;
@@ -1178,7 +1222,7 @@ impl Agent {
     /// Asks known peers whether the cluster still lists this node. Returns addresses to rejoin
     /// through when a peer with a leader says it does not.
     async fn check_removed(&self, peers: &[String]) -> Option<Vec<String>> {
-        let req = HelloRequest { from: self.candidate(true) };
+        let req = HelloRequest { from: self.candidate(true, None) };
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
         for addr in peers.iter().filter(|a| **a != self.api_addr) {
             if let Ok(resp) = self.client.call::<_, HelloResponse>(addr, paths::HELLO, &req, t).await
@@ -1629,7 +1673,7 @@ impl Agent {
 
     /// Whether the node at `addr` answers a signed hello as node `id`.
     async fn answers_as(&self, addr: &str, id: NodeId) -> bool {
-        let req = HelloRequest { from: self.candidate(true) };
+        let req = HelloRequest { from: self.candidate(true, None) };
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
         matches!(self.client.call::<_, HelloResponse>(addr, paths::HELLO, &req, t).await, Ok(r) if r.me.id == id)
     }

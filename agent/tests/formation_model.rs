@@ -284,10 +284,13 @@ impl World {
             Formation::Wait { .. } | Formation::Settling { .. } | Formation::Pledged { .. } => {}
             Formation::Join { via } => {
                 let via: NodeId = via[1..].parse().unwrap();
-                // Admission needs a leader, so a cluster whose first entry has committed.
-                if let Some(c) = self.nodes[&via].cluster.filter(|c| self.committed[*c]) {
-                    self.clusters[c].insert(id);
-                    self.nodes.get_mut(&id).unwrap().cluster = Some(c);
+                // Admission needs a leader, so a cluster whose first entry has committed. The
+                // node is a learner from then on, but learns so only when Raft reaches it.
+                if let Some(c) = self.nodes[&via].cluster.filter(|c| self.committed[*c])
+                    && self.nodes[&id].store.begin_join().is_ok()
+                    && self.clusters[c].insert(id)
+                {
+                    self.net.push(Msg::Contact { to: id, cluster: c });
                 }
             }
             Formation::Release => {
