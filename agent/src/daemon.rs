@@ -16,7 +16,8 @@ use tracing::{debug, error, info, warn};
 use crate::api::local::LocalState;
 use crate::config::{Config, SECRET_HOWTO};
 use crate::identity::Identity;
-use crate::runtime::{Agent, Phase, RunEnd, StartError, hex_id, wipe_membership_state};
+use crate::runtime::{Agent, Phase, RunEnd, StartError, wipe_membership_state};
+use crate::state::hex_id;
 
 fn notify(states: &[NotifyState]) {
     // Not under systemd (tests, manual runs): nothing to tell.

@@ -29,7 +29,7 @@ use crate::raft::log_store::LogStore;
 use crate::raft::network::{ContactTracker, Network};
 use crate::raft::state_machine::{StateHandle, StateMachineStore};
 use crate::raft::{Raft, RaftMetrics, raft_config};
-use crate::state::{Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, Response};
+use crate::state::{Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, Response, hex_id};
 use crate::transport::{PeerClient, PeerError};
 
 pub const LEFT_MARKER: &str = "left";
@@ -249,8 +249,6 @@ pub fn read_facts() -> NodeFacts {
         std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
     NodeFacts { cpus, memory_mb, kernel, arch: std::env::consts::ARCH.to_string() }
 }
-
-pub use crate::state::hex_id;
 
 impl Agent {
     /// Opens storage, starts Raft and returns the agent; the caller starts servers and loops.

@@ -24,7 +24,8 @@ use super::{
 use crate::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
 use crate::membership::Pledge;
 use crate::raft::{Snapshot, TypeConfig};
-use crate::runtime::{Agent, hex_id};
+use crate::runtime::Agent;
+use crate::state::hex_id;
 use crate::state::{NodeId, Response as CmdResponse};
 
 /// Largest accepted peer request (snapshots and log batches included).
