@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all deps build release image cluster down test test-host faults faults-short fuzz-smoke e2e check fmt bench
+.PHONY: all deps build release image cluster down test test-host faults faults-short fuzz-smoke e2e e2e-suites check fmt bench
 
 all: build
 
@@ -28,10 +28,13 @@ down:
 # Every test: unit and host cluster tests, the short fault suite, the fuzz smoke run, then the VM
 # end-to-end suite (in that order, also under -j).
 test:
-	$(MAKE) test-host
-	$(MAKE) faults-short
-	$(MAKE) fuzz-smoke
-	$(MAKE) e2e
+	@rm -f target/tier-times
+	scripts/tier host $(MAKE) test-host
+	scripts/tier faults $(MAKE) faults-short
+	scripts/tier fuzz $(MAKE) fuzz-smoke
+	scripts/tier image $(MAKE) image
+	scripts/tier vm $(MAKE) e2e-suites
+	@echo "test tiers:"; cat target/tier-times
 
 test-host:
 	$(CARGO) test --workspace
@@ -60,6 +63,10 @@ E2E_ARGS ?=
 # Then the image proofs: the raw image grows on a bigger disk, a diskless node PXE-boots and joins a
 # cluster, and the packer site image builds and boots.
 e2e: image
+	$(MAKE) e2e-suites
+
+# The VM suites on the image already built.
+e2e-suites:
 	$(CARGO) test -p clusteros-e2e --features e2e -- --test-threads=1 --nocapture $(E2E_ARGS)
 	scripts/e2e-raw-resize
 	scripts/e2e-pxe
