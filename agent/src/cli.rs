@@ -122,10 +122,10 @@ fn print_json<T: Serialize>(v: &T) {
 fn fail(json: bool, e: &ClientError) -> ExitCode {
     if json {
         let kind = match e {
-            ClientError::Api(b) => b.kind.clone(),
-            ClientError::NotRunning(_) | ClientError::Refused(_) => "not_running".into(),
-            ClientError::Permission(_) => "permission".into(),
-            _ => "error".into(),
+            ClientError::Api(b) => b.kind.as_str(),
+            ClientError::NotRunning(_) | ClientError::Refused(_) => "not_running",
+            ClientError::Permission(_) => "permission",
+            _ => "error",
         };
         print_json(&serde_json::json!({ "error": e.to_string(), "kind": kind }));
     }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::{CasBody, Empty, ErrorBody, GetBody, JoinBody, KeyBody, PutBody, ReadResponse};
+use crate::proto::{CasBody, Empty, ErrorBody, GetBody, JoinBody, KeyBody, PutBody, ReadResponse};
 use crate::state::Response;
 use crate::status::StatusReport;
 use crate::transport::error_chain;
@@ -102,8 +102,8 @@ impl LocalClient {
         self.post("/v1/kv/cas", &CasBody { key: key.into(), expected, new }).await
     }
 
-    pub async fn rotate_secret(&self, name: &str) -> Result<crate::api::RotateResponse, ClientError> {
-        self.post("/v1/secrets/rotate", &crate::api::RotateBody { name: name.into() }).await
+    pub async fn rotate_secret(&self, name: &str) -> Result<crate::proto::RotateResponse, ClientError> {
+        self.post("/v1/secrets/rotate", &crate::proto::RotateBody { name: name.into() }).await
     }
 
     pub async fn join(&self, addr: &str) -> Result<Empty, ClientError> {

@@ -19,6 +19,7 @@ pub mod membership;
 pub mod mesh;
 pub mod metrics;
 pub mod pledge;
+pub mod proto;
 pub mod raft;
 pub mod render;
 pub mod roles;

@@ -17,14 +17,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use crate::api::{
-    ApiError, Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
-    ReadRequest, ReadResponse, paths,
-};
+use crate::api::ApiError;
 use crate::auth::ClusterKey;
 use crate::config::Config;
 use crate::identity::Identity;
 use crate::membership::{self, AutopilotView, Formation, MembershipAction, PeerView, Pledge, PledgeOutcome};
+use crate::proto::{
+    Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse, ReadRequest,
+    ReadResponse, paths,
+};
 use crate::raft::log_store::LogStore;
 use crate::raft::network::{ContactTracker, Network};
 use crate::raft::state_machine::{StateHandle, StateMachineStore};
@@ -114,7 +115,7 @@ pub struct Agent {
     /// The last round of SLURM state replication, for status.
     pub slurm_state: Mutex<Option<SlurmStateReport>>,
     /// On the SLURM controller: the newest sealed copy of its state directory, for the backup.
-    pub slurm_copy: Mutex<Option<Arc<crate::api::SlurmStateBlob>>>,
+    pub slurm_copy: Mutex<Option<Arc<crate::proto::SlurmStateBlob>>>,
     /// wg0 has this node's mesh address and its peers (set by the mesh loop).
     mesh_wg: std::sync::atomic::AtomicBool,
     /// The extra peer listener on the mesh address is bound (only with a specific listen address;
@@ -630,20 +631,20 @@ impl Agent {
     }
 
     /// Removes a member on request (graceful leave).
-    pub async fn local_leave(&self, req: LeaveRequest) -> Result<crate::api::Empty, ApiError> {
+    pub async fn local_leave(&self, req: LeaveRequest) -> Result<crate::proto::Empty, ApiError> {
         let m = self.metrics();
         if !Self::is_leader(&m) {
             return Err(self.not_leader(&m));
         }
         if m.membership_config.membership().get_node(&req.id).is_none() {
-            return Ok(crate::api::Empty {});
+            return Ok(crate::proto::Empty {});
         }
         if self.state.read(|d| d.state.members.contains_key(&req.id)) {
             self.local_write(Command::SetHealth { id: req.id, health: Health::Left, at_ms: crate::now_ms() }).await?;
         }
         self.remove_member(req.id).await?;
         info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), "member left the cluster");
-        Ok(crate::api::Empty {})
+        Ok(crate::proto::Empty {})
     }
 
     /// Runs `local` here if this node leads, else forwards `req` to the leader's peer API at `path`,
@@ -745,7 +746,7 @@ impl Agent {
         };
         match r {
             Ok(r) => Forwarded::Answer(Ok(r)),
-            Err(PeerError::Remote { kind, message, .. }) => match ApiError::from_remote(&kind, message) {
+            Err(PeerError::Remote { kind, message, .. }) => match ApiError::from_remote(kind, message) {
                 // The leader refused before acting (it is not the leader any more).
                 e @ ApiError::NoLeader(_) => Forwarded::Retry { error: e, maybe_delivered: earlier_maybe },
                 // Its write may commit later; the retry carries the same request id.
@@ -765,7 +766,7 @@ impl Agent {
     pub async fn write(&self, cmd: Command) -> Result<Response, ApiError> {
         let id = RequestId { origin: self.request_origin, seq: self.request_seq.fetch_add(1, Ordering::Relaxed) };
         let cmd = Command::Request { id, at_ms: crate::now_ms(), cmd: Box::new(cmd) };
-        self.on_leader(paths::WRITE, &crate::api::WriteRequest { cmd: cmd.clone() }, || self.local_write(cmd.clone()))
+        self.on_leader(paths::WRITE, &crate::proto::WriteRequest { cmd: cmd.clone() }, || self.local_write(cmd.clone()))
             .await
     }
 
@@ -1249,7 +1250,7 @@ impl Agent {
     }
 
     /// Answers a candidate's pre-vote (changes nothing here).
-    pub fn answer_pre_vote(&self, req: &crate::api::PreVoteRequest) -> crate::api::PreVoteResponse {
+    pub fn answer_pre_vote(&self, req: &crate::proto::PreVoteRequest) -> crate::proto::PreVoteResponse {
         let m = self.metrics();
         let lease = Duration::from_millis(self.cfg.raft.election_timeout_min_ms);
         let verdict = match self.last_log_id() {
@@ -1269,7 +1270,7 @@ impl Agent {
         if let Err(why) = &verdict {
             debug!(candidate = %hex_id(req.candidate), "pre-vote refused: {why}");
         }
-        crate::api::PreVoteResponse { granted: verdict.is_ok(), term: m.current_term, reason: verdict.err() }
+        crate::proto::PreVoteResponse { granted: verdict.is_ok(), term: m.current_term, reason: verdict.err() }
     }
 
     /// The id of the last entry in this node's log.
@@ -1300,7 +1301,7 @@ impl Agent {
                 return false;
             }
         };
-        let req = crate::api::PreVoteRequest { candidate: self.id(), term: m.current_term, last_log_id };
+        let req = crate::proto::PreVoteRequest { candidate: self.id(), term: m.current_term, last_log_id };
         let mut granted: BTreeSet<NodeId> = [self.id()].into();
         if membership::is_quorum(&configs, &granted) {
             return true;
@@ -1315,7 +1316,7 @@ impl Agent {
                 async move {
                     let routed = self.route(v, &addr);
                     let path = format!("{}/{}", paths::RAFT_PREVOTE, hex_id(v));
-                    (v, self.client.call::<_, crate::api::PreVoteResponse>(&routed, &path, &req, t).await)
+                    (v, self.client.call::<_, crate::proto::PreVoteResponse>(&routed, &path, &req, t).await)
                 }
             })
             .collect();
@@ -2059,7 +2060,7 @@ impl Agent {
         match self.write(cmd).await {
             Ok(Response::SlurmState { version }) => {
                 *self.slurm_copy.lock().expect("slurm copy lock") =
-                    Some(Arc::new(crate::api::SlurmStateBlob { from: self.id(), version, digest, sealed }));
+                    Some(Arc::new(crate::proto::SlurmStateBlob { from: self.id(), version, digest, sealed }));
                 report.version = Some(version);
                 report.taken_at_ms = Some(taken_at_ms);
             }
@@ -2119,7 +2120,7 @@ impl Agent {
         let t = Duration::from_millis(self.cfg.raft.snapshot_timeout_ms);
         let blob = match self
             .client
-            .call::<_, crate::api::SlurmStateBlob>(&addr, paths::SLURM_STATE, &crate::api::Empty {}, t)
+            .call::<_, crate::proto::SlurmStateBlob>(&addr, paths::SLURM_STATE, &crate::proto::Empty {}, t)
             .await
         {
             Ok(b) if b.from == copy.from && b.version >= copy.version => b,

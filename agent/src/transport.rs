@@ -6,8 +6,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::api::ErrorBody;
 use crate::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME};
+use crate::proto::{ErrorBody, ErrorKind};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
@@ -22,7 +22,7 @@ pub enum PeerError {
     #[error("{addr} answered with a signature that does not verify: it uses a different cluster secret")]
     BadResponseSignature { addr: String },
     #[error("{addr}: {message}")]
-    Remote { addr: String, status: u16, kind: String, message: String },
+    Remote { addr: String, status: u16, kind: ErrorKind, message: String },
     #[error("{addr} sent an answer that cannot be decoded: {message}")]
     Decode { addr: String, message: String },
 }
@@ -115,7 +115,7 @@ impl PeerClient {
         if !(200..300).contains(&status) {
             let (kind, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
                 Ok(b) => (b.kind, b.error),
-                Err(_) => ("unknown".into(), String::from_utf8_lossy(&bytes).into_owned()),
+                Err(_) => (ErrorKind::Unknown, String::from_utf8_lossy(&bytes).into_owned()),
             };
             return Err(PeerError::Remote { addr: addr.into(), status, kind, message });
         }

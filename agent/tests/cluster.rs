@@ -427,7 +427,7 @@ async fn missing_secret_is_reported_by_status() {
         "{s:?}"
     );
     match c.nodes[0].client().kv_put("k", "v").await {
-        Err(ClientError::Api(b)) => assert_eq!(b.kind, "not_configured"),
+        Err(ClientError::Api(b)) => assert_eq!(b.kind, clusteros::proto::ErrorKind::NotConfigured),
         other => panic!("{other:?}"),
     }
 }
@@ -610,7 +610,7 @@ async fn write_before_formation_says_what_is_missing() {
     .await;
     match c.nodes[0].client().kv_put("early", "write").await {
         Err(ClientError::Api(b)) => {
-            assert_eq!(b.kind, "no_leader", "{b:?}");
+            assert_eq!(b.kind, clusteros::proto::ErrorKind::NoLeader, "{b:?}");
             assert!(b.error.contains("no leader yet: 2 of 3 expected nodes seen"), "{b:?}");
         }
         other => panic!("a write without a cluster succeeded: {other:?}"),

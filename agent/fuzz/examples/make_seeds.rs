@@ -8,12 +8,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use clusteros::api::{
+use clusteros::auth::{ClusterKey, parse_auth};
+use clusteros::membership::{Pledge, PledgeRefusal};
+use clusteros::proto::{
     Candidate, Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
     PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
-use clusteros::auth::{ClusterKey, parse_auth};
-use clusteros::membership::{Pledge, PledgeRefusal};
 use clusteros::raft::state_machine::{SmData, encode_snapshot_file};
 use clusteros::raft::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use clusteros::secrets::SecretBox;
@@ -283,7 +283,7 @@ fn peer_request() {
         json_tokens(req, &mut tokens);
         json_tokens(ans, &mut tokens);
     }
-    let err = to_json(&ErrorBody { error: "not the leader".into(), kind: "not_leader".into() });
+    let err = to_json(&ErrorBody { error: "not the leader".into(), kind: clusteros::proto::ErrorKind::NotLeader });
     write("peer_request", "err-421", &peer_request_input(7, 1 | 2 | 4 | 32, 421, &err, true));
     write("peer_request", "err-401", &peer_request_input(5, 1 | 2 | 4, 401, &err, false));
     // Self-signed: past the HMAC to the replay guard.

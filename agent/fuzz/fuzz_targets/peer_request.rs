@@ -14,12 +14,12 @@
 
 use std::sync::LazyLock;
 
-use clusteros::api::{
+use clusteros::auth::{AuthError, ClusterKey, ReplayGuard, parse_auth};
+use clusteros::membership::{Pledge, answer_pledge};
+use clusteros::proto::{
     Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
     PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
-use clusteros::auth::{AuthError, ClusterKey, ReplayGuard, parse_auth};
-use clusteros::membership::{Pledge, answer_pledge};
 use clusteros::raft::TypeConfig;
 use clusteros::raft::state_machine::SmData;
 use clusteros::state::{NodeId, Response as CmdResponse};

@@ -2,7 +2,7 @@
 //! request encoding of the `peer_request` target.
 #![forbid(unsafe_code)]
 
-use clusteros::api::paths;
+use clusteros::proto::paths;
 
 /// The cluster secret of every fuzz target.
 pub const SECRET: &str = "fuzz-cluster-secret-0123456789";

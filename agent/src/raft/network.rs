@@ -18,7 +18,7 @@ use openraft::raft::{
 };
 
 use super::{Snapshot, TypeConfig, Vote};
-use crate::api::{SnapshotRequest, paths};
+use crate::proto::{SnapshotRequest, paths};
 use crate::state::NodeId;
 use crate::transport::{PeerClient, PeerError};
 
@@ -95,7 +95,7 @@ impl PeerConnection {
 fn unreachable(e: &PeerError) -> bool {
     match e {
         PeerError::Unreachable { .. } | PeerError::Timeout { .. } => true,
-        PeerError::Remote { kind, .. } => kind == "wrong_node",
+        PeerError::Remote { kind, .. } => *kind == crate::proto::ErrorKind::WrongNode,
         _ => false,
     }
 }

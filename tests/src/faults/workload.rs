@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clusteros::client::{ClientError, LocalClient};
+use clusteros::proto::ErrorKind;
 use clusteros::state::Response;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -81,12 +82,17 @@ fn write_outcome(e: &ClientError) -> Outcome {
     match e {
         // The request never reached the agent.
         ClientError::NotRunning(_) | ClientError::Refused(_) | ClientError::Permission(_) => Outcome::Fail,
-        ClientError::Api(body) => match body.kind.as_str() {
+        ClientError::Api(body) => match body.kind {
             // Refused before anything was proposed, or proposed and truncated.
-            "no_leader" | "not_leader" | "refused" | "bad_request" | "not_configured" | "unauthorized"
-            | "wrong_node" => Outcome::Fail,
-            // "timeout" says it may have been applied; anything else we cannot rule out.
-            _ => Outcome::Unknown,
+            ErrorKind::NoLeader
+            | ErrorKind::NotLeader
+            | ErrorKind::Refused
+            | ErrorKind::BadRequest
+            | ErrorKind::NotConfigured
+            | ErrorKind::Unauthorized
+            | ErrorKind::WrongNode => Outcome::Fail,
+            // A timeout says it may have been applied; anything else we cannot rule out.
+            ErrorKind::Timeout | ErrorKind::Peer | ErrorKind::Internal | ErrorKind::Unknown => Outcome::Unknown,
         },
         ClientError::Transport { .. } | ClientError::Decode(_) => Outcome::Unknown,
     }
