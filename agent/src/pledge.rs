@@ -141,6 +141,12 @@ impl PledgeStore {
         Ok(())
     }
 
+    /// Carries out `Formation::Release` on `seen`, as this node (`me`) saw it: its own proposal is
+    /// withdrawn, another's pledge released. Returns whether it was still held.
+    pub fn give_up(&self, me: NodeId, seen: &HeldPledge) -> Result<bool, WriteError> {
+        if seen.pledge.proposer == me { self.withdraw(&seen.pledge) } else { self.release(seen) }
+    }
+
     /// As its proposer: withdraws `pledge` if it is still held. Returns whether it was.
     pub fn withdraw(&self, pledge: &Pledge) -> Result<bool, WriteError> {
         self.drop_pledge(|h| h.pledge == *pledge)

@@ -964,12 +964,7 @@ impl Agent {
             }
             Formation::Release => {
                 if let Some(h) = held {
-                    let released = if h.pledge.proposer == self.id() {
-                        self.pledges.withdraw(&h.pledge)
-                    } else {
-                        self.pledges.release(&h)
-                    };
-                    match released {
+                    match self.pledges.give_up(self.id(), &h) {
                         Ok(_) => info!(
                             node_id = %hex_id(self.id()),
                             proposer = %hex_id(h.pledge.proposer),

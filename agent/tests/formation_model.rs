@@ -294,9 +294,7 @@ impl World {
                 }
             }
             Formation::Release => {
-                let h = held.unwrap();
-                let n = &self.nodes[&id];
-                if h.pledge.proposer == id { n.store.withdraw(&h.pledge) } else { n.store.release(&h) }.unwrap();
+                self.nodes[&id].store.give_up(id, &held.unwrap()).unwrap();
             }
             Formation::Propose { members } => self.propose(id, members),
             Formation::AskAgain { pledge } => self.ask(id, pledge),
