@@ -20,7 +20,7 @@ async fn put_load(cluster: &Cluster, via: usize, clients: usize, per_client: usi
     for c in 0..clients {
         let socket = socket.clone();
         tasks.push(tokio::spawn(async move {
-            let client = clusteros::client::LocalClient::new(&socket);
+            let client = clusteros::cli::client::LocalClient::new(&socket);
             let mut lat = Vec::with_capacity(per_client);
             for i in 0..per_client {
                 let t = Instant::now();

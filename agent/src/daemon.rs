@@ -13,11 +13,11 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::api::local::LocalState;
-use crate::config::{Config, SECRET_HOWTO};
-use crate::identity::Identity;
+use crate::adapters::identity::Identity;
+use crate::core::config::{Config, SECRET_HOWTO};
+use crate::core::state::hex_id;
 use crate::runtime::{Agent, Phase, RunEnd, StartError, wipe_membership_state};
-use crate::state::hex_id;
+use crate::server::local::LocalState;
 
 fn notify(states: &[NotifyState]) {
     // Not under systemd (tests, manual runs): nothing to tell.
@@ -67,7 +67,7 @@ where
 }
 
 fn spawn_local(listener: UnixListener, state: LocalState, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
-    let app = crate::api::local::router(state);
+    let app = crate::server::local::router(state);
     spawn_server("local API", axum::serve(listener, app).with_graceful_shutdown(stopped(stop)))
 }
 
@@ -151,16 +151,16 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         Ok(c) => c,
         Err(problem) => {
             let problem = format!("configuration error: {problem}; fix it and restart clusteros-agent.service");
-            return run_unconfigured(&fallback_socket, crate::identity::hostname(), vec![problem]).await;
+            return run_unconfigured(&fallback_socket, crate::adapters::identity::hostname(), vec![problem]).await;
         }
     };
-    let name = cfg.node_name.clone().unwrap_or_else(crate::identity::hostname);
+    let name = cfg.node_name.clone().unwrap_or_else(crate::adapters::identity::hostname);
     let Some(secret) = cfg.cluster_secret.clone() else {
         let problem =
             format!("no cluster secret provided, so this node will not form or join a cluster: {SECRET_HOWTO}");
         return run_unconfigured(&cfg.socket_path, name, vec![problem]).await;
     };
-    crate::files::ensure_dir(&cfg.state_dir, 0o700)?;
+    crate::adapters::files::ensure_dir(&cfg.state_dir, 0o700)?;
     let mut extra_join: Vec<String> = Vec::new();
     let mut signal = Box::pin(shutdown_signal());
     // Without an address other nodes can dial there is nothing to start yet: say so in `status`
@@ -224,14 +224,14 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             .await
             .map_err(|source| StartError::Listen { addr: cfg.listen_addr, source })?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let peer_app = crate::api::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
+        let peer_app = crate::server::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
         let peer_task =
             spawn_server("peer API", axum::serve(peer, peer_app).with_graceful_shutdown(stopped(stop_rx.clone())));
         let mesh_peer_task = tokio::spawn(serve_on_mesh(agent.clone(), stop_rx.clone()));
         let metrics_task = match cfg.metrics_addr {
             Some(addr) => match TcpListener::bind(addr).await {
                 Ok(l) => {
-                    let app = crate::api::local::metrics_router(LocalState::Running(agent.clone()));
+                    let app = crate::server::local::metrics_router(LocalState::Running(agent.clone()));
                     spawn_server("metrics", axum::serve(l, app).with_graceful_shutdown(stopped(stop_rx.clone())))
                 }
                 Err(e) => {
@@ -355,9 +355,9 @@ const STATE_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
 async fn probe_state_dir(dir: &Path) -> Result<(), String> {
     let dir = dir.to_owned();
     let probe = tokio::task::spawn_blocking(move || {
-        crate::files::remove_leftovers(&dir);
-        crate::files::remove_leftovers(&dir.join(crate::runtime::RAFT_DIR));
-        crate::files::probe_writable(&dir, STATE_PROBE_BYTES)
+        crate::adapters::files::remove_leftovers(&dir);
+        crate::adapters::files::remove_leftovers(&dir.join(crate::runtime::RAFT_DIR));
+        crate::adapters::files::probe_writable(&dir, STATE_PROBE_BYTES)
     });
     match tokio::time::timeout(STATE_PROBE_TIMEOUT, probe).await {
         Ok(Ok(r)) => r.map_err(|e| e.to_string()),
@@ -412,7 +412,7 @@ async fn wait_with_problem(
     let metrics = match cfg.metrics_addr {
         Some(addr) => TcpListener::bind(addr).await.ok().map(|l| {
             let state = LocalState::Unconfigured { name: name.to_string(), problems: vec![problem.clone()] };
-            let app = crate::api::local::metrics_router(state);
+            let app = crate::server::local::metrics_router(state);
             spawn_server("metrics", axum::serve(l, app).with_graceful_shutdown(stopped(stop_rx)))
         }),
         None => None,
@@ -467,7 +467,7 @@ async fn serve_on_mesh(agent: Arc<Agent>, stop: watch::Receiver<bool>) {
         crate::runtime::next_wake(&mut changes, &mut end, Duration::from_secs(5)).await;
     };
     agent.set_mesh_listening();
-    let app = crate::api::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let app = crate::server::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
         error!("peer API (mesh) server failed: {e}");
     }

@@ -1,37 +1,30 @@
 //! ClusterOS node agent.
 //!
-//! Pure logic (no I/O): [`state`] (the replicated ClusterState and its `apply`), [`membership`]
-//! (formation, health and autopilot decisions), [`config`] validation, [`auth`] signatures.
-//! Adapters: [`raft`] (storage, network), [`api`] (peer and local servers), [`transport`],
-//! [`files`]. [`runtime`] wires them into the running agent; [`daemon`] is `clusteros agent`;
-//! [`cli`] and [`client`] are the command line.
+//! The layers, and the one way their dependencies run (a layer uses only the layers before it):
+//!
+//! - [`core`]: pure logic. The replicated state and its `apply`, formation, health and autopilot
+//!   decisions, roles, the mesh plan, config validation, renderers, signatures. No tokio, no file
+//!   system, no sockets (`make check` refuses them there).
+//! - [`proto`]: the wire protocol: paths, request and answer types, the error body.
+//! - [`adapters`]: the world outside the process, each behind a narrow interface: Raft storage and
+//!   network, the peer client, WireGuard over netlink, systemd over D-Bus, files, the node identity.
+//! - [`runtime`]: the running node: the context every loop shares and the loops that carry the
+//!   core's decisions out through the adapters.
+//! - [`status`]: the report `clusteros status` shows, built from the runtime.
+//! - [`server`]: the peer API, the local API and `/metrics`.
+//! - [`daemon`] (`clusteros agent`) and [`cli`] (every other command) at the top.
 
-pub mod api;
-pub mod auth;
+pub mod adapters;
 pub mod cli;
-pub mod client;
-pub mod config;
+pub mod core;
 pub mod daemon;
-pub mod files;
-pub mod identity;
 pub mod logging;
-pub mod membership;
-pub mod mesh;
-pub mod metrics;
-pub mod pledge;
 pub mod proto;
-pub mod raft;
-pub mod render;
-pub mod roles;
 pub mod runtime;
-pub mod secrets;
+pub mod server;
 pub mod services;
 pub mod slurm_state;
-pub mod state;
 pub mod status;
-pub mod systemd;
-pub mod transport;
-pub mod wireguard;
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

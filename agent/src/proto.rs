@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::raft::{SnapshotMeta, Vote};
-use crate::state::{KvEntry, NodeId};
+use crate::adapters::raft::{SnapshotMeta, Vote};
+use crate::core::state::{KvEntry, NodeId};
 
 /// Peer API paths.
 pub mod paths {
@@ -132,7 +132,7 @@ pub struct PreVoteRequest {
     pub candidate: NodeId,
     /// The candidate's current term (it would campaign in the next one).
     pub term: u64,
-    pub last_log_id: Option<crate::raft::LogId>,
+    pub last_log_id: Option<crate::adapters::raft::LogId>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -156,14 +156,14 @@ pub struct Candidate {
     pub bootstrap_expect: Option<usize>,
     /// The formation pledge the node holds (it is forming a cluster with those members).
     #[serde(default)]
-    pub pledged: Option<crate::membership::Pledge>,
+    pub pledged: Option<crate::core::membership::Pledge>,
 }
 
-/// The answer to a pledge request (the request body is a [`crate::membership::Pledge`]).
+/// The answer to a pledge request (the request body is a [`crate::core::membership::Pledge`]).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct PledgeResponse {
     /// Why the node did not pledge; `None`: it holds the pledge (on disk) now.
-    pub refused: Option<crate::membership::PledgeRefusal>,
+    pub refused: Option<crate::core::membership::PledgeRefusal>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -241,7 +241,7 @@ pub struct JoinBody {
 /// Peer API: a command to propose on the leader.
 #[derive(Serialize, Deserialize, Debug, Clone)]
 pub struct WriteRequest {
-    pub cmd: crate::state::Command,
+    pub cmd: crate::core::state::Command,
 }
 
 /// Local API: `POST /v1/kv/get`.

@@ -1,7 +1,7 @@
 //! The running agent: wires configuration, identity, Raft and the APIs together, and runs the
 //! loops that form or join the cluster, register this node, and (on the leader) track health and
 //! drive membership changes. Decisions are made by the pure functions in
-//! [`membership`](crate::membership); this module only gathers inputs and carries decisions out.
+//! [`membership`](crate::core::membership); this module only gathers inputs and carries decisions out.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -17,21 +17,21 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 use tracing::{debug, info, warn};
 
-use crate::api::ApiError;
-use crate::auth::ClusterKey;
-use crate::config::Config;
-use crate::identity::Identity;
-use crate::membership::{self, AutopilotView, Formation, MembershipAction, PeerView, Pledge, PledgeOutcome};
+use crate::adapters::identity::Identity;
+use crate::adapters::peers::{PeerClient, PeerError};
+use crate::adapters::raft::log_store::LogStore;
+use crate::adapters::raft::network::{ContactTracker, Network};
+use crate::adapters::raft::state_machine::{StateHandle, StateMachineStore};
+use crate::adapters::raft::{Raft, RaftMetrics, raft_config};
+use crate::core::auth::ClusterKey;
+use crate::core::config::Config;
+use crate::core::membership::{self, AutopilotView, Formation, MembershipAction, PeerView, Pledge, PledgeOutcome};
+use crate::core::state::{Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, Response, hex_id};
 use crate::proto::{
     Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse, ReadRequest,
     ReadResponse, paths,
 };
-use crate::raft::log_store::LogStore;
-use crate::raft::network::{ContactTracker, Network};
-use crate::raft::state_machine::{StateHandle, StateMachineStore};
-use crate::raft::{Raft, RaftMetrics, raft_config};
-use crate::state::{Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, Response, hex_id};
-use crate::transport::{PeerClient, PeerError};
+use crate::server::ApiError;
 
 pub const LEFT_MARKER: &str = "left";
 pub const RAFT_DIR: &str = "raft";
@@ -107,7 +107,7 @@ pub struct Agent {
     pub heard_from_leader: ContactTracker,
     pub facts: NodeFacts,
     pub key: ClusterKey,
-    pub secret_box: crate::secrets::SecretBox,
+    pub secret_box: crate::core::secrets::SecretBox,
     /// The last services reconcile, for status.
     pub services: Mutex<Option<crate::services::ServiceReport>>,
     /// The last mesh reconcile, for status.
@@ -127,7 +127,7 @@ pub struct Agent {
     /// Discovery rounds of this run (views carry the round whose hello they answer).
     discovery_rounds: AtomicU64,
     /// The formation pledge this node holds (bootstrap_expect).
-    pledges: crate::pledge::PledgeStore,
+    pledges: crate::adapters::pledge::PledgeStore,
     /// Held while pledging and while joining, so that a node never does both at once.
     formation_lock: tokio::sync::Mutex<()>,
     /// Join addresses: from the config, or given by `clusteros join`.
@@ -176,13 +176,13 @@ impl StartError {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot create state directory: {0}")]
-    StateDir(#[from] crate::files::WriteError),
+    StateDir(#[from] crate::adapters::files::WriteError),
     #[error(
         "cannot open the Raft log {path}: {source}; if it is corrupt, move the directory {dir} away and the node will rejoin as a new member"
     )]
     Log { path: PathBuf, dir: PathBuf, source: redb::Error },
     #[error(transparent)]
-    StateMachine(#[from] crate::raft::state_machine::OpenError),
+    StateMachine(#[from] crate::adapters::raft::state_machine::OpenError),
     #[error("invalid Raft settings: {0}")]
     RaftConfig(#[from] openraft::ConfigError),
     #[error("cannot start Raft: {0}")]
@@ -260,7 +260,7 @@ impl Agent {
         extra_join: Vec<String>,
     ) -> Result<Arc<Agent>, StartError> {
         let raft_dir = cfg.state_dir.join(RAFT_DIR);
-        crate::files::ensure_dir(&raft_dir, 0o700)?;
+        crate::adapters::files::ensure_dir(&raft_dir, 0o700)?;
         let log_path = raft_dir.join("raft.redb");
         let log = LogStore::open(&log_path).map_err(|source| StartError::Log {
             path: log_path.clone(),
@@ -301,7 +301,7 @@ impl Agent {
             heard_from_leader: ContactTracker::default(),
             facts: read_facts(),
             key,
-            secret_box: crate::secrets::SecretBox::new(secret),
+            secret_box: crate::core::secrets::SecretBox::new(secret),
             services: Mutex::new(None),
             mesh: Mutex::new(None),
             slurm_state: Mutex::new(None),
@@ -311,7 +311,7 @@ impl Agent {
             progress: Mutex::new(Progress { phase: Phase::Discovering, detail: "starting".into(), last_error: None }),
             discovered: Mutex::new(BTreeMap::new()),
             discovery_rounds: AtomicU64::new(0),
-            pledges: crate::pledge::PledgeStore::open(&cfg.state_dir),
+            pledges: crate::adapters::pledge::PledgeStore::open(&cfg.state_dir),
             formation_lock: tokio::sync::Mutex::new(()),
             join_targets: Mutex::new(join_targets),
             wake: Notify::new(),
@@ -585,7 +585,7 @@ impl Agent {
 
     /// Admits a node as a learner (the autopilot promotes it once it has caught up).
     pub async fn local_join(&self, req: JoinRequest) -> Result<JoinResponse, ApiError> {
-        crate::config::validate_node_name(&req.name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        crate::core::config::validate_node_name(&req.name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         req.api_addr
             .parse::<SocketAddr>()
             .map_err(|e| ApiError::BadRequest(format!("api_addr {:?} is not IP:PORT: {e}", req.api_addr)))?;
@@ -653,7 +653,7 @@ impl Agent {
     /// a request to the old one is still in flight (an isolated leader never answers).
     ///
     /// Every request sent through here must be safe to repeat: reads, joins, leaves, and writes
-    /// under a [`RequestId`](crate::state::RequestId) (see [`Agent::write`]), which the state
+    /// under a [`RequestId`](crate::core::state::RequestId) (see [`Agent::write`]), which the state
     /// machine applies once however often they commit. When the deadline passes after an attempt
     /// that may have reached a leader, the error is a timeout that says the write may have been
     /// applied; otherwise it says why nothing was done.
@@ -1122,7 +1122,7 @@ impl Agent {
 
     /// Sets join targets from `clusteros join` and wakes the formation loop.
     pub fn request_join(&self, addr: String) -> Result<(), ApiError> {
-        let addr = crate::config::normalize_join_addr(&addr).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let addr = crate::core::config::normalize_join_addr(&addr).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         if self.progress().phase == Phase::Member {
             return Err(ApiError::Refused(
                 "this node is already a member of a cluster; run `clusteros leave` first".into(),
@@ -1142,7 +1142,7 @@ impl Agent {
         }
         let req = LeaveRequest { id: self.id() };
         self.on_leader(paths::LEAVE, &req, || self.local_leave(req.clone())).await?;
-        crate::files::write_atomic(&self.left_marker(), b"left\n", 0o600)
+        crate::adapters::files::write_atomic(&self.left_marker(), b"left\n", 0o600)
             .map_err(|e| ApiError::Internal(e.to_string()))?;
         self.request_end(RunEnd::Left);
         Ok(())
@@ -1269,7 +1269,7 @@ impl Agent {
     }
 
     /// The id of the last entry in this node's log.
-    fn last_log_id(&self) -> Result<Option<crate::raft::LogId>, String> {
+    fn last_log_id(&self) -> Result<Option<crate::adapters::raft::LogId>, String> {
         let m = self.metrics();
         let Some(index) = m.last_log_index else { return Ok(None) };
         // The metrics carry the index only; the term is the one of the entry at that index, which
@@ -1460,7 +1460,7 @@ impl Agent {
 
     async fn leader_tick(&self, m: &RaftMetrics) -> Result<(), ApiError> {
         if self.state.read(|d| d.state.cluster_id.is_none()) {
-            let cluster_id = format!("{:016x}", crate::identity::new_node_id());
+            let cluster_id = format!("{:016x}", crate::adapters::identity::new_node_id());
             self.local_write(Command::InitCluster { cluster_id, at_ms: crate::now_ms() }).await?;
         }
         self.ensure_secrets().await?;
@@ -1528,7 +1528,7 @@ impl Agent {
 impl Agent {
     /// Leader: creates the cluster's secrets once (from the OS random source).
     async fn ensure_secrets(&self) -> Result<(), ApiError> {
-        for name in crate::secrets::MANAGED {
+        for name in crate::core::secrets::MANAGED {
             if self.state.read(|d| d.state.secrets.contains_key(*name)) {
                 continue;
             }
@@ -1541,7 +1541,7 @@ impl Agent {
     /// Generates a new value for a managed secret, sealed on this node, and commits it. Returns
     /// the new version.
     pub async fn set_secret(&self, name: &str) -> Result<u64, ApiError> {
-        let plain = crate::secrets::generate(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let plain = crate::core::secrets::generate(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let value = self.secret_box.seal(name, &plain);
         match self.write(Command::SetSecret { name: name.into(), value, at_ms: crate::now_ms() }).await? {
             Response::Secret { version } => Ok(version),
@@ -1561,7 +1561,7 @@ impl Agent {
         });
         let mut used = used;
         for id in missing {
-            let Some(ip) = crate::mesh::allocate_mesh_ip(net, prefix, &used) else {
+            let Some(ip) = crate::core::mesh::allocate_mesh_ip(net, prefix, &used) else {
                 warn!(node_id = %hex_id(self.id()), "mesh network {net}/{prefix} is full; set a larger mesh_cidr");
                 return Ok(());
             };
@@ -1675,7 +1675,7 @@ impl Agent {
     /// Leader: runs the role scheduler and commits a change of holders.
     async fn ensure_roles(&self) -> Result<(), ApiError> {
         let (members, current) = self.state.read(|d| (d.state.members.clone(), d.state.roles.clone()));
-        let next = crate::roles::schedule(&members, &current);
+        let next = crate::core::roles::schedule(&members, &current);
         if next != current {
             info!(
                 node_id = %hex_id(self.id()),
@@ -1692,9 +1692,9 @@ impl Agent {
     /// Whether this agent drives node services.
     pub fn manages_services(&self) -> bool {
         match self.cfg.manage_services {
-            crate::config::ServiceMode::On => true,
-            crate::config::ServiceMode::Off => false,
-            crate::config::ServiceMode::Auto => Path::new("/run/systemd/system").exists(),
+            crate::core::config::ServiceMode::On => true,
+            crate::core::config::ServiceMode::Off => false,
+            crate::core::config::ServiceMode::Auto => Path::new("/run/systemd/system").exists(),
         }
     }
 
@@ -1756,7 +1756,7 @@ impl Agent {
         let mut reconciler = None;
         // The inputs of the last reconcile: a state change that leaves them alone (a KV write)
         // wakes the loop but costs nothing; every 15 s it reconciles anyway (units may drift).
-        let mut last: Option<(crate::state::ClusterState, bool)> = None;
+        let mut last: Option<(crate::core::state::ClusterState, bool)> = None;
         let mut periodic = true;
         loop {
             if end.borrow().is_some() {
@@ -1769,7 +1769,7 @@ impl Agent {
                 continue;
             }
             if reconciler.is_none() {
-                match crate::systemd::DbusSystemd::connect(Duration::from_secs(90)).await {
+                match crate::adapters::systemd::DbusSystemd::connect(Duration::from_secs(90)).await {
                     Ok(s) => reconciler = Some(Reconciler { systemd: s, root: PathBuf::from("/") }),
                     Err(e) => {
                         warn!(node_id = %hex_id(self.id()), "services: {e}");
@@ -1788,8 +1788,8 @@ impl Agent {
                         }
                     })
                 };
-                let munge = open(crate::secrets::MUNGE_KEY);
-                let token = open(crate::secrets::K3S_TOKEN).and_then(|t| String::from_utf8(t).ok());
+                let munge = open(crate::core::secrets::MUNGE_KEY);
+                let token = open(crate::core::secrets::K3S_TOKEN).and_then(|t| String::from_utf8(t).ok());
                 let p = plan(&PlanInputs {
                     me: self.id(),
                     state: &state,
@@ -1838,15 +1838,15 @@ pub struct MeshReport {
 impl Agent {
     /// Keeps `wg0` matching the committed members, on every state change and every 10 s.
     pub async fn run_mesh(self: Arc<Self>) {
-        use crate::mesh::{WG_INTERFACE, desired_device, plan};
+        use crate::core::mesh::{WG_INTERFACE, desired_device, plan};
         if !self.manages_services() {
             return;
         }
         let mut end = self.end_signal();
         let mut changes = self.state.subscribe();
-        let mut nl: Option<crate::wireguard::WgNetlink> = None;
+        let mut nl: Option<crate::adapters::wireguard::WgNetlink> = None;
         // As in `run_services`: skip wake-ups that change nothing the mesh is made of.
-        let mut last: Option<crate::state::ClusterState> = None;
+        let mut last: Option<crate::core::state::ClusterState> = None;
         let mut periodic = true;
         loop {
             if end.borrow().is_some() {
@@ -1859,7 +1859,7 @@ impl Agent {
             }
             let mut report = MeshReport { interface: WG_INTERFACE.into(), ..Default::default() };
             if nl.is_none() {
-                match crate::wireguard::WgNetlink::connect(WG_INTERFACE) {
+                match crate::adapters::wireguard::WgNetlink::connect(WG_INTERFACE) {
                     Ok(n) => nl = Some(n),
                     Err(e) => report.error = Some(e.to_string()),
                 }
@@ -2161,7 +2161,7 @@ impl Agent {
         };
         let d = dir.to_owned();
         let r = tokio::task::spawn_blocking(move || {
-            crate::files::ensure_dir(&d, 0o755)?;
+            crate::adapters::files::ensure_dir(&d, 0o755)?;
             let hb = d.join(HEARTBEAT);
             let standby = || may_install(std::fs::read(&hb).ok().as_deref(), crate::now_ms() / 1000);
             install(&d, &files, uid, gid, &standby)
@@ -2170,7 +2170,9 @@ impl Agent {
         match r {
             Ok(Ok(done)) => {
                 let marker = InstalledCopy { from: copy.from, version, digest };
-                if let Err(e) = crate::files::write_atomic(&self.slurm_marker(), marker.render().as_bytes(), 0o600) {
+                if let Err(e) =
+                    crate::adapters::files::write_atomic(&self.slurm_marker(), marker.render().as_bytes(), 0o600)
+                {
                     report.note = Some(e.to_string());
                     return report;
                 }

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::render::k3s::{self, K3sConfig};
-use crate::render::slurm::{self, SlurmConf};
-use crate::state::{ClusterState, NodeId};
-use crate::systemd::{Systemd, UnitAction, UnitStatus};
+use crate::adapters::systemd::{Systemd, UnitAction, UnitStatus};
+use crate::core::render::k3s::{self, K3sConfig};
+use crate::core::render::slurm::{self, SlurmConf};
+use crate::core::state::{ClusterState, NodeId};
 
 pub const MUNGE_KEY_PATH: &str = "/etc/munge/munge.key";
 pub const K3S_BINARY: &str = "/usr/local/bin/k3s";
@@ -187,7 +187,7 @@ pub enum FileError {
     #[error("group {0:?} does not exist on this node: is its package installed?")]
     NoGroup(String),
     #[error(transparent)]
-    Write(#[from] crate::files::WriteError),
+    Write(#[from] crate::adapters::files::WriteError),
     #[error("cannot set the owner of {path}: {source}")]
     Chown { path: PathBuf, source: std::io::Error },
 }
@@ -243,9 +243,9 @@ impl<S: Systemd> Reconciler<S> {
             if let Some(dir) = path.parent()
                 && !dir.exists()
             {
-                crate::files::ensure_dir(dir, 0o755)?;
+                crate::adapters::files::ensure_dir(dir, 0o755)?;
             }
-            crate::files::write_atomic(&path, &f.contents, f.mode)?;
+            crate::adapters::files::write_atomic(&path, &f.contents, f.mode)?;
             std::os::unix::fs::chown(&path, Some(uid), Some(gid))
                 .map_err(|source| FileError::Chown { path: path.clone(), source })?;
             written.push(f.path.clone());
@@ -308,11 +308,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::state::{Command, RoleAssignments};
-    use crate::systemd::FakeSystemd;
+    use crate::adapters::systemd::FakeSystemd;
+    use crate::core::state::{Command, RoleAssignments};
 
     fn state(roles: RoleAssignments) -> ClusterState {
-        let mut s = crate::render::slurm::tests::three_node_state();
+        let mut s = crate::core::render::slurm::tests::three_node_state();
         s.apply(30, &Command::SetRoles { roles });
         s
     }

@@ -45,7 +45,7 @@ pub enum SlurmStateError {
     #[error("the replicated SLURM state is not valid: {0}")]
     Decode(String),
     #[error(transparent)]
-    Write(#[from] crate::files::WriteError),
+    Write(#[from] crate::adapters::files::WriteError),
     #[error("cannot set the owner of {path}: {source}")]
     Chown { path: PathBuf, source: std::io::Error },
     #[error("cannot remove {path}: {source}")]
@@ -288,7 +288,7 @@ pub fn install(
         for part in &parts[..parts.len() - 1] {
             sub.push(part);
             if std::fs::symlink_metadata(&sub).is_err() {
-                crate::files::ensure_dir(&sub, 0o700)?;
+                crate::adapters::files::ensure_dir(&sub, 0o700)?;
                 chown(&sub, uid, gid)?;
             } else if !real_dir(&sub) {
                 return Err(SlurmStateError::NotADirectory(sub));
@@ -298,7 +298,7 @@ pub fn install(
             return Err(SlurmStateError::TookControl);
         }
         // The rename replaces a symbolic link itself, never its target.
-        crate::files::write_atomic(&path, contents, 0o600)?;
+        crate::adapters::files::write_atomic(&path, contents, 0o600)?;
         chown(&path, uid, gid)?;
         report.written += 1;
     }

@@ -8,8 +8,8 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use clusteros::client::ClientError;
-use clusteros::state::Response;
+use clusteros::cli::client::ClientError;
+use clusteros::core::state::Response;
 use common::{Cluster, NetNs, Opts, metric, serial, wait_until};
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -106,7 +106,7 @@ async fn late_joiner_catches_up_by_snapshot() {
     for w in 0..16 {
         let socket = socket.clone();
         tasks.push(tokio::spawn(async move {
-            let client = clusteros::client::LocalClient::new(&socket);
+            let client = clusteros::cli::client::LocalClient::new(&socket);
             for k in (w..2000).step_by(16) {
                 client.kv_put(&format!("key-{k:04}"), &format!("value-{k}")).await.unwrap();
             }

@@ -10,11 +10,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use clusteros::membership::{
+use clusteros::adapters::pledge::PledgeStore;
+use clusteros::core::membership::{
     Formation, PeerView, Pledge, PledgeOutcome, PledgeRefusal, answer_pledge, decide_formation, pledge_outcome,
 };
-use clusteros::pledge::PledgeStore;
-use clusteros::state::NodeId;
+use clusteros::core::state::NodeId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 

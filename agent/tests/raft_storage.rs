@@ -1,8 +1,8 @@
 //! openraft's storage test suite against the real redb log store and the real state machine.
 
-use clusteros::raft::log_store::LogStore;
-use clusteros::raft::state_machine::StateMachineStore;
-use clusteros::raft::{StorageError, TypeConfig};
+use clusteros::adapters::raft::log_store::LogStore;
+use clusteros::adapters::raft::state_machine::StateMachineStore;
+use clusteros::adapters::raft::{StorageError, TypeConfig};
 use openraft::testing::{StoreBuilder, Suite};
 
 struct Builder;
@@ -28,8 +28,8 @@ async fn state_survives_reopen() {
     use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
     use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
 
-    use clusteros::raft::Entry;
-    use clusteros::state::Command;
+    use clusteros::adapters::raft::Entry;
+    use clusteros::core::state::Command;
 
     let dir = tempfile::tempdir().unwrap();
     let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
@@ -75,9 +75,9 @@ async fn a_snapshot_built_before_an_install_does_not_replace_it() {
     use openraft::storage::RaftStateMachine;
     use openraft::{CommittedLeaderId, EntryPayload, LogId};
 
-    use clusteros::raft::Entry;
-    use clusteros::raft::state_machine::SmData;
-    use clusteros::state::Command;
+    use clusteros::adapters::raft::Entry;
+    use clusteros::adapters::raft::state_machine::SmData;
+    use clusteros::core::state::Command;
 
     let dir = tempfile::tempdir().unwrap();
     let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
@@ -94,7 +94,7 @@ async fn a_snapshot_built_before_an_install_does_not_replace_it() {
     for i in 1..=5 {
         newer.state.apply(i, &Command::KvPut { key: format!("k{i}"), value: "v".into() });
     }
-    let meta = clusteros::raft::SnapshotMeta {
+    let meta = clusteros::adapters::raft::SnapshotMeta {
         last_log_id: Some(log_id(5)),
         last_membership: Default::default(),
         snapshot_id: "leader-5".into(),

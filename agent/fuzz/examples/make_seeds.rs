@@ -8,17 +8,19 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use clusteros::auth::{ClusterKey, parse_auth};
-use clusteros::membership::{Pledge, PledgeRefusal};
+use clusteros::adapters::raft::state_machine::{SmData, encode_snapshot_file};
+use clusteros::adapters::raft::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use clusteros::core::auth::{ClusterKey, parse_auth};
+use clusteros::core::membership::{Pledge, PledgeRefusal};
+use clusteros::core::secrets::SecretBox;
+use clusteros::core::state::{
+    ClusterState, Command, KvEntry, MemberSpec, NodeFacts, RequestId, Response, RoleAssignments,
+};
 use clusteros::proto::{
     Candidate, Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
     PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
-use clusteros::raft::state_machine::{SmData, encode_snapshot_file};
-use clusteros::raft::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
-use clusteros::secrets::SecretBox;
 use clusteros::slurm_state::{SEAL_NAME, StateFiles};
-use clusteros::state::{ClusterState, Command, KvEntry, MemberSpec, NodeFacts, RequestId, Response, RoleAssignments};
 use clusteros_agent_fuzz::{NOW_MS, SECRET, route};
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
@@ -334,10 +336,10 @@ remove_after_ms = 600000
         out
     };
     let path = Path::new("/etc/clusteros/agent.toml");
-    let file = clusteros::config::parse_toml(path, toml).unwrap();
-    let creds = clusteros::config::Credentials::from_files(Path::new("/run/credentials"), &[]).unwrap();
-    let o = clusteros::config::Overrides::default();
-    clusteros::config::Config::resolve(file, creds, &o, &|_| Err(std::io::ErrorKind::NotFound.into())).unwrap();
+    let file = clusteros::core::config::parse_toml(path, toml).unwrap();
+    let creds = clusteros::core::config::Credentials::from_files(Path::new("/run/credentials"), &[]).unwrap();
+    let o = clusteros::core::config::Overrides::default();
+    clusteros::core::config::Config::resolve(file, creds, &o, &|_| Err(std::io::ErrorKind::NotFound.into())).unwrap();
     write("config", "full", &input(1, 0, &[toml]));
     write("config", "empty", &input(0, 0, &[]));
     write(
@@ -444,7 +446,7 @@ fn snapshot() {
         snapshot_id: "1-20-0".into(),
     };
     let file = encode_snapshot_file(&meta, String::from_utf8(json.clone()).unwrap()).unwrap();
-    assert!(clusteros::raft::state_machine::decode_snapshot_file(&file).unwrap().0 == data);
+    assert!(clusteros::adapters::raft::state_machine::decode_snapshot_file(&file).unwrap().0 == data);
     write("snapshot", "file", &file);
     write("snapshot", "received", &json);
     let empty = SmData::default();
@@ -607,7 +609,7 @@ fn wg_dump() {
             }
             buf = &buf[len..];
         }
-        let (dev, stats) = clusteros::wireguard::merge_dump(&msgs, std::time::SystemTime::now());
+        let (dev, stats) = clusteros::adapters::wireguard::merge_dump(&msgs, std::time::SystemTime::now());
         assert_eq!((dev.peers.len(), stats.len(), dev.listen_port), (2, 2, Some(51820)));
         assert_eq!(dev.peers.values().next().unwrap().allowed_ips.len(), 2);
     }

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
-use clusteros::state::{
+use clusteros::core::state::{
     ClusterState, Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, RequestLog, Response, RoleAssignments,
 };
 use libfuzzer_sys::fuzz_target;

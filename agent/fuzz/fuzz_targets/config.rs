@@ -15,7 +15,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use clusteros::config::{
+use clusteros::core::config::{
     Config, ConfigError, Credentials, FileConfig, Overrides, credential, normalize_join_addr, parse_cidr, parse_toml,
     split_list, validate_node_name, validate_secret,
 };
@@ -50,7 +50,7 @@ fn check_accepted(c: &Config) {
     assert!(c.raft.election_timeout_max_ms > c.raft.election_timeout_min_ms);
     assert!(c.health.suspect_after_ms < c.health.failed_after_ms);
     // The openraft configuration is derived from it at startup.
-    let _ = clusteros::raft::raft_config(&c.raft);
+    let _ = clusteros::adapters::raft::raft_config(&c.raft);
 }
 
 /// An accepted mesh network lies entirely in the private ranges (the agent allocates mesh

@@ -14,15 +14,15 @@
 
 use std::sync::LazyLock;
 
-use clusteros::auth::{AuthError, ClusterKey, ReplayGuard, parse_auth};
-use clusteros::membership::{Pledge, answer_pledge};
+use clusteros::adapters::raft::TypeConfig;
+use clusteros::adapters::raft::state_machine::SmData;
+use clusteros::core::auth::{AuthError, ClusterKey, ReplayGuard, parse_auth};
+use clusteros::core::membership::{Pledge, answer_pledge};
+use clusteros::core::state::{NodeId, Response as CmdResponse};
 use clusteros::proto::{
     Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
     PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
-use clusteros::raft::TypeConfig;
-use clusteros::raft::state_machine::SmData;
-use clusteros::state::{NodeId, Response as CmdResponse};
 use clusteros_agent_fuzz::{NOW_MS, SECRET, route};
 use libfuzzer_sys::fuzz_target;
 use openraft::error::{Fatal, RaftError};

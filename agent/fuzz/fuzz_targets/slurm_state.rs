@@ -14,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Component, Path};
 use std::sync::LazyLock;
 
-use clusteros::secrets::SecretBox;
+use clusteros::core::secrets::SecretBox;
 use clusteros::slurm_state::{
     HEARTBEAT, SEAL_NAME, StateFiles, in_control, may_install, parse_heartbeat, stale_job_dirs, valid_path,
 };

@@ -6,7 +6,7 @@
 #![forbid(unsafe_code)]
 #![no_main]
 
-use clusteros::raft::state_machine::{SmData, decode_snapshot_file, encode_snapshot_file};
+use clusteros::adapters::raft::state_machine::{SmData, decode_snapshot_file, encode_snapshot_file};
 use libfuzzer_sys::fuzz_target;
 
 fn round_trip(d: &SmData) {

@@ -15,7 +15,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use clusteros::wireguard::{WgMessage, decode_key, merge_dump};
+use clusteros::adapters::wireguard::{WgMessage, decode_key, merge_dump};
 use libfuzzer_sys::fuzz_target;
 use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;

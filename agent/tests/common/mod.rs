@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clusteros::client::{ClientError, LocalClient};
+use clusteros::cli::client::{ClientError, LocalClient};
 use clusteros::status::StatusReport;
 use rand::Rng;
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clusteros::client::LocalClient;
+use clusteros::cli::client::LocalClient;
 use clusteros::status::StatusReport;
 
 use super::net::Lan;

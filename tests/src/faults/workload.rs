@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use clusteros::client::{ClientError, LocalClient};
+use clusteros::cli::client::{ClientError, LocalClient};
+use clusteros::core::state::Response;
 use clusteros::proto::ErrorKind;
-use clusteros::state::Response;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};

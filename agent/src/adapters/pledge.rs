@@ -1,7 +1,7 @@
 //! This node's formation pledge, kept on disk (`STATE/formation-pledge.json`) so that it survives
 //! a crash: a node that promised a proposer to form the first cluster with it must still be bound
 //! by that promise after a restart, or the proposer could initialize with a member that has since
-//! promised another proposal. The decisions are in [`crate::membership`]; this is the storage.
+//! promised another proposal. The decisions are in [`crate::core::membership`]; this is the storage.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,9 +9,9 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
-use crate::files::WriteError;
-use crate::membership::{HeldPledge, Pledge, PledgeRefusal};
-use crate::state::NodeId;
+use crate::adapters::files::WriteError;
+use crate::core::membership::{HeldPledge, Pledge, PledgeRefusal};
+use crate::core::state::NodeId;
 
 pub const PLEDGE_FILE: &str = "formation-pledge.json";
 /// A pledge names `bootstrap_expect` members (a handful); anything larger is not one of ours.
@@ -171,7 +171,7 @@ impl PledgeStore {
             joining: held.joining,
         };
         let json = serde_json::to_vec_pretty(&disk).expect("a pledge serializes");
-        crate::files::write_atomic(&self.path, &json, 0o600)
+        crate::adapters::files::write_atomic(&self.path, &json, 0o600)
     }
 
     /// Drops everything: this node is in a cluster now (its Raft state says so from here on),
@@ -195,7 +195,7 @@ pub enum JoinBlocked {
     #[error(
         "this node has pledged to form a new cluster with {} ({}), so it cannot join another; it \
          releases the pledge when that proposal is withdrawn",
-        crate::state::hex_id(*.0), .1.display()
+        crate::core::state::hex_id(*.0), .1.display()
     )]
     Pledged(NodeId, PathBuf),
     #[error("cannot store the joining mark: {0}")]

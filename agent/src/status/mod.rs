@@ -5,9 +5,9 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
+use crate::core::state::Health;
+use crate::core::state::hex_id;
 use crate::runtime::{Agent, Phase};
-use crate::state::Health;
-use crate::state::hex_id;
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct NodeReport {

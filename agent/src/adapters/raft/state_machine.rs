@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use crate::files::{Staged, stage};
-use crate::state::{ClusterState, Response};
+use crate::adapters::files::{Staged, stage};
+use crate::core::state::{ClusterState, Response};
 
 pub const SNAPSHOT_FILE: &str = "snapshot.json";
 

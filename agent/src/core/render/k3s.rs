@@ -5,8 +5,8 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use super::RenderError;
-use crate::mesh::WG_INTERFACE;
-use crate::state::{ClusterState, NodeId};
+use crate::core::mesh::WG_INTERFACE;
+use crate::core::state::{ClusterState, NodeId};
 
 pub const PATH: &str = "/etc/rancher/k3s/config.yaml";
 pub const TOKEN_SECRET: &str = "k3s-token";
@@ -75,11 +75,11 @@ impl fmt::Display for K3sConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::render::check_golden;
-    use crate::state::{Command, RoleAssignments};
+    use crate::core::render::check_golden;
+    use crate::core::state::{Command, RoleAssignments};
 
     fn state() -> ClusterState {
-        let mut s = crate::render::slurm::tests::three_node_state();
+        let mut s = crate::core::render::slurm::tests::three_node_state();
         s.apply(
             20,
             &Command::SetRoles {

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::state::{Health, Member, NodeId, RoleAssignments};
+use crate::core::state::{Health, Member, NodeId, RoleAssignments};
 
 pub const SLURM_CONTROLLER: &str = "slurm-controller";
 pub const SLURM_WORKER: &str = "slurm-worker";
@@ -66,7 +66,7 @@ pub fn schedule(members: &BTreeMap<NodeId, Member>, current: &RoleAssignments) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{MemberSpec, NodeFacts};
+    use crate::core::state::{MemberSpec, NodeFacts};
 
     fn member(id: NodeId, health: Health, labels: &[(&str, &str)]) -> Member {
         Member {

@@ -23,7 +23,7 @@ pub enum RenderError {
 
 #[cfg(test)]
 pub(crate) fn check_golden(name: &str, actual: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/render/testdata").join(name);
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core/render/testdata").join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
         return;

@@ -8,8 +8,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 
 use super::{ApiError, CasBody, Empty, GetBody, JoinBody, KeyBody, PutBody, ReadResponse, RotateBody, RotateResponse};
+use crate::core::state::{Command, Response, validate_kv};
 use crate::runtime::Agent;
-use crate::state::{Command, Response, validate_kv};
 use crate::status::{self, StatusReport};
 
 /// What the socket serves: a running agent, or one that cannot run yet and says why.
@@ -64,10 +64,10 @@ async fn kv_cas(State(s): Shared, Json(b): Json<CasBody>) -> Result<Json<Respons
 
 async fn rotate(State(s): Shared, Json(b): Json<RotateBody>) -> Result<Json<RotateResponse>, ApiError> {
     let name = match b.name.as_str() {
-        "munge" => crate::secrets::MUNGE_KEY.to_string(),
+        "munge" => crate::core::secrets::MUNGE_KEY.to_string(),
         other => other.to_string(),
     };
-    if !crate::secrets::MANAGED.contains(&name.as_str()) {
+    if !crate::core::secrets::MANAGED.contains(&name.as_str()) {
         return Err(ApiError::BadRequest(format!("unknown secret {:?}; rotate one of: munge, k3s-token", b.name)));
     }
     let version = s.agent()?.set_secret(&name).await?;
@@ -102,7 +102,7 @@ async fn metrics(State(s): Shared) -> impl axum::response::IntoResponse {
         LocalState::Running(a) => status::report(a),
         LocalState::Unconfigured { name, problems } => status::unconfigured(name, problems.clone()),
     };
-    let body = crate::metrics::render(&report, crate::metrics::refused(), crate::now_ms());
+    let body = crate::server::metrics::render(&report, crate::server::metrics::refused(), crate::now_ms());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 

@@ -11,8 +11,8 @@ use base64::engine::general_purpose::STANDARD as B64;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
-use crate::files::{WriteError, write_atomic};
-use crate::state::NodeId;
+use crate::adapters::files::{WriteError, write_atomic};
+use crate::core::state::NodeId;
 
 pub const IDENTITY_FILE: &str = "identity.json";
 pub const WG_KEY_FILE: &str = "wg.key";

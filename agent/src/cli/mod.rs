@@ -1,15 +1,17 @@
 //! The `clusteros` command line: `agent` runs the daemon, everything else talks to it over the
 //! local socket. Every command has `--json`.
 
+pub mod client;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::client::{ClientError, LocalClient};
-use crate::config::{self, Config, Overrides};
-use crate::state::Response;
+use crate::cli::client::{ClientError, LocalClient};
+use crate::core::config::{self, Config, Overrides};
+use crate::core::state::Response;
 use crate::status;
 
 /// Exit status when a condition did not hold (key not found, compare-and-swap lost).

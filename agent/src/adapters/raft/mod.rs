@@ -1,5 +1,5 @@
 //! Raft adapters: the openraft type configuration, the durable log store (redb), the state
-//! machine (the [`ClusterState`](crate::state::ClusterState) with snapshots on disk) and the peer
+//! machine (the [`ClusterState`](crate::core::state::ClusterState) with snapshots on disk) and the peer
 //! network.
 
 pub mod log_store;
@@ -8,8 +8,8 @@ pub mod state_machine;
 
 use std::sync::Arc;
 
-use crate::config::RaftTuning;
-use crate::state::{Command, NodeId, Response};
+use crate::core::config::RaftTuning;
+use crate::core::state::{Command, NodeId, Response};
 
 openraft::declare_raft_types!(
     /// openraft type configuration of ClusterOS.

@@ -21,12 +21,12 @@ use super::{
     ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
     PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
 };
-use crate::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
-use crate::membership::Pledge;
-use crate::raft::{Snapshot, TypeConfig};
+use crate::adapters::raft::{Snapshot, TypeConfig};
+use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
+use crate::core::membership::Pledge;
+use crate::core::state::hex_id;
+use crate::core::state::{NodeId, Response as CmdResponse};
 use crate::runtime::Agent;
-use crate::state::hex_id;
-use crate::state::{NodeId, Response as CmdResponse};
 
 /// Largest accepted peer request (snapshots and log batches included).
 pub const MAX_BODY: usize = 256 * 1024 * 1024;
@@ -59,7 +59,7 @@ async fn authenticate(State(auth): State<Arc<AuthState>>, req: Request, next: Ne
         Ok(a) => a,
         Err(e) => {
             warn!(peer_addr = %remote, path = %path, "refused peer request: {e}");
-            crate::metrics::count_refused();
+            crate::server::metrics::count_refused();
             return ApiError::Unauthorized(e.to_string()).into_response();
         }
     };

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use crate::state::{ClusterState, NodeId};
+use crate::core::state::{ClusterState, NodeId};
 
 pub const WG_INTERFACE: &str = "wg0";
 pub const WG_PORT: u16 = 51820;
@@ -144,7 +144,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::state::{Command, MemberSpec, NodeFacts};
+    use crate::core::state::{Command, MemberSpec, NodeFacts};
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()

@@ -4,7 +4,7 @@ use std::fmt;
 use std::net::Ipv4Addr;
 
 use super::RenderError;
-use crate::state::{ClusterState, NodeId};
+use crate::core::state::{ClusterState, NodeId};
 
 pub const PATH: &str = "/etc/slurm/slurm.conf";
 
@@ -129,8 +129,8 @@ pub(crate) mod tests {
     use std::collections::{BTreeMap, BTreeSet};
 
     use super::*;
-    use crate::render::check_golden;
-    use crate::state::{Command, MemberSpec, NodeFacts, RoleAssignments};
+    use crate::core::render::check_golden;
+    use crate::core::state::{Command, MemberSpec, NodeFacts, RoleAssignments};
 
     pub(crate) fn three_node_state() -> ClusterState {
         let mut s = ClusterState::default();

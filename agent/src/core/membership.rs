@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::HealthTuning;
-use crate::state::{Health, NodeId};
+use crate::core::config::HealthTuning;
+use crate::core::state::{Health, NodeId};
 
 // ---------------------------------------------------------------------------------------------
 // Formation
@@ -164,7 +164,7 @@ pub fn decide_formation(
 pub enum PledgeRefusal {
     #[error("this node is already in a cluster")]
     InCluster,
-    #[error("this node has pledged to the proposal of {}", crate::state::hex_id(*.0))]
+    #[error("this node has pledged to the proposal of {}", crate::core::state::hex_id(*.0))]
     PledgedTo(NodeId),
     #[error("this node is joining an existing cluster")]
     Joining,
@@ -225,11 +225,11 @@ pub enum PledgeOutcome {
 pub fn pledge_outcome(me: NodeId, answers: &BTreeMap<NodeId, Result<(), Option<PledgeRefusal>>>) -> PledgeOutcome {
     let mut retry = Vec::new();
     for (id, a) in answers {
-        let who = crate::state::hex_id(*id);
+        let who = crate::core::state::hex_id(*id);
         match a {
             Ok(()) => {}
             Err(Some(PledgeRefusal::PledgedTo(p))) if *p > me => {
-                retry.push(format!("{who}: pledged to {}", crate::state::hex_id(*p)))
+                retry.push(format!("{who}: pledged to {}", crate::core::state::hex_id(*p)))
             }
             Err(Some(r)) => return PledgeOutcome::Withdraw { why: format!("{who}: {r}") },
             Err(None) => retry.push(format!("{who}: no answer")),
@@ -400,7 +400,7 @@ pub struct PreVoteView {
     pub is_leader: bool,
     /// Since this node last heard from a leader (or granted a vote); None: never in this run.
     pub heard_leader_ago: Option<Duration>,
-    pub last_log_id: Option<crate::raft::LogId>,
+    pub last_log_id: Option<crate::adapters::raft::LogId>,
 }
 
 /// Whether to grant a pre-vote to a candidate with `candidate_last_log`: only when this node has
@@ -408,7 +408,7 @@ pub struct PreVoteView {
 /// is at least as up to date as this node's, exactly what the real vote will check.
 pub fn grant_pre_vote(
     v: &PreVoteView,
-    candidate_last_log: Option<&crate::raft::LogId>,
+    candidate_last_log: Option<&crate::adapters::raft::LogId>,
     lease: Duration,
 ) -> Result<(), String> {
     if v.is_leader {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME};
+use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME};
 use crate::proto::{ErrorBody, ErrorKind};
 
 #[derive(Debug, Clone, thiserror::Error)]

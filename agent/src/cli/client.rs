@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::adapters::peers::error_chain;
+use crate::core::state::Response;
 use crate::proto::{CasBody, Empty, ErrorBody, GetBody, JoinBody, KeyBody, PutBody, ReadResponse};
-use crate::state::Response;
 use crate::status::StatusReport;
-use crate::transport::error_chain;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

@@ -3,14 +3,15 @@
 //! handlers return. The request and answer types are in [`crate::proto`] (re-exported here).
 
 pub mod local;
+pub mod metrics;
 pub mod peer;
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
+use crate::adapters::peers::PeerError;
+use crate::core::state::NodeId;
 pub use crate::proto::*;
-use crate::state::NodeId;
-use crate::transport::PeerError;
 
 /// Errors of both APIs; each maps to an HTTP status and an [`ErrorBody`].
 #[derive(Debug, Clone, thiserror::Error)]

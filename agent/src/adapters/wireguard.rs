@@ -22,7 +22,7 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkFlags;
 use serde::{Deserialize, Serialize};
 
-use crate::mesh::{MeshChange, ObservedDevice, PeerConfig};
+use crate::core::mesh::{MeshChange, ObservedDevice, PeerConfig};
 
 /// Peers per set-device message: large peer sets are split across several messages.
 pub const PEERS_PER_MESSAGE: usize = 16;
@@ -404,7 +404,7 @@ mod tests {
     use netlink_packet_wireguard::WireguardTimeSpec;
 
     use super::*;
-    use crate::identity::generate_wg_keypair;
+    use crate::adapters::identity::generate_wg_keypair;
 
     fn key() -> String {
         generate_wg_keypair().1

@@ -1,0 +1,11 @@
+//! Adapters: the world outside the process, each behind a narrow interface with a fake for tests
+//! where the runtime's loops need one. They carry out what [`crate::core`] decided and report what
+//! they observe; they make no cluster decisions of their own.
+
+pub mod files;
+pub mod identity;
+pub mod peers;
+pub mod pledge;
+pub mod raft;
+pub mod systemd;
+pub mod wireguard;

@@ -1,0 +1,12 @@
+//! Pure logic: everything the agent decides, as functions of values. No tokio, no file system, no
+//! sockets, no clock (callers pass the time in). Owns the replicated ClusterState and its `apply`;
+//! must not reach outside the process (`make check` greps for it).
+
+pub mod auth;
+pub mod config;
+pub mod membership;
+pub mod mesh;
+pub mod render;
+pub mod roles;
+pub mod secrets;
+pub mod state;
