@@ -15,7 +15,6 @@ use tracing::{debug, error, info, warn};
 
 use crate::adapters::identity::Identity;
 use crate::core::config::{Config, SECRET_HOWTO};
-use crate::core::state::hex_id;
 use crate::runtime::{Agent, Phase, RunEnd, StartError, wipe_membership_state};
 use crate::server::local::LocalState;
 
@@ -130,7 +129,7 @@ fn status_line(agent: &Agent) -> String {
     let leader = m
         .current_leader
         .map(|l| {
-            agent.state.read(|d| d.state.members.get(&l).map(|r| r.spec.name.clone())).unwrap_or_else(|| hex_id(l))
+            agent.state.read(|d| d.state.members.get(&l).map(|r| r.spec.name.clone())).unwrap_or_else(|| l.to_string())
         })
         .unwrap_or_else(|| "none".into());
     format!(
@@ -214,7 +213,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         };
         extra_join.clear();
         info!(
-            node_id = %hex_id(agent.id()),
+            node_id = %agent.id(),
             name = %agent.identity.name,
             api_addr = %agent.api_addr,
             key = %agent.key.fingerprint(),
@@ -263,7 +262,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             tokio::select! {
                 _ = &mut signal => break RunEnd::Shutdown,
                 why = raft_fatal(&agent) => {
-                    error!(node_id = %hex_id(agent.id()), "{}", fatal_message(&cfg, &why));
+                    error!(node_id = %agent.id(), "{}", fatal_message(&cfg, &why));
                     break RunEnd::Fatal(why);
                 }
                 r = end.changed() => {
@@ -274,7 +273,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
                 }
             }
         };
-        info!(node_id = %hex_id(agent.id()), "agent stopping: {outcome:?}");
+        info!(node_id = %agent.id(), "agent stopping: {outcome:?}");
         notify(&[NotifyState::Stopping]);
         agent.request_end(outcome.clone());
         let _ = stop_tx.send(true);
@@ -452,7 +451,7 @@ async fn serve_on_mesh(agent: Arc<Agent>, stop: watch::Receiver<bool>) {
             let addr = SocketAddr::new(ip.into(), port);
             match TcpListener::bind(addr).await {
                 Ok(l) => {
-                    info!(node_id = %hex_id(agent.id()), addr = %addr, "peer API also listening on the mesh address");
+                    info!(node_id = %agent.id(), addr = %addr, "peer API also listening on the mesh address");
                     break l;
                 }
                 Err(e) => {

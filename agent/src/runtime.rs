@@ -26,7 +26,7 @@ use crate::adapters::raft::{Raft, RaftMetrics, raft_config};
 use crate::core::auth::ClusterKey;
 use crate::core::config::Config;
 use crate::core::membership::{self, AutopilotView, Formation, MembershipAction, PeerView, Pledge, PledgeOutcome};
-use crate::core::state::{Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, Response, hex_id};
+use crate::core::state::{Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, Response};
 use crate::proto::{
     Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse, ReadRequest,
     ReadResponse, paths,
@@ -337,7 +337,7 @@ impl Agent {
         let detail = detail.into();
         let mut p = self.progress.lock().expect("progress lock");
         if p.phase != phase || p.detail != detail {
-            info!(node_id = %hex_id(self.id()), phase = %phase, "{detail}");
+            info!(node_id = %self.id(), phase = %phase, "{detail}");
         }
         *p = Progress { phase, detail, last_error };
     }
@@ -395,7 +395,7 @@ impl Agent {
         flag.store(value, std::sync::atomic::Ordering::Relaxed);
         let after = self.mesh_up();
         if before != after {
-            info!(node_id = %hex_id(self.id()), mesh_up = after, "peer API on this node's mesh address is {}", if after { "up" } else { "down" });
+            info!(node_id = %self.id(), mesh_up = after, "peer API on this node's mesh address is {}", if after { "up" } else { "down" });
         }
     }
 
@@ -597,7 +597,7 @@ impl Agent {
         if let Some(node) = membership.get_node(&req.id) {
             let mesh = self.state.read(|d| d.state.members.get(&req.id).and_then(|m| m.mesh_addr()));
             if node.addr != req.api_addr && Some(&node.addr) != mesh.as_ref() {
-                info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), addr = %req.api_addr, "member changed its address");
+                info!(node_id = %self.id(), peer = %req.id, addr = %req.api_addr, "member changed its address");
                 let nodes = BTreeMap::from([(req.id, BasicNode::new(&req.api_addr))]);
                 self.change_membership(ChangeMembers::SetNodes(nodes), true).await?;
             }
@@ -612,11 +612,10 @@ impl Agent {
             if old == self.id() || silent < self.cfg.health.suspect_after() {
                 return Err(ApiError::Refused(format!(
                     "the name {:?} belongs to live member {}; give the new node another name (node_name or the clusteros.node-name credential) or stop the other one",
-                    req.name,
-                    hex_id(old)
+                    req.name, old
                 )));
             }
-            warn!(node_id = %hex_id(self.id()), peer = %hex_id(old), name = %req.name, "replacing stale member with the same name");
+            warn!(node_id = %self.id(), peer = %old, name = %req.name, "replacing stale member with the same name");
             self.remove_member(old).await?;
             replaced = Some(old);
         }
@@ -626,7 +625,7 @@ impl Agent {
             Ok(Err(e)) => return Err(self.write_err(e)),
             Err(_) => return Err(ApiError::Timeout(format!("adding the learner was not committed within {t:?}"))),
         }
-        info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), name = %req.name, addr = %req.api_addr, "admitted node as learner");
+        info!(node_id = %self.id(), peer = %req.id, name = %req.name, addr = %req.api_addr, "admitted node as learner");
         Ok(JoinResponse { leader: self.id(), replaced })
     }
 
@@ -643,7 +642,7 @@ impl Agent {
             self.local_write(Command::SetHealth { id: req.id, health: Health::Left, at_ms: crate::now_ms() }).await?;
         }
         self.remove_member(req.id).await?;
-        info!(node_id = %hex_id(self.id()), peer = %hex_id(req.id), "member left the cluster");
+        info!(node_id = %self.id(), peer = %req.id, "member left the cluster");
         Ok(crate::proto::Empty {})
     }
 
@@ -678,10 +677,10 @@ impl Agent {
                         Forwarded::Answer(Err(e)) if maybe_acted => return Err(may_be_applied(&e)),
                         Forwarded::Answer(Err(e)) => return Err(e),
                         Forwarded::LeaderChanged => {
-                            debug!(old = %hex_id(leader), path, "the leader changed while a request was in flight; sending it to the new one");
+                            debug!(old = %leader, path, "the leader changed while a request was in flight; sending it to the new one");
                             maybe_acted = true;
                             moved_on = true;
-                            ApiError::NoLeader(format!("leader {} was replaced", hex_id(leader)))
+                            ApiError::NoLeader(format!("leader {} was replaced", leader))
                         }
                         Forwarded::Retry { error, maybe_delivered } => {
                             maybe_acted |= maybe_delivered;
@@ -729,7 +728,7 @@ impl Agent {
                 && routed != underlay
             {
                 maybe_delivered = e.maybe_delivered();
-                debug!(leader = %hex_id(leader), via = %routed, "leader unreachable over the mesh; trying its underlay address");
+                debug!(leader = %leader, via = %routed, "leader unreachable over the mesh; trying its underlay address");
                 r = self.client.call::<_, Resp>(&underlay, path, req, t).await;
             }
             (r, maybe_delivered)
@@ -813,7 +812,7 @@ impl Agent {
             let initialized = self.raft.is_initialized().await.unwrap_or(false);
             if initialized {
                 if let Err(e) = self.pledges.clear() {
-                    warn!(node_id = %hex_id(self.id()), "cannot remove the formation pledge, which no longer applies: {e}");
+                    warn!(node_id = %self.id(), "cannot remove the formation pledge, which no longer applies: {e}");
                 }
                 self.set_progress(Phase::Member, "member of the cluster", None);
                 return;
@@ -901,7 +900,7 @@ impl Agent {
                     }
                     Err(e) => {
                         if e.is_auth() {
-                            warn!(node_id = %hex_id(self.id()), peer_addr = %addr, "discovery refused: {e}");
+                            warn!(node_id = %self.id(), peer_addr = %addr, "discovery refused: {e}");
                         } else {
                             debug!(peer_addr = %addr, "discovery: {e}");
                         }
@@ -966,8 +965,8 @@ impl Agent {
                 if let Some(h) = held {
                     match self.pledges.give_up(self.id(), &h) {
                         Ok(_) => info!(
-                            node_id = %hex_id(self.id()),
-                            proposer = %hex_id(h.pledge.proposer),
+                            node_id = %self.id(),
+                            proposer = %h.pledge.proposer,
                             "formation pledge released: its proposal was withdrawn or another cluster formed"
                         ),
                         Err(e) => self.set_last_error(Some(format!("cannot release the formation pledge: {e}"))),
@@ -992,7 +991,7 @@ impl Agent {
     fn describe_candidate(&self, id: NodeId) -> String {
         match self.discovered.lock().expect("discovered lock").get(&id) {
             Some(e) => format!("{} ({})", e.candidate.name, e.candidate.api_addr),
-            None => hex_id(id),
+            None => id.to_string(),
         }
     }
 
@@ -1013,14 +1012,14 @@ impl Agent {
                     Ok(PledgeResponse { refused: None }) => Ok(()),
                     Ok(PledgeResponse { refused: Some(why) }) => Err(Some(why)),
                     Err(e) => {
-                        debug!(peer = %hex_id(id), "pledge request: {e}");
+                        debug!(peer = %id, "pledge request: {e}");
                         Err(None)
                     }
                 };
                 (id, a)
             })
             .collect();
-        let members = pledge.members.keys().map(|i| hex_id(*i)).collect::<Vec<_>>().join(",");
+        let members = pledge.members.keys().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
         match membership::pledge_outcome(me, &answers) {
             PledgeOutcome::Retry { why } => {
                 self.set_progress(
@@ -1031,7 +1030,7 @@ impl Agent {
                 false
             }
             PledgeOutcome::Withdraw { why } => {
-                info!(node_id = %hex_id(me), members = %members, "formation proposal withdrawn: {why}");
+                info!(node_id = %me, members = %members, "formation proposal withdrawn: {why}");
                 self.set_progress(
                     Phase::Discovering,
                     format!("withdrew the proposal to form the cluster with {members}"),
@@ -1045,7 +1044,7 @@ impl Agent {
             PledgeOutcome::Initialize => {
                 let nodes: BTreeMap<NodeId, BasicNode> =
                     pledge.members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
-                info!(node_id = %hex_id(me), members = %members, "every member pledged: bootstrapping the cluster with {} voters", nodes.len());
+                info!(node_id = %me, members = %members, "every member pledged: bootstrapping the cluster with {} voters", nodes.len());
                 match self.raft.initialize(nodes).await {
                     Ok(()) => {}
                     Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
@@ -1071,7 +1070,7 @@ impl Agent {
         });
         match taken {
             Ok(Ok(())) => {
-                info!(node_id = %hex_id(self.id()), proposer = %hex_id(req.proposer), "pledged to form the cluster with {} nodes", req.members.len());
+                info!(node_id = %self.id(), proposer = %req.proposer, "pledged to form the cluster with {} nodes", req.members.len());
                 self.wake.notify_one();
                 Ok(PledgeResponse { refused: None })
             }
@@ -1097,12 +1096,8 @@ impl Agent {
         for addr in targets.iter().filter(|a| **a != self.api_addr) {
             match self.client.call::<_, JoinResponse>(addr, paths::JOIN, &req, t).await {
                 Ok(resp) => {
-                    info!(node_id = %hex_id(self.id()), leader = %hex_id(resp.leader), via = %addr, "admitted to the cluster; catching up");
-                    self.set_progress(
-                        Phase::Joining,
-                        format!("admitted by leader {}; catching up", hex_id(resp.leader)),
-                        None,
-                    );
+                    info!(node_id = %self.id(), leader = %resp.leader, via = %addr, "admitted to the cluster; catching up");
+                    self.set_progress(Phase::Joining, format!("admitted by leader {}; catching up", resp.leader), None);
                     // Wait (bounded) for the leader's first replication, then re-check.
                     let mut rx = self.raft.metrics();
                     let _ = tokio::time::timeout(Duration::from_secs(30), rx.wait_for(|m| m.last_log_index.is_some()))
@@ -1111,7 +1106,7 @@ impl Agent {
                 }
                 Err(e) => {
                     let msg = e.to_string();
-                    warn!(node_id = %hex_id(self.id()), peer_addr = %addr, "join failed: {msg}");
+                    warn!(node_id = %self.id(), peer_addr = %addr, "join failed: {msg}");
                     last = Some(msg);
                 }
             }
@@ -1130,7 +1125,7 @@ impl Agent {
         }
         let _ = std::fs::remove_file(self.left_marker());
         *self.join_targets.lock().expect("join lock") = vec![addr.clone()];
-        info!(node_id = %hex_id(self.id()), via = %addr, "join requested");
+        info!(node_id = %self.id(), via = %addr, "join requested");
         self.wake.notify_one();
         Ok(())
     }
@@ -1168,17 +1163,17 @@ impl Agent {
                 if record.as_ref() != Some(&spec) {
                     match self.write(Command::UpsertMember { spec, at_ms: crate::now_ms() }).await {
                         Ok(Response::Rejected { reason }) => {
-                            warn!(node_id = %hex_id(self.id()), "registration refused: {reason}");
+                            warn!(node_id = %self.id(), "registration refused: {reason}");
                             self.set_last_error(Some(reason));
                         }
                         Ok(_) => {
-                            info!(node_id = %hex_id(self.id()), name = %self.identity.name, "member record registered")
+                            info!(node_id = %self.id(), name = %self.identity.name, "member record registered")
                         }
                         Err(e) => debug!("registration not yet possible: {e}"),
                     }
                 }
             } else if was_member {
-                warn!(node_id = %hex_id(self.id()), "this node was removed from the cluster; joining again with a new identity");
+                warn!(node_id = %self.id(), "this node was removed from the cluster; joining again with a new identity");
                 self.request_end(RunEnd::Rejoin { via: peers });
                 return;
             }
@@ -1200,7 +1195,7 @@ impl Agent {
                 if since.elapsed() > window
                     && let Some(via) = self.check_removed(&peers).await
                 {
-                    warn!(node_id = %hex_id(self.id()), "the cluster no longer lists this node; joining again with a new identity");
+                    warn!(node_id = %self.id(), "the cluster no longer lists this node; joining again with a new identity");
                     self.request_end(RunEnd::Rejoin { via });
                     return;
                 }
@@ -1263,7 +1258,7 @@ impl Agent {
             }
         };
         if let Err(why) = &verdict {
-            debug!(candidate = %hex_id(req.candidate), "pre-vote refused: {why}");
+            debug!(candidate = %req.candidate, "pre-vote refused: {why}");
         }
         crate::proto::PreVoteResponse { granted: verdict.is_ok(), term: m.current_term, reason: verdict.err() }
     }
@@ -1292,7 +1287,7 @@ impl Agent {
         let last_log_id = match self.last_log_id() {
             Ok(l) => l,
             Err(e) => {
-                warn!(node_id = %hex_id(self.id()), "no election: {e}");
+                warn!(node_id = %self.id(), "no election: {e}");
                 return false;
             }
         };
@@ -1310,7 +1305,7 @@ impl Agent {
                 let req = req.clone();
                 async move {
                     let routed = self.route(v, &addr);
-                    let path = format!("{}/{}", paths::RAFT_PREVOTE, hex_id(v));
+                    let path = format!("{}/{}", paths::RAFT_PREVOTE, v);
                     (v, self.client.call::<_, crate::proto::PreVoteResponse>(&routed, &path, &req, t).await)
                 }
             })
@@ -1325,11 +1320,11 @@ impl Agent {
                         return true;
                     }
                 }
-                Ok(resp) => refusals.push(format!("{}: {}", hex_id(v), resp.reason.unwrap_or_default())),
-                Err(e) => refusals.push(format!("{}: {e}", hex_id(v))),
+                Ok(resp) => refusals.push(format!("{}: {}", v, resp.reason.unwrap_or_default())),
+                Err(e) => refusals.push(format!("{}: {e}", v)),
             }
         }
-        debug!(node_id = %hex_id(self.id()), "pre-vote lost: {}", refusals.join("; "));
+        debug!(node_id = %self.id(), "pre-vote lost: {}", refusals.join("; "));
         false
     }
 
@@ -1363,9 +1358,9 @@ impl Agent {
                 if self.pre_vote(&m).await
                     && self.leader_silence() >= Duration::from_millis(self.cfg.raft.election_timeout_min_ms)
                 {
-                    info!(node_id = %hex_id(self.id()), term = m.current_term + 1, "no leader heard from: pre-vote granted, starting an election");
+                    info!(node_id = %self.id(), term = m.current_term + 1, "no leader heard from: pre-vote granted, starting an election");
                     if let Err(e) = self.raft.trigger().elect().await {
-                        warn!(node_id = %hex_id(self.id()), "cannot start an election: {e}");
+                        warn!(node_id = %self.id(), "cannot start an election: {e}");
                     }
                 }
                 continue;
@@ -1432,20 +1427,22 @@ impl Agent {
             {
                 let mut l = self.leader.lock().expect("leader lock");
                 if l.as_ref().is_none_or(|l| l.term != m.current_term) {
-                    info!(node_id = %hex_id(self.id()), term = m.current_term, "became leader");
+                    info!(node_id = %self.id(), term = m.current_term, "became leader");
                     *l = Some(LeaderState { term: m.current_term, since: Instant::now(), transport_probe: None });
                 }
             }
             let now_unreachable = self.unreachable_followers(&m);
             let name = |id: &NodeId| {
-                self.state.read(|d| d.state.members.get(id).map(|r| r.spec.name.clone())).unwrap_or_else(|| hex_id(*id))
+                self.state
+                    .read(|d| d.state.members.get(id).map(|r| r.spec.name.clone()))
+                    .unwrap_or_else(|| id.to_string())
             };
             for id in now_unreachable.difference(&unreachable) {
                 let voters = m.membership_config.membership().voter_ids().count();
-                warn!(node_id = %hex_id(self.id()), peer = %hex_id(*id), "follower {} is unreachable: the leader goes on with the others while a quorum of the {voters} voters answers", name(id));
+                warn!(node_id = %self.id(), peer = %id, "follower {} is unreachable: the leader goes on with the others while a quorum of the {voters} voters answers", name(id));
             }
             for id in unreachable.difference(&now_unreachable) {
-                info!(node_id = %hex_id(self.id()), peer = %hex_id(*id), "follower {} answers again", name(id));
+                info!(node_id = %self.id(), peer = %id, "follower {} answers again", name(id));
             }
             unreachable = now_unreachable;
             if let Err(e) = self.leader_tick(&m).await {
@@ -1460,7 +1457,7 @@ impl Agent {
 
     async fn leader_tick(&self, m: &RaftMetrics) -> Result<(), ApiError> {
         if self.state.read(|d| d.state.cluster_id.is_none()) {
-            let cluster_id = format!("{:016x}", crate::adapters::identity::new_node_id());
+            let cluster_id = format!("{}", crate::adapters::identity::new_node_id());
             self.local_write(Command::InitCluster { cluster_id, at_ms: crate::now_ms() }).await?;
         }
         self.ensure_secrets().await?;
@@ -1489,7 +1486,7 @@ impl Agent {
                 membership::classify(silent_for.get(&id).copied().unwrap_or(Duration::MAX), &self.cfg.health)
             };
             if new != old {
-                info!(node_id = %hex_id(self.id()), peer = %hex_id(id), from = %old, to = %new, "member health changed");
+                info!(node_id = %self.id(), peer = %id, from = %old, to = %new, "member health changed");
                 self.local_write(Command::SetHealth { id, health: new, at_ms: crate::now_ms() }).await?;
             }
         }
@@ -1509,7 +1506,7 @@ impl Agent {
             max_lag: self.cfg.raft.snapshot_after_logs.max(50),
         };
         let Some(action) = membership::plan_membership(&view, &self.cfg.health) else { return Ok(()) };
-        info!(node_id = %hex_id(self.id()), term = m.current_term, action = ?action, "autopilot membership change");
+        info!(node_id = %self.id(), term = m.current_term, action = ?action, "autopilot membership change");
         match action {
             MembershipAction::Promote { learner } => {
                 self.change_membership(ChangeMembers::AddVoterIds([learner].into()), true).await
@@ -1533,7 +1530,7 @@ impl Agent {
                 continue;
             }
             self.set_secret(name).await?;
-            info!(node_id = %hex_id(self.id()), secret = %name, "generated cluster secret");
+            info!(node_id = %self.id(), secret = %name, "generated cluster secret");
         }
         Ok(())
     }
@@ -1562,12 +1559,12 @@ impl Agent {
         let mut used = used;
         for id in missing {
             let Some(ip) = crate::core::mesh::allocate_mesh_ip(net, prefix, &used) else {
-                warn!(node_id = %hex_id(self.id()), "mesh network {net}/{prefix} is full; set a larger mesh_cidr");
+                warn!(node_id = %self.id(), "mesh network {net}/{prefix} is full; set a larger mesh_cidr");
                 return Ok(());
             };
             used.insert(ip);
             self.local_write(Command::AssignMeshIp { id, ip }).await?;
-            info!(node_id = %hex_id(self.id()), peer = %hex_id(id), mesh_ip = %ip, "assigned mesh address");
+            info!(node_id = %self.id(), peer = %id, mesh_ip = %ip, "assigned mesh address");
         }
         Ok(())
     }
@@ -1655,7 +1652,7 @@ impl Agent {
             v.underlay_answers = underlay;
             if let Some(addr) = membership::choose_transport(&v, &self.cfg.health) {
                 let via = if Some(&addr) == v.mesh.as_ref() { "mesh" } else { "underlay" };
-                info!(node_id = %hex_id(self.id()), peer = %hex_id(id), addr = %addr, via, "moving the member's Raft address");
+                info!(node_id = %self.id(), peer = %id, addr = %addr, via, "moving the member's Raft address");
                 changes.insert(id, BasicNode::new(&addr));
             }
         }
@@ -1678,10 +1675,10 @@ impl Agent {
         let next = crate::core::roles::schedule(&members, &current);
         if next != current {
             info!(
-                node_id = %hex_id(self.id()),
-                slurm_controller = ?next.slurm_controller.map(hex_id),
-                slurm_backup = ?next.slurm_backup.map(hex_id),
-                k3s_server = ?next.k3s_server.map(hex_id),
+                node_id = %self.id(),
+                slurm_controller = ?next.slurm_controller.map(|i| i.to_string()),
+                slurm_backup = ?next.slurm_backup.map(|i| i.to_string()),
+                k3s_server = ?next.k3s_server.map(|i| i.to_string()),
                 "role assignments changed"
             );
             self.local_write(Command::SetRoles { roles: next }).await?;
@@ -1750,7 +1747,7 @@ impl Agent {
             if end.borrow().is_some() {
                 return;
             }
-            warn!(node_id = %hex_id(self.id()), "no leader within 120 s; starting services from this node's last known state");
+            warn!(node_id = %self.id(), "no leader within 120 s; starting services from this node's last known state");
         }
         let mut changes = self.state.subscribe();
         let mut reconciler = None;
@@ -1772,7 +1769,7 @@ impl Agent {
                 match crate::adapters::systemd::DbusSystemd::connect(Duration::from_secs(90)).await {
                     Ok(s) => reconciler = Some(Reconciler { systemd: s, root: PathBuf::from("/") }),
                     Err(e) => {
-                        warn!(node_id = %hex_id(self.id()), "services: {e}");
+                        warn!(node_id = %self.id(), "services: {e}");
                         *self.services.lock().expect("services lock") =
                             Some(ServiceReport { error: Some(e.to_string()), ..Default::default() });
                     }
@@ -1783,7 +1780,7 @@ impl Agent {
                     state.secrets.get(name).and_then(|s| match self.secret_box.open(name, &s.value) {
                         Ok(v) => Some(v),
                         Err(e) => {
-                            warn!(node_id = %hex_id(self.id()), "{e}");
+                            warn!(node_id = %self.id(), "{e}");
                             None
                         }
                     })
@@ -1800,7 +1797,7 @@ impl Agent {
                 });
                 let report = r.apply(&p).await;
                 if let Some(e) = &report.error {
-                    warn!(node_id = %hex_id(self.id()), "services: {e}");
+                    warn!(node_id = %self.id(), "services: {e}");
                 }
                 *self.services.lock().expect("services lock") = Some(report);
                 last = Some((state, standby_ready));
@@ -1872,7 +1869,7 @@ impl Agent {
                             let (have, _) = n.observe().await?;
                             let changes = plan(&want, &have);
                             if !changes.is_empty() {
-                                info!(node_id = %hex_id(self.id()), changes = changes.len(), "reconciling {WG_INTERFACE}");
+                                info!(node_id = %self.id(), changes = changes.len(), "reconciling {WG_INTERFACE}");
                                 n.apply(self.identity.wg_private_key(), &changes).await?;
                             }
                             n.observe().await
@@ -1900,7 +1897,7 @@ impl Agent {
                                     .collect();
                             }
                             Err(e) => {
-                                warn!(node_id = %hex_id(self.id()), "mesh: {e}");
+                                warn!(node_id = %self.id(), "mesh: {e}");
                                 report.error = Some(e.to_string());
                             }
                         }
@@ -1947,14 +1944,14 @@ struct InstalledCopy {
 impl InstalledCopy {
     fn parse(text: &str) -> Option<InstalledCopy> {
         let mut it = text.split_whitespace();
-        let from = NodeId::from_str_radix(it.next()?, 16).ok()?;
+        let from: NodeId = it.next()?.parse().ok()?;
         let version = it.next()?.parse().ok()?;
         let digest = it.next()?.to_string();
         Some(InstalledCopy { from, version, digest })
     }
 
     fn render(&self) -> String {
-        format!("{} {} {}\n", hex_id(self.from), self.version, self.digest)
+        format!("{} {} {}\n", self.from, self.version, self.digest)
     }
 }
 
@@ -1995,7 +1992,7 @@ impl Agent {
                 }
             };
             if let Some(note) = report.as_ref().and_then(|r| r.note.as_ref()) {
-                debug!(node_id = %hex_id(self.id()), "slurm state: {note}");
+                debug!(node_id = %self.id(), "slurm state: {note}");
             }
             *self.slurm_state.lock().expect("slurm state lock") = report;
             tokio::select! {
@@ -2016,7 +2013,7 @@ impl Agent {
                 return report;
             }
             Ok(Err(e)) => {
-                warn!(node_id = %hex_id(self.id()), "slurm state: {e}");
+                warn!(node_id = %self.id(), "slurm state: {e}");
                 report.note = Some(e.to_string());
                 return report;
             }
@@ -2077,7 +2074,7 @@ impl Agent {
             report.note = Some("the local slurmctld has taken control; asking for the controller role".into());
             match self.write(Command::SlurmTakeover { id: self.id() }).await {
                 Ok(Response::Ok) => {
-                    warn!(node_id = %hex_id(self.id()), "slurmctld here took control from the controller; roles swapped")
+                    warn!(node_id = %self.id(), "slurmctld here took control from the controller; roles swapped")
                 }
                 Ok(Response::Rejected { reason }) => debug!("slurm takeover: {reason}"),
                 Ok(_) => {}
@@ -2146,7 +2143,7 @@ impl Agent {
         let (files, version, digest) = match decoded {
             Ok(d) => d,
             Err(e) => {
-                warn!(node_id = %hex_id(self.id()), "slurm state: {e}");
+                warn!(node_id = %self.id(), "slurm state: {e}");
                 report.note = Some(e);
                 return report;
             }
@@ -2177,12 +2174,12 @@ impl Agent {
                     return report;
                 }
                 if done.written + done.removed > 0 {
-                    debug!(node_id = %hex_id(self.id()), version, written = done.written, removed = done.removed, "installed the SLURM controller's state");
+                    debug!(node_id = %self.id(), version, written = done.written, removed = done.removed, "installed the SLURM controller's state");
                 }
                 report.version = Some(version);
             }
             Ok(Err(e)) => {
-                warn!(node_id = %hex_id(self.id()), "slurm state: {e}");
+                warn!(node_id = %self.id(), "slurm state: {e}");
                 report.note = Some(e.to_string());
             }
             Err(e) => report.note = Some(format!("installing failed: {e}")),

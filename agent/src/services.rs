@@ -319,11 +319,11 @@ mod tests {
 
     fn roles() -> RoleAssignments {
         RoleAssignments {
-            slurm_controller: Some(1),
-            slurm_backup: Some(2),
-            slurm_workers: [1, 2, 3].into(),
-            k3s_server: Some(1),
-            k3s_agents: [2, 3].into(),
+            slurm_controller: Some(NodeId(1)),
+            slurm_backup: Some(NodeId(2)),
+            slurm_workers: [NodeId(1), NodeId(2), NodeId(3)].into(),
+            k3s_server: Some(NodeId(1)),
+            k3s_agents: [NodeId(2), NodeId(3)].into(),
         }
     }
 
@@ -336,7 +336,7 @@ mod tests {
         let s = state(roles());
         let key = [7u8; 1024];
         let i = PlanInputs {
-            me: 3,
+            me: NodeId(3),
             state: &s,
             munge_key: Some(&key),
             k3s_token: Some("t"),
@@ -354,13 +354,13 @@ mod tests {
         assert_eq!((key_file.mode, key_file.owner.as_str()), (0o400, "munge"));
         assert!(!format!("{key_file:?}").contains("7, 7"), "contents in Debug output");
 
-        let i = PlanInputs { me: 2, ..i };
+        let i = PlanInputs { me: NodeId(2), ..i };
         assert!(wanted(&plan(&i))[SLURMCTLD_UNIT], "the backup runs a standby slurmctld");
         let waiting = plan(&PlanInputs { standby_ready: false, ..i });
         assert!(!wanted(&waiting)[SLURMCTLD_UNIT], "no standby before the first state copy");
         assert!(waiting.notes.iter().any(|n| n.contains("first copy")), "{:?}", waiting.notes);
-        let i = PlanInputs { me: 2, ..i };
-        let i = PlanInputs { me: 1, k3s_installed: true, ..i };
+        let i = PlanInputs { me: NodeId(2), ..i };
+        let i = PlanInputs { me: NodeId(1), k3s_installed: true, ..i };
         let p = plan(&i);
         assert_eq!((wanted(&p)[K3S_SERVER_UNIT], wanted(&p)[K3S_AGENT_UNIT]), (true, false));
     }
@@ -368,16 +368,17 @@ mod tests {
     #[test]
     fn nothing_slurm_runs_without_the_munge_key() {
         let s = state(roles());
-        let p = plan(&inputs(1, &s, None));
+        let p = plan(&inputs(NodeId(1), &s, None));
         assert!(wanted(&p).values().all(|w| !w), "{p:?}");
         assert!(p.notes.iter().any(|n| n.contains("MUNGE key")));
     }
 
     #[test]
     fn no_controller_means_no_slurm_conf_and_a_note() {
-        let s = state(RoleAssignments { slurm_workers: [1, 2, 3].into(), ..Default::default() });
+        let s =
+            state(RoleAssignments { slurm_workers: [NodeId(1), NodeId(2), NodeId(3)].into(), ..Default::default() });
         let key = [1u8; 32];
-        let p = plan(&inputs(1, &s, Some(&key)));
+        let p = plan(&inputs(NodeId(1), &s, Some(&key)));
         assert!(p.files.iter().all(|f| f.path != Path::new(slurm::PATH)));
         assert!(p.notes.iter().any(|n| n.contains("SlurmctldHost")), "{:?}", p.notes);
     }
@@ -413,7 +414,7 @@ mod tests {
         let r = Reconciler { systemd: fake.clone(), root: root.path().to_owned() };
         let s = state(roles());
         let key = [9u8; 1024];
-        let p = plan(&inputs(1, &s, Some(&key)));
+        let p = plan(&inputs(NodeId(1), &s, Some(&key)));
 
         let rep = r.apply(&p).await;
         assert_eq!(rep.error, None);
@@ -434,7 +435,7 @@ mod tests {
 
         // A new key restarts munged, then the SLURM daemons that use it.
         let key2 = [3u8; 1024];
-        let p2 = plan(&inputs(1, &s, Some(&key2)));
+        let p2 = plan(&inputs(NodeId(1), &s, Some(&key2)));
         let rep = r.apply(&p2).await;
         assert_eq!(rep.files_written, vec![PathBuf::from(MUNGE_KEY_PATH)]);
         assert_eq!(
@@ -443,8 +444,8 @@ mod tests {
         );
 
         // Losing the controller roles stops slurmctld.
-        let s2 = state(RoleAssignments { slurm_controller: Some(2), slurm_backup: Some(3), ..roles() });
-        let p3 = plan(&inputs(1, &s2, Some(&key2)));
+        let s2 = state(RoleAssignments { slurm_controller: Some(NodeId(2)), slurm_backup: Some(NodeId(3)), ..roles() });
+        let p3 = plan(&inputs(NodeId(1), &s2, Some(&key2)));
         r.apply(&p3).await;
         assert_eq!(fake.take_calls(), vec!["stop slurmctld.service", "restart slurmd.service"]);
     }
@@ -457,7 +458,7 @@ mod tests {
         let r = Reconciler { systemd: fake, root: root.path().to_owned() };
         let s = state(roles());
         let key = [9u8; 1024];
-        let rep = r.apply(&plan(&inputs(3, &s, Some(&key)))).await;
+        let rep = r.apply(&plan(&inputs(NodeId(3), &s, Some(&key)))).await;
         let slurmd = rep.units.iter().find(|u| u.unit == SLURMD_UNIT).unwrap();
         assert!(slurmd.error.as_deref().unwrap().contains("journalctl -u slurmd.service"), "{slurmd:?}");
         assert_eq!(slurmd.status.as_ref().unwrap().active_state, "failed");
@@ -473,7 +474,7 @@ mod tests {
         let r = Reconciler { systemd: fake.clone(), root: root.path().to_owned() };
         let s = state(roles());
         let key = [9u8; 1024];
-        let rep = r.apply(&plan(&inputs(1, &s, Some(&key)))).await;
+        let rep = r.apply(&plan(&inputs(NodeId(1), &s, Some(&key)))).await;
         assert!(rep.error.as_deref().unwrap().contains("user \"munge\" does not exist"), "{rep:?}");
         assert!(fake.take_calls().is_empty());
         assert!(!root.path().join("etc/slurm/slurm.conf").exists(), "nothing written when one file cannot be");

@@ -105,7 +105,7 @@ impl World {
         let drop_rate = rng.gen_range(0.0..0.5);
         let mut nodes = BTreeMap::new();
         while nodes.len() < n {
-            let id: NodeId = rng.gen_range(1..1000);
+            let id: NodeId = NodeId(rng.gen_range(1..1000));
             let dir = tempfile::tempdir().unwrap();
             let store = PledgeStore::open(dir.path());
             nodes.entry(id).or_insert(Node {

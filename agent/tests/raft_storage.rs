@@ -29,13 +29,13 @@ async fn state_survives_reopen() {
     use openraft::{CommittedLeaderId, EntryPayload, LogId, Vote};
 
     use clusteros::adapters::raft::Entry;
-    use clusteros::core::state::Command;
+    use clusteros::core::state::{Command, NodeId};
 
     let dir = tempfile::tempdir().unwrap();
-    let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+    let log_id = |i| LogId::new(CommittedLeaderId::new(1, NodeId(1)), i);
     {
         let mut log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
-        log.save_vote(&Vote::new(1, 1)).await.unwrap();
+        log.save_vote(&Vote::new(1, NodeId(1))).await.unwrap();
         let mut sm = StateMachineStore::open(dir.path()).unwrap();
         let entries: Vec<Entry> = (1..=3)
             .map(|i| Entry {
@@ -49,7 +49,7 @@ async fn state_survives_reopen() {
         log.purge(log_id(2)).await.unwrap();
     }
     let mut log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
-    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(1, 1)));
+    assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(1, NodeId(1))));
     assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(log_id(2)));
     let mut sm = StateMachineStore::open(dir.path()).unwrap();
     let (applied, _) = sm.applied_state().await.unwrap();
@@ -77,10 +77,10 @@ async fn a_snapshot_built_before_an_install_does_not_replace_it() {
 
     use clusteros::adapters::raft::Entry;
     use clusteros::adapters::raft::state_machine::SmData;
-    use clusteros::core::state::Command;
+    use clusteros::core::state::{Command, NodeId};
 
     let dir = tempfile::tempdir().unwrap();
-    let log_id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+    let log_id = |i| LogId::new(CommittedLeaderId::new(1, NodeId(1)), i);
     let put = |i: u64| Entry {
         log_id: log_id(i),
         payload: EntryPayload::Normal(Command::KvPut { key: format!("k{i}"), value: "v".into() }),

@@ -14,7 +14,7 @@ use clusteros::core::auth::{ClusterKey, parse_auth};
 use clusteros::core::membership::{Pledge, PledgeRefusal};
 use clusteros::core::secrets::SecretBox;
 use clusteros::core::state::{
-    ClusterState, Command, KvEntry, MemberSpec, NodeFacts, RequestId, Response, RoleAssignments,
+    ClusterState, Command, KvEntry, MemberSpec, NodeFacts, NodeId, RequestId, Response, RoleAssignments,
 };
 use clusteros::proto::{
     Candidate, Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
@@ -82,12 +82,12 @@ fn json_tokens(json: &[u8], out: &mut BTreeSet<Vec<u8>>) {
 }
 
 fn log_id(term: u64, index: u64) -> LogId {
-    LogId::new(CommittedLeaderId::new(term, 1), index)
+    LogId::new(CommittedLeaderId::new(term, NodeId(1)), index)
 }
 
 fn spec(id: u64, name: &str) -> MemberSpec {
     MemberSpec {
-        id,
+        id: NodeId(id),
         name: name.into(),
         api_addr: format!("10.0.0.{id}:7600"),
         wg_public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
@@ -97,14 +97,18 @@ fn spec(id: u64, name: &str) -> MemberSpec {
 }
 
 fn membership() -> StoredMembership {
-    let nodes: BTreeMap<u64, BasicNode> = (1..=3).map(|i| (i, BasicNode::new(format!("10.0.0.{i}:7600")))).collect();
-    StoredMembership::new(Some(log_id(1, 2)), Membership::new(vec![BTreeSet::from([1, 2, 3])], nodes))
+    let nodes: BTreeMap<NodeId, BasicNode> =
+        (1..=3).map(|i| (NodeId(i), BasicNode::new(format!("10.0.0.{i}:7600")))).collect();
+    StoredMembership::new(
+        Some(log_id(1, 2)),
+        Membership::new(vec![BTreeSet::from([NodeId(1), NodeId(2), NodeId(3)])], nodes),
+    )
 }
 
 /// A state machine with a few members, roles, secrets, KV entries and remembered requests.
 fn sm_data() -> SmData {
     let mut s = ClusterState::default();
-    s.apply_membership(BTreeSet::from([1, 2, 3]), BTreeSet::new());
+    s.apply_membership(BTreeSet::from([NodeId(1), NodeId(2), NodeId(3)]), BTreeSet::new());
     let mut i = 0;
     let mut apply = |s: &mut ClusterState, c: Command| {
         i += 1;
@@ -113,20 +117,20 @@ fn sm_data() -> SmData {
     apply(&mut s, Command::InitCluster { cluster_id: "c-0001".into(), at_ms: 1_000 });
     for id in 1..=3 {
         apply(&mut s, Command::UpsertMember { spec: spec(id, &format!("n{id}")), at_ms: 1_000 });
-        apply(&mut s, Command::AssignMeshIp { id, ip: format!("10.90.0.{id}").parse().unwrap() });
+        apply(&mut s, Command::AssignMeshIp { id: NodeId(id), ip: format!("10.90.0.{id}").parse().unwrap() });
     }
     let roles = RoleAssignments {
-        slurm_controller: Some(1),
-        slurm_backup: Some(2),
-        slurm_workers: BTreeSet::from([1, 2, 3]),
-        k3s_server: Some(1),
-        k3s_agents: BTreeSet::from([2, 3]),
+        slurm_controller: Some(NodeId(1)),
+        slurm_backup: Some(NodeId(2)),
+        slurm_workers: BTreeSet::from([NodeId(1), NodeId(2), NodeId(3)]),
+        k3s_server: Some(NodeId(1)),
+        k3s_agents: BTreeSet::from([NodeId(2), NodeId(3)]),
     };
     apply(&mut s, Command::SetRoles { roles });
     apply(&mut s, Command::SetSecret { name: "munge-key".into(), value: "c2VjcmV0".into(), at_ms: 2_000 });
     apply(
         &mut s,
-        Command::SetSlurmState { from: 1, digest: "ab".repeat(32), files: 3, bytes: 100, taken_at_ms: 3_000 },
+        Command::SetSlurmState { from: NodeId(1), digest: "ab".repeat(32), files: 3, bytes: 100, taken_at_ms: 3_000 },
     );
     apply(&mut s, Command::KvPut { key: "k".into(), value: "v".into() });
     let put = Command::KvPut { key: "r".into(), value: "1".into() };
@@ -199,14 +203,22 @@ fn peer_request_input(kind: u8, flags: u8, status: u16, body: &[u8], sign_answer
 fn peer_request() {
     let data = sm_data();
     let cand = Candidate {
-        id: 1,
+        id: NodeId(1),
         name: "n1".into(),
         api_addr: "10.0.0.1:7600".into(),
         initialized: true,
         bootstrap_expect: Some(3),
-        pledged: Some(Pledge { proposer: 1, seq: 2, members: BTreeMap::from([(1, "10.0.0.1:7600".into())]) }),
+        pledged: Some(Pledge {
+            proposer: NodeId(1),
+            seq: 2,
+            members: BTreeMap::from([(NodeId(1), "10.0.0.1:7600".into())]),
+        }),
     };
-    let pledge = Pledge { proposer: 1, seq: 4, members: (1..=3).map(|i| (i, format!("10.0.0.{i}:7600"))).collect() };
+    let pledge = Pledge {
+        proposer: NodeId(1),
+        seq: 4,
+        members: (1..=3).map(|i| (NodeId(i), format!("10.0.0.{i}:7600"))).collect(),
+    };
     let entries = vec![
         openraft::Entry::<TypeConfig> { log_id: log_id(1, 1), payload: EntryPayload::Blank },
         openraft::Entry::<TypeConfig> {
@@ -223,16 +235,16 @@ fn peer_request() {
         },
     ];
     let append = AppendEntriesRequest::<TypeConfig> {
-        vote: Vote::new_committed(1, 1),
+        vote: Vote::new_committed(1, NodeId(1)),
         prev_log_id: Some(log_id(1, 0)),
         entries,
         leader_commit: Some(log_id(1, 1)),
     };
     let requests: Vec<Vec<u8>> = vec![
         to_json(&append),
-        to_json(&VoteRequest::<u64> { vote: Vote::new(2, 2), last_log_id: Some(log_id(1, 3)) }),
+        to_json(&VoteRequest::<NodeId> { vote: Vote::new(2, NodeId(2)), last_log_id: Some(log_id(1, 3)) }),
         to_json(&SnapshotRequest {
-            vote: Vote::new_committed(1, 1),
+            vote: Vote::new_committed(1, NodeId(1)),
             meta: SnapshotMeta {
                 last_log_id: data.last_applied,
                 last_membership: data.last_membership.clone(),
@@ -240,31 +252,31 @@ fn peer_request() {
             },
             data: String::from_utf8(to_json(&data)).unwrap(),
         }),
-        to_json(&PreVoteRequest { candidate: 2, term: 1, last_log_id: Some(log_id(1, 3)) }),
+        to_json(&PreVoteRequest { candidate: NodeId(2), term: 1, last_log_id: Some(log_id(1, 3)) }),
         to_json(&HelloRequest { from: cand.clone() }),
-        to_json(&JoinRequest { id: 4, name: "n4".into(), api_addr: "10.0.0.4:7600".into() }),
-        to_json(&LeaveRequest { id: 3 }),
+        to_json(&JoinRequest { id: NodeId(4), name: "n4".into(), api_addr: "10.0.0.4:7600".into() }),
+        to_json(&LeaveRequest { id: NodeId(3) }),
         to_json(&WriteRequest { cmd: Command::KvPut { key: "k".into(), value: "v".into() } }),
         to_json(&ReadRequest { key: "k".into() }),
         to_json(&Empty {}),
         to_json(&pledge),
     ];
     let answers: Vec<Vec<u8>> = vec![
-        to_json(&Ok::<_, ()>(AppendEntriesResponse::<u64>::Success)),
-        to_json(&Ok::<_, ()>(VoteResponse::<u64> {
-            vote: Vote::new(2, 2),
+        to_json(&Ok::<_, ()>(AppendEntriesResponse::<NodeId>::Success)),
+        to_json(&Ok::<_, ()>(VoteResponse::<NodeId> {
+            vote: Vote::new(2, NodeId(2)),
             vote_granted: true,
             last_log_id: Some(log_id(1, 3)),
         })),
-        to_json(&Ok::<_, ()>(SnapshotResponse::<u64> { vote: Vote::new_committed(1, 1) })),
+        to_json(&Ok::<_, ()>(SnapshotResponse::<NodeId> { vote: Vote::new_committed(1, NodeId(1)) })),
         to_json(&PreVoteResponse { granted: false, term: 1, reason: Some("a leader is alive".into()) }),
         to_json(&HelloResponse {
             me: cand.clone(),
             known: vec![cand],
-            leader: Some(1),
-            members: BTreeMap::from([(1, "10.0.0.1:7600".into())]),
+            leader: Some(NodeId(1)),
+            members: BTreeMap::from([(NodeId(1), "10.0.0.1:7600".into())]),
         }),
-        to_json(&JoinResponse { leader: 1, replaced: None }),
+        to_json(&JoinResponse { leader: NodeId(1), replaced: None }),
         to_json(&Empty {}),
         to_json(&Response::Cas { succeeded: true, current: Some("v".into()) }),
         to_json(&ReadResponse {
@@ -272,8 +284,8 @@ fn peer_request() {
             entry: Some(KvEntry { value: "v".into(), mod_index: 3 }),
             read_index: Some(7),
         }),
-        to_json(&SlurmStateBlob { from: 1, version: 2, digest: "ab".repeat(32), sealed: "AAAA".into() }),
-        to_json(&PledgeResponse { refused: Some(PledgeRefusal::PledgedTo(1)) }),
+        to_json(&SlurmStateBlob { from: NodeId(1), version: 2, digest: "ab".repeat(32), sealed: "AAAA".into() }),
+        to_json(&PledgeResponse { refused: Some(PledgeRefusal::PledgedTo(NodeId(1))) }),
     ];
     let mut tokens = BTreeSet::new();
     for (kind, (req, ans)) in requests.iter().zip(&answers).enumerate() {

@@ -15,7 +15,7 @@ use clusteros::core::state::{
 };
 use libfuzzer_sys::fuzz_target;
 
-const IDS: [NodeId; 5] = [1, 2, 3, 4, 0xfeed_0000_0000_0005];
+const IDS: [NodeId; 5] = [NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(0xfeed_0000_0000_0005)];
 const NAMES: [&str; 4] = ["n1", "n2", "n3", "same"];
 const KEYS: [&str; 4] = ["k", "a", "b", ""];
 const VALUES: [&str; 4] = ["", "v", "w", "xyz"];
@@ -197,12 +197,12 @@ fn snapshot_round_trip(s: &ClusterState) -> ClusterState {
 fn check_invariants(s: &ClusterState, before: &ClusterState) {
     for (id, m) in &s.members {
         assert_eq!(*id, m.spec.id, "member record under another id");
-        assert!(s.voters.contains(id) || s.learners.contains(id), "member {id:x} is not in the Raft membership");
+        assert!(s.voters.contains(id) || s.learners.contains(id), "member {id} is not in the Raft membership");
     }
     let r = &s.roles;
     let holders = [r.slurm_controller, r.slurm_backup, r.k3s_server];
     for id in holders.iter().flatten().chain(&r.slurm_workers).chain(&r.k3s_agents) {
-        assert!(s.members.contains_key(id), "role holder {id:x} is not a member: {r:?}");
+        assert!(s.members.contains_key(id), "role holder {id} is not a member: {r:?}");
     }
     let mut ips = BTreeSet::new();
     for m in s.members.values() {

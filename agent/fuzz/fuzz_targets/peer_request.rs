@@ -97,9 +97,13 @@ fn decode_request(kind: u8, body: &[u8]) {
         10 => {
             // The handler's decision on a decoded proposal, against a pledge this node holds.
             if let Some(req) = decode::<Pledge>(body) {
-                let held = Pledge { proposer: 1, seq: 3, members: [(1, "a".into()), (2, "b".into())].into() };
+                let held = Pledge {
+                    proposer: NodeId(1),
+                    seq: 3,
+                    members: [(NodeId(1), "a".into()), (NodeId(2), "b".into())].into(),
+                };
                 for current in [None, Some(&held)] {
-                    let _ = answer_pledge(2, Some(2), false, current, &req);
+                    let _ = answer_pledge(NodeId(2), Some(2), false, current, &req);
                 }
             }
         }

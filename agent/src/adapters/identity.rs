@@ -49,7 +49,7 @@ pub struct Identity {
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity")
-            .field("node_id", &format_args!("{:016x}", self.node_id))
+            .field("node_id", &format_args!("{}", self.node_id))
             .field("name", &self.name)
             .field("wg_public_key", &self.wg_public_key)
             .finish_non_exhaustive()
@@ -78,7 +78,7 @@ pub fn new_node_id() -> NodeId {
     loop {
         let id = rand::rngs::OsRng.next_u64();
         if id != 0 {
-            return id;
+            return NodeId(id);
         }
     }
 }
@@ -103,7 +103,7 @@ impl Identity {
                 if wg_public_key(&key) != file.wg_public_key {
                     return Err(corrupt("the public key does not match the private key in wg.key".into()));
                 }
-                if file.node_id == 0 {
+                if file.node_id == NodeId(0) {
                     return Err(corrupt("node id 0 is invalid".into()));
                 }
                 if file.name != name {

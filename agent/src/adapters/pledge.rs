@@ -195,7 +195,7 @@ pub enum JoinBlocked {
     #[error(
         "this node has pledged to form a new cluster with {} ({}), so it cannot join another; it \
          releases the pledge when that proposal is withdrawn",
-        crate::core::state::hex_id(*.0), .1.display()
+        .0, .1.display()
     )]
     Pledged(NodeId, PathBuf),
     #[error("cannot store the joining mark: {0}")]
@@ -243,12 +243,12 @@ fn load(path: &Path) -> Result<OnDisk, String> {
 mod tests {
     use super::*;
 
-    fn pledge(proposer: u64, ids: &[u64]) -> Pledge {
-        Pledge { proposer, seq: 1, members: members(ids) }
+    fn pledge(proposer: u64, ids: &[NodeId]) -> Pledge {
+        Pledge { proposer: NodeId(proposer), seq: 1, members: members(ids) }
     }
 
-    fn members(ids: &[u64]) -> BTreeMap<u64, String> {
-        ids.iter().map(|i| (*i, format!("10.0.0.{i}:7600"))).collect()
+    fn members(ids: &[NodeId]) -> BTreeMap<NodeId, String> {
+        ids.iter().map(|i| (*i, format!("10.0.0.{}:7600", i.0))).collect()
     }
 
     #[test]
@@ -256,7 +256,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = PledgeStore::open(dir.path());
         assert_eq!(s.held(), Ok(None));
-        let p = pledge(1, &[1, 2, 3]);
+        let p = pledge(1, &[NodeId(1), NodeId(2), NodeId(3)]);
         assert_eq!(s.take(&p, 7, |_| Ok(())).unwrap(), Ok(()));
         assert_eq!(s.held().unwrap().unwrap().views_from_round, 7);
 
@@ -264,7 +264,7 @@ mod tests {
         assert_eq!(again.held().unwrap().unwrap().pledge, p, "the pledge is on disk");
         // Another proposal is not released by mistake; the held one is.
         let held = again.held().unwrap().unwrap();
-        let other = HeldPledge { pledge: pledge(1, &[1, 2, 4]), ..held.clone() };
+        let other = HeldPledge { pledge: pledge(1, &[NodeId(1), NodeId(2), NodeId(4)]), ..held.clone() };
         assert!(!again.release(&other).unwrap());
         assert!(again.release(&held).unwrap());
         assert_eq!(PledgeStore::open(dir.path()).held(), Ok(None));
@@ -274,7 +274,7 @@ mod tests {
     fn a_pledge_confirmed_again_is_not_released_by_a_view_from_before() {
         let dir = tempfile::tempdir().unwrap();
         let s = PledgeStore::open(dir.path());
-        let p = pledge(1, &[1, 2, 3]);
+        let p = pledge(1, &[NodeId(1), NodeId(2), NodeId(3)]);
         s.take(&p, 3, |_| Ok(())).unwrap().unwrap();
         let seen = s.held().unwrap().unwrap();
         // The proposer asks again (round 9 is next): the release decided on `seen` is void.
@@ -288,17 +288,17 @@ mod tests {
     fn proposals_are_numbered_across_withdrawals_and_restarts() {
         let dir = tempfile::tempdir().unwrap();
         let s = PledgeStore::open(dir.path());
-        let first = s.propose(1, members(&[1, 2, 3]), 1).unwrap().unwrap();
+        let first = s.propose(NodeId(1), members(&[NodeId(1), NodeId(2), NodeId(3)]), 1).unwrap().unwrap();
         assert_eq!(first.seq, 1);
         assert!(s.withdraw(&first).unwrap());
         let s = PledgeStore::open(dir.path());
         assert_eq!(s.held(), Ok(None));
-        let second = s.propose(1, members(&[1, 2, 3]), 1).unwrap().unwrap();
+        let second = s.propose(NodeId(1), members(&[NodeId(1), NodeId(2), NodeId(3)]), 1).unwrap().unwrap();
         assert_eq!(second.seq, 2, "the same members, a new number");
         // Holding another proposer's pledge, this node does not propose.
         s.withdraw(&second).unwrap();
-        s.take(&pledge(0, &[0, 1, 2]), 1, |_| Ok(())).unwrap().unwrap();
-        assert_eq!(s.propose(1, members(&[1, 2, 3]), 1).unwrap(), None);
+        s.take(&pledge(0, &[NodeId(0), NodeId(1), NodeId(2)]), 1, |_| Ok(())).unwrap().unwrap();
+        assert_eq!(s.propose(NodeId(1), members(&[NodeId(1), NodeId(2), NodeId(3)]), 1).unwrap(), None);
     }
 
     #[test]
@@ -308,13 +308,13 @@ mod tests {
         s.begin_join().unwrap();
         let s = PledgeStore::open(dir.path());
         assert_eq!(
-            s.take(&pledge(1, &[1, 2, 3]), 1, |_| Ok(())).unwrap(),
+            s.take(&pledge(1, &[NodeId(1), NodeId(2), NodeId(3)]), 1, |_| Ok(())).unwrap(),
             Err(PledgeRefusal::Joining),
             "after a restart too"
         );
-        assert_eq!(s.propose(2, members(&[2, 3, 4]), 1).unwrap(), None);
+        assert_eq!(s.propose(NodeId(2), members(&[NodeId(2), NodeId(3), NodeId(4)]), 1).unwrap(), None);
         s.clear().unwrap();
-        s.take(&pledge(1, &[1, 2, 3]), 1, |_| Ok(())).unwrap().unwrap();
+        s.take(&pledge(1, &[NodeId(1), NodeId(2), NodeId(3)]), 1, |_| Ok(())).unwrap().unwrap();
         let err = s.begin_join().unwrap_err().to_string();
         assert!(err.contains("cannot join") && err.contains(PLEDGE_FILE), "{err}");
     }
@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn an_older_file_without_the_later_fields_still_reads() {
         let dir = tempfile::tempdir().unwrap();
-        let p = pledge(1, &[1, 2, 3]);
+        let p = pledge(1, &[NodeId(1), NodeId(2), NodeId(3)]);
         let old = serde_json::json!({ "pledge": p });
         std::fs::write(dir.path().join(PLEDGE_FILE), old.to_string()).unwrap();
         assert_eq!(PledgeStore::open(dir.path()).held().unwrap().unwrap().pledge, p);
@@ -332,10 +332,12 @@ mod tests {
     fn a_refused_pledge_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let s = PledgeStore::open(dir.path());
-        let p = pledge(1, &[1, 2, 3]);
+        let p = pledge(1, &[NodeId(1), NodeId(2), NodeId(3)]);
         s.take(&p, 1, |_| Ok(())).unwrap().unwrap();
-        let r = s.take(&pledge(2, &[2, 3, 4]), 1, |cur| Err(PledgeRefusal::PledgedTo(cur.unwrap().proposer)));
-        assert_eq!(r.unwrap(), Err(PledgeRefusal::PledgedTo(1)));
+        let r = s.take(&pledge(2, &[NodeId(2), NodeId(3), NodeId(4)]), 1, |cur| {
+            Err(PledgeRefusal::PledgedTo(cur.unwrap().proposer))
+        });
+        assert_eq!(r.unwrap(), Err(PledgeRefusal::PledgedTo(NodeId(1))));
         assert_eq!(PledgeStore::open(dir.path()).held().unwrap().unwrap().pledge, p);
     }
 
@@ -346,7 +348,7 @@ mod tests {
         let s = PledgeStore::open(dir.path());
         let err = s.held().unwrap_err();
         assert!(err.contains(PLEDGE_FILE) && err.contains("delete the file"), "{err}");
-        assert!(matches!(s.take(&pledge(1, &[1]), 1, |_| Ok(())), Err(TakeError::Unreadable(_))));
+        assert!(matches!(s.take(&pledge(1, &[NodeId(1)]), 1, |_| Ok(())), Err(TakeError::Unreadable(_))));
         assert!(dir.path().join(PLEDGE_FILE).exists(), "the evidence stays");
     }
 }

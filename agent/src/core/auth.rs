@@ -275,7 +275,7 @@ mod tests {
         let k = ClusterKey::derive("secret-secret-secret");
         // Old entries are pruned once the table is half full.
         for i in 0..(MAX_NONCES / 2 + 10) {
-            let a = RequestAuth { time_ms: 0, nonce: format!("{i}"), signature: String::new() };
+            let a = RequestAuth { time_ms: 0, nonce: format!("{}", i), signature: String::new() };
             g.check(&a, 0).unwrap();
         }
         let fresh = k.sign_request("POST", "/p", 120_000, b"");

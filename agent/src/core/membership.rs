@@ -164,7 +164,7 @@ pub fn decide_formation(
 pub enum PledgeRefusal {
     #[error("this node is already in a cluster")]
     InCluster,
-    #[error("this node has pledged to the proposal of {}", crate::core::state::hex_id(*.0))]
+    #[error("this node has pledged to the proposal of {0}")]
     PledgedTo(NodeId),
     #[error("this node is joining an existing cluster")]
     Joining,
@@ -225,12 +225,10 @@ pub enum PledgeOutcome {
 pub fn pledge_outcome(me: NodeId, answers: &BTreeMap<NodeId, Result<(), Option<PledgeRefusal>>>) -> PledgeOutcome {
     let mut retry = Vec::new();
     for (id, a) in answers {
-        let who = crate::core::state::hex_id(*id);
+        let who = id.to_string();
         match a {
             Ok(()) => {}
-            Err(Some(PledgeRefusal::PledgedTo(p))) if *p > me => {
-                retry.push(format!("{who}: pledged to {}", crate::core::state::hex_id(*p)))
-            }
+            Err(Some(PledgeRefusal::PledgedTo(p))) if *p > me => retry.push(format!("{who}: pledged to {}", p)),
             Err(Some(r)) => return PledgeOutcome::Withdraw { why: format!("{who}: {r}") },
             Err(None) => retry.push(format!("{who}: no answer")),
         }
@@ -437,7 +435,7 @@ mod tests {
     #[test]
     fn pre_vote_needs_silence_and_an_up_to_date_log() {
         use openraft::{CommittedLeaderId, LogId};
-        let log = |term, index| Some(LogId::new(CommittedLeaderId::new(term, 1), index));
+        let log = |term, index| Some(LogId::new(CommittedLeaderId::new(term, NodeId(1)), index));
         let lease = Duration::from_millis(800);
         let quiet =
             PreVoteView { is_leader: false, heard_leader_ago: Some(Duration::from_secs(2)), last_log_id: log(3, 10) };
@@ -457,13 +455,22 @@ mod tests {
     #[test]
     fn quorum_is_a_majority_of_every_joint_configuration() {
         let set = |v: &[NodeId]| v.iter().copied().collect::<BTreeSet<_>>();
-        assert!(is_quorum(&[set(&[1, 2, 3])], &set(&[1, 2])));
-        assert!(!is_quorum(&[set(&[1, 2, 3])], &set(&[1])));
-        assert!(!is_quorum(&[set(&[1, 2, 3, 4])], &set(&[1, 2])), "half is not a majority");
-        assert!(is_quorum(&[set(&[1])], &set(&[1])));
-        assert!(!is_quorum(&[set(&[1, 2, 3]), set(&[3, 4, 5])], &set(&[1, 2, 3])));
-        assert!(is_quorum(&[set(&[1, 2, 3]), set(&[3, 4, 5])], &set(&[2, 3, 4])));
-        assert!(!is_quorum(&[], &set(&[1])));
+        assert!(is_quorum(&[set(&[NodeId(1), NodeId(2), NodeId(3)])], &set(&[NodeId(1), NodeId(2)])));
+        assert!(!is_quorum(&[set(&[NodeId(1), NodeId(2), NodeId(3)])], &set(&[NodeId(1)])));
+        assert!(
+            !is_quorum(&[set(&[NodeId(1), NodeId(2), NodeId(3), NodeId(4)])], &set(&[NodeId(1), NodeId(2)])),
+            "half is not a majority"
+        );
+        assert!(is_quorum(&[set(&[NodeId(1)])], &set(&[NodeId(1)])));
+        assert!(!is_quorum(
+            &[set(&[NodeId(1), NodeId(2), NodeId(3)]), set(&[NodeId(3), NodeId(4), NodeId(5)])],
+            &set(&[NodeId(1), NodeId(2), NodeId(3)])
+        ));
+        assert!(is_quorum(
+            &[set(&[NodeId(1), NodeId(2), NodeId(3)]), set(&[NodeId(3), NodeId(4), NodeId(5)])],
+            &set(&[NodeId(2), NodeId(3), NodeId(4)])
+        ));
+        assert!(!is_quorum(&[], &set(&[NodeId(1)])));
     }
 
     #[test]
@@ -490,25 +497,28 @@ mod tests {
     }
 
     fn members(ids: &[NodeId]) -> BTreeMap<NodeId, String> {
-        ids.iter().map(|i| (*i, format!("n{i}"))).collect()
+        ids.iter().map(|i| (*i, format!("n{}", i.0))).collect()
     }
 
     #[test]
     fn formation_waits_until_expected_candidates_are_seen() {
-        let peers = BTreeMap::from([(2, peer("b", &[1, 2]))]);
-        assert_eq!(decide_formation(1, "a", 3, None, &peers), Formation::Wait { seen: 2, expected: 3 });
+        let peers = BTreeMap::from([(NodeId(2), peer("b", &[NodeId(1), NodeId(2)]))]);
+        assert_eq!(decide_formation(NodeId(1), "a", 3, None, &peers), Formation::Wait { seen: 2, expected: 3 });
     }
 
     #[test]
     fn only_the_smallest_chosen_node_proposes() {
-        let full = [1, 2, 3];
+        let full = [NodeId(1), NodeId(2), NodeId(3)];
         let views = |me: NodeId| -> BTreeMap<NodeId, PeerView> {
-            full.iter().filter(|id| **id != me).map(|id| (*id, peer(&format!("n{id}"), &full))).collect()
+            full.iter().filter(|id| **id != me).map(|id| (*id, peer(&format!("n{}", id.0), &full))).collect()
         };
-        assert_eq!(decide_formation(1, "n1", 3, None, &views(1)), Formation::Propose { members: members(&full) });
-        for me in [2, 3] {
+        assert_eq!(
+            decide_formation(NodeId(1), "n1", 3, None, &views(NodeId(1))),
+            Formation::Propose { members: members(&full) }
+        );
+        for me in [NodeId(2), NodeId(3)] {
             assert_eq!(
-                decide_formation(me, &format!("n{me}"), 3, None, &views(me)),
+                decide_formation(me, &format!("n{}", me.0), 3, None, &views(me)),
                 Formation::Settling { chosen: full.into() }
             );
         }
@@ -517,145 +527,187 @@ mod tests {
     #[test]
     fn formation_waits_while_a_chosen_peer_has_a_different_view() {
         // Node 3 has not heard from node 1 yet.
-        let peers = BTreeMap::from([(2, peer("b", &[1, 2, 3])), (3, peer("c", &[2, 3]))]);
-        assert!(matches!(decide_formation(1, "a", 3, None, &peers), Formation::Settling { .. }));
+        let peers = BTreeMap::from([
+            (NodeId(2), peer("b", &[NodeId(1), NodeId(2), NodeId(3)])),
+            (NodeId(3), peer("c", &[NodeId(2), NodeId(3)])),
+        ]);
+        assert!(matches!(decide_formation(NodeId(1), "a", 3, None, &peers), Formation::Settling { .. }));
     }
 
     #[test]
     fn formation_with_more_candidates_than_expected_picks_smallest_ids() {
-        let all = [1, 5, 7, 9];
+        let all = [NodeId(1), NodeId(5), NodeId(7), NodeId(9)];
         let peers: BTreeMap<NodeId, PeerView> =
-            all.iter().filter(|i| **i != 9).map(|i| (*i, peer(&format!("n{i}"), &all))).collect();
+            all.iter().filter(|i| **i != NodeId(9)).map(|i| (*i, peer(&format!("n{}", i.0), &all))).collect();
         // Node 9 is not among the 3 smallest: it waits and joins later.
-        assert_eq!(decide_formation(9, "n9", 3, None, &peers), Formation::Settling { chosen: [1, 5, 7].into() });
+        assert_eq!(
+            decide_formation(NodeId(9), "n9", 3, None, &peers),
+            Formation::Settling { chosen: [NodeId(1), NodeId(5), NodeId(7)].into() }
+        );
         let peers: BTreeMap<NodeId, PeerView> =
-            all.iter().filter(|i| **i != 1).map(|i| (*i, peer(&format!("n{i}"), &all))).collect();
-        assert_eq!(decide_formation(1, "n1", 3, None, &peers), Formation::Propose { members: members(&[1, 5, 7]) });
+            all.iter().filter(|i| **i != NodeId(1)).map(|i| (*i, peer(&format!("n{}", i.0), &all))).collect();
+        assert_eq!(
+            decide_formation(NodeId(1), "n1", 3, None, &peers),
+            Formation::Propose { members: members(&[NodeId(1), NodeId(5), NodeId(7)]) }
+        );
     }
 
     #[test]
     fn a_proposal_under_way_elsewhere_makes_others_wait() {
         // Node 4 knows 1..5 and would choose {1,2,4}, but node 2 holds node 1's pledge for {1,2,3}.
-        let mut p2 = peer("n2", &[1, 2, 3, 4, 5]);
-        p2.pledged = Some(pledge(1, &[1, 2, 3]));
-        let peers = BTreeMap::from([(2, p2), (5, peer("n5", &[1, 2, 3, 4, 5]))]);
-        assert_eq!(decide_formation(4, "n4", 3, None, &peers), Formation::Settling { chosen: [1, 2, 3].into() });
+        let mut p2 = peer("n2", &[NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(5)]);
+        p2.pledged = Some(pledge(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3)]));
+        let peers = BTreeMap::from([
+            (NodeId(2), p2),
+            (NodeId(5), peer("n5", &[NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(5)])),
+        ]);
+        assert_eq!(
+            decide_formation(NodeId(4), "n4", 3, None, &peers),
+            Formation::Settling { chosen: [NodeId(1), NodeId(2), NodeId(3)].into() }
+        );
     }
 
     #[test]
     fn a_pledge_its_proposer_withdrew_since_does_not_hold_others_up() {
-        let all = [1, 2, 3, 4, 5];
+        let all = [NodeId(1), NodeId(2), NodeId(3), NodeId(4), NodeId(5)];
         let mut p5 = PeerView { round: 3, ..peer("n5", &all) };
-        p5.pledged = Some(pledge(3, &[3, 4, 5]));
+        p5.pledged = Some(pledge(NodeId(3), &[NodeId(3), NodeId(4), NodeId(5)]));
         let p3 = PeerView { round: 4, ..peer("n3", &all) };
-        let mut peers: BTreeMap<NodeId, PeerView> = [2, 4].iter().map(|i| (*i, peer(&format!("n{i}"), &all))).collect();
-        peers.insert(5, p5);
-        peers.insert(3, p3.clone());
-        assert_eq!(decide_formation(1, "n1", 3, None, &peers), Formation::Propose { members: members(&[1, 2, 3]) });
+        let mut peers: BTreeMap<NodeId, PeerView> =
+            [NodeId(2), NodeId(4)].iter().map(|i| (*i, peer(&format!("n{}", i.0), &all))).collect();
+        peers.insert(NodeId(5), p5);
+        peers.insert(NodeId(3), p3.clone());
+        assert_eq!(
+            decide_formation(NodeId(1), "n1", 3, None, &peers),
+            Formation::Propose { members: members(&[NodeId(1), NodeId(2), NodeId(3)]) }
+        );
         // Seen before node 5's view (or still holding it): it counts.
-        peers.insert(3, PeerView { round: 3, ..p3 });
-        assert_eq!(decide_formation(1, "n1", 3, None, &peers), Formation::Settling { chosen: [3, 4, 5].into() });
+        peers.insert(NodeId(3), PeerView { round: 3, ..p3 });
+        assert_eq!(
+            decide_formation(NodeId(1), "n1", 3, None, &peers),
+            Formation::Settling { chosen: [NodeId(3), NodeId(4), NodeId(5)].into() }
+        );
     }
 
     #[test]
     fn a_proposer_gives_up_a_proposal_with_a_silent_member() {
-        let held = HeldPledge { pledge: pledge(1, &[1, 2, 3]), views_from_round: 1 };
-        let peers = BTreeMap::from([(2, peer("n2", &[1, 2, 3]))]);
-        assert_eq!(decide_formation(1, "n1", 3, Some(&held), &peers), Formation::Release);
+        let held = HeldPledge { pledge: pledge(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3)]), views_from_round: 1 };
+        let peers = BTreeMap::from([(NodeId(2), peer("n2", &[NodeId(1), NodeId(2), NodeId(3)]))]);
+        assert_eq!(decide_formation(NodeId(1), "n1", 3, Some(&held), &peers), Formation::Release);
     }
 
     #[test]
     fn formation_joins_an_existing_cluster() {
-        let mut p = peer("b", &[2]);
+        let mut p = peer("b", &[NodeId(2)]);
         p.initialized = true;
-        let peers = BTreeMap::from([(2, p), (3, peer("c", &[1, 2, 3]))]);
-        assert_eq!(decide_formation(1, "a", 3, None, &peers), Formation::Join { via: "b".into() });
+        let peers = BTreeMap::from([(NodeId(2), p), (NodeId(3), peer("c", &[NodeId(1), NodeId(2), NodeId(3)]))]);
+        assert_eq!(decide_formation(NodeId(1), "a", 3, None, &peers), Formation::Join { via: "b".into() });
     }
 
     #[test]
     fn single_node_bootstrap() {
-        let me = BTreeMap::from([(4, "a".to_string())]);
-        assert_eq!(decide_formation(4, "a", 1, None, &BTreeMap::new()), Formation::Propose { members: me });
-        assert_eq!(pledge_outcome(4, &BTreeMap::new()), PledgeOutcome::Initialize);
+        let me = BTreeMap::from([(NodeId(4), "a".to_string())]);
+        assert_eq!(decide_formation(NodeId(4), "a", 1, None, &BTreeMap::new()), Formation::Propose { members: me });
+        assert_eq!(pledge_outcome(NodeId(4), &BTreeMap::new()), PledgeOutcome::Initialize);
     }
 
     #[test]
     fn a_pledged_member_waits_and_releases_only_on_a_fresh_view_of_its_proposer() {
-        let held = HeldPledge { pledge: pledge(1, &[1, 2, 3]), views_from_round: 5 };
+        let held = HeldPledge { pledge: pledge(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3)]), views_from_round: 5 };
         let view = |round: u64, pledged: Option<Pledge>, initialized: bool| {
-            BTreeMap::from([(1, PeerView { round, pledged, initialized, ..peer("n1", &[1, 2, 3]) })])
+            BTreeMap::from([(
+                NodeId(1),
+                PeerView { round, pledged, initialized, ..peer("n1", &[NodeId(1), NodeId(2), NodeId(3)]) },
+            )])
         };
-        let wait = Formation::Pledged { proposer: 1 };
+        let wait = Formation::Pledged { proposer: NodeId(1) };
         // Another cluster elsewhere does not release it: only its proposer does.
         let mut others = view(5, held.pledge.clone().into(), false);
-        others.insert(9, PeerView { initialized: true, ..peer("n9", &[9]) });
-        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &others), wait);
-        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &BTreeMap::new()), wait, "proposer not seen");
+        others.insert(NodeId(9), PeerView { initialized: true, ..peer("n9", &[NodeId(9)]) });
+        assert_eq!(decide_formation(NodeId(2), "n2", 3, Some(&held), &others), wait);
+        assert_eq!(decide_formation(NodeId(2), "n2", 3, Some(&held), &BTreeMap::new()), wait, "proposer not seen");
         assert_eq!(
-            decide_formation(2, "n2", 3, Some(&held), &view(4, None, false)),
+            decide_formation(NodeId(2), "n2", 3, Some(&held), &view(4, None, false)),
             wait,
             "view from before the pledge"
         );
-        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &view(5, None, true)), wait, "it formed, not applied yet");
+        assert_eq!(
+            decide_formation(NodeId(2), "n2", 3, Some(&held), &view(5, None, true)),
+            wait,
+            "it formed, not applied yet"
+        );
         let mut formed = view(5, None, true);
-        formed.get_mut(&1).unwrap().members = [1, 2, 3].into();
-        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &formed), wait, "the proposer formed it");
-        formed.get_mut(&1).unwrap().members = [1, 7, 8].into();
-        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &formed), Formation::Release, "it joined another");
-        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &view(5, None, false)), Formation::Release);
-        let other = Some(pledge(1, &[1, 2, 4]));
-        assert_eq!(decide_formation(2, "n2", 3, Some(&held), &view(6, other, false)), Formation::Release);
+        formed.get_mut(&NodeId(1)).unwrap().members = [NodeId(1), NodeId(2), NodeId(3)].into();
+        assert_eq!(decide_formation(NodeId(2), "n2", 3, Some(&held), &formed), wait, "the proposer formed it");
+        formed.get_mut(&NodeId(1)).unwrap().members = [NodeId(1), NodeId(7), NodeId(8)].into();
+        assert_eq!(decide_formation(NodeId(2), "n2", 3, Some(&held), &formed), Formation::Release, "it joined another");
+        assert_eq!(decide_formation(NodeId(2), "n2", 3, Some(&held), &view(5, None, false)), Formation::Release);
+        let other = Some(pledge(NodeId(1), &[NodeId(1), NodeId(2), NodeId(4)]));
+        assert_eq!(decide_formation(NodeId(2), "n2", 3, Some(&held), &view(6, other, false)), Formation::Release);
     }
 
     #[test]
     fn a_proposer_goes_on_proposing_until_a_cluster_forms_elsewhere() {
-        let held = HeldPledge { pledge: pledge(1, &[1, 2, 3]), views_from_round: 1 };
-        let mut peers = BTreeMap::from([(2, peer("n2", &[1, 2])), (3, peer("n3", &[1, 3]))]);
+        let held = HeldPledge { pledge: pledge(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3)]), views_from_round: 1 };
+        let mut peers = BTreeMap::from([
+            (NodeId(2), peer("n2", &[NodeId(1), NodeId(2)])),
+            (NodeId(3), peer("n3", &[NodeId(1), NodeId(3)])),
+        ]);
         assert_eq!(
-            decide_formation(1, "n1", 3, Some(&held), &peers),
+            decide_formation(NodeId(1), "n1", 3, Some(&held), &peers),
             Formation::AskAgain { pledge: held.pledge.clone() }
         );
-        peers.insert(7, PeerView { initialized: true, ..peer("n7", &[7]) });
-        assert_eq!(decide_formation(1, "n1", 3, Some(&held), &peers), Formation::Release);
+        peers.insert(NodeId(7), PeerView { initialized: true, ..peer("n7", &[NodeId(7)]) });
+        assert_eq!(decide_formation(NodeId(1), "n1", 3, Some(&held), &peers), Formation::Release);
     }
 
     #[test]
     fn a_node_pledges_to_one_proposer_at_a_time() {
-        let p1 = pledge(1, &[1, 2, 3]);
-        assert_eq!(answer_pledge(2, Some(3), false, None, &p1), Ok(()));
-        assert_eq!(answer_pledge(2, Some(3), false, Some(&p1), &p1), Ok(()), "asked again");
-        let newer = Pledge { seq: 2, ..pledge(1, &[1, 2, 4]) };
-        assert_eq!(answer_pledge(2, Some(3), false, Some(&p1), &newer), Ok(()), "its proposer's new set");
+        let p1 = pledge(NodeId(1), &[NodeId(1), NodeId(2), NodeId(3)]);
+        assert_eq!(answer_pledge(NodeId(2), Some(3), false, None, &p1), Ok(()));
+        assert_eq!(answer_pledge(NodeId(2), Some(3), false, Some(&p1), &p1), Ok(()), "asked again");
+        let newer = Pledge { seq: 2, ..pledge(NodeId(1), &[NodeId(1), NodeId(2), NodeId(4)]) };
+        assert_eq!(answer_pledge(NodeId(2), Some(3), false, Some(&p1), &newer), Ok(()), "its proposer's new set");
         assert_eq!(
-            answer_pledge(2, Some(3), false, Some(&newer), &p1),
+            answer_pledge(NodeId(2), Some(3), false, Some(&newer), &p1),
             Err(PledgeRefusal::Superseded),
             "a late request"
         );
         assert_eq!(
-            answer_pledge(2, Some(3), false, Some(&p1), &pledge(2, &[2, 3, 4])),
-            Err(PledgeRefusal::PledgedTo(1))
+            answer_pledge(NodeId(2), Some(3), false, Some(&p1), &pledge(NodeId(2), &[NodeId(2), NodeId(3), NodeId(4)])),
+            Err(PledgeRefusal::PledgedTo(NodeId(1)))
         );
-        assert_eq!(answer_pledge(2, Some(3), true, None, &p1), Err(PledgeRefusal::InCluster));
-        for bad in [pledge(1, &[1, 3, 4]), pledge(3, &[1, 2, 3]), pledge(1, &[1, 2])] {
-            assert!(matches!(answer_pledge(2, Some(3), false, None, &bad), Err(PledgeRefusal::Invalid(_))), "{bad:?}");
+        assert_eq!(answer_pledge(NodeId(2), Some(3), true, None, &p1), Err(PledgeRefusal::InCluster));
+        for bad in [
+            pledge(NodeId(1), &[NodeId(1), NodeId(3), NodeId(4)]),
+            pledge(NodeId(3), &[NodeId(1), NodeId(2), NodeId(3)]),
+            pledge(NodeId(1), &[NodeId(1), NodeId(2)]),
+        ] {
+            assert!(
+                matches!(answer_pledge(NodeId(2), Some(3), false, None, &bad), Err(PledgeRefusal::Invalid(_))),
+                "{bad:?}"
+            );
         }
-        let Err(PledgeRefusal::Invalid(why)) = answer_pledge(2, None, false, None, &p1) else { panic!() };
+        let Err(PledgeRefusal::Invalid(why)) = answer_pledge(NodeId(2), None, false, None, &p1) else { panic!() };
         assert!(why.contains("bootstrap_expect"), "{why}");
     }
 
     #[test]
     fn the_smaller_proposer_wins_a_contested_member() {
         let ok = |ids: &[NodeId]| ids.iter().map(|i| (*i, Ok(()))).collect::<BTreeMap<_, _>>();
-        assert_eq!(pledge_outcome(3, &ok(&[5, 7])), PledgeOutcome::Initialize);
-        let mut a = ok(&[5]);
-        a.insert(7, Err(Some(PledgeRefusal::PledgedTo(2))));
-        assert!(matches!(pledge_outcome(3, &a), PledgeOutcome::Withdraw { .. }), "pledged to a smaller proposer");
-        a.insert(7, Err(Some(PledgeRefusal::PledgedTo(4))));
-        assert!(matches!(pledge_outcome(3, &a), PledgeOutcome::Retry { .. }), "the larger one withdraws");
-        a.insert(7, Err(None));
-        assert!(matches!(pledge_outcome(3, &a), PledgeOutcome::Retry { .. }), "no answer");
-        a.insert(7, Err(Some(PledgeRefusal::InCluster)));
-        assert!(matches!(pledge_outcome(3, &a), PledgeOutcome::Withdraw { .. }));
+        assert_eq!(pledge_outcome(NodeId(3), &ok(&[NodeId(5), NodeId(7)])), PledgeOutcome::Initialize);
+        let mut a = ok(&[NodeId(5)]);
+        a.insert(NodeId(7), Err(Some(PledgeRefusal::PledgedTo(NodeId(2)))));
+        assert!(
+            matches!(pledge_outcome(NodeId(3), &a), PledgeOutcome::Withdraw { .. }),
+            "pledged to a smaller proposer"
+        );
+        a.insert(NodeId(7), Err(Some(PledgeRefusal::PledgedTo(NodeId(4)))));
+        assert!(matches!(pledge_outcome(NodeId(3), &a), PledgeOutcome::Retry { .. }), "the larger one withdraws");
+        a.insert(NodeId(7), Err(None));
+        assert!(matches!(pledge_outcome(NodeId(3), &a), PledgeOutcome::Retry { .. }), "no answer");
+        a.insert(NodeId(7), Err(Some(PledgeRefusal::InCluster)));
+        assert!(matches!(pledge_outcome(NodeId(3), &a), PledgeOutcome::Withdraw { .. }));
     }
 
     fn tuning() -> HealthTuning {
@@ -687,63 +739,69 @@ mod tests {
     #[test]
     fn promotes_learners_up_to_max_voters_only() {
         let t = tuning();
-        assert_eq!(plan_membership(&view(&[1], &[2, 3]), &t), Some(MembershipAction::Promote { learner: 2 }));
-        assert_eq!(plan_membership(&view(&[1, 2], &[3]), &t), Some(MembershipAction::Promote { learner: 3 }));
-        assert_eq!(plan_membership(&view(&[1, 2, 3], &[4, 5]), &t), None);
-        let mut v = view(&[1, 2, 3], &[4, 5]);
+        assert_eq!(
+            plan_membership(&view(&[NodeId(1)], &[NodeId(2), NodeId(3)]), &t),
+            Some(MembershipAction::Promote { learner: NodeId(2) })
+        );
+        assert_eq!(
+            plan_membership(&view(&[NodeId(1), NodeId(2)], &[NodeId(3)]), &t),
+            Some(MembershipAction::Promote { learner: NodeId(3) })
+        );
+        assert_eq!(plan_membership(&view(&[NodeId(1), NodeId(2), NodeId(3)], &[NodeId(4), NodeId(5)]), &t), None);
+        let mut v = view(&[NodeId(1), NodeId(2), NodeId(3)], &[NodeId(4), NodeId(5)]);
         v.max_voters = 5;
-        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Promote { learner: 4 }));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Promote { learner: NodeId(4) }));
     }
 
     #[test]
     fn lagging_or_unhealthy_learners_are_not_promoted() {
         let t = tuning();
-        let mut v = view(&[1], &[2]);
-        v.matched.insert(2, Some(50));
+        let mut v = view(&[NodeId(1)], &[NodeId(2)]);
+        v.matched.insert(NodeId(2), Some(50));
         assert_eq!(plan_membership(&v, &t), None);
-        v.matched.insert(2, None);
+        v.matched.insert(NodeId(2), None);
         assert_eq!(plan_membership(&v, &t), None);
-        let mut v = view(&[1], &[2]);
-        v.silent_for.insert(2, Duration::from_millis(1500));
+        let mut v = view(&[NodeId(1)], &[NodeId(2)]);
+        v.silent_for.insert(NodeId(2), Duration::from_millis(1500));
         assert_eq!(plan_membership(&v, &t), None);
     }
 
     #[test]
     fn failed_voter_is_replaced_by_a_healthy_learner() {
         let t = tuning();
-        let mut v = view(&[1, 2, 3], &[4]);
-        v.silent_for.insert(3, Duration::from_millis(3500));
-        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Replace { failed: 3, learner: 4 }));
+        let mut v = view(&[NodeId(1), NodeId(2), NodeId(3)], &[NodeId(4)]);
+        v.silent_for.insert(NodeId(3), Duration::from_millis(3500));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Replace { failed: NodeId(3), learner: NodeId(4) }));
         // A suspect voter is not replaced yet.
-        v.silent_for.insert(3, Duration::from_millis(1500));
+        v.silent_for.insert(NodeId(3), Duration::from_millis(1500));
         assert_eq!(plan_membership(&v, &t), None);
     }
 
     #[test]
     fn nodes_silent_past_the_grace_period_are_removed() {
         let t = tuning();
-        let mut v = view(&[1, 2, 3], &[4]);
-        v.silent_for.insert(4, Duration::from_secs(11));
-        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Remove { id: 4 }));
-        let mut v = view(&[1, 2, 3], &[]);
-        v.silent_for.insert(2, Duration::from_secs(11));
-        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Remove { id: 2 }));
+        let mut v = view(&[NodeId(1), NodeId(2), NodeId(3)], &[NodeId(4)]);
+        v.silent_for.insert(NodeId(4), Duration::from_secs(11));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Remove { id: NodeId(4) }));
+        let mut v = view(&[NodeId(1), NodeId(2), NodeId(3)], &[]);
+        v.silent_for.insert(NodeId(2), Duration::from_secs(11));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Remove { id: NodeId(2) }));
     }
 
     #[test]
     fn replacement_comes_before_removal_and_leader_is_never_removed() {
         let t = tuning();
-        let mut v = view(&[1, 2, 3], &[4]);
-        v.silent_for.insert(2, Duration::from_secs(11));
-        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Replace { failed: 2, learner: 4 }));
-        let mut v = view(&[1], &[]);
-        v.silent_for.insert(1, Duration::from_secs(11));
+        let mut v = view(&[NodeId(1), NodeId(2), NodeId(3)], &[NodeId(4)]);
+        v.silent_for.insert(NodeId(2), Duration::from_secs(11));
+        assert_eq!(plan_membership(&v, &t), Some(MembershipAction::Replace { failed: NodeId(2), learner: NodeId(4) }));
+        let mut v = view(&[NodeId(1)], &[]);
+        v.silent_for.insert(NodeId(1), Duration::from_secs(11));
         assert_eq!(plan_membership(&v, &t), None);
     }
 
     #[test]
     fn stable_cluster_needs_no_change() {
-        assert_eq!(plan_membership(&view(&[1, 2, 3], &[]), &tuning()), None);
+        assert_eq!(plan_membership(&view(&[NodeId(1), NodeId(2), NodeId(3)], &[]), &tuning()), None);
     }
 
     fn transport(current: &str, mesh_answers: bool, underlay_answers: bool, silent_ms: u64) -> TransportView {

@@ -278,22 +278,22 @@ mod tests {
     #[test]
     fn desired_device_from_state() {
         let mut s = ClusterState::default();
-        s.apply_membership([1, 2, 3].into(), BTreeSet::new());
+        s.apply_membership([NodeId(1), NodeId(2), NodeId(3)].into(), BTreeSet::new());
         for id in 1..=3u64 {
             let spec = MemberSpec {
-                id,
-                name: format!("n{id}"),
-                api_addr: format!("192.168.1.{id}:7600"),
-                wg_public_key: format!("K{id}"),
+                id: NodeId(id),
+                name: format!("n{}", id),
+                api_addr: format!("192.168.1.{}:7600", id),
+                wg_public_key: format!("K{}", id),
                 facts: NodeFacts::default(),
                 labels: BTreeMap::new(),
             };
             s.apply(id, &Command::UpsertMember { spec, at_ms: 0 });
         }
-        assert_eq!(desired_device(&s, 1, 16), None, "no mesh address yet");
-        s.apply(4, &Command::AssignMeshIp { id: 1, ip: ip("10.90.0.1") });
-        s.apply(5, &Command::AssignMeshIp { id: 2, ip: ip("10.90.0.2") });
-        let d = desired_device(&s, 1, 16).unwrap();
+        assert_eq!(desired_device(&s, NodeId(1), 16), None, "no mesh address yet");
+        s.apply(4, &Command::AssignMeshIp { id: NodeId(1), ip: ip("10.90.0.1") });
+        s.apply(5, &Command::AssignMeshIp { id: NodeId(2), ip: ip("10.90.0.2") });
+        let d = desired_device(&s, NodeId(1), 16).unwrap();
         assert_eq!(d.address, (ip("10.90.0.1"), 16));
         assert_eq!(d.public_key, "K1");
         // Node 3 has no mesh address yet: not a peer until it has one.

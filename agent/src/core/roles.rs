@@ -72,16 +72,16 @@ mod tests {
         Member {
             spec: MemberSpec {
                 id,
-                name: format!("n{id}"),
-                api_addr: format!("10.0.0.{id}:7600"),
-                wg_public_key: format!("K{id}"),
+                name: format!("n{}", id.0),
+                api_addr: format!("10.0.0.{}:7600", id.0),
+                wg_public_key: format!("K{}", id.0),
                 facts: NodeFacts::default(),
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             },
             mesh_ip: None,
             health,
             health_since_ms: 0,
-            registered_at_ms: id * 10,
+            registered_at_ms: id.0 * 10,
         }
     }
 
@@ -91,86 +91,96 @@ mod tests {
 
     #[test]
     fn first_assignment_is_deterministic_and_distinct() {
-        let m =
-            members(vec![member(3, Health::Alive, &[]), member(1, Health::Alive, &[]), member(2, Health::Alive, &[])]);
+        let m = members(vec![
+            member(NodeId(3), Health::Alive, &[]),
+            member(NodeId(1), Health::Alive, &[]),
+            member(NodeId(2), Health::Alive, &[]),
+        ]);
         let r = schedule(&m, &RoleAssignments::default());
-        assert_eq!(r.slurm_controller, Some(1));
-        assert_eq!(r.slurm_backup, Some(2));
-        assert_eq!(r.slurm_workers, [1, 2, 3].into());
-        assert_eq!(r.k3s_server, Some(1));
-        assert_eq!(r.k3s_agents, [2, 3].into());
+        assert_eq!(r.slurm_controller, Some(NodeId(1)));
+        assert_eq!(r.slurm_backup, Some(NodeId(2)));
+        assert_eq!(r.slurm_workers, [NodeId(1), NodeId(2), NodeId(3)].into());
+        assert_eq!(r.k3s_server, Some(NodeId(1)));
+        assert_eq!(r.k3s_agents, [NodeId(2), NodeId(3)].into());
         assert_eq!(schedule(&m, &r), r, "stable when nothing changes");
     }
 
     #[test]
     fn healthy_and_suspect_holders_keep_their_roles() {
         let m = members(vec![
-            member(1, Health::Alive, &[]),
-            member(2, Health::Suspect, &[]),
-            member(3, Health::Alive, &[]),
+            member(NodeId(1), Health::Alive, &[]),
+            member(NodeId(2), Health::Suspect, &[]),
+            member(NodeId(3), Health::Alive, &[]),
         ]);
         let current = RoleAssignments {
-            slurm_controller: Some(2),
-            slurm_backup: Some(3),
-            slurm_workers: [1, 2, 3].into(),
-            k3s_server: Some(3),
-            k3s_agents: [1, 2].into(),
+            slurm_controller: Some(NodeId(2)),
+            slurm_backup: Some(NodeId(3)),
+            slurm_workers: [NodeId(1), NodeId(2), NodeId(3)].into(),
+            k3s_server: Some(NodeId(3)),
+            k3s_agents: [NodeId(1), NodeId(2)].into(),
         };
         assert_eq!(schedule(&m, &current), current);
     }
 
     #[test]
     fn failed_controller_is_replaced_by_its_backup() {
-        let m =
-            members(vec![member(1, Health::Failed, &[]), member(2, Health::Alive, &[]), member(3, Health::Alive, &[])]);
+        let m = members(vec![
+            member(NodeId(1), Health::Failed, &[]),
+            member(NodeId(2), Health::Alive, &[]),
+            member(NodeId(3), Health::Alive, &[]),
+        ]);
         let current = RoleAssignments {
-            slurm_controller: Some(1),
-            slurm_backup: Some(2),
-            slurm_workers: [1, 2, 3].into(),
-            k3s_server: Some(1),
-            k3s_agents: [2, 3].into(),
+            slurm_controller: Some(NodeId(1)),
+            slurm_backup: Some(NodeId(2)),
+            slurm_workers: [NodeId(1), NodeId(2), NodeId(3)].into(),
+            k3s_server: Some(NodeId(1)),
+            k3s_agents: [NodeId(2), NodeId(3)].into(),
         };
         let r = schedule(&m, &current);
-        assert_eq!(r.slurm_controller, Some(2));
-        assert_eq!(r.slurm_backup, Some(3));
-        assert_eq!(r.slurm_workers, [2, 3].into());
-        assert_eq!(r.k3s_server, Some(2));
-        assert_eq!(r.k3s_agents, [3].into());
+        assert_eq!(r.slurm_controller, Some(NodeId(2)));
+        assert_eq!(r.slurm_backup, Some(NodeId(3)));
+        assert_eq!(r.slurm_workers, [NodeId(2), NodeId(3)].into());
+        assert_eq!(r.k3s_server, Some(NodeId(2)));
+        assert_eq!(r.k3s_agents, [NodeId(3)].into());
     }
 
     #[test]
     fn failed_backup_is_replaced_without_moving_the_controller() {
-        let m =
-            members(vec![member(1, Health::Alive, &[]), member(2, Health::Left, &[]), member(3, Health::Alive, &[])]);
-        let current = RoleAssignments { slurm_controller: Some(1), slurm_backup: Some(2), ..Default::default() };
+        let m = members(vec![
+            member(NodeId(1), Health::Alive, &[]),
+            member(NodeId(2), Health::Left, &[]),
+            member(NodeId(3), Health::Alive, &[]),
+        ]);
+        let current =
+            RoleAssignments { slurm_controller: Some(NodeId(1)), slurm_backup: Some(NodeId(2)), ..Default::default() };
         let r = schedule(&m, &current);
-        assert_eq!((r.slurm_controller, r.slurm_backup), (Some(1), Some(3)));
+        assert_eq!((r.slurm_controller, r.slurm_backup), (Some(NodeId(1)), Some(NodeId(3))));
     }
 
     #[test]
     fn labels_exclude_and_prefer() {
         let m = members(vec![
-            member(1, Health::Alive, &[("role.slurm-controller", "never"), ("role.k3s-agent", "never")]),
-            member(2, Health::Alive, &[]),
-            member(3, Health::Alive, &[("role.slurm-controller", "prefer"), ("role.slurm-worker", "never")]),
+            member(NodeId(1), Health::Alive, &[("role.slurm-controller", "never"), ("role.k3s-agent", "never")]),
+            member(NodeId(2), Health::Alive, &[]),
+            member(NodeId(3), Health::Alive, &[("role.slurm-controller", "prefer"), ("role.slurm-worker", "never")]),
         ]);
         let r = schedule(&m, &RoleAssignments::default());
-        assert_eq!(r.slurm_controller, Some(3));
-        assert_eq!(r.slurm_backup, Some(2));
-        assert_eq!(r.slurm_workers, [1, 2].into());
-        assert_eq!(r.k3s_agents, [2, 3].into());
+        assert_eq!(r.slurm_controller, Some(NodeId(3)));
+        assert_eq!(r.slurm_backup, Some(NodeId(2)));
+        assert_eq!(r.slurm_workers, [NodeId(1), NodeId(2)].into());
+        assert_eq!(r.k3s_agents, [NodeId(2), NodeId(3)].into());
     }
 
     #[test]
     fn single_node_has_a_controller_and_no_backup() {
-        let m = members(vec![member(7, Health::Alive, &[])]);
+        let m = members(vec![member(NodeId(7), Health::Alive, &[])]);
         let r = schedule(&m, &RoleAssignments::default());
-        assert_eq!((r.slurm_controller, r.slurm_backup), (Some(7), None));
+        assert_eq!((r.slurm_controller, r.slurm_backup), (Some(NodeId(7)), None));
     }
 
     #[test]
     fn no_usable_member_means_no_holder() {
-        let m = members(vec![member(1, Health::Failed, &[])]);
+        let m = members(vec![member(NodeId(1), Health::Failed, &[])]);
         let r = schedule(&m, &RoleAssignments::default());
         assert_eq!(r, RoleAssignments::default());
     }

@@ -10,13 +10,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-/// Raft node id. Random 64-bit, generated once per installation, never reused.
-pub type NodeId = u64;
-
-/// A node id as status, logs and peer paths show it: 16 hex digits.
-pub fn hex_id(id: NodeId) -> String {
-    format!("{id:016x}")
-}
+pub use crate::core::ids::NodeId;
 
 /// Largest accepted KV key, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -471,13 +465,13 @@ impl ClusterState {
             Command::UpsertMember { spec, at_ms } => {
                 if !self.is_raft_member(spec.id) {
                     return Response::Rejected {
-                        reason: format!("node {:016x} is not in the Raft membership; join the cluster first", spec.id),
+                        reason: format!("node {} is not in the Raft membership; join the cluster first", spec.id),
                     };
                 }
                 if let Some(other) = self.members.values().find(|m| m.spec.name == spec.name && m.spec.id != spec.id) {
                     return Response::Rejected {
                         reason: format!(
-                            "node name {:?} is already used by node {:016x}; remove that node or rename this one",
+                            "node name {:?} is already used by node {}; remove that node or rename this one",
                             spec.name, other.spec.id
                         ),
                     };
@@ -507,12 +501,12 @@ impl ClusterState {
                     }
                     Response::Ok
                 }
-                None => Response::Rejected { reason: format!("no member {id:016x}") },
+                None => Response::Rejected { reason: format!("no member {id}") },
             },
             Command::AssignMeshIp { id, ip } => {
                 if let Some(other) = self.members.values().find(|m| m.mesh_ip == Some(*ip) && m.spec.id != *id) {
                     return Response::Rejected {
-                        reason: format!("mesh address {ip} is already used by {:016x}", other.spec.id),
+                        reason: format!("mesh address {ip} is already used by {}", other.spec.id),
                     };
                 }
                 match self.members.get_mut(id) {
@@ -520,14 +514,14 @@ impl ClusterState {
                         m.mesh_ip = Some(*ip);
                         Response::Ok
                     }
-                    None => Response::Rejected { reason: format!("no member {id:016x}") },
+                    None => Response::Rejected { reason: format!("no member {id}") },
                 }
             }
             Command::SetRoles { roles } => {
                 let holders = [roles.slurm_controller, roles.slurm_backup, roles.k3s_server];
                 let all = holders.iter().flatten().chain(&roles.slurm_workers).chain(&roles.k3s_agents);
                 if let Some(id) = all.into_iter().find(|id| !self.members.contains_key(id)) {
-                    return Response::Rejected { reason: format!("role holder {id:016x} is not a member") };
+                    return Response::Rejected { reason: format!("role holder {id} is not a member") };
                 }
                 self.roles = roles.clone();
                 Response::Ok
@@ -544,8 +538,8 @@ impl ClusterState {
                 if self.roles.slurm_controller != Some(*from) {
                     return Response::Rejected {
                         reason: format!(
-                            "node {from:016x} is not the SLURM controller ({}); only the controller publishes its state",
-                            self.roles.slurm_controller.map_or_else(|| "none assigned".into(), |c| format!("{c:016x}"))
+                            "node {from} is not the SLURM controller ({}); only the controller publishes its state",
+                            self.roles.slurm_controller.map_or_else(|| "none assigned".into(), |c| format!("{c}"))
                         ),
                     };
                 }
@@ -569,7 +563,7 @@ impl ClusterState {
                         Response::Ok
                     }
                     _ => Response::Rejected {
-                        reason: format!("node {id:016x} is not the SLURM backup controller; nothing to take over"),
+                        reason: format!("node {id} is not the SLURM backup controller; nothing to take over"),
                     },
                 }
             }
@@ -628,8 +622,8 @@ mod tests {
         MemberSpec {
             id,
             name: name.into(),
-            api_addr: format!("10.0.0.{id}:7600"),
-            wg_public_key: format!("key{id}"),
+            api_addr: format!("10.0.0.{}:7600", id.0),
+            wg_public_key: format!("key{}", id.0),
             facts: NodeFacts { cpus: 2, memory_mb: 1024, kernel: "6.12".into(), arch: "x86_64".into() },
             labels: BTreeMap::new(),
         }
@@ -706,24 +700,24 @@ mod tests {
 
     #[test]
     fn upsert_requires_raft_membership() {
-        let mut s = state_with(&[1], &[]);
-        let r = s.apply(3, &Command::UpsertMember { spec: spec(2, "n2"), at_ms: 1 });
+        let mut s = state_with(&[NodeId(1)], &[]);
+        let r = s.apply(3, &Command::UpsertMember { spec: spec(NodeId(2), "n2"), at_ms: 1 });
         assert!(matches!(r, Response::Rejected { .. }), "{r:?}");
         assert!(s.members.is_empty());
-        assert_eq!(s.apply(4, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 1 }), Response::Ok);
-        assert_eq!(s.members[&1].spec.name, "n1");
-        assert_eq!(s.members[&1].health, Health::Alive);
+        assert_eq!(s.apply(4, &Command::UpsertMember { spec: spec(NodeId(1), "n1"), at_ms: 1 }), Response::Ok);
+        assert_eq!(s.members[&NodeId(1)].spec.name, "n1");
+        assert_eq!(s.members[&NodeId(1)].health, Health::Alive);
     }
 
     #[test]
     fn upsert_updates_spec_but_keeps_health_and_registration_time() {
-        let mut s = state_with(&[1], &[]);
-        s.apply(1, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 10 });
-        s.apply(2, &Command::SetHealth { id: 1, health: Health::Suspect, at_ms: 20 });
-        let mut changed = spec(1, "n1");
+        let mut s = state_with(&[NodeId(1)], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(NodeId(1), "n1"), at_ms: 10 });
+        s.apply(2, &Command::SetHealth { id: NodeId(1), health: Health::Suspect, at_ms: 20 });
+        let mut changed = spec(NodeId(1), "n1");
         changed.facts.cpus = 8;
         s.apply(3, &Command::UpsertMember { spec: changed, at_ms: 30 });
-        let m = &s.members[&1];
+        let m = &s.members[&NodeId(1)];
         assert_eq!(m.spec.facts.cpus, 8);
         assert_eq!(m.health, Health::Suspect);
         assert_eq!(m.health_since_ms, 20);
@@ -732,34 +726,34 @@ mod tests {
 
     #[test]
     fn duplicate_names_are_refused() {
-        let mut s = state_with(&[1, 2], &[]);
-        s.apply(1, &Command::UpsertMember { spec: spec(1, "same"), at_ms: 0 });
-        let r = s.apply(2, &Command::UpsertMember { spec: spec(2, "same"), at_ms: 0 });
+        let mut s = state_with(&[NodeId(1), NodeId(2)], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(NodeId(1), "same"), at_ms: 0 });
+        let r = s.apply(2, &Command::UpsertMember { spec: spec(NodeId(2), "same"), at_ms: 0 });
         assert!(matches!(r, Response::Rejected { ref reason } if reason.contains("already used")), "{r:?}");
         assert_eq!(s.members.len(), 1);
     }
 
     #[test]
     fn membership_change_drops_records_of_removed_nodes() {
-        let mut s = state_with(&[1, 2, 3], &[4]);
+        let mut s = state_with(&[NodeId(1), NodeId(2), NodeId(3)], &[NodeId(4)]);
         for id in 1..=4 {
-            s.apply(id, &Command::UpsertMember { spec: spec(id, &format!("n{id}")), at_ms: 0 });
+            s.apply(id, &Command::UpsertMember { spec: spec(NodeId(id), &format!("n{}", id)), at_ms: 0 });
         }
         assert_eq!(s.members.len(), 4);
-        s.apply_membership([1, 2, 4].into(), BTreeSet::new());
-        assert_eq!(s.members.keys().copied().collect::<Vec<_>>(), vec![1, 2, 4]);
-        assert_eq!(s.voters, [1, 2, 4].into());
+        s.apply_membership([NodeId(1), NodeId(2), NodeId(4)].into(), BTreeSet::new());
+        assert_eq!(s.members.keys().copied().collect::<Vec<_>>(), vec![NodeId(1), NodeId(2), NodeId(4)]);
+        assert_eq!(s.voters, [NodeId(1), NodeId(2), NodeId(4)].into());
         assert!(s.learners.is_empty());
     }
 
     #[test]
     fn set_health_records_transition_time_only_on_change() {
-        let mut s = state_with(&[1], &[]);
-        s.apply(1, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 0 });
-        s.apply(2, &Command::SetHealth { id: 1, health: Health::Failed, at_ms: 100 });
-        s.apply(3, &Command::SetHealth { id: 1, health: Health::Failed, at_ms: 200 });
-        assert_eq!(s.members[&1].health_since_ms, 100);
-        let r = s.apply(4, &Command::SetHealth { id: 9, health: Health::Failed, at_ms: 200 });
+        let mut s = state_with(&[NodeId(1)], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(NodeId(1), "n1"), at_ms: 0 });
+        s.apply(2, &Command::SetHealth { id: NodeId(1), health: Health::Failed, at_ms: 100 });
+        s.apply(3, &Command::SetHealth { id: NodeId(1), health: Health::Failed, at_ms: 200 });
+        assert_eq!(s.members[&NodeId(1)].health_since_ms, 100);
+        let r = s.apply(4, &Command::SetHealth { id: NodeId(9), health: Health::Failed, at_ms: 200 });
         assert!(matches!(r, Response::Rejected { .. }));
     }
 
@@ -814,41 +808,41 @@ mod tests {
 
     #[test]
     fn mesh_addresses_are_unique() {
-        let mut s = state_with(&[1, 2], &[]);
-        s.apply(1, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 0 });
-        s.apply(2, &Command::UpsertMember { spec: spec(2, "n2"), at_ms: 0 });
+        let mut s = state_with(&[NodeId(1), NodeId(2)], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(NodeId(1), "n1"), at_ms: 0 });
+        s.apply(2, &Command::UpsertMember { spec: spec(NodeId(2), "n2"), at_ms: 0 });
         let ip: Ipv4Addr = "10.90.0.1".parse().unwrap();
-        assert_eq!(s.apply(3, &Command::AssignMeshIp { id: 1, ip }), Response::Ok);
-        let r = s.apply(4, &Command::AssignMeshIp { id: 2, ip });
+        assert_eq!(s.apply(3, &Command::AssignMeshIp { id: NodeId(1), ip }), Response::Ok);
+        let r = s.apply(4, &Command::AssignMeshIp { id: NodeId(2), ip });
         assert!(matches!(r, Response::Rejected { .. }), "{r:?}");
-        assert_eq!(s.members[&2].mesh_ip, None);
+        assert_eq!(s.members[&NodeId(2)].mesh_ip, None);
         // Re-assigning a member its own address is fine.
-        assert_eq!(s.apply(5, &Command::AssignMeshIp { id: 1, ip }), Response::Ok);
+        assert_eq!(s.apply(5, &Command::AssignMeshIp { id: NodeId(1), ip }), Response::Ok);
     }
 
     #[test]
     fn roles_name_members_only_and_follow_membership() {
-        let mut s = state_with(&[1, 2, 3], &[]);
+        let mut s = state_with(&[NodeId(1), NodeId(2), NodeId(3)], &[]);
         for id in 1..=3 {
-            s.apply(id, &Command::UpsertMember { spec: spec(id, &format!("n{id}")), at_ms: 0 });
+            s.apply(id, &Command::UpsertMember { spec: spec(NodeId(id), &format!("n{}", id)), at_ms: 0 });
         }
         let roles = RoleAssignments {
-            slurm_controller: Some(1),
-            slurm_backup: Some(2),
-            slurm_workers: [1, 2, 3].into(),
-            k3s_server: Some(3),
-            k3s_agents: [1, 2].into(),
+            slurm_controller: Some(NodeId(1)),
+            slurm_backup: Some(NodeId(2)),
+            slurm_workers: [NodeId(1), NodeId(2), NodeId(3)].into(),
+            k3s_server: Some(NodeId(3)),
+            k3s_agents: [NodeId(1), NodeId(2)].into(),
         };
         assert_eq!(s.apply(4, &Command::SetRoles { roles: roles.clone() }), Response::Ok);
-        let bad = RoleAssignments { slurm_controller: Some(9), ..roles.clone() };
+        let bad = RoleAssignments { slurm_controller: Some(NodeId(9)), ..roles.clone() };
         assert!(matches!(s.apply(5, &Command::SetRoles { roles: bad }), Response::Rejected { .. }));
         assert_eq!(s.roles, roles);
         // Node 2 leaves Raft: it loses every role.
-        s.apply_membership([1, 3].into(), BTreeSet::new());
+        s.apply_membership([NodeId(1), NodeId(3)].into(), BTreeSet::new());
         assert_eq!(s.roles.slurm_backup, None);
-        assert_eq!(s.roles.slurm_workers, [1, 3].into());
-        assert_eq!(s.roles.k3s_agents, [1].into());
-        assert_eq!(s.roles.slurm_controller, Some(1));
+        assert_eq!(s.roles.slurm_workers, [NodeId(1), NodeId(3)].into());
+        assert_eq!(s.roles.k3s_agents, [NodeId(1)].into());
+        assert_eq!(s.roles.slurm_controller, Some(NodeId(1)));
     }
 
     #[test]
@@ -864,35 +858,35 @@ mod tests {
 
     #[test]
     fn only_the_slurm_controller_publishes_its_state() {
-        let mut s = state_with(&[1, 2], &[]);
+        let mut s = state_with(&[NodeId(1), NodeId(2)], &[]);
         let publish = |from| Command::SetSlurmState { from, digest: "d".into(), files: 3, bytes: 100, taken_at_ms: 5 };
-        assert!(matches!(s.apply(1, &publish(1)), Response::Rejected { .. }), "no controller assigned");
-        s.roles.slurm_controller = Some(1);
-        assert!(matches!(s.apply(2, &publish(2)), Response::Rejected { .. }), "node 2 is not the controller");
-        assert_eq!(s.apply(3, &publish(1)), Response::SlurmState { version: 1 });
-        assert_eq!(s.apply(4, &publish(1)), Response::SlurmState { version: 2 });
+        assert!(matches!(s.apply(1, &publish(NodeId(1))), Response::Rejected { .. }), "no controller assigned");
+        s.roles.slurm_controller = Some(NodeId(1));
+        assert!(matches!(s.apply(2, &publish(NodeId(2))), Response::Rejected { .. }), "node 2 is not the controller");
+        assert_eq!(s.apply(3, &publish(NodeId(1))), Response::SlurmState { version: 1 });
+        assert_eq!(s.apply(4, &publish(NodeId(1))), Response::SlurmState { version: 2 });
         let c = s.slurm_state.clone().unwrap();
-        assert_eq!((c.from, c.version, c.files), (1, 2, 3));
+        assert_eq!((c.from, c.version, c.files), (NodeId(1), 2, 3));
         assert_eq!(s.without_kv().slurm_state, None, "the services loop does not see copies");
     }
 
     #[test]
     fn slurm_takeover_swaps_controller_and_backup() {
-        let mut s = state_with(&[1, 2, 3], &[]);
-        s.roles.slurm_controller = Some(1);
-        s.roles.slurm_backup = Some(2);
-        assert!(matches!(s.apply(1, &Command::SlurmTakeover { id: 3 }), Response::Rejected { .. }));
-        assert!(matches!(s.apply(2, &Command::SlurmTakeover { id: 1 }), Response::Rejected { .. }));
-        assert_eq!(s.apply(3, &Command::SlurmTakeover { id: 2 }), Response::Ok);
-        assert_eq!((s.roles.slurm_controller, s.roles.slurm_backup), (Some(2), Some(1)));
+        let mut s = state_with(&[NodeId(1), NodeId(2), NodeId(3)], &[]);
+        s.roles.slurm_controller = Some(NodeId(1));
+        s.roles.slurm_backup = Some(NodeId(2));
+        assert!(matches!(s.apply(1, &Command::SlurmTakeover { id: NodeId(3) }), Response::Rejected { .. }));
+        assert!(matches!(s.apply(2, &Command::SlurmTakeover { id: NodeId(1) }), Response::Rejected { .. }));
+        assert_eq!(s.apply(3, &Command::SlurmTakeover { id: NodeId(2) }), Response::Ok);
+        assert_eq!((s.roles.slurm_controller, s.roles.slurm_backup), (Some(NodeId(2)), Some(NodeId(1))));
         // Replayed (a retry after a lost answer): node 2 is no longer the backup.
-        assert!(matches!(s.apply(4, &Command::SlurmTakeover { id: 2 }), Response::Rejected { .. }));
+        assert!(matches!(s.apply(4, &Command::SlurmTakeover { id: NodeId(2) }), Response::Rejected { .. }));
     }
 
     #[test]
     fn without_kv_keeps_everything_but_the_kv_space() {
-        let mut s = state_with(&[1], &[]);
-        s.apply(1, &Command::UpsertMember { spec: spec(1, "n1"), at_ms: 0 });
+        let mut s = state_with(&[NodeId(1)], &[]);
+        s.apply(1, &Command::UpsertMember { spec: spec(NodeId(1), "n1"), at_ms: 0 });
         s.apply(2, &Command::KvPut { key: "k".into(), value: "v".into() });
         let t = s.without_kv();
         assert!(t.kv.is_empty());

@@ -24,7 +24,6 @@ use super::{
 use crate::adapters::raft::{Snapshot, TypeConfig};
 use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
 use crate::core::membership::Pledge;
-use crate::core::state::hex_id;
 use crate::core::state::{NodeId, Response as CmdResponse};
 use crate::runtime::Agent;
 
@@ -79,7 +78,7 @@ type Shared = State<Arc<Agent>>;
 /// Raft RPCs name their target node; a node refuses RPCs meant for another id (the machine was
 /// reinstalled, or the address now belongs to another node).
 fn check_target(a: &Agent, target: &str) -> Result<(), ApiError> {
-    let me = hex_id(a.id());
+    let me = a.id().to_string();
     if target != me {
         return Err(ApiError::WrongNode(format!("this address now belongs to node {me}, not {target}")));
     }

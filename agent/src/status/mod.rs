@@ -5,8 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::core::state::Health;
-use crate::core::state::hex_id;
+use crate::core::state::{Health, NodeId};
 use crate::runtime::{Agent, Phase};
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -161,10 +160,10 @@ pub fn report(agent: &Agent) -> StatusReport {
             .collect::<Vec<_>>();
         (d.state.cluster_id.clone(), d.state.members.clone(), d.state.roles.clone(), secrets)
     });
-    let name_of = |id: u64| records.get(&id).map(|r| r.spec.name.clone());
-    let display_name = |id: u64| name_of(id).unwrap_or_else(|| hex_id(id));
-    let voters: Vec<u64> = membership.voter_ids().collect();
-    let learners: Vec<u64> = membership.learner_ids().collect();
+    let name_of = |id: NodeId| records.get(&id).map(|r| r.spec.name.clone());
+    let display_name = |id: NodeId| name_of(id).unwrap_or_else(|| id.to_string());
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    let learners: Vec<NodeId> = membership.learner_ids().collect();
     let last = m.last_log_index;
     let unreachable = agent.unreachable_followers(&m);
     let replication = m
@@ -174,7 +173,7 @@ pub fn report(agent: &Agent) -> StatusReport {
             r.iter()
                 .filter(|(id, _)| **id != agent.id())
                 .map(|(id, l)| ReplicationReport {
-                    id: hex_id(*id),
+                    id: id.to_string(),
                     name: name_of(*id),
                     matched_index: l.map(|l| l.index),
                     lag: last.map(|last| last.saturating_sub(l.map_or(0, |l| l.index))),
@@ -194,15 +193,15 @@ pub fn report(agent: &Agent) -> StatusReport {
     let raft = RaftReport {
         state: state.into(),
         term: m.current_term,
-        leader_id: m.current_leader.map(hex_id),
+        leader_id: m.current_leader.map(|i| i.to_string()),
         leader_name: m.current_leader.and_then(name_of),
         last_log_index: last,
         commit_index: agent.log.committed_index(),
         applied_index: m.last_applied.map(|l| l.index),
         snapshot_index: m.snapshot.map(|l| l.index),
         purged_index: m.purged.map(|l| l.index),
-        voters: voters.iter().map(|i| hex_id(*i)).collect(),
-        learners: learners.iter().map(|i| hex_id(*i)).collect(),
+        voters: voters.iter().map(|i| i.to_string()).collect(),
+        learners: learners.iter().map(|i| i.to_string()).collect(),
         replication,
     };
     let members = membership
@@ -210,7 +209,7 @@ pub fn report(agent: &Agent) -> StatusReport {
         .map(|(id, node)| {
             let rec = records.get(id);
             MemberReport {
-                id: hex_id(*id),
+                id: id.to_string(),
                 name: rec.map(|r| r.spec.name.clone()),
                 api_addr: rec.map_or_else(|| node.addr.clone(), |r| r.spec.api_addr.clone()),
                 raft_addr: node.addr.clone(),
@@ -227,7 +226,7 @@ pub fn report(agent: &Agent) -> StatusReport {
         .collect();
     StatusReport {
         node: NodeReport {
-            id: Some(hex_id(agent.id())),
+            id: Some(agent.id().to_string()),
             name: agent.identity.name.clone(),
             api_addr: Some(agent.api_addr.clone()),
             version: VERSION.into(),

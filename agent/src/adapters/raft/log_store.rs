@@ -13,6 +13,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::core::state::NodeId;
+
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
@@ -33,11 +35,11 @@ pub struct LogStore {
 #[error("{0}")]
 struct Msg(String);
 
-fn io_err<E: std::fmt::Display>(e: E) -> StorageIOError<u64> {
+fn io_err<E: std::fmt::Display>(e: E) -> StorageIOError<NodeId> {
     StorageIOError::write(&Msg(e.to_string()))
 }
 
-fn read_err<E: std::fmt::Display>(e: E) -> StorageIOError<u64> {
+fn read_err<E: std::fmt::Display>(e: E) -> StorageIOError<NodeId> {
     StorageIOError::read(&Msg(e.to_string()))
 }
 
@@ -71,7 +73,7 @@ impl LogStore {
         serde_json::from_slice::<Entry>(v.value()).map(|e| Some(e.log_id)).map_err(|e| err(&e))
     }
 
-    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageIOError<u64>> {
+    fn get_meta<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StorageIOError<NodeId>> {
         let txn = self.db.begin_read().map_err(read_err)?;
         let table = txn.open_table(META).map_err(read_err)?;
         match table.get(key).map_err(read_err)? {
@@ -85,7 +87,7 @@ impl LogStore {
         key: &'static str,
         value: &T,
         durable: bool,
-    ) -> Result<(), StorageIOError<u64>> {
+    ) -> Result<(), StorageIOError<NodeId>> {
         let bytes = serde_json::to_vec(value).map_err(io_err)?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {

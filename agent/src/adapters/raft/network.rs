@@ -83,7 +83,7 @@ impl PeerConnection {
     {
         // The target id is part of the (signed) path: a node that now holds another id at this
         // address (a reinstalled machine) refuses the RPC instead of acting as the old node.
-        let path = format!("{path}/{}", crate::core::state::hex_id(self.target));
+        let path = format!("{path}/{}", self.target);
         let r: Result<Resp, RaftError<NodeId, E>> =
             self.net.client.call(&self.addr, &path, req, timeout).await.map_err(to_rpc_error)?;
         self.net.contacts.record(self.target);
@@ -155,7 +155,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let data = String::from_utf8(*snapshot.snapshot)
             .map_err(|e| StreamingError::Network(NetworkError::new(&Msg(format!("snapshot is not UTF-8: {e}")))))?;
         let req = SnapshotRequest { vote, meta: snapshot.meta, data };
-        let path = format!("{}/{}", paths::RAFT_SNAPSHOT, crate::core::state::hex_id(self.target));
+        let path = format!("{}/{}", paths::RAFT_SNAPSHOT, self.target);
         let call = self.net.client.call::<_, Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
             &self.addr,
             &path,

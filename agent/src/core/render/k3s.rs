@@ -42,14 +42,14 @@ impl K3sConfig {
         }
         let server = s.roles.k3s_server.ok_or(RenderError::NoK3sServer)?;
         let ip_of = |id: NodeId| -> Result<Ipv4Addr, RenderError> {
-            let m = s.members.get(&id).ok_or_else(|| RenderError::UnknownMember(format!("{id:016x}")))?;
+            let m = s.members.get(&id).ok_or_else(|| RenderError::UnknownMember(format!("{id}")))?;
             m.mesh_ip.ok_or_else(|| RenderError::NoMeshAddress(m.spec.name.clone()))
         };
         let node_name = s
             .members
             .get(&me)
             .map(|m| m.spec.name.clone())
-            .ok_or_else(|| RenderError::UnknownMember(format!("{me:016x}")))?;
+            .ok_or_else(|| RenderError::UnknownMember(format!("{me}")))?;
         let server_url = if server == me { None } else { Some(format!("https://{}:6443", ip_of(server)?)) };
         Ok(K3sConfig { server_url, token: token.to_string(), node_ip: ip_of(me)?, node_name })
     }
@@ -83,7 +83,11 @@ mod tests {
         s.apply(
             20,
             &Command::SetRoles {
-                roles: RoleAssignments { k3s_server: Some(1), k3s_agents: [2, 3].into(), ..Default::default() },
+                roles: RoleAssignments {
+                    k3s_server: Some(NodeId(1)),
+                    k3s_agents: [NodeId(2), NodeId(3)].into(),
+                    ..Default::default()
+                },
             },
         );
         s
@@ -92,17 +96,19 @@ mod tests {
     #[test]
     fn server_and_agent_configs() {
         let s = state();
-        check_golden("k3s-server.yaml.golden", &K3sConfig::from_state(&s, 1, "tok\"en").unwrap().to_string());
-        check_golden("k3s-agent.yaml.golden", &K3sConfig::from_state(&s, 2, "tok\"en").unwrap().to_string());
+        check_golden("k3s-server.yaml.golden", &K3sConfig::from_state(&s, NodeId(1), "tok\"en").unwrap().to_string());
+        check_golden("k3s-agent.yaml.golden", &K3sConfig::from_state(&s, NodeId(2), "tok\"en").unwrap().to_string());
     }
 
     #[test]
     fn missing_inputs_are_named() {
         let s = state();
-        assert_eq!(K3sConfig::from_state(&s, 2, ""), Err(RenderError::NoK3sToken));
+        assert_eq!(K3sConfig::from_state(&s, NodeId(2), ""), Err(RenderError::NoK3sToken));
         let mut s2 = s.clone();
         s2.roles.k3s_server = None;
-        assert_eq!(K3sConfig::from_state(&s2, 2, "t"), Err(RenderError::NoK3sServer));
-        assert!(!format!("{:?}", K3sConfig::from_state(&s, 2, "secret-token").unwrap()).contains("secret-token"));
+        assert_eq!(K3sConfig::from_state(&s2, NodeId(2), "t"), Err(RenderError::NoK3sServer));
+        assert!(
+            !format!("{:?}", K3sConfig::from_state(&s, NodeId(2), "secret-token").unwrap()).contains("secret-token")
+        );
     }
 }

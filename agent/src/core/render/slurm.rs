@@ -42,7 +42,7 @@ impl SlurmConf {
     /// assignments, addresses on the mesh, CPUs and memory as each node reported them.
     pub fn from_state(s: &ClusterState) -> Result<SlurmConf, RenderError> {
         let host = |id: NodeId| -> Result<(String, Ipv4Addr), RenderError> {
-            let m = s.members.get(&id).ok_or_else(|| RenderError::UnknownMember(format!("{id:016x}")))?;
+            let m = s.members.get(&id).ok_or_else(|| RenderError::UnknownMember(format!("{id}")))?;
             if !valid_name(&m.spec.name) {
                 return Err(RenderError::BadNodeName(m.spec.name.clone()));
             }
@@ -134,13 +134,13 @@ pub(crate) mod tests {
 
     pub(crate) fn three_node_state() -> ClusterState {
         let mut s = ClusterState::default();
-        s.apply_membership([1, 2, 3].into(), BTreeSet::new());
+        s.apply_membership([NodeId(1), NodeId(2), NodeId(3)].into(), BTreeSet::new());
         for id in 1..=3u64 {
             let spec = MemberSpec {
-                id,
-                name: format!("node{id}"),
+                id: NodeId(id),
+                name: format!("node{}", id),
                 api_addr: format!("10.77.0.{}:7600", 10 + id),
-                wg_public_key: format!("K{id}"),
+                wg_public_key: format!("K{}", id),
                 facts: NodeFacts {
                     cpus: id as u32,
                     memory_mb: 1000 * id,
@@ -150,7 +150,7 @@ pub(crate) mod tests {
                 labels: BTreeMap::new(),
             };
             s.apply(id, &Command::UpsertMember { spec, at_ms: 0 });
-            s.apply(10 + id, &Command::AssignMeshIp { id, ip: format!("10.90.0.{id}").parse().unwrap() });
+            s.apply(10 + id, &Command::AssignMeshIp { id: NodeId(id), ip: format!("10.90.0.{}", id).parse().unwrap() });
         }
         s
     }
@@ -162,9 +162,9 @@ pub(crate) mod tests {
             20,
             &Command::SetRoles {
                 roles: RoleAssignments {
-                    slurm_controller: Some(2),
-                    slurm_backup: Some(1),
-                    slurm_workers: [1, 2, 3].into(),
+                    slurm_controller: Some(NodeId(2)),
+                    slurm_backup: Some(NodeId(1)),
+                    slurm_workers: [NodeId(1), NodeId(2), NodeId(3)].into(),
                     ..Default::default()
                 },
             },
@@ -181,13 +181,13 @@ pub(crate) mod tests {
     #[test]
     fn members_without_mesh_address_are_not_rendered() {
         let mut s = three_node_state();
-        s.members.get_mut(&3).unwrap().mesh_ip = None;
+        s.members.get_mut(&NodeId(3)).unwrap().mesh_ip = None;
         s.apply(
             20,
             &Command::SetRoles {
                 roles: RoleAssignments {
-                    slurm_controller: Some(1),
-                    slurm_workers: [1, 3].into(),
+                    slurm_controller: Some(NodeId(1)),
+                    slurm_workers: [NodeId(1), NodeId(3)].into(),
                     ..Default::default()
                 },
             },
