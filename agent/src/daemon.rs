@@ -11,11 +11,12 @@ use anyhow::{Context, Result};
 use sd_notify::NotifyState;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::adapters::identity::Identity;
 use crate::core::config::{Config, SECRET_HOWTO};
-use crate::runtime::{Agent, Phase, RunEnd, StartError, wipe_membership_state};
+use crate::runtime::driver::{Action, Backoff, LoopError, Reconciler, Triggers, Wake};
+use crate::runtime::{Node, Phase, RunEnd, StartError, wipe_membership_state};
 use crate::server::local::LocalState;
 
 fn notify(states: &[NotifyState]) {
@@ -119,7 +120,7 @@ async fn serve_problems_quietly(
     Ok(())
 }
 
-fn status_line(agent: &Agent) -> String {
+fn status_line(agent: &Node) -> String {
     let p = agent.progress();
     if p.phase != Phase::Member {
         return format!("{}: {}", p.phase, p.detail);
@@ -164,7 +165,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
     let mut signal = Box::pin(shutdown_signal());
     // Without an address other nodes can dial there is nothing to start yet: say so in `status`
     // and look again every 10 s (the network may still be coming up).
-    while let Err(e) = crate::runtime::resolve_advertise(&cfg) {
+    while let Err(e) = crate::adapters::host::resolve_advertise(&cfg) {
         let problem = format!(
             "cannot work out this node's address ({e}): set advertise_addr in /etc/clusteros/agent.toml, or give the node a default route or a join address"
         );
@@ -191,7 +192,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
                 Err(e) => storage_problem(&cfg, &e),
                 Ok(()) => {
                     let opened = match Identity::load_or_create(&cfg.state_dir, &name) {
-                        Ok(identity) => Agent::open(cfg.clone(), identity, &secret, extra_join.clone())
+                        Ok(identity) => Node::open(cfg.clone(), identity, &secret, extra_join.clone())
                             .await
                             .map_err(|e| (e.is_storage(), e.to_string())),
                         Err(e) => Err((true, e.to_string())),
@@ -241,20 +242,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             None => tokio::spawn(async {}),
         };
         let local_task = spawn_local(bind_socket(&cfg.socket_path)?, LocalState::Running(agent.clone()), stop_rx);
-        let formation = tokio::spawn({
-            let a = agent.clone();
-            async move {
-                a.clone().run_formation().await;
-                if a.progress().phase == Phase::Member {
-                    a.run_member().await;
-                }
-            }
-        });
-        let leader = tokio::spawn(agent.clone().run_leader());
-        let elections = tokio::spawn(agent.clone().run_elections());
-        let services = tokio::spawn(agent.clone().run_services());
-        let mesh = tokio::spawn(agent.clone().run_mesh());
-        let slurm_state = tokio::spawn(agent.clone().run_slurm_state());
+        let loops = crate::runtime::start(&agent);
         notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&agent))]);
 
         let mut end = agent.end_signal();
@@ -280,18 +268,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         if let Err(e) = agent.raft.shutdown().await {
             warn!("Raft shutdown: {e}");
         }
-        for mut t in [
-            formation,
-            leader,
-            elections,
-            services,
-            mesh,
-            slurm_state,
-            peer_task,
-            mesh_peer_task,
-            metrics_task,
-            local_task,
-        ] {
+        for mut t in loops.into_iter().chain([peer_task, mesh_peer_task, metrics_task, local_task]) {
             if tokio::time::timeout(Duration::from_secs(10), &mut t).await.is_err() {
                 t.abort();
                 let _ = t.await;
@@ -386,7 +363,7 @@ fn fatal_message(cfg: &Config, why: &str) -> String {
 }
 
 /// Resolves with the reason once Raft has stopped on a fatal error (a storage write failed).
-async fn raft_fatal(agent: &Agent) -> String {
+async fn raft_fatal(agent: &Node) -> String {
     let mut rx = agent.raft.metrics();
     loop {
         // The guard is dropped before the await.
@@ -435,39 +412,42 @@ async fn wait_with_problem(
 /// When the peer API listens on one specific address (not 0.0.0.0), it also has to answer on the
 /// node's mesh address for Raft to move onto the mesh: bind a second listener there once the
 /// leader has assigned the address and the kernel has it (wg0 is up), and serve the same router.
-async fn serve_on_mesh(agent: Arc<Agent>, stop: watch::Receiver<bool>) {
-    let port = agent.cfg.listen_addr.port();
+async fn serve_on_mesh(agent: Arc<Node>, stop: watch::Receiver<bool>) {
     if agent.cfg.listen_addr.ip().is_unspecified() {
         return;
     }
-    let mut end = agent.end_signal();
-    let mut changes = agent.state.subscribe();
-    let mut last_error = None;
-    let listener = loop {
-        if end.borrow().is_some() {
-            return;
-        }
-        if let Some(ip) = agent.state.read(|d| d.state.members.get(&agent.id()).and_then(|m| m.mesh_ip)) {
-            let addr = SocketAddr::new(ip.into(), port);
-            match TcpListener::bind(addr).await {
-                Ok(l) => {
-                    info!(node_id = %agent.id(), addr = %addr, "peer API also listening on the mesh address");
-                    break l;
-                }
-                Err(e) => {
-                    let msg = e.to_string();
-                    if last_error.as_ref() != Some(&msg) {
-                        debug!(addr = %addr, "mesh address not bindable yet: {msg}");
-                        last_error = Some(msg);
-                    }
-                }
-            }
-        }
-        crate::runtime::next_wake(&mut changes, &mut end, Duration::from_secs(5)).await;
-    };
+    let bound = crate::runtime::driver::run(agent.clone(), MeshListener::default()).await;
+    // None: the run ended first.
+    let Some(listener) = bound.listener else { return };
     agent.set_mesh_listening();
     let app = crate::server::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
         error!("peer API (mesh) server failed: {e}");
+    }
+}
+
+/// Binds the peer API's listener on this node's mesh address once it can (on every applied
+/// change and every 5 s); done when bound.
+#[derive(Default)]
+struct MeshListener {
+    listener: Option<TcpListener>,
+}
+
+impl Reconciler for MeshListener {
+    const NAME: &'static str = "mesh-listener";
+    const TRIGGERS: Triggers = Triggers { state: true, nudge: false };
+    const BACKOFF: Backoff = Backoff { first: Duration::from_secs(1), max: Duration::from_secs(5) };
+
+    async fn reconcile(&mut self, agent: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {
+        let Some(ip) = agent.state.read(|d| d.state.members.get(&agent.id()).and_then(|m| m.mesh_ip)) else {
+            return Ok(Action::After(Duration::from_secs(5)));
+        };
+        let addr = SocketAddr::new(ip.into(), agent.cfg.listen_addr.port());
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| LoopError::debug(format!("mesh address {addr} not bindable yet: {e}")))?;
+        info!(node_id = %agent.id(), addr = %addr, "peer API also listening on the mesh address");
+        self.listener = Some(l);
+        Ok(Action::Done)
     }
 }

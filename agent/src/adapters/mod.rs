@@ -3,7 +3,9 @@
 //! they observe; they make no cluster decisions of their own.
 
 pub mod files;
+pub mod host;
 pub mod identity;
+pub mod mesh;
 pub mod peers;
 pub mod pledge;
 pub mod raft;

@@ -5,9 +5,7 @@
 //! before the job is queued, match the job path, bound the wait with a timeout, and then read the
 //! unit's `ActiveState` (a `done` job does not mean a `Type=simple` service is still running).
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -165,63 +163,74 @@ impl Systemd for DbusSystemd {
     }
 }
 
-/// A systemd that records what it is asked and keeps unit states in memory, for unit tests.
-#[derive(Clone, Default)]
-pub struct FakeSystemd {
-    pub calls: Arc<Mutex<Vec<String>>>,
-    pub units: Arc<Mutex<BTreeMap<String, UnitStatus>>>,
-    /// Units whose start fails.
-    pub broken: Arc<Mutex<BTreeSet<String>>>,
-}
+#[cfg(any(test, feature = "testing"))]
+pub use fake::FakeSystemd;
 
-impl FakeSystemd {
-    /// A fake that knows these units, all inactive.
-    pub fn with_units(units: &[&str]) -> FakeSystemd {
-        let f = FakeSystemd::default();
-        for u in units {
-            f.set(u, "inactive");
+#[cfg(any(test, feature = "testing"))]
+mod fake {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::{Arc, Mutex};
+
+    use super::{Systemd, SystemdError, UnitAction, UnitStatus};
+
+    /// A systemd that records what it is asked and keeps unit states in memory, for unit tests.
+    #[derive(Clone, Default)]
+    pub struct FakeSystemd {
+        pub calls: Arc<Mutex<Vec<String>>>,
+        pub units: Arc<Mutex<BTreeMap<String, UnitStatus>>>,
+        /// Units whose start fails.
+        pub broken: Arc<Mutex<BTreeSet<String>>>,
+    }
+
+    impl FakeSystemd {
+        /// A fake that knows these units, all inactive.
+        pub fn with_units(units: &[&str]) -> FakeSystemd {
+            let f = FakeSystemd::default();
+            for u in units {
+                f.set(u, "inactive");
+            }
+            f
         }
-        f
-    }
 
-    pub fn set(&self, unit: &str, active_state: &str) {
-        self.units.lock().unwrap().insert(
-            unit.into(),
-            UnitStatus {
-                unit: unit.into(),
-                load_state: "loaded".into(),
-                active_state: active_state.into(),
-                sub_state: if active_state == "active" { "running".into() } else { "dead".into() },
-                result: Some("success".into()),
-            },
-        );
-    }
-
-    /// The recorded calls, drained.
-    pub fn take_calls(&self) -> Vec<String> {
-        std::mem::take(&mut *self.calls.lock().unwrap())
-    }
-}
-
-impl Systemd for FakeSystemd {
-    async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {
-        self.units.lock().unwrap().get(unit).cloned().ok_or_else(|| SystemdError::NotFound(unit.into()))
-    }
-
-    async fn run(&self, unit: &str, action: UnitAction) -> Result<UnitStatus, SystemdError> {
-        self.calls.lock().unwrap().push(format!("{action} {unit}"));
-        self.status(unit).await?;
-        if action != UnitAction::Stop && self.broken.lock().unwrap().contains(unit) {
-            self.set(unit, "failed");
-            return Err(SystemdError::Failed {
-                unit: unit.into(),
-                action,
-                job_result: "failed".into(),
-                active_state: "failed".into(),
-                result: "exit-code".into(),
-            });
+        pub fn set(&self, unit: &str, active_state: &str) {
+            self.units.lock().unwrap().insert(
+                unit.into(),
+                UnitStatus {
+                    unit: unit.into(),
+                    load_state: "loaded".into(),
+                    active_state: active_state.into(),
+                    sub_state: if active_state == "active" { "running".into() } else { "dead".into() },
+                    result: Some("success".into()),
+                },
+            );
         }
-        self.set(unit, if action == UnitAction::Stop { "inactive" } else { "active" });
-        self.status(unit).await
+
+        /// The recorded calls, drained.
+        pub fn take_calls(&self) -> Vec<String> {
+            std::mem::take(&mut *self.calls.lock().unwrap())
+        }
+    }
+
+    impl Systemd for FakeSystemd {
+        async fn status(&self, unit: &str) -> Result<UnitStatus, SystemdError> {
+            self.units.lock().unwrap().get(unit).cloned().ok_or_else(|| SystemdError::NotFound(unit.into()))
+        }
+
+        async fn run(&self, unit: &str, action: UnitAction) -> Result<UnitStatus, SystemdError> {
+            self.calls.lock().unwrap().push(format!("{action} {unit}"));
+            self.status(unit).await?;
+            if action != UnitAction::Stop && self.broken.lock().unwrap().contains(unit) {
+                self.set(unit, "failed");
+                return Err(SystemdError::Failed {
+                    unit: unit.into(),
+                    action,
+                    job_result: "failed".into(),
+                    active_state: "failed".into(),
+                    result: "exit-code".into(),
+                });
+            }
+            self.set(unit, if action == UnitAction::Stop { "inactive" } else { "active" });
+            self.status(unit).await
+        }
     }
 }

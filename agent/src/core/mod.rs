@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod config;
 pub mod ids;
+pub mod leader;
 pub mod membership;
 pub mod mesh;
 pub mod render;

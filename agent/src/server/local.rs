@@ -7,20 +7,21 @@ use axum::extract::State;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 
-use super::{ApiError, CasBody, Empty, GetBody, JoinBody, KeyBody, PutBody, ReadResponse, RotateBody, RotateResponse};
+use super::ApiError;
 use crate::core::state::{Command, Response, validate_kv};
-use crate::runtime::Agent;
+use crate::proto::{CasBody, Empty, GetBody, JoinBody, KeyBody, PutBody, ReadResponse, RotateBody, RotateResponse};
+use crate::runtime::Node;
 use crate::status::{self, StatusReport};
 
 /// What the socket serves: a running agent, or one that cannot run yet and says why.
 #[derive(Clone)]
 pub enum LocalState {
-    Running(Arc<Agent>),
+    Running(Arc<Node>),
     Unconfigured { name: String, problems: Vec<String> },
 }
 
 impl LocalState {
-    fn agent(&self) -> Result<&Arc<Agent>, ApiError> {
+    fn agent(&self) -> Result<&Arc<Node>, ApiError> {
         match self {
             LocalState::Running(a) => Ok(a),
             LocalState::Unconfigured { problems, .. } => Err(ApiError::NotConfigured(problems.join("; "))),

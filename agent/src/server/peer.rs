@@ -17,15 +17,16 @@ use openraft::error::{Fatal, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use tracing::warn;
 
-use super::{
-    ApiError, Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
-    PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
-};
+use super::ApiError;
 use crate::adapters::raft::{Snapshot, TypeConfig};
 use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
 use crate::core::membership::Pledge;
 use crate::core::state::{NodeId, Response as CmdResponse};
-use crate::runtime::Agent;
+use crate::proto::{
+    Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse, PreVoteRequest,
+    PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
+};
+use crate::runtime::Node;
 
 /// Largest accepted peer request (snapshots and log batches included).
 pub const MAX_BODY: usize = 256 * 1024 * 1024;
@@ -73,11 +74,11 @@ async fn authenticate(State(auth): State<Arc<AuthState>>, req: Request, next: Ne
     Response::from_parts(parts, Body::from(bytes))
 }
 
-type Shared = State<Arc<Agent>>;
+type Shared = State<Arc<Node>>;
 
 /// Raft RPCs name their target node; a node refuses RPCs meant for another id (the machine was
 /// reinstalled, or the address now belongs to another node).
-fn check_target(a: &Agent, target: &str) -> Result<(), ApiError> {
+fn check_target(a: &Node, target: &str) -> Result<(), ApiError> {
     let me = a.id().to_string();
     if target != me {
         return Err(ApiError::WrongNode(format!("this address now belongs to node {me}, not {target}")));
@@ -178,7 +179,7 @@ async fn read(State(a): Shared, Json(req): Json<ReadRequest>) -> Result<Json<Rea
 }
 
 /// The peer router, authenticated with the agent's cluster key.
-pub fn router(agent: Arc<Agent>) -> Router {
+pub fn router(agent: Arc<Node>) -> Router {
     let auth = Arc::new(AuthState { key: agent.key.clone(), guard: ReplayGuard::default() });
     Router::new()
         .route(&format!("{}/{{target}}", paths::RAFT_APPEND), post(append))

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::core::state::{Health, NodeId};
-use crate::runtime::{Agent, Phase};
+use crate::runtime::{Node, Phase};
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct NodeReport {
@@ -26,7 +26,7 @@ pub struct ReplicationReport {
     /// Since the leader's last successful Raft RPC with it (ms); None: none in this term.
     #[serde(default)]
     pub last_contact_ms: Option<u64>,
-    /// It answered within the shortest election timeout (see [`Agent::unreachable_followers`]).
+    /// It answered within the shortest election timeout (see [`Node::unreachable_followers`]).
     #[serde(default = "yes")]
     pub reachable: bool,
 }
@@ -147,7 +147,7 @@ pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
     }
 }
 
-pub fn report(agent: &Agent) -> StatusReport {
+pub fn report(agent: &Node) -> StatusReport {
     let m = agent.metrics();
     let progress = agent.progress();
     let membership = m.membership_config.membership().clone();

@@ -39,7 +39,7 @@ pub fn raft_config(t: &RaftTuning) -> Result<Arc<openraft::Config>, openraft::Co
         cluster_name: "clusteros".into(),
         heartbeat_interval: t.heartbeat_ms,
         // Elections are started by the agent after a pre-vote (openraft 0.9 has none; see
-        // `Agent::run_elections`), never by openraft's own timer. openraft still uses its
+        // `Node::run_elections`), never by openraft's own timer. openraft still uses its
         // election timeout as the leader lease: a voter that heard from a leader less than that
         // long ago refuses to vote. The lease is the shortest election timeout, the same span
         // a pre-vote responder requires, so an election granted by pre-vote is not refused.

@@ -1,0 +1,50 @@
+//! Facts about the host this agent runs on: its CPUs, memory and kernel, and the address other
+//! nodes reach it at.
+
+use std::net::SocketAddr;
+
+use crate::core::config::Config;
+use crate::core::state::NodeFacts;
+
+/// The address other nodes reach this node at: the configured one, the listen address if it is
+/// specific, or the source address the kernel picks towards the first join address.
+pub fn resolve_advertise(cfg: &Config) -> Result<SocketAddr, String> {
+    if let Some(a) = cfg.advertise_addr {
+        return Ok(a);
+    }
+    if !cfg.listen_addr.ip().is_unspecified() {
+        return Ok(cfg.listen_addr);
+    }
+    let port = cfg.listen_addr.port();
+    // connect() on a UDP socket sends nothing; it only asks the kernel for a route and source.
+    let probe = |target: SocketAddr| -> Option<SocketAddr> {
+        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
+        sock.connect(target).ok()?;
+        sock.local_addr().ok().map(|a| SocketAddr::new(a.ip(), port))
+    };
+    for j in &cfg.join {
+        use std::net::ToSocketAddrs;
+        if let Some(a) = j.to_socket_addrs().ok().and_then(|mut it| it.next()).and_then(probe) {
+            return Ok(a);
+        }
+    }
+    // No join address: the address of the default route (TEST-NET-1; nothing is sent).
+    probe("192.0.2.1:9".parse().expect("valid")).ok_or_else(|| "no join address and no default route".into())
+}
+
+/// Reads this machine's facts (CPUs, memory, kernel).
+pub fn read_facts() -> NodeFacts {
+    let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let memory_mb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb / 1024);
+    let kernel =
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    NodeFacts { cpus, memory_mb, kernel, arch: std::env::consts::ARCH.to_string() }
+}

@@ -1,0 +1,480 @@
+//! The running node: the [`Node`] context every loop shares (configuration, identity, Raft, the
+//! peer client, what the loops last reported), and the loops themselves, each a
+//! [`driver::Reconciler`] run by the one [`driver`]. Decisions are made by the pure functions in
+//! [`crate::core`]; this module gathers their inputs and carries them out through the
+//! [`crate::adapters`].
+//!
+//! Must not: decide cluster policy inline (put it in `core` with a table test), or reach the
+//! servers above it (`server` calls in here, never the other way).
+
+pub mod driver;
+mod elections;
+mod error;
+mod formation;
+mod forward;
+mod leader;
+mod member;
+mod mesh;
+mod services;
+mod slurm;
+mod transport;
+
+pub use error::ApiError;
+pub use mesh::{MeshPeerReport, MeshReport};
+pub use slurm::SlurmStateReport;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::ServerState;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tracing::info;
+
+use crate::adapters::identity::Identity;
+use crate::adapters::peers::PeerClient;
+use crate::adapters::raft::log_store::LogStore;
+use crate::adapters::raft::network::{ContactTracker, Network};
+use crate::adapters::raft::state_machine::{StateHandle, StateMachineStore};
+use crate::adapters::raft::{Raft, RaftMetrics, raft_config};
+use crate::core::auth::ClusterKey;
+use crate::core::config::Config;
+use crate::core::membership::{self, Pledge};
+use crate::core::state::{MemberSpec, NodeFacts, NodeId};
+use crate::proto::Candidate;
+
+use crate::adapters::host::{read_facts, resolve_advertise};
+use formation::Discovered;
+
+pub const LEFT_MARKER: &str = "left";
+pub const RAFT_DIR: &str = "raft";
+
+/// Where the agent is in its life cycle.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Looking for the other `bootstrap_expect` nodes.
+    Discovering,
+    /// Asking a running cluster to admit this node.
+    Joining,
+    /// Part of the cluster (voter or learner).
+    Member,
+    /// Left the cluster with `clusteros leave`; waits for `clusteros join`.
+    Left,
+    /// Nothing to do: no join address and no `bootstrap_expect`.
+    Idle,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Discovering => "discovering",
+            Phase::Joining => "joining",
+            Phase::Member => "member",
+            Phase::Left => "left",
+            Phase::Idle => "idle",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub phase: Phase,
+    /// One line for people: what the agent waits for.
+    pub detail: String,
+    /// The last problem met while forming or joining, with what to do.
+    pub last_error: Option<String>,
+}
+
+/// Why an agent run ended and what the next one does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunEnd {
+    /// Shut down (signal).
+    Shutdown,
+    /// Left the cluster: wipe Raft state, take a new node id, wait for `clusteros join`.
+    Left,
+    /// Removed by the cluster while away: wipe Raft state, take a new node id, join again via these.
+    Rejoin { via: Vec<String> },
+    /// Raft stopped on an error it cannot recover from (a storage write failed: disk full,
+    /// read-only file system, I/O error). The process exits so that systemd starts it again.
+    Fatal(String),
+}
+
+struct LeaderState {
+    term: u64,
+    since: Instant,
+    /// When the leader last probed members' mesh addresses.
+    transport_probe: Option<Instant>,
+}
+
+pub struct Node {
+    pub cfg: Config,
+    pub identity: Identity,
+    pub api_addr: String,
+    pub raft: Raft,
+    pub state: StateHandle,
+    pub log: LogStore,
+    pub client: PeerClient,
+    pub contacts: ContactTracker,
+    /// When each leader's AppendEntries (replication or heartbeat) last reached this node.
+    pub heard_from_leader: ContactTracker,
+    pub facts: NodeFacts,
+    pub key: ClusterKey,
+    pub secret_box: crate::core::secrets::SecretBox,
+    /// The last services reconcile, for status.
+    pub services: Mutex<Option<crate::services::ServiceReport>>,
+    /// The last mesh reconcile, for status.
+    pub mesh: Mutex<Option<MeshReport>>,
+    /// The last round of SLURM state replication, for status.
+    pub slurm_state: Mutex<Option<SlurmStateReport>>,
+    /// On the SLURM controller: the newest sealed copy of its state directory, for the backup.
+    pub slurm_copy: Mutex<Option<Arc<crate::proto::SlurmStateBlob>>>,
+    /// wg0 has this node's mesh address and its peers (set by the mesh loop).
+    mesh_wg: std::sync::atomic::AtomicBool,
+    /// The extra peer listener on the mesh address is bound (only with a specific listen address;
+    /// a 0.0.0.0 listener covers the mesh address already).
+    mesh_listener: std::sync::atomic::AtomicBool,
+    progress: Mutex<Progress>,
+    /// Candidates of discovery, with what they reported.
+    discovered: Mutex<BTreeMap<NodeId, Discovered>>,
+    /// Discovery rounds of this run (views carry the round whose hello they answer).
+    discovery_rounds: AtomicU64,
+    /// The formation pledge this node holds (bootstrap_expect).
+    pledges: crate::adapters::pledge::PledgeStore,
+    /// Held while pledging and while joining, so that a node never does both at once.
+    formation_lock: tokio::sync::Mutex<()>,
+    /// Join addresses: from the config, or given by `clusteros join`.
+    join_targets: Mutex<Vec<String>>,
+    /// Wakes the formation loop (see [`Node::nudge`]).
+    wake: Notify,
+    end: watch::Sender<Option<RunEnd>>,
+    leader: Mutex<Option<LeaderState>>,
+    /// Where linearizable reads start in the term this node leads.
+    read_floor: Mutex<Option<membership::ReadFloor>>,
+    /// Request ids of this run: a random origin and a counter.
+    request_origin: u64,
+    request_seq: AtomicU64,
+    /// When this agent run started (the election timer's start before any leader is heard).
+    started: Instant,
+}
+
+impl StartError {
+    /// Whether the error is about the state directory's storage (full, read-only, unreadable,
+    /// corrupt): then the agent reports it and tries again later instead of exiting.
+    pub fn is_storage(&self) -> bool {
+        matches!(
+            self,
+            StartError::StateDir(_) | StartError::Log { .. } | StartError::StateMachine(_) | StartError::Raft(_)
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create state directory: {0}")]
+    StateDir(#[from] crate::adapters::files::WriteError),
+    #[error(
+        "cannot open the Raft log {path}: {source}; if it is corrupt, move the directory {dir} away and the node will rejoin as a new member"
+    )]
+    Log { path: PathBuf, dir: PathBuf, source: redb::Error },
+    #[error(transparent)]
+    StateMachine(#[from] crate::adapters::raft::state_machine::OpenError),
+    #[error("invalid Raft settings: {0}")]
+    RaftConfig(#[from] openraft::ConfigError),
+    #[error("cannot start Raft: {0}")]
+    Raft(String),
+    #[error("cannot listen on {addr}: {source}; is another agent running? set listen_addr to a free address")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot work out this node's address: {0}; set advertise_addr in /etc/clusteros/agent.toml")]
+    Advertise(String),
+}
+
+impl Node {
+    /// Opens storage, starts Raft and returns the agent; the caller starts servers and loops.
+    pub async fn open(
+        cfg: Config,
+        identity: Identity,
+        secret: &str,
+        extra_join: Vec<String>,
+    ) -> Result<Arc<Node>, StartError> {
+        let raft_dir = cfg.state_dir.join(RAFT_DIR);
+        crate::adapters::files::ensure_dir(&raft_dir, 0o700)?;
+        let log_path = raft_dir.join("raft.redb");
+        let log = LogStore::open(&log_path).map_err(|source| StartError::Log {
+            path: log_path.clone(),
+            dir: raft_dir.clone(),
+            source,
+        })?;
+        let sm = StateMachineStore::open(&raft_dir)?;
+        let state = sm.handle();
+        let key = ClusterKey::derive(secret);
+        let client = PeerClient::new(key.clone());
+        let contacts = ContactTracker::default();
+        let network = Network {
+            client: client.clone(),
+            contacts: contacts.clone(),
+            rpc_timeout: Duration::from_millis(cfg.raft.rpc_timeout_ms),
+            snapshot_timeout: Duration::from_millis(cfg.raft.snapshot_timeout_ms),
+        };
+        let rc = raft_config(&cfg.raft)?;
+        let raft = Raft::new(identity.node_id, rc, network, log.clone(), sm)
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+        let api_addr = resolve_advertise(&cfg).map_err(StartError::Advertise)?.to_string();
+        let mut join_targets = cfg.join.clone();
+        for j in extra_join {
+            if !join_targets.contains(&j) {
+                join_targets.push(j);
+            }
+        }
+        let (end, _) = watch::channel(None);
+        Ok(Arc::new(Node {
+            identity,
+            api_addr,
+            raft,
+            state,
+            log,
+            client,
+            contacts,
+            heard_from_leader: ContactTracker::default(),
+            facts: read_facts(),
+            key,
+            secret_box: crate::core::secrets::SecretBox::new(secret),
+            services: Mutex::new(None),
+            mesh: Mutex::new(None),
+            slurm_state: Mutex::new(None),
+            slurm_copy: Mutex::new(None),
+            mesh_wg: std::sync::atomic::AtomicBool::new(false),
+            mesh_listener: std::sync::atomic::AtomicBool::new(false),
+            progress: Mutex::new(Progress { phase: Phase::Discovering, detail: "starting".into(), last_error: None }),
+            discovered: Mutex::new(BTreeMap::new()),
+            discovery_rounds: AtomicU64::new(0),
+            pledges: crate::adapters::pledge::PledgeStore::open(&cfg.state_dir),
+            formation_lock: tokio::sync::Mutex::new(()),
+            join_targets: Mutex::new(join_targets),
+            wake: Notify::new(),
+            end,
+            leader: Mutex::new(None),
+            read_floor: Mutex::new(None),
+            request_origin: rand::random(),
+            request_seq: AtomicU64::new(0),
+            started: Instant::now(),
+            cfg,
+        }))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.identity.node_id
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress.lock().expect("progress lock").clone()
+    }
+
+    fn set_progress(&self, phase: Phase, detail: impl Into<String>, last_error: Option<String>) {
+        let detail = detail.into();
+        let mut p = self.progress.lock().expect("progress lock");
+        if p.phase != phase || p.detail != detail {
+            info!(node_id = %self.id(), phase = %phase, "{detail}");
+        }
+        *p = Progress { phase, detail, last_error };
+    }
+
+    fn set_last_error(&self, e: Option<String>) {
+        self.progress.lock().expect("progress lock").last_error = e;
+    }
+
+    /// A copy of the current Raft metrics (the watch guard is never held across an await).
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Receives the reason once the run should end.
+    pub fn end_signal(&self) -> watch::Receiver<Option<RunEnd>> {
+        self.end.subscribe()
+    }
+
+    pub fn request_end(&self, why: RunEnd) {
+        self.end.send_replace(Some(why));
+        self.nudge();
+    }
+
+    /// Asks the formation loop to look again now (a pledge was taken, `clusteros join`).
+    pub(crate) fn nudge(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Resolves on the next [`Node::nudge`] (one waiter: the formation loop).
+    pub(crate) async fn nudged(&self) {
+        self.wake.notified().await
+    }
+
+    fn left_marker(&self) -> PathBuf {
+        self.cfg.state_dir.join(LEFT_MARKER)
+    }
+
+    fn my_spec(&self) -> MemberSpec {
+        MemberSpec {
+            id: self.id(),
+            name: self.identity.name.clone(),
+            api_addr: self.api_addr.clone(),
+            wg_public_key: self.identity.wg_public_key.clone(),
+            facts: self.facts.clone(),
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Whether this node's peer API answers on its mesh address: wg0 is configured and the peer
+    /// API listens there (0.0.0.0, or the extra listener is bound). Without a managed wg0 (no
+    /// systemd, e.g. host tests) only an extra listener bound on the mesh address counts: the
+    /// kernel then has that address, or the bind would have failed.
+    pub fn mesh_up(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let listener = self.mesh_listener.load(Relaxed);
+        if self.manages_services() {
+            self.mesh_wg.load(Relaxed) && (listener || self.cfg.listen_addr.ip().is_unspecified())
+        } else {
+            listener
+        }
+    }
+
+    fn set_flag(&self, flag: &std::sync::atomic::AtomicBool, value: bool) {
+        let before = self.mesh_up();
+        flag.store(value, std::sync::atomic::Ordering::Relaxed);
+        let after = self.mesh_up();
+        if before != after {
+            info!(node_id = %self.id(), mesh_up = after, "peer API on this node's mesh address is {}", if after { "up" } else { "down" });
+        }
+    }
+
+    /// The extra peer API listener on the mesh address is bound.
+    pub fn set_mesh_listening(&self) {
+        self.set_flag(&self.mesh_listener, true);
+    }
+
+    /// A member's own (underlay) address, where it can be reached without the mesh; falls back to
+    /// its Raft address for a member that has not registered yet.
+    fn underlay_addr(&self, id: NodeId, raft_addr: &str) -> String {
+        self.state
+            .read(|d| d.state.members.get(&id).map(|m| m.spec.api_addr.clone()))
+            .unwrap_or_else(|| raft_addr.into())
+    }
+
+    /// Where to send a peer API request for a member whose Raft address is `raft_addr`: that
+    /// address once the leader has moved this node itself onto the mesh (proof that its tunnel to
+    /// the leader works); before that (a node that just joined) or after a fallback (its tunnel
+    /// broke), the member's underlay address.
+    fn route(&self, id: NodeId, raft_addr: &str) -> String {
+        let on_mesh = self.state.read(|d| {
+            let mine = d.state.members.get(&self.id()).and_then(|m| m.mesh_addr());
+            let current = d.last_membership.membership().get_node(&self.id()).map(|n| n.addr.clone());
+            mine.is_some() && mine == current
+        });
+        if on_mesh && self.mesh_up() { raft_addr.to_string() } else { self.underlay_addr(id, raft_addr) }
+    }
+
+    /// Underlay addresses of the Raft members (for rejoining and for asking whether this node was
+    /// removed: both must work without the mesh).
+    fn member_underlay_addrs(&self) -> BTreeMap<NodeId, String> {
+        self.state.read(|d| {
+            d.last_membership
+                .membership()
+                .nodes()
+                .map(|(id, n)| {
+                    (*id, d.state.members.get(id).map_or_else(|| n.addr.clone(), |m| m.spec.api_addr.clone()))
+                })
+                .collect()
+        })
+    }
+
+    /// This node as discovery shows it. An unreadable pledge file shows as no pledge: formation
+    /// stops on this node until the file is dealt with, so nothing acts on that.
+    fn candidate(&self, initialized: bool, pledged: Option<Pledge>) -> Candidate {
+        Candidate {
+            id: self.id(),
+            name: self.identity.name.clone(),
+            api_addr: self.api_addr.clone(),
+            initialized,
+            bootstrap_expect: self.cfg.bootstrap_expect,
+            pledged,
+        }
+    }
+
+    fn held_pledge(&self) -> Option<Pledge> {
+        self.pledges.held().ok().flatten().map(|h| h.pledge)
+    }
+
+    /// Discovery forgets a candidate it has not heard from directly for this long: a node that
+    /// died during formation must not be chosen, or waited for, for ever.
+    fn forget_after(&self) -> Duration {
+        Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 15)
+    }
+
+    fn leader_addr(m: &RaftMetrics, id: NodeId) -> Option<String> {
+        m.membership_config.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    fn not_leader(&self, m: &RaftMetrics) -> ApiError {
+        match m.current_leader.filter(|l| *l != self.id()) {
+            Some(l) => ApiError::NotLeader { leader: Self::leader_addr(m, l).map(|a| (l, a)) },
+            None => ApiError::NotLeader { leader: None },
+        }
+    }
+
+    fn is_leader(m: &RaftMetrics) -> bool {
+        m.state == ServerState::Leader && m.current_leader == Some(m.id)
+    }
+
+    /// Text for "there is no leader": what this node is waiting for.
+    fn no_leader_message(&self) -> String {
+        let p = self.progress();
+        match p.phase {
+            Phase::Member => "no leader yet: an election is in progress or a quorum of voters is unreachable".into(),
+            _ => format!("no leader yet: {}", p.detail),
+        }
+    }
+}
+
+/// Starts every loop of the node on the driver; each ends with the run. The formation loop
+/// hands over to the member loop once this node is in the cluster.
+pub fn start(node: &Arc<Node>) -> Vec<tokio::task::JoinHandle<()>> {
+    use driver::run;
+    let n = node.clone();
+    let mut loops = vec![
+        tokio::spawn(async move {
+            run(n.clone(), formation::FormationLoop::new()).await;
+            if n.progress().phase == Phase::Member {
+                run(n, member::MemberLoop::default()).await;
+            }
+        }),
+        spawn(node, leader::LeaderLoop::default()),
+        spawn(node, elections::ElectionLoop::new(node)),
+    ];
+    if node.manages_services() {
+        loops.push(spawn(node, services::ServicesLoop::default()));
+        loops.push(spawn(node, mesh::MeshLoop::default()));
+        loops.push(spawn(node, slurm::SlurmStateLoop));
+    }
+    loops
+}
+
+fn spawn<R: driver::Reconciler>(node: &Arc<Node>, r: R) -> tokio::task::JoinHandle<()> {
+    let node = node.clone();
+    tokio::spawn(async move {
+        driver::run(node, r).await;
+    })
+}
+
+/// Removes Raft state and the identity so the next run starts as a new member.
+pub fn wipe_membership_state(state_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(state_dir.join(RAFT_DIR)) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}

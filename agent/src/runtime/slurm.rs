@@ -1,0 +1,286 @@
+//! SLURM controller state replication: the controller publishes a sealed copy of its state
+//! directory, the backup installs the newest one while its slurmctld stands by.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+
+use crate::core::state::{Command, NodeId, Response};
+use crate::proto::paths;
+
+use super::driver::{Action, LoopError, Reconciler, Triggers, Wake};
+use super::{Node, RAFT_DIR};
+
+/// What this node did in the last round of SLURM state replication.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct SlurmStateReport {
+    /// "publishing" on the controller, "installing" on the backup.
+    pub role: String,
+    /// The version of the copy published or installed last.
+    pub version: Option<u64>,
+    pub files: u32,
+    pub bytes: u64,
+    /// When the controller read its directory for that copy (ms since the epoch).
+    pub taken_at_ms: Option<u64>,
+    /// What the last round is waiting for, or why it failed.
+    pub note: Option<String>,
+}
+
+/// Where the backup records the copy it installed last: `FROM_ID VERSION DIGEST` (inside the Raft
+/// directory: a node that joins anew starts over).
+const SLURM_STATE_MARKER: &str = "slurm-state.installed";
+
+/// The copy a backup installed last, as recorded in its marker file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct InstalledCopy {
+    pub(super) from: NodeId,
+    version: u64,
+    digest: String,
+}
+
+impl InstalledCopy {
+    pub(super) fn parse(text: &str) -> Option<InstalledCopy> {
+        let mut it = text.split_whitespace();
+        let from: NodeId = it.next()?.parse().ok()?;
+        let version = it.next()?.parse().ok()?;
+        let digest = it.next()?.to_string();
+        Some(InstalledCopy { from, version, digest })
+    }
+
+    pub(super) fn render(&self) -> String {
+        format!("{} {} {}\n", self.from, self.version, self.digest)
+    }
+}
+
+/// Replicates the SLURM controller's state directory to the backup, every 5 s: the controller
+/// reads its directory and, while its slurmctld is in control and the files changed, keeps the
+/// sealed copy in memory (served at `/peer/v1/slurm-state`) and announces its digest through Raft;
+/// the backup fetches each announced copy and installs it while its own slurmctld is a standby.
+/// When the backup's slurmctld takes control by itself, its agent asks for the roles to be
+/// swapped. See [`crate::slurm_state`].
+#[derive(Default)]
+pub(super) struct SlurmStateLoop;
+
+impl Reconciler for SlurmStateLoop {
+    const NAME: &'static str = "slurm-state";
+    const TRIGGERS: Triggers = Triggers { state: false, nudge: false };
+
+    async fn reconcile(&mut self, node: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {
+        const PERIOD: Duration = Duration::from_secs(5);
+        let dir = Path::new(crate::slurm_state::STATE_DIR);
+        let roles = node.state.read(|d| d.state.roles.clone());
+        let report = if roles.slurm_controller == Some(node.id()) && roles.slurm_backup.is_some() {
+            Some(node.publish_slurm_state(dir).await)
+        } else {
+            *node.slurm_copy.lock().expect("slurm copy lock") = None;
+            if roles.slurm_backup == Some(node.id()) {
+                Some(node.install_slurm_state(dir, roles.slurm_controller).await)
+            } else {
+                None
+            }
+        };
+        if let Some(note) = report.as_ref().and_then(|r| r.note.as_ref()) {
+            debug!(node_id = %node.id(), "slurm state: {note}");
+        }
+        *node.slurm_state.lock().expect("slurm state lock") = report;
+        Ok(Action::After(PERIOD))
+    }
+}
+
+impl Node {
+    pub(super) fn slurm_marker(&self) -> PathBuf {
+        self.cfg.state_dir.join(RAFT_DIR).join(SLURM_STATE_MARKER)
+    }
+
+    pub(super) fn installed_copy(&self) -> Option<InstalledCopy> {
+        std::fs::read_to_string(self.slurm_marker()).ok().and_then(|t| InstalledCopy::parse(&t))
+    }
+
+    pub(super) async fn publish_slurm_state(&self, dir: &Path) -> SlurmStateReport {
+        use crate::slurm_state::{HEARTBEAT, SEAL_NAME, collect, in_control};
+        let mut report = SlurmStateReport { role: "publishing".into(), ..Default::default() };
+        let d = dir.to_owned();
+        let files = match tokio::task::spawn_blocking(move || collect(&d)).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => {
+                report.note = Some("slurmctld has not saved any state yet".into());
+                return report;
+            }
+            Ok(Err(e)) => {
+                warn!(node_id = %self.id(), "slurm state: {e}");
+                report.note = Some(e.to_string());
+                return report;
+            }
+            Err(e) => {
+                report.note = Some(format!("reading the state directory failed: {e}"));
+                return report;
+            }
+        };
+        report.files = files.0.len() as u32;
+        report.bytes = files.bytes();
+        // Only a slurmctld in control writes a fresh heartbeat with index 0. When it is down (the
+        // backup may have taken over), this directory is older than the backup's.
+        if !in_control(files.0.get(HEARTBEAT).map(Vec::as_slice), 0, crate::now_ms() / 1000) {
+            report.note = Some("slurmctld on this node is not in control (no fresh heartbeat); not publishing".into());
+            return report;
+        }
+        let digest = files.digest(true);
+        let announced = self.state.read(|d| d.state.slurm_state.clone()).filter(|c| c.from == self.id());
+        if let Some(c) = &announced
+            && c.digest == digest
+            && self.slurm_copy.lock().expect("slurm copy lock").as_ref().is_some_and(|b| b.digest == digest)
+        {
+            report.version = Some(c.version);
+            report.taken_at_ms = Some(c.taken_at_ms);
+            return report;
+        }
+        let sealed = self.secret_box.seal(SEAL_NAME, &files.to_json());
+        let taken_at_ms = crate::now_ms();
+        let cmd = Command::SetSlurmState {
+            from: self.id(),
+            digest: digest.clone(),
+            files: report.files,
+            bytes: report.bytes,
+            taken_at_ms,
+        };
+        match self.write(cmd).await {
+            Ok(Response::SlurmState { version }) => {
+                *self.slurm_copy.lock().expect("slurm copy lock") =
+                    Some(Arc::new(crate::proto::SlurmStateBlob { from: self.id(), version, digest, sealed }));
+                report.version = Some(version);
+                report.taken_at_ms = Some(taken_at_ms);
+            }
+            Ok(Response::Rejected { reason }) => report.note = Some(reason),
+            Ok(other) => report.note = Some(format!("unexpected answer: {other:?}")),
+            Err(e) => report.note = Some(format!("cannot announce the copy: {e}")),
+        }
+        report
+    }
+
+    pub(super) async fn install_slurm_state(&self, dir: &Path, controller: Option<NodeId>) -> SlurmStateReport {
+        use crate::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, in_control, install, may_install};
+        let mut report = SlurmStateReport { role: "installing".into(), ..Default::default() };
+        let now_secs = crate::now_ms() / 1000;
+        let local_hb = std::fs::read(dir.join(HEARTBEAT)).ok();
+        // This node's slurmctld took control (index 1: the backup's): the controller's stopped
+        // answering it. Ask for the roles to be swapped, and never install over its state.
+        if in_control(local_hb.as_deref(), 1, now_secs) {
+            report.note = Some("the local slurmctld has taken control; asking for the controller role".into());
+            match self.write(Command::SlurmTakeover { id: self.id() }).await {
+                Ok(Response::Ok) => {
+                    warn!(node_id = %self.id(), "slurmctld here took control from the controller; roles swapped")
+                }
+                Ok(Response::Rejected { reason }) => debug!("slurm takeover: {reason}"),
+                Ok(_) => {}
+                Err(e) => report.note = Some(format!("cannot ask for the controller role: {e}")),
+            }
+            return report;
+        }
+        let Some(copy) = self.state.read(|d| d.state.slurm_state.clone()) else {
+            report.note = Some("waiting for the controller's first copy".into());
+            return report;
+        };
+        report.files = copy.files;
+        report.bytes = copy.bytes;
+        report.taken_at_ms = Some(copy.taken_at_ms);
+        let Some(controller) = controller.filter(|c| *c == copy.from) else {
+            report.note = Some("the newest copy is from a former controller; waiting for the current one".into());
+            return report;
+        };
+        let installed = self.installed_copy();
+        if installed.as_ref().is_some_and(|i| i.from == copy.from && i.version >= copy.version) {
+            report.version = installed.map(|i| i.version);
+            return report;
+        }
+        if !may_install(local_hb.as_deref(), now_secs) {
+            report.note = Some("the local slurmctld is in control; the copy is not installed".into());
+            return report;
+        }
+        let Some(raft_addr) =
+            self.metrics().membership_config.membership().get_node(&controller).map(|n| n.addr.clone())
+        else {
+            report.note = Some("the controller is not in the Raft membership".into());
+            return report;
+        };
+        let addr = self.route(controller, &raft_addr);
+        let t = Duration::from_millis(self.cfg.raft.snapshot_timeout_ms);
+        let blob = match self
+            .client
+            .call::<_, crate::proto::SlurmStateBlob>(&addr, paths::SLURM_STATE, &crate::proto::Empty {}, t)
+            .await
+        {
+            Ok(b) if b.from == copy.from && b.version >= copy.version => b,
+            Ok(b) => {
+                report.note = Some(format!(
+                    "the controller served copy {} while {} is announced; retrying",
+                    b.version, copy.version
+                ));
+                return report;
+            }
+            Err(e) => {
+                report.note = Some(format!("cannot fetch the copy from the controller at {addr}: {e}"));
+                return report;
+            }
+        };
+        let secret_box = self.secret_box.clone();
+        let decoded = tokio::task::spawn_blocking(move || {
+            let plain = secret_box.open(SEAL_NAME, &blob.sealed).map_err(|e| e.to_string())?;
+            let files = StateFiles::from_json(&plain).map_err(|e| e.to_string())?;
+            if files.digest(true) != blob.digest {
+                return Err("the fetched copy does not match its digest".to_string());
+            }
+            Ok((files, blob.version, blob.digest))
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let (files, version, digest) = match decoded {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(node_id = %self.id(), "slurm state: {e}");
+                report.note = Some(e);
+                return report;
+            }
+        };
+        let root = Path::new("/");
+        let (Some(uid), Some(gid)) = (
+            crate::services::lookup_id(root, "etc/passwd", "slurm"),
+            crate::services::lookup_id(root, "etc/group", "slurm"),
+        ) else {
+            report.note = Some("user or group \"slurm\" does not exist on this node: is slurmctld installed?".into());
+            return report;
+        };
+        let d = dir.to_owned();
+        let r = tokio::task::spawn_blocking(move || {
+            crate::adapters::files::ensure_dir(&d, 0o755)?;
+            let hb = d.join(HEARTBEAT);
+            let standby = || may_install(std::fs::read(&hb).ok().as_deref(), crate::now_ms() / 1000);
+            install(&d, &files, uid, gid, &standby)
+        })
+        .await;
+        match r {
+            Ok(Ok(done)) => {
+                let marker = InstalledCopy { from: copy.from, version, digest };
+                if let Err(e) =
+                    crate::adapters::files::write_atomic(&self.slurm_marker(), marker.render().as_bytes(), 0o600)
+                {
+                    report.note = Some(e.to_string());
+                    return report;
+                }
+                if done.written + done.removed > 0 {
+                    debug!(node_id = %self.id(), version, written = done.written, removed = done.removed, "installed the SLURM controller's state");
+                }
+                report.version = Some(version);
+            }
+            Ok(Err(e)) => {
+                warn!(node_id = %self.id(), "slurm state: {e}");
+                report.note = Some(e.to_string());
+            }
+            Err(e) => report.note = Some(format!("installing failed: {e}")),
+        }
+        report
+    }
+}
