@@ -76,6 +76,7 @@ e2e-suites:
 # Read-only check: format, clippy with warnings denied, host tests.
 check:
 	$(CARGO) fmt --all --check
+	scripts/check-layers
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) clippy -p clusteros-e2e --features e2e,faults --all-targets -- -D warnings
 	cd agent/fuzz && $(CARGO) fmt --check && $(CARGO) clippy --all-targets -- -D warnings

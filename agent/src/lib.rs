@@ -22,8 +22,7 @@ pub mod logging;
 pub mod proto;
 pub mod runtime;
 pub mod server;
-pub mod services;
-pub mod slurm_state;
+
 pub mod status;
 
 /// Wall-clock milliseconds since the Unix epoch.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::raft::{SnapshotMeta, Vote};
+use crate::core::raft_types::{SnapshotMeta, Vote};
 use crate::core::state::{KvEntry, NodeId};
 
 /// Peer API paths.
@@ -132,7 +132,7 @@ pub struct PreVoteRequest {
     pub candidate: NodeId,
     /// The candidate's current term (it would campaign in the next one).
     pub term: u64,
-    pub last_log_id: Option<crate::adapters::raft::LogId>,
+    pub last_log_id: Option<crate::core::raft_types::LogId>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -156,14 +156,14 @@ pub struct Candidate {
     pub bootstrap_expect: Option<usize>,
     /// The formation pledge the node holds (it is forming a cluster with those members).
     #[serde(default)]
-    pub pledged: Option<crate::core::membership::Pledge>,
+    pub pledged: Option<crate::core::formation::Pledge>,
 }
 
-/// The answer to a pledge request (the request body is a [`crate::core::membership::Pledge`]).
+/// The answer to a pledge request (the request body is a [`crate::core::formation::Pledge`]).
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct PledgeResponse {
     /// Why the node did not pledge; `None`: it holds the pledge (on disk) now.
-    pub refused: Option<crate::core::membership::PledgeRefusal>,
+    pub refused: Option<crate::core::formation::PledgeRefusal>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

@@ -1,5 +1,5 @@
 //! A model check of cluster formation (`bootstrap_expect`): the real decisions
-//! (`membership::decide_formation`, `answer_pledge`, `pledge_outcome`) and the real pledge store
+//! (`formation::decide_formation`, `answer_pledge`, `pledge_outcome`) and the real pledge store
 //! (`pledge::PledgeStore`, on disk), driven by a simulated network that delays, reorders and
 //! drops every message, nodes that start at different times and crash and restart.
 //!
@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use clusteros::adapters::pledge::PledgeStore;
-use clusteros::core::membership::{
+use clusteros::core::formation::{
     Formation, PeerView, Pledge, PledgeOutcome, PledgeRefusal, answer_pledge, decide_formation, pledge_outcome,
 };
 use clusteros::core::state::NodeId;

@@ -10,9 +10,10 @@ use std::path::Path;
 
 use clusteros::adapters::raft::state_machine::{SmData, encode_snapshot_file};
 use clusteros::adapters::raft::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
+use clusteros::adapters::secrets::SecretBox;
+use clusteros::adapters::slurm_state::{SEAL_NAME, StateFiles};
 use clusteros::core::auth::{ClusterKey, parse_auth};
-use clusteros::core::membership::{Pledge, PledgeRefusal};
-use clusteros::core::secrets::SecretBox;
+use clusteros::core::formation::{Pledge, PledgeRefusal};
 use clusteros::core::state::{
     ClusterState, Command, KvEntry, MemberSpec, NodeFacts, NodeId, RequestId, Response, RoleAssignments,
 };
@@ -20,7 +21,6 @@ use clusteros::proto::{
     Candidate, Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
     PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
-use clusteros::slurm_state::{SEAL_NAME, StateFiles};
 use clusteros_agent_fuzz::{NOW_MS, SECRET, route};
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
@@ -186,7 +186,7 @@ fn peer_request_input(kind: u8, flags: u8, status: u16, body: &[u8], sign_answer
     let key = ClusterKey::derive(SECRET);
     let path = route(kind);
     let nonce = format!("{:032x}", u128::from(kind) * 0x1234_5678_9abc_def1 + u128::from(status));
-    let a = key.sign_request_with_nonce("POST", &path, NOW_MS, &nonce, body);
+    let a = key.sign_request("POST", &path, NOW_MS, &nonce, body);
     let resp_sig = if sign_answer { key.sign_response(&a.nonce, status, body) } else { String::new() };
     let parsed = parse_auth(Some(&a.time_ms.to_string()), Some(&a.nonce), Some(&a.signature)).unwrap();
     key.verify_request("POST", &path, &parsed, body).unwrap();

@@ -17,7 +17,7 @@ use std::sync::LazyLock;
 use clusteros::adapters::raft::TypeConfig;
 use clusteros::adapters::raft::state_machine::SmData;
 use clusteros::core::auth::{AuthError, ClusterKey, ReplayGuard, parse_auth};
-use clusteros::core::membership::{Pledge, answer_pledge};
+use clusteros::core::formation::{Pledge, answer_pledge};
 use clusteros::core::state::{NodeId, Response as CmdResponse};
 use clusteros::proto::{
     Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
@@ -189,7 +189,7 @@ fuzz_target!(|data: &[u8]| {
     if flags & 8 != 0
         && let Ok(a) = &parsed
     {
-        let signed = key.sign_request_with_nonce("POST", &path, a.time_ms, &a.nonce, body);
+        let signed = key.sign_request("POST", &path, a.time_ms, &a.nonce, body);
         assert_eq!((signed.time_ms, &signed.nonce), (a.time_ms, &a.nonce));
         auth = Ok(signed);
     }

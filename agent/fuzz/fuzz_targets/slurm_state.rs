@@ -14,8 +14,8 @@ use std::collections::BTreeSet;
 use std::path::{Component, Path};
 use std::sync::LazyLock;
 
-use clusteros::core::secrets::SecretBox;
-use clusteros::slurm_state::{
+use clusteros::adapters::secrets::SecretBox;
+use clusteros::adapters::slurm_state::{
     HEARTBEAT, SEAL_NAME, StateFiles, in_control, may_install, parse_heartbeat, stale_job_dirs, valid_path,
 };
 use clusteros_agent_fuzz::SECRET;

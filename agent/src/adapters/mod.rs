@@ -2,6 +2,7 @@
 //! where the runtime's loops need one. They carry out what [`crate::core`] decided and report what
 //! they observe; they make no cluster decisions of their own.
 
+pub mod config_files;
 pub mod files;
 pub mod host;
 pub mod identity;
@@ -9,5 +10,8 @@ pub mod mesh;
 pub mod peers;
 pub mod pledge;
 pub mod raft;
+pub mod secrets;
+pub mod services;
+pub mod slurm_state;
 pub mod systemd;
 pub mod wireguard;

@@ -45,6 +45,14 @@ impl PeerError {
     }
 }
 
+/// A fresh request nonce: 16 random bytes from the OS, in hex.
+pub fn new_nonce() -> String {
+    use rand::RngCore;
+    let mut n = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut n);
+    n.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PeerClient {
@@ -79,7 +87,7 @@ impl PeerClient {
     }
 
     async fn call_raw<Resp: DeserializeOwned>(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Resp, PeerError> {
-        let auth = self.key.sign_request("POST", path, crate::now_ms() as i64, &body);
+        let auth = self.key.sign_request("POST", path, crate::now_ms() as i64, &new_nonce(), &body);
         let resp = self
             .http
             .post(format!("http://{addr}{path}"))

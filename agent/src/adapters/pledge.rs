@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::files::WriteError;
-use crate::core::membership::{HeldPledge, Pledge, PledgeRefusal};
+use crate::core::formation::{HeldPledge, Pledge, PledgeRefusal};
 use crate::core::state::NodeId;
 
 pub const PLEDGE_FILE: &str = "formation-pledge.json";

@@ -12,7 +12,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
-use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 pub const HDR_TIME: &str = "x-clusteros-time";
@@ -113,22 +112,10 @@ impl ClusterKey {
         ]
     }
 
-    pub fn sign_request(&self, method: &str, path: &str, time_ms: i64, body: &[u8]) -> RequestAuth {
-        let mut n = [0u8; 16];
-        rand::rngs::OsRng.fill_bytes(&mut n);
-        self.sign_request_with_nonce(method, path, time_ms, &hex(&n), body)
-    }
-
-    /// [`sign_request`](Self::sign_request) with a given nonce (deterministic: for tests, seeds
-    /// and fuzzing; real requests need a fresh random nonce each).
-    pub fn sign_request_with_nonce(
-        &self,
-        method: &str,
-        path: &str,
-        time_ms: i64,
-        nonce: &str,
-        body: &[u8],
-    ) -> RequestAuth {
+    /// Signs a request. The nonce must be fresh for every request (the peer client draws 16
+    /// random bytes: [`crate::adapters::peers::new_nonce`]); tests, seeds and fuzzing pass
+    /// fixed ones.
+    pub fn sign_request(&self, method: &str, path: &str, time_ms: i64, nonce: &str, body: &[u8]) -> RequestAuth {
         let parts = Self::request_parts(method, path, time_ms, nonce, body);
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         let signature = hex(&self.mac(&refs).finalize().into_bytes());
@@ -199,10 +186,16 @@ impl ReplayGuard {
 mod tests {
     use super::*;
 
+    /// A fresh nonce per call, as the peer client draws them.
+    fn nonce() -> String {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        format!("{:032x}", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    }
+
     #[test]
     fn request_round_trip_and_tampering() {
         let k = ClusterKey::derive("secret-secret-secret");
-        let a = k.sign_request("POST", "/peer/v1/join", 1000, b"{}");
+        let a = k.sign_request("POST", "/peer/v1/join", 1000, &nonce(), b"{}");
         assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{}"), Ok(()));
         assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{ }"), Err(AuthError::BadSignature));
         assert_eq!(k.verify_request("POST", "/peer/v1/leave", &a, b"{}"), Err(AuthError::BadSignature));
@@ -233,12 +226,12 @@ mod tests {
         let k = ClusterKey::derive("secret-secret-secret");
         let g = ReplayGuard::default();
         let now = 1_000_000;
-        let a = k.sign_request("POST", "/p", now, b"");
+        let a = k.sign_request("POST", "/p", now, &nonce(), b"");
         assert_eq!(g.check(&a, now), Ok(()));
         assert_eq!(g.check(&a, now + 10), Err(AuthError::Replayed));
-        let old = k.sign_request("POST", "/p", now - 61_000, b"");
+        let old = k.sign_request("POST", "/p", now - 61_000, &nonce(), b"");
         assert!(matches!(g.check(&old, now), Err(AuthError::Stale { .. })));
-        let future = k.sign_request("POST", "/p", now + 61_000, b"");
+        let future = k.sign_request("POST", "/p", now + 61_000, &nonce(), b"");
         assert!(matches!(g.check(&future, now), Err(AuthError::Stale { .. })));
     }
 
@@ -251,7 +244,7 @@ mod tests {
         let g = ReplayGuard::default();
         let now = 1_750_000_000_000;
         for t in [i64::MIN, i64::MIN + now, i64::MIN + now + 1, i64::MAX, i64::MAX - 1] {
-            let a = k.sign_request("POST", "/p", t, b"");
+            let a = k.sign_request("POST", "/p", t, &nonce(), b"");
             assert!(matches!(g.check(&a, now), Err(AuthError::Stale { .. })), "time {t}");
         }
         let a = parse_auth(Some("-9223372036854775808"), Some(""), Some("")).unwrap();
@@ -278,7 +271,7 @@ mod tests {
             let a = RequestAuth { time_ms: 0, nonce: format!("{}", i), signature: String::new() };
             g.check(&a, 0).unwrap();
         }
-        let fresh = k.sign_request("POST", "/p", 120_000, b"");
+        let fresh = k.sign_request("POST", "/p", 120_000, &nonce(), b"");
         assert_eq!(g.check(&fresh, 120_000), Ok(()));
         assert!(g.seen.lock().unwrap().len() < 10);
     }

@@ -198,33 +198,9 @@ pub fn parse_cidr(s: &str) -> Result<(std::net::Ipv4Addr, u8), ConfigError> {
 }
 
 impl Config {
-    /// Loads the file (a missing file is fine unless `path_required`), the credentials directory
-    /// and the overrides, then validates the result.
-    pub fn load(
-        path: &Path,
-        path_required: bool,
-        credentials_dir: Option<&Path>,
-        overrides: &Overrides,
-    ) -> Result<Config, ConfigError> {
-        let file = match std::fs::read_to_string(path) {
-            Ok(text) => parse_toml(path, &text)?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !path_required => FileConfig::default(),
-            Err(source) => return Err(ConfigError::Read { path: path.to_owned(), source }),
-        };
-        let creds = match credentials_dir {
-            Some(dir) => Credentials::read(dir)?,
-            None => Credentials::default(),
-        };
-        Self::merge(file, creds, overrides)
-    }
-
-    fn merge(file: FileConfig, creds: Credentials, o: &Overrides) -> Result<Config, ConfigError> {
-        Self::resolve(file, creds, o, &|p| std::fs::read_to_string(p))
-    }
-
     /// Combines the config file, the credentials and the overrides and validates the result.
-    /// Pure but for `read_secret_file`, which reads `cluster_secret_file` ([`Config::load`]
-    /// passes `std::fs::read_to_string`).
+    /// Pure but for `read_secret_file`, which reads `cluster_secret_file` ([`Config::load`] passes
+    /// `std::fs::read_to_string`).
     pub fn resolve(
         file: FileConfig,
         creds: Credentials,
@@ -349,14 +325,6 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    fn read(dir: &Path) -> Result<Credentials, ConfigError> {
-        Self::decode(|name| match std::fs::read_to_string(dir.join(name)) {
-            Ok(v) => Ok(Some(v)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(ConfigError::Credential { name: name.into(), dir: dir.into(), source }),
-        })
-    }
-
     /// The credentials from the contents of the files in `dir` (name, bytes), as
     /// [`Config::load`] reads them there; a name that is not given is a missing file.
     pub fn from_files(dir: &Path, files: &[(&str, &[u8])]) -> Result<Credentials, ConfigError> {
@@ -374,7 +342,9 @@ impl Credentials {
 
     /// Decodes the credentials; `read(name)` gives the contents of credential `name`, `None` if
     /// there is none.
-    fn decode(read: impl Fn(&str) -> Result<Option<String>, ConfigError>) -> Result<Credentials, ConfigError> {
+    pub(crate) fn decode(
+        read: impl Fn(&str) -> Result<Option<String>, ConfigError>,
+    ) -> Result<Credentials, ConfigError> {
         let get = |name: &str| -> Result<Option<String>, ConfigError> {
             Ok(read(name)?.map(|v| v.trim().to_string()).filter(|v| !v.is_empty()))
         };

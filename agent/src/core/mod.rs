@@ -4,11 +4,15 @@
 
 pub mod auth;
 pub mod config;
+pub mod formation;
 pub mod ids;
 pub mod leader;
 pub mod membership;
 pub mod mesh;
+pub mod raft_types;
 pub mod render;
 pub mod roles;
 pub mod secrets;
+pub mod services;
+pub mod slurm_copy;
 pub mod state;

@@ -14,7 +14,7 @@ use rand::Rng;
 use tracing::{debug, info, warn};
 
 use super::ApiError;
-use crate::core::membership::{self, Formation, PeerView, Pledge, PledgeOutcome};
+use crate::core::formation::{self, Formation, PeerView, Pledge, PledgeOutcome};
 use crate::core::state::NodeId;
 use crate::proto::{Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, PledgeResponse, paths};
 
@@ -184,7 +184,7 @@ impl Node {
                 return false;
             }
         };
-        match membership::decide_formation(self.id(), &self.api_addr, expect, held.as_ref(), &views) {
+        match formation::decide_formation(self.id(), &self.api_addr, expect, held.as_ref(), &views) {
             Formation::Wait { seen, expected } => {
                 self.set_progress(Phase::Discovering, format!("{seen} of {expected} expected nodes seen"), last_error);
                 false
@@ -262,7 +262,7 @@ impl Node {
             let req = pledge.clone();
             async move { (*id, self.client.call::<_, PledgeResponse>(addr, paths::PLEDGE, &req, t).await) }
         });
-        let answers: BTreeMap<NodeId, Result<(), Option<membership::PledgeRefusal>>> = futures::future::join_all(calls)
+        let answers: BTreeMap<NodeId, Result<(), Option<formation::PledgeRefusal>>> = futures::future::join_all(calls)
             .await
             .into_iter()
             .map(|(id, r)| {
@@ -278,7 +278,7 @@ impl Node {
             })
             .collect();
         let members = pledge.members.keys().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
-        match membership::pledge_outcome(me, &answers) {
+        match formation::pledge_outcome(me, &answers) {
             PledgeOutcome::Retry { why } => {
                 self.set_progress(
                     Phase::Discovering,
@@ -318,13 +318,13 @@ impl Node {
         }
     }
 
-    /// Answers a proposer's pledge request (see [`membership::answer_pledge`]).
+    /// Answers a proposer's pledge request (see [`formation::answer_pledge`]).
     pub async fn answer_pledge(&self, req: Pledge) -> Result<PledgeResponse, ApiError> {
         let _formation = self.formation_lock.lock().await;
         let initialized = self.raft.is_initialized().await.unwrap_or(true);
         let from_round = self.discovery_rounds.load(Ordering::SeqCst) + 1;
         let taken = self.pledges.take(&req, from_round, |cur| {
-            membership::answer_pledge(self.id(), self.cfg.bootstrap_expect, initialized, cur, &req)
+            formation::answer_pledge(self.id(), self.cfg.bootstrap_expect, initialized, cur, &req)
         });
         match taken {
             Ok(Ok(())) => {

@@ -181,7 +181,7 @@ impl Node {
     /// Generates a new value for a managed secret, sealed on this node, and commits it. Returns
     /// the new version.
     pub async fn set_secret(&self, name: &str) -> Result<u64, ApiError> {
-        let plain = crate::core::secrets::generate(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let plain = crate::adapters::secrets::generate(name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let value = self.secret_box.seal(name, &plain);
         match self.write(Command::SetSecret { name: name.into(), value, at_ms: crate::now_ms() }).await? {
             Response::Secret { version } => Ok(version),

@@ -43,7 +43,8 @@ use crate::adapters::raft::state_machine::{StateHandle, StateMachineStore};
 use crate::adapters::raft::{Raft, RaftMetrics, raft_config};
 use crate::core::auth::ClusterKey;
 use crate::core::config::Config;
-use crate::core::membership::{self, Pledge};
+use crate::core::formation::Pledge;
+use crate::core::membership;
 use crate::core::state::{MemberSpec, NodeFacts, NodeId};
 use crate::proto::Candidate;
 
@@ -124,9 +125,9 @@ pub struct Node {
     pub heard_from_leader: ContactTracker,
     pub facts: NodeFacts,
     pub key: ClusterKey,
-    pub secret_box: crate::core::secrets::SecretBox,
+    pub secret_box: crate::adapters::secrets::SecretBox,
     /// The last services reconcile, for status.
-    pub services: Mutex<Option<crate::services::ServiceReport>>,
+    pub services: Mutex<Option<crate::adapters::services::ServiceReport>>,
     /// The last mesh reconcile, for status.
     pub mesh: Mutex<Option<MeshReport>>,
     /// The last round of SLURM state replication, for status.
@@ -243,7 +244,7 @@ impl Node {
             heard_from_leader: ContactTracker::default(),
             facts: read_facts(),
             key,
-            secret_box: crate::core::secrets::SecretBox::new(secret),
+            secret_box: crate::adapters::secrets::SecretBox::new(secret),
             services: Mutex::new(None),
             mesh: Mutex::new(None),
             slurm_state: Mutex::new(None),

@@ -1,5 +1,5 @@
 //! Node services: waits until this node has caught up with the cluster, then keeps the services
-//! matching the plan that [`crate::services::plan`] derives from the applied state.
+//! matching the plan that [`crate::core::services::plan`] derives from the applied state.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,9 +9,10 @@ use tracing::warn;
 
 use super::Node;
 use super::driver::{Action, Backoff, LoopError, Reconciler, Triggers, Wake};
+use crate::adapters::services::{ServiceApplier, ServiceReport};
 use crate::adapters::systemd::DbusSystemd;
+use crate::core::services::{PlanInputs, plan};
 use crate::core::state::ClusterState;
-use crate::services::{PlanInputs, ServiceReport, plan};
 
 impl Node {
     /// Whether this agent drives node services.
@@ -28,7 +29,7 @@ impl Node {
     pub(super) fn slurm_standby_ready(&self) -> bool {
         let controller = self.state.read(|d| d.state.roles.slurm_controller);
         self.installed_copy().is_some_and(|c| Some(c.from) == controller)
-            && Path::new(crate::slurm_state::STATE_DIR).join(crate::slurm_state::HEARTBEAT).exists()
+            && Path::new(crate::adapters::slurm_state::STATE_DIR).join(crate::adapters::slurm_state::HEARTBEAT).exists()
     }
 
     /// Waits until this node has applied everything the leader had committed when asked (a read
@@ -63,7 +64,7 @@ impl Node {
 #[derive(Default)]
 pub(super) struct ServicesLoop {
     caught_up: bool,
-    applier: Option<crate::services::Reconciler<DbusSystemd>>,
+    applier: Option<ServiceApplier<DbusSystemd>>,
     /// The inputs of the last reconcile: a state change that leaves them alone (a KV write) wakes
     /// the loop but costs nothing; every 15 s it reconciles anyway (units may drift).
     last: Option<(ClusterState, bool)>,
@@ -99,7 +100,7 @@ impl Reconciler for ServicesLoop {
         }
         if self.applier.is_none() {
             match DbusSystemd::connect(Duration::from_secs(90)).await {
-                Ok(s) => self.applier = Some(crate::services::Reconciler { systemd: s, root: PathBuf::from("/") }),
+                Ok(s) => self.applier = Some(ServiceApplier { systemd: s, root: PathBuf::from("/") }),
                 Err(e) => {
                     node.publish_services(ServiceReport { error: Some(e.to_string()), ..Default::default() });
                     return Err(LoopError::warn(format!("services: {e}")));
@@ -124,7 +125,7 @@ impl Reconciler for ServicesLoop {
             state,
             munge_key: munge.as_deref(),
             k3s_token: token.as_deref(),
-            k3s_installed: Path::new(crate::services::K3S_BINARY).exists(),
+            k3s_installed: Path::new(crate::core::services::K3S_BINARY).exists(),
             standby_ready: *standby_ready,
         });
         let report = applier.apply(&p).await;

@@ -13,6 +13,7 @@ use crate::proto::paths;
 
 use super::driver::{Action, LoopError, Reconciler, Triggers, Wake};
 use super::{Node, RAFT_DIR};
+use crate::core::slurm_copy::InstalledCopy;
 
 /// What this node did in the last round of SLURM state replication.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -33,34 +34,12 @@ pub struct SlurmStateReport {
 /// directory: a node that joins anew starts over).
 const SLURM_STATE_MARKER: &str = "slurm-state.installed";
 
-/// The copy a backup installed last, as recorded in its marker file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct InstalledCopy {
-    pub(super) from: NodeId,
-    version: u64,
-    digest: String,
-}
-
-impl InstalledCopy {
-    pub(super) fn parse(text: &str) -> Option<InstalledCopy> {
-        let mut it = text.split_whitespace();
-        let from: NodeId = it.next()?.parse().ok()?;
-        let version = it.next()?.parse().ok()?;
-        let digest = it.next()?.to_string();
-        Some(InstalledCopy { from, version, digest })
-    }
-
-    pub(super) fn render(&self) -> String {
-        format!("{} {} {}\n", self.from, self.version, self.digest)
-    }
-}
-
 /// Replicates the SLURM controller's state directory to the backup, every 5 s: the controller
 /// reads its directory and, while its slurmctld is in control and the files changed, keeps the
 /// sealed copy in memory (served at `/peer/v1/slurm-state`) and announces its digest through Raft;
 /// the backup fetches each announced copy and installs it while its own slurmctld is a standby.
 /// When the backup's slurmctld takes control by itself, its agent asks for the roles to be
-/// swapped. See [`crate::slurm_state`].
+/// swapped. See [`crate::adapters::slurm_state`].
 #[derive(Default)]
 pub(super) struct SlurmStateLoop;
 
@@ -70,7 +49,7 @@ impl Reconciler for SlurmStateLoop {
 
     async fn reconcile(&mut self, node: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {
         const PERIOD: Duration = Duration::from_secs(5);
-        let dir = Path::new(crate::slurm_state::STATE_DIR);
+        let dir = Path::new(crate::adapters::slurm_state::STATE_DIR);
         let roles = node.state.read(|d| d.state.roles.clone());
         let report = if roles.slurm_controller == Some(node.id()) && roles.slurm_backup.is_some() {
             Some(node.publish_slurm_state(dir).await)
@@ -100,7 +79,7 @@ impl Node {
     }
 
     pub(super) async fn publish_slurm_state(&self, dir: &Path) -> SlurmStateReport {
-        use crate::slurm_state::{HEARTBEAT, SEAL_NAME, collect, in_control};
+        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, collect, in_control};
         let mut report = SlurmStateReport { role: "publishing".into(), ..Default::default() };
         let d = dir.to_owned();
         let files = match tokio::task::spawn_blocking(move || collect(&d)).await {
@@ -161,7 +140,7 @@ impl Node {
     }
 
     pub(super) async fn install_slurm_state(&self, dir: &Path, controller: Option<NodeId>) -> SlurmStateReport {
-        use crate::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, in_control, install, may_install};
+        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, in_control, install, may_install};
         let mut report = SlurmStateReport { role: "installing".into(), ..Default::default() };
         let now_secs = crate::now_ms() / 1000;
         let local_hb = std::fs::read(dir.join(HEARTBEAT)).ok();
@@ -247,8 +226,8 @@ impl Node {
         };
         let root = Path::new("/");
         let (Some(uid), Some(gid)) = (
-            crate::services::lookup_id(root, "etc/passwd", "slurm"),
-            crate::services::lookup_id(root, "etc/group", "slurm"),
+            crate::adapters::services::lookup_id(root, "etc/passwd", "slurm"),
+            crate::adapters::services::lookup_id(root, "etc/group", "slurm"),
         ) else {
             report.note = Some("user or group \"slurm\" does not exist on this node: is slurmctld installed?".into());
             return report;

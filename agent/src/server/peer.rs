@@ -20,7 +20,7 @@ use tracing::warn;
 use super::ApiError;
 use crate::adapters::raft::{Snapshot, TypeConfig};
 use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
-use crate::core::membership::Pledge;
+use crate::core::formation::Pledge;
 use crate::core::state::{NodeId, Response as CmdResponse};
 use crate::proto::{
     Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse, PreVoteRequest,

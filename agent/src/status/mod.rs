@@ -117,7 +117,7 @@ pub struct StatusReport {
     pub roles: Option<RolesReport>,
     pub secrets: Vec<SecretReport>,
     /// This node's services; `None` when the agent does not manage services here.
-    pub services: Option<crate::services::ServiceReport>,
+    pub services: Option<crate::adapters::services::ServiceReport>,
     /// This node's WireGuard interface; `None` when the agent does not manage the mesh here.
     pub mesh: Option<crate::runtime::MeshReport>,
     /// SLURM state replication on this node (the controller publishes, the backup installs).

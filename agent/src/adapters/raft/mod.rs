@@ -9,29 +9,11 @@ pub mod state_machine;
 use std::sync::Arc;
 
 use crate::core::config::RaftTuning;
-use crate::core::state::{Command, NodeId, Response};
 
-openraft::declare_raft_types!(
-    /// openraft type configuration of ClusterOS.
-    pub TypeConfig:
-        D = Command,
-        R = Response,
-        NodeId = NodeId,
-        Node = openraft::BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Vec<u8>,
-        AsyncRuntime = openraft::TokioRuntime,
-);
+pub use crate::core::raft_types::*;
 
+/// The Raft node of this process.
 pub type Raft = openraft::Raft<TypeConfig>;
-pub type Entry = openraft::Entry<TypeConfig>;
-pub type LogId = openraft::LogId<NodeId>;
-pub type Vote = openraft::Vote<NodeId>;
-pub type StorageError = openraft::StorageError<NodeId>;
-pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
-pub type Snapshot = openraft::storage::Snapshot<TypeConfig>;
-pub type RaftMetrics = openraft::RaftMetrics<NodeId, openraft::BasicNode>;
 
 /// The openraft configuration derived from the agent's tuning.
 pub fn raft_config(t: &RaftTuning) -> Result<Arc<openraft::Config>, openraft::ConfigError> {

@@ -12,8 +12,9 @@
 //! part_state, resv_state, trigger_state, their `.old` copies, clustername, heartbeat, ...) and
 //! each job's `hash.N/job.ID/{script,environment}`. Files SLURM is writing (`*.new`) are not.
 //!
-//! Pure parts (path checks, digests, the install plan) are separate from the two file-system
-//! adapters [`collect`] and [`install`].
+//! The file-system side: [`collect`] reads the directory, [`install`] writes a copy; path checks
+//! and digests are pure helpers here, and the decisions on heartbeats (who is in control, when a
+//! standby may install) are [`crate::core::slurm_copy`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+pub use crate::core::slurm_copy::{HEARTBEAT_FRESH_SECS, in_control, may_install, parse_heartbeat};
 
 /// slurm.conf's StateSaveLocation.
 pub const STATE_DIR: &str = "/var/lib/slurm/slurmctld";
@@ -191,38 +194,6 @@ pub fn collect(dir: &Path) -> Result<Option<StateFiles>, SlurmStateError> {
         return Ok(None);
     }
     Ok(Some(StateFiles(files)))
-}
-
-/// The heartbeat file slurmctld writes while it is in control: big-endian seconds since the
-/// epoch, then the writer's index in the SlurmctldHost list (0: primary). `None` if malformed.
-pub fn parse_heartbeat(data: &[u8]) -> Option<(u64, u64)> {
-    if data.len() < 16 {
-        return None;
-    }
-    let t = u64::from_be_bytes(data[0..8].try_into().ok()?);
-    let i = u64::from_be_bytes(data[8..16].try_into().ok()?);
-    Some((t, i))
-}
-
-/// How long after its last heartbeat a slurmctld still counts as in control (it writes one every
-/// SlurmctldTimeout/4 = 5 s).
-pub const HEARTBEAT_FRESH_SECS: u64 = 30;
-
-/// Whether the heartbeat in `data` says a slurmctld with index `index` was in control at most
-/// [`HEARTBEAT_FRESH_SECS`] before `now_secs`.
-pub fn in_control(data: Option<&[u8]>, index: u64, now_secs: u64) -> bool {
-    data.and_then(parse_heartbeat)
-        .is_some_and(|(t, i)| i == index && now_secs.saturating_sub(t) <= HEARTBEAT_FRESH_SECS)
-}
-
-/// Whether the standby may install a copy now: not while its own slurmctld has taken control
-/// (a fresh heartbeat with a non-zero index). Installing then would replace the state it is
-/// working on, and slurmctld stops with "Two slurmctld daemons are running as primary".
-pub fn may_install(local_heartbeat: Option<&[u8]>, now_secs: u64) -> bool {
-    match local_heartbeat.and_then(parse_heartbeat) {
-        Some((t, i)) => i == 0 || now_secs.saturating_sub(t) > HEARTBEAT_FRESH_SECS,
-        None => true,
-    }
 }
 
 /// What installing a copy changed.
@@ -405,27 +376,6 @@ mod tests {
         let evil = StateFiles([("hash.9/job.9/script".to_string(), b"x".to_vec())].into());
         assert!(matches!(install(dst.path(), &evil, uid, gid, &yes), Err(SlurmStateError::NotADirectory(_))));
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
-    }
-
-    fn heartbeat(t: u64, i: u64) -> Vec<u8> {
-        [t.to_be_bytes(), i.to_be_bytes()].concat()
-    }
-
-    #[test]
-    fn heartbeats_tell_who_is_in_control() {
-        let hb = heartbeat(1000, 0);
-        assert_eq!(parse_heartbeat(&hb), Some((1000, 0)));
-        assert_eq!(parse_heartbeat(b"short"), None);
-        assert!(in_control(Some(&hb), 0, 1010));
-        assert!(!in_control(Some(&hb), 0, 1000 + HEARTBEAT_FRESH_SECS + 1), "stale: the primary stopped");
-        assert!(!in_control(Some(&hb), 1, 1010), "written by the primary, not the backup");
-        assert!(!in_control(None, 0, 1010));
-        // The standby installs while the primary's (copied) heartbeat is there or its own is stale,
-        // never while it has taken control itself.
-        assert!(may_install(None, 1010));
-        assert!(may_install(Some(&hb), 1010));
-        assert!(!may_install(Some(&heartbeat(1000, 1)), 1010));
-        assert!(may_install(Some(&heartbeat(1000, 1)), 1000 + HEARTBEAT_FRESH_SECS + 1));
     }
 
     /// The test process's own uid and gid (chown to oneself works without root).
