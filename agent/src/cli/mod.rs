@@ -172,7 +172,7 @@ pub async fn run(cli: Cli, socket_given: bool) -> ExitCode {
             if json {
                 print_json(&r)
             } else {
-                print!("{}", status::render_status(&r))
+                print!("{}", status::render_status(&r, crate::now_ms()))
             }
             if r.configured { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }),
@@ -204,7 +204,7 @@ pub async fn run(cli: Cli, socket_given: bool) -> ExitCode {
             if json {
                 print_json(&serde_json::json!({ "roles": r.roles, "services": r.services }));
             } else {
-                print!("{}", status::render_roles(&r));
+                print!("{}", status::render_roles(&r, crate::now_ms()));
             }
             ExitCode::SUCCESS
         }),

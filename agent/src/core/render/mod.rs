@@ -23,7 +23,13 @@ pub enum RenderError {
 
 #[cfg(test)]
 pub(crate) fn check_golden(name: &str, actual: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/core/render/testdata").join(name);
+    check_golden_in("src/core/render/testdata", name, actual)
+}
+
+/// [`check_golden`] for the golden file `name` in `dir` (relative to the agent crate).
+#[cfg(test)]
+pub(crate) fn check_golden_in(dir: &str, name: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir).join(name);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
         return;
