@@ -2,12 +2,18 @@
 //! 64 concurrent clients, and the idle RSS of one agent, for a 3-node loopback cluster.
 //! Run with `cargo bench -p clusteros-agent --bench cluster`. Figures, not pass/fail.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/common/cluster.rs"]
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Opts, rss_kib, wait_until};
+use common::{Cluster, Opts, wait_until};
+
+/// Resident set size of a process (KiB), from /proc.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+}
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]

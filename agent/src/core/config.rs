@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/clusteros/agent.toml";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/clusteros";
@@ -46,7 +46,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 /// Raft timing and log retention.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftTuning {
     pub heartbeat_ms: u64,
@@ -78,7 +78,7 @@ impl Default for RaftTuning {
 }
 
 /// Failure detection and dead-node cleanup, run by the leader.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthTuning {
     /// No contact for this long: suspect.
@@ -107,8 +107,9 @@ impl HealthTuning {
     }
 }
 
-/// The config file as written by people: everything optional.
-#[derive(Debug, Default, Deserialize)]
+/// The config file as written by people: everything optional. Tests and tools write one by
+/// serializing this type ([`FileConfig::to_toml`]), so a renamed key cannot drift from them.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub node_name: Option<String>,
@@ -168,7 +169,7 @@ pub struct Config {
 }
 
 /// Whether the agent drives node services (munge, slurm, k3s) and the WireGuard mesh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ServiceMode {
     /// When systemd runs as PID 1 (`/run/systemd/system` exists).
@@ -310,6 +311,13 @@ impl Config {
 }
 
 /// Parses the text of the config file (`path` names it in the error).
+impl FileConfig {
+    /// The file as TOML, the way [`parse_toml`] reads it back (unset keys are left out).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a FileConfig always serializes")
+    }
+}
+
 pub fn parse_toml(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str::<FileConfig>(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
 }
@@ -440,6 +448,28 @@ mod tests {
             std::fs::write(cdir.join(k), v).unwrap();
         }
         Config::load(&path, true, Some(&cdir), o)
+    }
+
+    #[test]
+    fn a_written_config_file_reads_back_the_same() {
+        let f = FileConfig {
+            node_name: Some("n1".into()),
+            state_dir: Some("/var/lib/clusteros".into()),
+            join: Some(vec!["10.0.0.1:7600".into(), "10.0.0.2:7600".into()]),
+            bootstrap_expect: Some(3),
+            cluster_secret_file: Some("/etc/clusteros/secret".into()),
+            manage_services: Some(ServiceMode::Off),
+            raft: RaftTuning { heartbeat_ms: 100, ..Default::default() },
+            health: HealthTuning { suspect_after_ms: 2_000, ..Default::default() },
+            ..Default::default()
+        };
+        let text = f.to_toml();
+        assert!(!text.contains("advertise_addr"), "unset keys are left out:\n{text}");
+        assert_eq!(parse_toml(Path::new("agent.toml"), &text).unwrap(), f);
+        assert_eq!(
+            parse_toml(Path::new("agent.toml"), &FileConfig::default().to_toml()).unwrap(),
+            FileConfig::default()
+        );
     }
 
     #[test]

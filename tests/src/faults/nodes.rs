@@ -85,22 +85,32 @@ impl Node {
         self.exits.lock().expect("exits lock").clone()
     }
 
+    /// Writes `agent.toml` (the agent's own config type, serialized) and the secret file.
     fn write_config(&self, n: usize, peers: &[String]) -> Result<()> {
-        let join = peers.iter().map(|j| format!("{j:?}")).collect::<Vec<_>>().join(", ");
-        let text = format!(
-            "node_name = {name:?}\nstate_dir = {state:?}\nsocket_path = {sock:?}\nlisten_addr = {addr:?}\n\
-             join = [{join}]\nbootstrap_expect = {n}\nmax_voters = {n}\ncluster_secret_file = {secret:?}\n\
-             manage_services = \"off\"\n\
-             [raft]\nheartbeat_ms = 100\nelection_timeout_min_ms = 800\nelection_timeout_max_ms = 1600\n\
-             snapshot_after_logs = 300\nlogs_to_keep = 100\nrpc_timeout_ms = 1000\n\
-             [health]\nsuspect_after_ms = 2000\nfailed_after_ms = 4000\nremove_after_ms = 3600000\n",
-            name = self.name,
-            state = self.state_dir,
-            sock = self.socket(),
-            addr = self.addr,
-            secret = self.dir.join("secret"),
-        );
-        std::fs::write(self.dir.join("agent.toml"), text)?;
+        use clusteros::core::config::{FileConfig, HealthTuning, RaftTuning, ServiceMode};
+        let file = FileConfig {
+            node_name: Some(self.name.clone()),
+            state_dir: Some(self.state_dir.clone()),
+            socket_path: Some(self.socket()),
+            listen_addr: Some(self.addr.clone()),
+            join: Some(peers.to_vec()),
+            bootstrap_expect: Some(n),
+            max_voters: Some(n),
+            cluster_secret_file: Some(self.dir.join("secret")),
+            manage_services: Some(ServiceMode::Off),
+            raft: RaftTuning {
+                heartbeat_ms: 100,
+                election_timeout_min_ms: 800,
+                election_timeout_max_ms: 1600,
+                snapshot_after_logs: 300,
+                logs_to_keep: 100,
+                rpc_timeout_ms: 1000,
+                ..RaftTuning::default()
+            },
+            health: HealthTuning { suspect_after_ms: 2000, failed_after_ms: 4000, remove_after_ms: 3_600_000 },
+            ..FileConfig::default()
+        };
+        std::fs::write(self.dir.join("agent.toml"), file.to_toml())?;
         std::fs::write(self.dir.join("secret"), format!("{SECRET}\n"))?;
         Ok(())
     }

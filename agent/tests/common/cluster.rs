@@ -1,0 +1,302 @@
+//! The host cluster harness, shared by the cluster tests and the cluster benchmark: real
+//! `clusteros agent` processes, each on its own 127.x.y.z address, configured by serializing the
+//! agent's own config type. Waits on conditions (never fixed sleeps). Every agent is killed when the
+//! cluster is dropped; if the test is failing, every agent's log is printed and the directory kept.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clusteros::cli::client::{ClientError, LocalClient};
+use clusteros::core::config::{FileConfig, HealthTuning, RaftTuning};
+use clusteros::status::StatusReport;
+use rand::Rng;
+
+pub const SECRET: &str = "harness-cluster-secret-0123456789";
+
+#[derive(Clone, Debug)]
+pub struct Opts {
+    pub bootstrap_expect: Option<usize>,
+    pub max_voters: usize,
+    pub secret: String,
+    pub suspect_after_ms: u64,
+    pub failed_after_ms: u64,
+    pub remove_after_ms: u64,
+    pub snapshot_after_logs: u64,
+    pub logs_to_keep: u64,
+    pub mesh_cidr: Option<String>,
+    /// Run the agents inside this network namespace (see [`NetNs`]).
+    pub netns: Option<String>,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts {
+            bootstrap_expect: Some(3),
+            max_voters: 3,
+            secret: SECRET.into(),
+            suspect_after_ms: 2_000,
+            failed_after_ms: 4_000,
+            remove_after_ms: 600_000,
+            snapshot_after_logs: 1000,
+            logs_to_keep: 500,
+            mesh_cidr: None,
+            netns: None,
+        }
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub addr: String,
+    pub dir: PathBuf,
+    pub opts: Opts,
+    pub join: Vec<String>,
+    pub child: Option<Child>,
+}
+
+impl Node {
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+    pub fn client(&self) -> LocalClient {
+        LocalClient::new(&self.socket())
+    }
+    pub fn log(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = File::open(self.log_path()) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Writes `agent.toml` (the agent's own config type, serialized) and the secret file.
+    fn write_config(&self) {
+        let o = &self.opts;
+        let file = FileConfig {
+            node_name: Some(self.name.clone()),
+            state_dir: Some(self.dir.join("state")),
+            socket_path: Some(self.socket()),
+            listen_addr: Some(self.addr.clone()),
+            join: Some(self.join.clone()),
+            bootstrap_expect: o.bootstrap_expect,
+            max_voters: Some(o.max_voters),
+            cluster_secret_file: Some(self.dir.join("secret")),
+            mesh_cidr: o.mesh_cidr.clone(),
+            raft: RaftTuning {
+                heartbeat_ms: 100,
+                election_timeout_min_ms: 800,
+                election_timeout_max_ms: 1600,
+                snapshot_after_logs: o.snapshot_after_logs,
+                logs_to_keep: o.logs_to_keep,
+                rpc_timeout_ms: 1000,
+                ..RaftTuning::default()
+            },
+            health: HealthTuning {
+                suspect_after_ms: o.suspect_after_ms,
+                failed_after_ms: o.failed_after_ms,
+                remove_after_ms: o.remove_after_ms,
+            },
+            ..FileConfig::default()
+        };
+        std::fs::write(self.dir.join("agent.toml"), file.to_toml()).unwrap();
+        std::fs::write(self.dir.join("secret"), format!("{}\n", o.secret)).unwrap();
+    }
+}
+
+pub struct Cluster {
+    pub root: tempfile::TempDir,
+    pub nodes: Vec<Node>,
+    net: (u8, u8),
+}
+
+/// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The agent under test: this build's binary, or `CLUSTEROS_TEST_BIN` (to run a scenario against
+/// another build, e.g. to show that a regression test fails without its fix).
+pub fn binary() -> PathBuf {
+    match std::env::var_os("CLUSTEROS_TEST_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_clusteros")),
+    }
+}
+
+impl Cluster {
+    /// `n` nodes that all list every node as a join address.
+    pub fn new(n: usize, opts: Opts) -> Cluster {
+        let mut rng = rand::thread_rng();
+        let net = (rng.gen_range(10..250), rng.gen_range(1..250));
+        let root = tempfile::Builder::new().prefix("clusteros-test-").tempdir().unwrap();
+        let mut c = Cluster { root, nodes: Vec::new(), net };
+        let addrs: Vec<String> = (0..n).map(|i| c.addr_of(i)).collect();
+        for _ in 0..n {
+            c.push_node(opts.clone(), addrs.clone());
+        }
+        c
+    }
+
+    fn addr_of(&self, i: usize) -> String {
+        format!("127.{}.{}.{}:7600", self.net.0, self.net.1, i + 1)
+    }
+
+    pub(super) fn push_node(&mut self, opts: Opts, join: Vec<String>) -> usize {
+        let i = self.nodes.len();
+        let name = format!("node{}", i + 1);
+        let dir = self.root.path().join(&name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let node = Node { name, addr: self.addr_of(i), dir, opts, join, child: None };
+        node.write_config();
+        self.nodes.push(node);
+        i
+    }
+
+    pub fn start(&mut self, i: usize) {
+        let node = &mut self.nodes[i];
+        assert!(node.child.is_none(), "{} already running", node.name);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(node.log_path()).unwrap();
+        let mut cmd = match &node.opts.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let child = cmd
+            .arg("agent")
+            .arg("--config")
+            .arg(node.dir.join("agent.toml"))
+            .env("CLUSTEROS_LOG", "info,openraft=warn")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+    }
+
+    pub fn start_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.start(i);
+        }
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.nodes.len()).filter(|i| self.nodes[*i].child.is_some()).collect()
+    }
+
+    pub async fn status(&self, i: usize) -> Result<StatusReport, ClientError> {
+        self.nodes[i].client().status().await
+    }
+
+    /// Waits until every running node agrees on one leader and the given voter/learner counts,
+    /// and has applied the leader's log. Returns the leader's node index.
+    pub async fn wait_converged(&self, voters: usize, learners: usize, timeout: Duration) -> usize {
+        let running = self.running();
+        wait_until(
+            timeout,
+            &format!("{} running nodes agree on a leader with {voters} voters and {learners} learners", running.len()),
+            || async {
+                let mut leader = None;
+                let mut leader_last = None;
+                let mut applied = Vec::new();
+                for &i in &running {
+                    let s = self.status(i).await.ok()?;
+                    let raft = s.raft?;
+                    if raft.voters.len() != voters || raft.learners.len() != learners {
+                        return None;
+                    }
+                    let l = raft.leader_id.clone()?;
+                    if *leader.get_or_insert(l.clone()) != l {
+                        return None;
+                    }
+                    if raft.state == "leader" {
+                        leader_last = raft.last_log_index;
+                    }
+                    applied.push(raft.applied_index);
+                    if s.members.len() != voters + learners || s.members.iter().any(|m| m.name.is_none()) {
+                        return None;
+                    }
+                }
+                let last = leader_last?;
+                if applied.iter().any(|a| *a != Some(last)) {
+                    return None;
+                }
+                let leader = leader?;
+                for &i in &running {
+                    if self.status(i).await.ok()?.node.id.as_deref() == Some(leader.as_str()) {
+                        return Some(i);
+                    }
+                }
+                None
+            },
+        )
+        .await
+    }
+
+    pub fn dump_logs(&self) {
+        for n in &self.nodes {
+            let log = n.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(300);
+            eprintln!(
+                "===== {} ({}) log: {} (last {} lines) =====",
+                n.name,
+                n.addr,
+                n.log_path().display(),
+                lines.len() - from
+            );
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        if std::thread::panicking() {
+            self.dump_logs();
+            let kept = std::mem::replace(&mut self.root, tempfile::tempdir().unwrap()).keep();
+            eprintln!("cluster directory kept for inspection: {}", kept.display());
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! What only the scenario tests need of the harness: one scenario at a time, more ways to
+//! disturb a node (freeze, stop, add one), and reading its metrics.
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::cluster::{Cluster, Node, Opts};
+
+/// Scenarios run one at a time: many agents per scenario on 2 cores is enough load.
+pub static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// `GET /metrics` of this node (the peer address, port 7601).
+    pub async fn metrics(&self) -> Option<String> {
+        let ip = self.addr.rsplit_once(':')?.0;
+        let r = reqwest::get(format!("http://{ip}:7601/metrics")).await.ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.text().await.ok()
+    }
+}
+
+impl Cluster {
+    /// Adds a node whose join addresses are the current nodes' addresses.
+    pub fn add_node(&mut self, opts: Opts) -> usize {
+        let join = self.nodes.iter().map(|n| n.addr.clone()).collect();
+        self.push_node(opts, join)
+    }
+    /// Starts `voters` nodes with `bootstrap_expect`, waits for them to form, then adds and
+    /// starts one more node that joins as a learner. Returns the learner's index.
+    pub async fn form_with_learner(&mut self, opts: &Opts) -> usize {
+        self.start_all();
+        let voters = self.nodes.len();
+        self.wait_converged(voters, 0, Duration::from_secs(60)).await;
+        let n = self.add_node(Opts { bootstrap_expect: None, ..opts.clone() });
+        self.start(n);
+        n
+    }
+    /// Every node's log, one after another (for lines whichever node led at the time wrote).
+    pub fn all_logs(&self) -> String {
+        self.nodes.iter().map(|n| n.log()).collect()
+    }
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) a running node, like a paused VM or a suspended machine.
+    pub fn freeze(&self, i: usize, frozen: bool) {
+        let pid = self.nodes[i].pid().expect("the node runs");
+        let sig = if frozen { "-STOP" } else { "-CONT" };
+        let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+    /// SIGTERM, then wait for the process to exit (bounded; SIGKILL after 20 s).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("{} did not stop within 20 s of SIGTERM", self.nodes[i].name);
+        }
+    }
+}
+
+/// The value of the sample `line_prefix VALUE` (e.g. `clusteros_raft_voters`) in a metrics text.
+pub fn metric(text: &str, line_prefix: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(line_prefix)?.strip_prefix(' ')?.parse().ok())
+}
