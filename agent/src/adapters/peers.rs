@@ -1,6 +1,12 @@
-//! The client side of the peer API: JSON over HTTP, every request signed with the cluster key and
-//! every response verified, every call bounded by a timeout.
+//! The client side of the peer API, behind the narrow [`Peers`] trait: a JSON body posted to a
+//! path on a node, its JSON answer. [`PeerClient`] is the real one (HTTP, every request signed
+//! with the cluster key and every response verified, every call bounded by a timeout);
+//! [`FakePeers`] answers from functions in the test, so the runtime's formation and forwarding
+//! are tested without processes. The runtime and the Raft network hold a [`PeerHandle`].
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -80,13 +86,17 @@ impl PeerClient {
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
         let body = serde_json::to_vec(req).expect("request types serialize");
+        decode(addr, &self.post(addr, path, body, timeout).await?)
+    }
+
+    async fn post(&self, addr: &str, path: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
         match tokio::time::timeout(timeout, self.call_raw(addr, path, body)).await {
             Ok(r) => r,
             Err(_) => Err(PeerError::Timeout { addr: addr.into(), timeout }),
         }
     }
 
-    async fn call_raw<Resp: DeserializeOwned>(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Resp, PeerError> {
+    async fn call_raw(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError> {
         let auth = self.key.sign_request("POST", path, crate::now_ms() as i64, &new_nonce(), &body);
         let resp = self
             .http
@@ -127,7 +137,116 @@ impl PeerClient {
             };
             return Err(PeerError::Remote { addr: addr.into(), status, kind, message });
         }
-        serde_json::from_slice(&bytes).map_err(|e| PeerError::Decode { addr: addr.into(), message: e.to_string() })
+        Ok(bytes.to_vec())
+    }
+}
+
+fn decode<Resp: DeserializeOwned>(addr: &str, bytes: &[u8]) -> Result<Resp, PeerError> {
+    serde_json::from_slice(bytes).map_err(|e| PeerError::Decode { addr: addr.into(), message: e.to_string() })
+}
+
+/// The future of one [`Peers::exchange`].
+pub type Exchange<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, PeerError>> + Send + 'a>>;
+
+/// What the runtime needs from the peer API's client.
+pub trait Peers: Send + Sync + 'static {
+    /// POSTs the JSON `body` to `path` on the node at `addr` and gives the JSON answer, or why there
+    /// is none (an error answer, a refusal, no answer within `timeout`).
+    fn exchange<'a>(&'a self, addr: &'a str, path: &'a str, body: Vec<u8>, timeout: Duration) -> Exchange<'a>;
+}
+
+impl Peers for PeerClient {
+    fn exchange<'a>(&'a self, addr: &'a str, path: &'a str, body: Vec<u8>, timeout: Duration) -> Exchange<'a> {
+        Box::pin(self.post(addr, path, body, timeout))
+    }
+}
+
+/// A shared [`Peers`] with typed calls. Cheap to clone.
+#[derive(Clone)]
+pub struct PeerHandle(Arc<dyn Peers>);
+
+impl std::fmt::Debug for PeerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerHandle(..)")
+    }
+}
+
+impl PeerHandle {
+    pub fn new(peers: impl Peers) -> PeerHandle {
+        PeerHandle(Arc::new(peers))
+    }
+
+    /// Sends `req` as JSON to `path` on the node at `addr` and decodes the JSON answer.
+    pub async fn call<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let body = serde_json::to_vec(req).expect("request types serialize");
+        decode(addr, &self.0.exchange(addr, path, body, timeout).await?)
+    }
+}
+
+/// Peers that answer from functions of the test, by address and path; every call is recorded.
+/// A call to an address or path without an answer fails as an unreachable node does.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Clone, Default)]
+pub struct FakePeers {
+    routes: Arc<std::sync::Mutex<std::collections::BTreeMap<(String, String), FakeRoute>>>,
+    /// Every call: (address, path, request body as JSON).
+    pub calls: Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>,
+}
+
+#[cfg(any(test, feature = "testing"))]
+type FakeRoute = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, PeerError> + Send + Sync>;
+
+#[cfg(any(test, feature = "testing"))]
+impl FakePeers {
+    /// Answers `path` on `addr` with `f(request)`.
+    pub fn answer<Req, Resp, F>(&self, addr: &str, path: &str, f: F)
+    where
+        Req: DeserializeOwned,
+        Resp: Serialize,
+        F: Fn(Req) -> Result<Resp, PeerError> + Send + Sync + 'static,
+    {
+        let a = addr.to_string();
+        let route: FakeRoute = Arc::new(move |body: &[u8]| {
+            let req: Req = serde_json::from_slice(body).map_err(|e| PeerError::Remote {
+                addr: a.clone(),
+                status: 400,
+                kind: ErrorKind::BadRequest,
+                message: e.to_string(),
+            })?;
+            Ok(serde_json::to_vec(&f(req)?).expect("answers serialize"))
+        });
+        self.routes.lock().expect("routes lock").insert((addr.into(), path.into()), route);
+    }
+
+    /// The calls made to `path`, in order: (address, request).
+    pub fn calls_to(&self, path: &str) -> Vec<(String, serde_json::Value)> {
+        let calls = self.calls.lock().expect("calls lock");
+        calls.iter().filter(|(_, p, _)| p == path).map(|(a, _, b)| (a.clone(), b.clone())).collect()
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl Peers for FakePeers {
+    fn exchange<'a>(&'a self, addr: &'a str, path: &'a str, body: Vec<u8>, _timeout: Duration) -> Exchange<'a> {
+        let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+        self.calls.lock().expect("calls lock").push((addr.into(), path.into(), json));
+        let route = self.routes.lock().expect("routes lock").get(&(addr.to_string(), path.to_string())).cloned();
+        Box::pin(async move {
+            match route {
+                Some(f) => f(&body),
+                None => Err(PeerError::Unreachable {
+                    addr: addr.into(),
+                    message: format!("no fake answer for {path}"),
+                    maybe_delivered: false,
+                }),
+            }
+        })
     }
 }
 

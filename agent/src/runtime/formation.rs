@@ -388,3 +388,106 @@ impl Node {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::adapters::identity::Identity;
+    use crate::adapters::peers::{FakePeers, PeerError, PeerHandle};
+    use crate::core::config::{Config, Credentials, FileConfig, Overrides, ServiceMode};
+    use crate::core::formation::{Pledge, PledgeRefusal};
+    use crate::core::state::NodeId;
+    use crate::proto::{Candidate, HelloRequest, HelloResponse, PledgeResponse, paths};
+    use crate::runtime::driver::run;
+    use crate::runtime::{Node, Phase};
+
+    const SECRET: &str = "formation-test-secret-0123456789";
+    const ME: &str = "127.0.0.1:17601";
+    const PEERS: [&str; 2] = ["127.0.0.1:17602", "127.0.0.1:17603"];
+
+    async fn node(dir: &std::path::Path, fake: &FakePeers) -> Arc<Node> {
+        let file = FileConfig {
+            node_name: Some("n1".into()),
+            state_dir: Some(dir.into()),
+            listen_addr: Some(ME.into()),
+            join: Some(PEERS.iter().map(|p| p.to_string()).collect()),
+            bootstrap_expect: Some(3),
+            cluster_secret: Some(SECRET.into()),
+            manage_services: Some(ServiceMode::Off),
+            ..Default::default()
+        };
+        let cfg = Config::resolve(file, Credentials::default(), &Overrides::default(), &|_| unreachable!()).unwrap();
+        let identity = Identity::load_or_create(dir, "n1").unwrap();
+        Node::open_with_peers(cfg, identity, SECRET, vec![], PeerHandle::new(fake.clone())).await.unwrap()
+    }
+
+    /// Two fake candidates, with ids above this node's (so it is the one to propose), that see all
+    /// three and answer pledge requests with `answer`.
+    fn candidates(fake: &FakePeers, me: NodeId, answer: fn(NodeId) -> Option<PledgeRefusal>) -> [NodeId; 2] {
+        let ids = [NodeId(u64::MAX - 1), NodeId(u64::MAX)];
+        assert!(me < ids[0], "this node's random id is below the fakes' (it is, but for 2 ids of 2^64)");
+        let cand = |id: NodeId, addr: &str| Candidate {
+            id,
+            name: format!("fake-{addr}"),
+            api_addr: addr.into(),
+            initialized: false,
+            bootstrap_expect: Some(3),
+            pledged: None,
+        };
+        for (i, (id, addr)) in ids.iter().zip(PEERS).enumerate() {
+            let (id, other) = (*id, ids[1 - i]);
+            let others = [cand(other, PEERS[1 - i])];
+            fake.answer(addr, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
+                let mut known = others.to_vec();
+                known.push(req.from);
+                Ok(HelloResponse { me: cand(id, addr), known, leader: None, members: Default::default() })
+            });
+            fake.answer(addr, paths::PLEDGE, move |_: Pledge| -> Result<PledgeResponse, PeerError> {
+                Ok(PledgeResponse { refused: answer(id) })
+            });
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn three_candidates_that_see_each_other_form_one_cluster_through_pledges() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakePeers::default();
+        let n = node(dir.path(), &fake).await;
+        let ids = candidates(&fake, n.id(), |_| None);
+        let done = tokio::time::timeout(Duration::from_secs(30), run(n.clone(), super::FormationLoop::new())).await;
+        assert!(done.is_ok(), "formation did not finish: {:?}", n.progress());
+        assert_eq!(n.progress().phase, Phase::Member);
+        let voters: Vec<NodeId> = n.metrics().membership_config.membership().voter_ids().collect();
+        assert_eq!(voters, [n.id(), ids[0], ids[1]], "initialized with exactly the pledged members");
+        // Both fakes were asked for the same pledge, by this node, naming the three addresses.
+        let pledges = fake.calls_to(paths::PLEDGE);
+        assert_eq!(pledges.len(), 2, "{pledges:?}");
+        let p: Pledge = serde_json::from_value(pledges[0].1.clone()).unwrap();
+        assert_eq!(pledges[1].1, pledges[0].1);
+        assert_eq!(p.proposer, n.id());
+        assert_eq!(p.members.values().cloned().collect::<Vec<_>>(), [ME, PEERS[0], PEERS[1]]);
+        assert!(!dir.path().join("formation-pledge.json").exists(), "the pledge is dropped once formed");
+        n.raft.shutdown().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_member_pledged_to_a_smaller_proposer_makes_this_node_withdraw() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakePeers::default();
+        let n = node(dir.path(), &fake).await;
+        candidates(&fake, n.id(), |id| (id == NodeId(u64::MAX)).then_some(PledgeRefusal::PledgedTo(NodeId(1))));
+        let mut f = super::FormationLoop::new();
+        // Round by round (no loop): the first proposes and hears the refusal, and withdraws.
+        use crate::runtime::driver::{Reconciler, Wake};
+        f.reconcile(&n, Wake::Start).await.unwrap();
+        let p = n.progress();
+        assert_eq!(p.phase, Phase::Discovering);
+        assert!(p.detail.starts_with("withdrew the proposal"), "{p:?}");
+        assert!(p.last_error.as_deref().is_some_and(|e| e.contains("pledged to")), "{p:?}");
+        assert!(!n.raft.is_initialized().await.unwrap(), "no cluster without every member's pledge");
+        n.raft.shutdown().await.unwrap();
+    }
+}

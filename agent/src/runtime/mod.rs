@@ -36,7 +36,7 @@ use tokio::sync::{Notify, watch};
 use tracing::info;
 
 use crate::adapters::identity::Identity;
-use crate::adapters::peers::PeerClient;
+use crate::adapters::peers::{PeerClient, PeerHandle};
 use crate::adapters::raft::log_store::LogStore;
 use crate::adapters::raft::network::{ContactTracker, Network};
 use crate::adapters::raft::state_machine::{StateHandle, StateMachineStore};
@@ -119,7 +119,7 @@ pub struct Node {
     pub raft: Raft,
     pub state: StateHandle,
     pub log: LogStore,
-    pub client: PeerClient,
+    pub client: PeerHandle,
     pub contacts: ContactTracker,
     /// When each leader's AppendEntries (replication or heartbeat) last reached this node.
     pub heard_from_leader: ContactTracker,
@@ -202,6 +202,18 @@ impl Node {
         secret: &str,
         extra_join: Vec<String>,
     ) -> Result<Arc<Node>, StartError> {
+        let peers = PeerHandle::new(PeerClient::new(ClusterKey::derive(secret)));
+        Self::open_with_peers(cfg, identity, secret, extra_join, peers).await
+    }
+
+    /// [`Node::open`] with the given peer client (a [`crate::adapters::peers::FakePeers`] in tests).
+    pub async fn open_with_peers(
+        cfg: Config,
+        identity: Identity,
+        secret: &str,
+        extra_join: Vec<String>,
+        client: PeerHandle,
+    ) -> Result<Arc<Node>, StartError> {
         let raft_dir = cfg.state_dir.join(RAFT_DIR);
         crate::adapters::files::ensure_dir(&raft_dir, 0o700)?;
         let log_path = raft_dir.join("raft.redb");
@@ -213,7 +225,6 @@ impl Node {
         let sm = StateMachineStore::open(&raft_dir)?;
         let state = sm.handle();
         let key = ClusterKey::derive(secret);
-        let client = PeerClient::new(key.clone());
         let contacts = ContactTracker::default();
         let network = Network {
             client: client.clone(),

@@ -18,7 +18,7 @@ use openraft::raft::{
 };
 
 use super::{Snapshot, TypeConfig, Vote};
-use crate::adapters::peers::{PeerClient, PeerError};
+use crate::adapters::peers::{PeerError, PeerHandle};
 use crate::core::state::NodeId;
 use crate::proto::{SnapshotRequest, paths};
 
@@ -45,7 +45,7 @@ impl ContactTracker {
 
 #[derive(Clone)]
 pub struct Network {
-    pub client: PeerClient,
+    pub client: PeerHandle,
     pub contacts: ContactTracker,
     pub rpc_timeout: Duration,
     pub snapshot_timeout: Duration,
