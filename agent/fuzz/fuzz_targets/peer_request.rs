@@ -151,7 +151,7 @@ fn decode_answer(kind: u8, body: &[u8]) {
     }
 }
 
-/// The client's reading of an error answer (`transport::PeerClient::call_raw`).
+/// The client's reading of an error answer (`adapters::peers::PeerClient::call_raw`).
 fn error_message(body: &[u8]) -> String {
     match serde_json::from_slice::<ErrorBody>(body) {
         Ok(b) => {

@@ -77,18 +77,7 @@ impl PeerClient {
         PeerClient { http, key }
     }
 
-    /// POSTs `req` as JSON to `http://{addr}{path}` and decodes the JSON answer.
-    pub async fn call<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
-        &self,
-        addr: &str,
-        path: &str,
-        req: &Req,
-        timeout: Duration,
-    ) -> Result<Resp, PeerError> {
-        let body = serde_json::to_vec(req).expect("request types serialize");
-        decode(addr, &self.post(addr, path, body, timeout).await?)
-    }
-
+    /// POSTs the JSON `body` to `http://{addr}{path}`: the verified answer's bytes.
     async fn post(&self, addr: &str, path: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
         match tokio::time::timeout(timeout, self.call_raw(addr, path, body)).await {
             Ok(r) => r,
@@ -269,8 +258,8 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 mod tests {
     use super::*;
 
-    fn client() -> PeerClient {
-        PeerClient::new(ClusterKey::derive("transport-test-secret"))
+    fn client() -> PeerHandle {
+        PeerHandle::new(PeerClient::new(ClusterKey::derive("transport-test-secret")))
     }
 
     #[tokio::test]
