@@ -19,7 +19,6 @@ pub struct Image {
     /// GPT disk: ESP (systemd-boot + UKI) and root. VMs boot qcow2 overlays on it.
     pub raw: PathBuf,
     pub vmlinuz: PathBuf,
-    pub initrd: PathBuf,
     /// Kernel command line for direct boot (root=PARTUUID=... of `raw`).
     pub cmdline: String,
 }
@@ -28,19 +27,14 @@ impl Image {
     /// Copies the image from `src` (sparse, well under a second) into `dst`, and checks that the
     /// command line's root=PARTUUID names a partition of the copied disk (it changes every build).
     pub fn snapshot(src: &Path, dst: &Path) -> Result<Image> {
-        for f in ["clusteros.raw", "clusteros.vmlinuz", "clusteros.initrd", "clusteros.cmdline"] {
+        for f in ["clusteros.raw", "clusteros.vmlinuz", "clusteros.cmdline"] {
             let p = src.join(f);
             if !p.is_file() {
                 bail!("{} missing: build the image first (`make image`, or set CLUSTEROS_IMAGE_DIR)", p.display());
             }
         }
         std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
-        let img = Image {
-            raw: dst.join("base.raw"),
-            vmlinuz: dst.join("base.vmlinuz"),
-            initrd: dst.join("base.initrd"),
-            cmdline: String::new(),
-        };
+        let img = Image { raw: dst.join("base.raw"), vmlinuz: dst.join("base.vmlinuz"), cmdline: String::new() };
         // An image/build finishing between two copies would pair a command line with another
         // build's disk: retry a few times, then report it.
         let mut last = String::new();
@@ -49,7 +43,6 @@ impl Image {
             let from = src.join("clusteros.raw");
             crate::run_cmd("cp", &["--sparse=always", path_str(&from)?, path_str(&img.raw)?])?;
             std::fs::copy(src.join("clusteros.vmlinuz"), &img.vmlinuz)?;
-            std::fs::copy(src.join("clusteros.initrd"), &img.initrd)?;
             let Some(want) = root_partuuid(&cmdline) else {
                 bail!("{}: no root=PARTUUID= in {cmdline:?}", src.join("clusteros.cmdline").display());
             };
