@@ -164,8 +164,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
     let mut extra_join: Vec<String> = Vec::new();
     let mut signal = Box::pin(shutdown_signal());
     // Without an address other nodes can dial there is nothing to start yet: say so in `status`
-    // while the network comes up (the agent does not wait for network-online.target, which costs
-    // a TCG boot about 16 s), and start as soon as the kernel has a route to dial from.
+    // while the network comes up, and start as soon as the kernel has a route to dial from.
     if let Err(e) = crate::adapters::host::resolve_advertise(&cfg) {
         let problem = format!(
             "cannot work out this node's address ({e}): set advertise_addr in /etc/clusteros/agent.toml, or give the node a default route or a join address"
