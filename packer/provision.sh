@@ -15,7 +15,7 @@ if [ "$state" != running ]; then
     systemctl list-units --failed --no-legend --plain || true
 fi
 log "root file system: $(df -h --output=size,used,avail / | tail -n 1)"
-# Printed for scripts/e2e-packer, which checks that the image's first boot makes new ones.
+# Printed for the VM test packer_site_image_builds_and_boots (tests/tests/images.rs), which checks that the image's first boot makes new ones.
 log "build machine-id: $(cat /etc/machine-id)"
 log "build ssh host key: $(ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub)"
 

@@ -19,6 +19,8 @@ pub struct Image {
     /// GPT disk: ESP (systemd-boot + UKI) and root. VMs boot qcow2 overlays on it.
     pub raw: PathBuf,
     pub vmlinuz: PathBuf,
+    /// The image's initrd (`--boot initrd`), when image/build made one.
+    pub initrd: Option<PathBuf>,
     /// Kernel command line for direct boot (root=PARTUUID=... of `raw`).
     pub cmdline: String,
 }
@@ -34,7 +36,9 @@ impl Image {
             }
         }
         std::fs::create_dir_all(dst).with_context(|| format!("cannot create {}", dst.display()))?;
-        let img = Image { raw: dst.join("base.raw"), vmlinuz: dst.join("base.vmlinuz"), cmdline: String::new() };
+        let initrd = src.join("clusteros.initrd").is_file().then(|| dst.join("base.initrd"));
+        let img =
+            Image { raw: dst.join("base.raw"), vmlinuz: dst.join("base.vmlinuz"), initrd, cmdline: String::new() };
         // An image/build finishing between two copies would pair a command line with another
         // build's disk: retry a few times, then report it.
         let mut last = String::new();
@@ -43,16 +47,55 @@ impl Image {
             let from = src.join("clusteros.raw");
             crate::run_cmd("cp", &["--sparse=always", path_str(&from)?, path_str(&img.raw)?])?;
             std::fs::copy(src.join("clusteros.vmlinuz"), &img.vmlinuz)?;
+            if let Some(initrd) = &img.initrd {
+                std::fs::copy(src.join("clusteros.initrd"), initrd)?;
+            }
             let Some(want) = root_partuuid(&cmdline) else {
                 bail!("{}: no root=PARTUUID= in {cmdline:?}", src.join("clusteros.cmdline").display());
             };
             let have = gpt_partition_uuids(&img.raw)?;
             if have.iter().any(|u| u.eq_ignore_ascii_case(&want)) {
+                std::fs::write(dst.join("base.cmdline"), &cmdline)?;
                 return Ok(Image { cmdline, ..img });
             }
             last = format!("root=PARTUUID={want} is not a partition of the disk (it has {have:?})");
         }
         bail!("{} and its clusteros.cmdline do not match (is image/build running?): {last}", src.display())
+    }
+}
+
+impl Image {
+    /// A snapshot that [`Image::snapshot`] made in `dir` earlier.
+    pub fn open_snapshot(dir: &Path) -> Result<Image> {
+        let cmdline = std::fs::read_to_string(dir.join("base.cmdline"))
+            .with_context(|| format!("no image snapshot in {}", dir.display()))?;
+        let initrd = dir.join("base.initrd");
+        Ok(Image {
+            raw: dir.join("base.raw"),
+            vmlinuz: dir.join("base.vmlinuz"),
+            initrd: initrd.is_file().then_some(initrd),
+            cmdline: cmdline.trim().to_string(),
+        })
+    }
+}
+
+impl Image {
+    /// Writes the raw image onto a new blank raw disk file `disk` of `size` bytes, the way a
+    /// person flashes a real disk (`dd if=clusteros.raw of=/dev/sdX bs=4M conv=fsync`). The disk must be at least 1 GiB larger than the image, so that growing it shows.
+    pub fn flash_onto(&self, disk: &Path, size: u64) -> Result<()> {
+        let raw_len = std::fs::metadata(&self.raw).with_context(|| format!("{}", self.raw.display()))?.len();
+        if size < raw_len + (1 << 30) {
+            bail!("a {size}-byte disk is not at least 1 GiB larger than the {raw_len}-byte image");
+        }
+        if disk.exists() {
+            bail!("{} exists already", disk.display());
+        }
+        // The same bytes as dd onto a zeroed disk: the image, then zeros to the end (a sparse copy
+        // of the image, extended: well under a second, where dd reads all of it).
+        crate::run_cmd("cp", &["--sparse=always", path_str(&self.raw)?, path_str(disk)?])?;
+        let f = std::fs::OpenOptions::new().write(true).open(disk)?;
+        f.set_len(size)?;
+        Ok(())
     }
 }
 
@@ -64,8 +107,24 @@ fn root_partuuid(cmdline: &str) -> Option<String> {
     cmdline.split_whitespace().find_map(|a| a.strip_prefix("root=PARTUUID=")).map(str::to_string)
 }
 
+/// One entry of a GPT partition table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partition {
+    /// The unique partition GUID (lowercase).
+    pub uuid: String,
+    /// The partition label (GPT name).
+    pub label: String,
+    /// Byte offset of its first sector (512-byte sectors).
+    pub offset: u64,
+}
+
 /// The unique partition GUIDs of a GPT disk (512-byte sectors), as lowercase strings.
 pub fn gpt_partition_uuids(disk: &Path) -> Result<Vec<String>> {
+    Ok(gpt_partitions(disk)?.into_iter().map(|p| p.uuid).collect())
+}
+
+/// The partitions of a GPT disk (512-byte sectors).
+pub fn gpt_partitions(disk: &Path) -> Result<Vec<Partition>> {
     let mut f = std::fs::File::open(disk).with_context(|| format!("cannot open {}", disk.display()))?;
     let mut hdr = [0u8; 92];
     f.seek(SeekFrom::Start(512))?;
@@ -87,7 +146,16 @@ pub fn gpt_partition_uuids(disk: &Path) -> Result<Vec<String>> {
     Ok(table
         .chunks(size)
         .filter(|e| e[0..16].iter().any(|b| *b != 0))
-        .map(|e| guid_string(e[16..32].try_into().expect("16 bytes")))
+        .map(|e| {
+            // The name: 36 UTF-16LE code units, NUL-padded.
+            let units: Vec<u16> = e[56..128].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+            let label = String::from_utf16_lossy(&units).trim_end_matches('\0').to_string();
+            Partition {
+                uuid: guid_string(e[16..32].try_into().expect("16 bytes")),
+                label,
+                offset: u64_at(e, 32).saturating_mul(512),
+            }
+        })
         .collect())
 }
 

@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod faults;
 pub mod image;
 pub mod netns;
+pub mod qemu;
 pub mod qga;
 pub mod qmp;
 pub mod vm;
@@ -30,8 +31,9 @@ use anyhow::{Context, Result, bail};
 pub use cluster::{Cluster, ClusterBuilder, MemberStatus, RaftStatus, Status, StatusExt, credential};
 pub use image::Image;
 pub use netns::NetNs;
+pub use qemu::{Accel, Boot, DiskFormat, Machine};
 pub use qga::Output;
-pub use vm::{Boot, Vm, VmBuilder};
+pub use vm::{Vm, VmBuilder};
 
 /// The repository root (the workspace this crate lives in).
 pub fn repo_root() -> PathBuf {
@@ -265,7 +267,8 @@ fn short_run_dir(name: &str) -> Result<PathBuf> {
     Ok(tmp)
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     // No libc (unsafe is forbidden): /proc tells our effective uid.
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -275,8 +278,22 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Writes a new file that only its owner can read (secrets, credentials).
+pub fn write_private(path: &Path, data: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(data)?;
+    Ok(())
+}
+
 /// Runs a host command, failing with its stderr.
-pub(crate) fn run_cmd(program: &str, args: &[&str]) -> Result<String> {
+pub fn run_cmd(program: &str, args: &[&str]) -> Result<String> {
     let out = std::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::null())

@@ -17,15 +17,38 @@ pub const HOST_ADDR: &str = "10.77.0.1";
 pub struct NetNs {
     name: String,
     taps: Mutex<u32>,
+    /// Deleted on drop unless it outlives this process ([`NetNs::create_lasting`]).
+    lasting: bool,
 }
 
 impl NetNs {
     /// Creates namespace `ce2e-<pid>-<n>` with lo up and bridge br0 (10.77.0.1/24) up.
     pub fn new(n: u32) -> Result<NetNs> {
-        let name = format!("{PREFIX}{}-{n}", std::process::id());
-        run_cmd("ip", &["netns", "add", &name]).context("cannot create the test network namespace")?;
-        // From here on, Drop deletes it.
-        let ns = NetNs { name, taps: Mutex::new(0) };
+        NetNs::create(format!("{PREFIX}{}-{n}", std::process::id()), false)
+    }
+
+    /// Creates namespace `name` like [`NetNs::new`], but one that outlives this process (the
+    /// cluster of `qemu/cluster up`); [`NetNs::delete`] removes it. If setting it up fails, it
+    /// is removed again.
+    pub fn create_lasting(name: &str) -> Result<NetNs> {
+        NetNs::create(name.into(), true)
+    }
+
+    /// Whether namespace `name` exists.
+    pub fn exists(name: &str) -> Result<bool> {
+        let list = run_cmd("ip", &["netns", "list"])?;
+        Ok(list.lines().any(|l| l.split_whitespace().next() == Some(name)))
+    }
+
+    /// Deletes a lasting namespace (and with it its bridge and taps).
+    pub fn delete_named(name: &str) -> Result<()> {
+        run_cmd("ip", &["netns", "delete", name]).map(|_| ())
+    }
+
+    fn create(name: String, lasting: bool) -> Result<NetNs> {
+        run_cmd("ip", &["netns", "add", &name]).context("cannot create the network namespace")?;
+        // From here on, Drop deletes it, until it is set up.
+        let mut ns = NetNs { name, taps: Mutex::new(0), lasting: false };
         let setup = [
             vec!["link", "set", "lo", "up"],
             vec!["link", "add", BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0"],
@@ -35,6 +58,7 @@ impl NetNs {
         for args in setup {
             ns.ip(&args)?;
         }
+        ns.lasting = lasting;
         Ok(ns)
     }
 
@@ -82,6 +106,9 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
+        if self.lasting {
+            return;
+        }
         if let Err(e) = run_cmd("ip", &["netns", "delete", &self.name]) {
             eprintln!("e2e: cannot delete network namespace {}: {e:#}", self.name);
         }

@@ -95,8 +95,18 @@ impl Qga {
     }
 
     /// Runs `argv` (looked up in the guest's PATH, no shell) and waits for it, all within `timeout`
-    /// (including reaching the agent). `input` becomes its stdin.
+    /// (including reaching the agent). `input` becomes its stdin. Output as text (lossy UTF-8).
     pub fn exec(&self, argv: &[&str], input: Option<&[u8]>, timeout: Duration) -> Result<Output> {
+        let raw = self.exec_raw(argv, input, timeout)?;
+        let mut stderr = String::from_utf8_lossy(&raw.stderr).into_owned();
+        if raw.truncated {
+            stderr.push_str("\n(output truncated by the guest agent)");
+        }
+        Ok(Output { code: raw.code, stdout: String::from_utf8_lossy(&raw.stdout).into_owned(), stderr })
+    }
+
+    /// [`Qga::exec`] with the output as the bytes the command wrote.
+    pub fn exec_raw(&self, argv: &[&str], input: Option<&[u8]>, timeout: Duration) -> Result<RawOutput> {
         let Some((prog, args)) = argv.split_first() else { bail!("exec: empty command") };
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         let deadline = Instant::now() + timeout;
@@ -123,23 +133,30 @@ impl Qga {
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_millis(250));
         };
-        let data = |k: &str| -> Result<String> {
-            let b = match st[k].as_str() {
-                Some(s) => B64.decode(s).with_context(|| format!("bad base64 in {k}"))?,
-                None => Vec::new(),
-            };
-            Ok(String::from_utf8_lossy(&b).into_owned())
+        let data = |k: &str| -> Result<Vec<u8>> {
+            match st[k].as_str() {
+                Some(s) => B64.decode(s).with_context(|| format!("bad base64 in {k}")),
+                None => Ok(Vec::new()),
+            }
         };
-        let mut stderr = data("err-data")?;
-        if st["out-truncated"].as_bool() == Some(true) || st["err-truncated"].as_bool() == Some(true) {
-            stderr.push_str("\n(output truncated by the guest agent)");
-        }
+        let truncated = st["out-truncated"].as_bool() == Some(true) || st["err-truncated"].as_bool() == Some(true);
         let code = match st["signal"].as_i64() {
             Some(sig) => 128 + sig as i32,
             None => st["exitcode"].as_i64().context("guest-exec-status: no exit code")? as i32,
         };
-        Ok(Output { code, stdout: data("out-data")?, stderr })
+        Ok(RawOutput { code, stdout: data("out-data")?, stderr: data("err-data")?, truncated })
     }
+}
+
+/// What a command in the guest wrote, as bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawOutput {
+    /// Exit status, or 128+N when killed by signal N.
+    pub code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// The guest agent cut the output short (it keeps a bounded amount).
+    pub truncated: bool,
 }
 
 struct Conn {

@@ -10,18 +10,17 @@ use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::json;
 
-use crate::image::{OVMF_CODE, OVMF_VARS, path_str};
 use crate::netns::{NetNs, harness_alive};
+use crate::qemu::{Accel, Disk, DiskBus, DiskOrigin, Firmware, Machine, NetBackend, Nic};
+pub use crate::qemu::{Boot, DiskFormat};
 use crate::qga::{Output, Qga};
 use crate::{Abort, TestEnv, run_cmd, wait_until};
 
@@ -47,37 +46,34 @@ impl std::error::Error for Stalled {}
 /// Default limit for one command in the guest.
 pub const EXEC_TIMEOUT: Duration = Duration::from_secs(60);
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Boot {
-    /// `-kernel/-append` with the image's kernel and command line and no initrd: the root disk is
-    /// NVMe, which the Debian cloud kernel has built in (as it has ext4), so the kernel mounts the
-    /// root itself and the initrd's phase is skipped (fastest under TCG).
-    Direct,
-    /// OVMF firmware, systemd-boot and the UKI on the disk's ESP: the path a flashed machine takes.
-    Uefi,
-}
-
-impl Boot {
-    /// `CLUSTEROS_E2E_BOOT=uefi|direct` (default direct).
-    pub fn from_env() -> Boot {
-        match std::env::var("CLUSTEROS_E2E_BOOT").as_deref() {
-            Ok("uefi") => Boot::Uefi,
-            _ => Boot::Direct,
-        }
-    }
+/// What the VM boots from.
+#[derive(Debug, Clone)]
+enum SystemDisk {
+    /// An overlay on the image's raw disk (the default).
+    Image,
+    /// An overlay on another disk image (e.g. a site image made from it).
+    Overlay(PathBuf, DiskFormat),
+    /// This disk file itself (e.g. the raw image flashed onto a bigger disk).
+    Flashed(PathBuf),
+    /// No disk at all (a network boot).
+    None,
 }
 
 pub struct VmBuilder {
     env: Arc<TestEnv>,
     name: String,
-    boot: Boot,
+    boot: Result<Boot, String>,
     mem_mib: u32,
     cpus: u32,
     disk_size: String,
+    system: SystemDisk,
     extra_disks: Vec<String>,
     credentials: BTreeMap<String, Vec<u8>>,
     kernel_args: Vec<String>,
     nic: Option<(Arc<NetNs>, u8)>,
+    user_net: bool,
+    pxe: Option<(PathBuf, String)>,
+    no_reboot: bool,
 }
 
 impl VmBuilder {
@@ -85,14 +81,18 @@ impl VmBuilder {
         VmBuilder {
             env,
             name: name.into(),
-            boot: Boot::from_env(),
+            boot: Boot::from_env().map_err(|e| format!("{e:#}")),
             mem_mib: 1024,
             cpus: 1,
             disk_size: "8G".into(),
+            system: SystemDisk::Image,
             extra_disks: Vec::new(),
             credentials: BTreeMap::new(),
             kernel_args: Vec::new(),
             nic: None,
+            user_net: false,
+            pxe: None,
+            no_reboot: false,
         }
     }
 
@@ -101,7 +101,7 @@ impl VmBuilder {
     }
 
     pub fn boot(mut self, boot: Boot) -> Self {
-        self.boot = boot;
+        self.boot = Ok(boot);
         self
     }
 
@@ -118,6 +118,19 @@ impl VmBuilder {
     /// Virtual size of the system disk (the overlay; the root partition grows into it).
     pub fn disk_size(mut self, size: &str) -> Self {
         self.disk_size = size.into();
+        self
+    }
+
+    /// Boot an overlay on `base` (its virtual size) instead of the image's raw disk.
+    pub fn disk_base(mut self, base: &Path, format: DiskFormat) -> Self {
+        self.system = SystemDisk::Overlay(base.to_path_buf(), format);
+        self
+    }
+
+    /// Boot the raw disk file `disk` itself (it is written to), like a disk the image was
+    /// flashed onto.
+    pub fn flashed_disk(mut self, disk: &Path) -> Self {
+        self.system = SystemDisk::Flashed(disk.to_path_buf());
         self
     }
 
@@ -152,6 +165,29 @@ impl VmBuilder {
         self
     }
 
+    /// A NIC on QEMU's restricted user-mode network (a link that leads nowhere, as a machine on
+    /// an isolated LAN has).
+    pub fn user_network(mut self) -> Self {
+        self.user_net = true;
+        self
+    }
+
+    /// A diskless VM that boots over the network: its first NIC is QEMU's user-mode network,
+    /// whose DHCP hands out `bootfile` from `tftp_dir`, and iPXE fetches the rest from there.
+    /// It gets no SMBIOS credentials (a PXE node's come from the kernel command line that the
+    /// iPXE script writes); a [`VmBuilder::network`] NIC is its second, without a boot ROM.
+    pub fn pxe(mut self, tftp_dir: &Path, bootfile: &str) -> Self {
+        self.pxe = Some((tftp_dir.to_path_buf(), bootfile.into()));
+        self.system = SystemDisk::None;
+        self
+    }
+
+    /// QEMU exits where the guest would reboot.
+    pub fn no_reboot(mut self) -> Self {
+        self.no_reboot = true;
+        self
+    }
+
     /// Creates the disks and the tap and starts QEMU. Does not wait for the guest.
     pub fn start(self) -> Result<Vm> {
         let dir = self.env.run_dir().join(&self.name);
@@ -162,98 +198,100 @@ impl VmBuilder {
             bail!("a VM named {} already exists in this test", self.name);
         }
         std::fs::create_dir_all(&dir)?;
-        let p = |f: &str| dir.join(f);
-        let image = self.env.image().clone();
-        run_cmd(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                "raw",
-                "-b",
-                path_str(&image.raw)?,
-                path_str(&p("disk.qcow2"))?,
-                &self.disk_size,
-            ],
-        )?;
-        let accel = accel();
-        let mut args: Vec<String> = Vec::new();
-        let mut arg = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
+        let boot = self.boot.clone().map_err(anyhow::Error::msg)?;
+        let mut m = Machine::clusteros(&self.name, &dir, self.env.image(), boot, Accel::from_env()?)?;
         // The owner's pid in the name lets a later run find VMs of a run that was killed. (No
         // `process=`: the process keeps its name, so `pgrep qemu` finds it.)
-        arg(&["-name", &format!("{NAME_PREFIX}{}-{}", std::process::id(), self.name)]);
-        arg(&["-machine", "q35"]);
-        match accel {
-            Accel::Kvm => arg(&["-accel", "kvm", "-cpu", "host"]),
-            Accel::Tcg => arg(&["-accel", "tcg", "-cpu", "max"]),
+        m.name = format!("{NAME_PREFIX}{}-{}", std::process::id(), self.name);
+        m.cpus = self.cpus;
+        m.mem_mib = self.mem_mib;
+        m.no_reboot = self.no_reboot;
+        m.kernel_args = self.kernel_args.clone();
+        m.credentials.extend(self.credentials.clone());
+        let root = &mut m.disks[0];
+        match &self.system {
+            SystemDisk::Image => {
+                root.origin = DiskOrigin::Overlay {
+                    backing: self.env.image().raw.clone(),
+                    backing_format: DiskFormat::Raw,
+                    size: Some(self.disk_size.clone()),
+                }
+            }
+            SystemDisk::Overlay(base, format) => {
+                root.origin = DiskOrigin::Overlay { backing: base.clone(), backing_format: *format, size: None }
+            }
+            SystemDisk::Flashed(file) => {
+                root.file = file.clone();
+                root.format = DiskFormat::Raw;
+                root.origin = DiskOrigin::Existing;
+            }
+            SystemDisk::None => {
+                m.disks.clear();
+            }
         }
-        arg(&["-smp", &self.cpus.to_string(), "-m", &self.mem_mib.to_string()]);
-        arg(&["-nodefaults", "-no-user-config", "-display", "none"]);
-        arg(&["-chardev", &format!("file,id=serial0,path={},append=on", path_str(&p("serial.log"))?)]);
-        arg(&["-serial", "chardev:serial0"]);
-        arg(&["-drive", &format!("if=none,id=disk0,file={},format=qcow2,discard=unmap", path_str(&p("disk.qcow2"))?)]);
-        arg(&[
-            "-device",
-            if self.boot == Boot::Direct { "nvme,drive=disk0,serial=disk0" } else { "virtio-blk-pci,drive=disk0" },
-        ]);
         for (i, size) in self.extra_disks.iter().enumerate() {
-            let f = p(&format!("extra{}.qcow2", i + 1));
-            run_cmd("qemu-img", &["create", "-q", "-f", "qcow2", path_str(&f)?, size])?;
-            arg(&["-drive", &format!("if=none,id=extra{n},file={},format=qcow2", path_str(&f)?, n = i + 1)]);
-            arg(&["-device", &format!("virtio-blk-pci,drive=extra{n},serial=extra{n}", n = i + 1)]);
+            m.disks.push(Disk {
+                id: format!("extra{}", i + 1),
+                file: dir.join(format!("extra{}.qcow2", i + 1)),
+                format: DiskFormat::Qcow2,
+                bus: DiskBus::VirtioBlk,
+                bootindex: None,
+                discard: false,
+                origin: DiskOrigin::Blank { size: size.clone() },
+            });
         }
-        let mut credentials = self.credentials.clone();
-        credentials.entry("system.hostname".into()).or_insert_with(|| self.name.clone().into_bytes());
+        if let Some((tftp, bootfile)) = &self.pxe {
+            if !self.credentials.is_empty() {
+                bail!("{}: a PXE-booted VM takes its credentials from the iPXE script, not SMBIOS", self.name);
+            }
+            m.credentials.clear();
+            m.firmware = Firmware::Network;
+            m.nics.push(Nic {
+                id: "boot".into(),
+                backend: NetBackend::User { tftp: Some((tftp.clone(), bootfile.clone())) },
+                mac: None,
+                rom: true,
+                bootindex: Some(1),
+            });
+        }
+        if self.user_net {
+            m.nics.push(Nic {
+                id: format!("net{}", m.nics.len()),
+                backend: NetBackend::User { tftp: None },
+                mac: None,
+                rom: false,
+                bootindex: None,
+            });
+        }
         let mut ip = None;
         if let Some((net, index)) = &self.nic {
             let tap = net.add_tap()?;
             let mac = NetNs::node_mac(*index);
             let addr = NetNs::node_ip(*index);
-            arg(&["-netdev", &format!("tap,id=net0,ifname={tap},script=no,downscript=no")]);
-            arg(&["-device", &format!("virtio-net-pci,netdev=net0,mac={mac}")]);
-            credentials
-                .entry("network.network.10-clusteros".into())
-                .or_insert_with(|| NetNs::network_file(&mac, &addr).into_bytes());
+            m.nics.push(Nic {
+                id: format!("net{}", m.nics.len()),
+                backend: NetBackend::Tap { ifname: tap },
+                mac: Some(mac.clone()),
+                rom: self.pxe.is_none(),
+                bootindex: None,
+            });
+            if self.pxe.is_none() {
+                m.credentials
+                    .entry("network.network.10-clusteros".into())
+                    .or_insert_with(|| NetNs::network_file(&mac, &addr).into_bytes());
+            }
             ip = Some(addr);
         }
-        arg(&["-device", "virtio-rng-pci", "-device", "virtio-serial-pci"]);
-        arg(&["-chardev", &format!("socket,id=qga0,path={},server=on,wait=off", path_str(&p("qga.sock"))?)]);
-        arg(&["-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0"]);
-        arg(&["-qmp", &format!("unix:{},server=on,wait=off", path_str(&p("qmp.sock"))?)]);
-        for (name, value) in &credentials {
-            // Base64 has no commas, which QEMU's option parser would split on.
-            arg(&["-smbios", &format!("type=11,value=io.systemd.credential.binary:{name}={}", B64.encode(value))]);
-        }
-        match self.boot {
-            Boot::Direct => {
-                let mut cmdline = format!("{} rootfstype=ext4", image.cmdline);
-                for a in &self.kernel_args {
-                    cmdline.push(' ');
-                    cmdline.push_str(a);
-                }
-                arg(&["-kernel", path_str(&image.vmlinuz)?]);
-                arg(&["-append", &cmdline]);
-            }
-            Boot::Uefi => {
-                std::fs::copy(OVMF_VARS, p("efivars.fd")).with_context(|| format!("cannot copy {OVMF_VARS}"))?;
-                arg(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}")]);
-                arg(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", path_str(&p("efivars.fd"))?)]);
-                if !self.kernel_args.is_empty() {
-                    let extra = self.kernel_args.join(" ").replace(',', ",,");
-                    arg(&["-smbios", &format!("type=11,value=io.systemd.stub.kernel-cmdline-extra={extra}")]);
-                }
-            }
-        }
+        m.create_files()?;
+        // A bad machine fails here, before anything runs.
+        m.args()?;
         let vm = Vm {
             name: self.name.clone(),
-            qga: Qga::new(p("qga.sock")),
+            qga: Qga::new(&m.qga_socket),
             dir,
             ip,
             netns: self.nic.as_ref().map(|(n, _)| n.clone()),
-            args,
+            machine: m,
             child: Mutex::new(None),
             boots: AtomicU32::new(0),
             started: Mutex::new(Instant::now()),
@@ -265,28 +303,6 @@ impl VmBuilder {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Accel {
-    Kvm,
-    Tcg,
-}
-
-/// `CLUSTEROS_ACCEL=kvm|tcg`, else KVM only when /dev/kvm is usable with hardware virtualisation
-/// (some hosts expose a /dev/kvm that cannot run ordinary guests).
-fn accel() -> Accel {
-    match std::env::var("CLUSTEROS_ACCEL").as_deref() {
-        Ok("kvm") => return Accel::Kvm,
-        Ok("tcg") => return Accel::Tcg,
-        _ => {}
-    }
-    let rw = OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-    let hw = std::fs::read_to_string("/proc/cpuinfo")
-        .map(|c| c.split_whitespace().any(|w| w == "vmx" || w == "svm"))
-        .unwrap_or(false);
-    let module = Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
-    if rw && hw && module { Accel::Kvm } else { Accel::Tcg }
-}
-
 pub struct Vm {
     name: String,
     dir: PathBuf,
@@ -294,7 +310,7 @@ pub struct Vm {
     qga: Qga,
     /// Keeps the namespace (and the VM's tap) alive as long as the VM.
     netns: Option<Arc<NetNs>>,
-    args: Vec<String>,
+    machine: Machine,
     child: Mutex<Option<Child>>,
     boots: AtomicU32,
     /// When QEMU was last started.
@@ -336,16 +352,8 @@ impl Vm {
             let _ = std::fs::remove_file(self.dir.join(s));
         }
         let log = OpenOptions::new().create(true).append(true).open(self.dir.join("qemu.log"))?;
-        let mut cmd = match &self.netns {
-            // `ip netns exec` execs QEMU in place: the child's pid is QEMU's.
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns.name(), "qemu-system-x86_64"]);
-                c
-            }
-            None => Command::new("qemu-system-x86_64"),
-        };
-        cmd.args(&self.args).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
+        let mut cmd = self.machine.command(self.netns.as_ref().map(|n| n.name()))?;
+        cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).process_group(0);
         let mut c = cmd.spawn().context("cannot start qemu-system-x86_64 (run scripts/install-host-deps)")?;
         self.boots.fetch_add(1, Ordering::SeqCst);
         *self.started.lock().expect("start time") = Instant::now();
@@ -607,7 +615,7 @@ impl Drop for Vm {
 }
 
 /// Removes CSI escape sequences (ESC [ ... final byte), as systemd's colored status lines have.
-fn strip_ansi(s: &str) -> String {
+pub fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars().peekable();
     while let Some(c) = chars.next() {
@@ -625,7 +633,8 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-fn tail(s: &str, lines: usize) -> String {
+/// The last `lines` lines of `s`.
+pub fn tail(s: &str, lines: usize) -> String {
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
 }

@@ -5,7 +5,7 @@
 //!     cargo test -p clusteros-e2e --features e2e -- --test-threads=1 --nocapture
 //! Each scenario prints `e2e: <phase> <seconds>`. A failing test saves each VM's serial console,
 //! QEMU log and journal under target/e2e-logs/<test>/ and prints that path.
-//! Knobs: CLUSTEROS_E2E_TIMEOUT_SCALE (multiply every timeout), CLUSTEROS_E2E_BOOT=uefi|direct,
+//! Knobs: CLUSTEROS_E2E_TIMEOUT_SCALE (multiply every timeout), CLUSTEROS_E2E_BOOT=direct|initrd|uefi,
 //! CLUSTEROS_ACCEL=kvm|tcg, CLUSTEROS_E2E_KEEP=1 (keep the run directory with the VM disks).
 
 use std::collections::BTreeMap;
@@ -17,15 +17,19 @@ use clusteros_e2e::{Boot, ClusterBuilder, OrFail, StatusExt, TestEnv, Vm, creden
 
 /// (a) one VM with a secret and bootstrap_expect=1 comes up whole and forms a one-node cluster;
 /// (b) one VM without a secret comes up, and `clusteros status` says what is missing and how to
-/// provide it. Both boot at once; (a) boots through UEFI (OVMF, systemd-boot, the UKI on the ESP),
-/// (b) with a direct kernel boot.
+/// provide it. Both boot at once; (a) boots through UEFI (OVMF, systemd-boot, the UKI on the ESP)
+/// from the raw image flashed onto a bigger raw disk, as a machine does, and its root grows to
+/// fill that disk on first boot; (b) boots with a direct kernel boot.
 #[test]
 fn single_node_with_and_without_secret() {
     let env = TestEnv::new("single_node_with_and_without_secret").or_fail("setup");
     let net = env.netns().or_fail("network namespace");
+    let flashed = env.run_dir().join("flashed.raw");
+    env.image().flash_onto(&flashed, FLASHED_DISK).or_fail("(a) flash the image onto a bigger disk");
     let a = env
         .vm("with-secret")
         .boot(Boot::Uefi)
+        .flashed_disk(&flashed)
         .network(&net, 1)
         .credential(credential::CLUSTER_SECRET, random_secret())
         .credential(credential::BOOTSTRAP_EXPECT, "1")
@@ -54,11 +58,33 @@ fn single_node_with_and_without_secret() {
 
     check_vm_options(&a, "clusteros_e2e.marker=a").or_fail("(a) harness: kernel argument and extra disk (UEFI)");
     check_vm_options(&b, "clusteros_e2e.marker=b").or_fail("(b) harness: kernel argument and extra disk");
+    check_root_grew(&a, FLASHED_DISK).or_fail("(a) the root of the flashed disk grew to fill it");
     check_configured_node(&a).or_fail("(a) node with a secret");
     env.timer.phase("single/a.checks");
     check_unconfigured_node(&b).or_fail("(b) node without a secret");
     env.timer.phase("single/b.checks");
     env.timer.record("single/total", env.timer.total());
+}
+
+/// Size of the disk the image is flashed onto in (a): more than twice the image's.
+const FLASHED_DISK: u64 = 6 << 30;
+
+/// On first boot systemd-repart grew the root partition to the end of the disk and
+/// x-systemd.growfs grew its ext4 with it.
+fn check_root_grew(vm: &Vm, disk: u64) -> Result<()> {
+    let num = |argv: &[&str]| -> Result<u64> {
+        let out = vm.exec(argv)?.check(&argv.join(" "))?;
+        let v = out.stdout.split_whitespace().last().unwrap_or_default().to_string();
+        v.parse().map_err(|_| anyhow::anyhow!("`{}` printed {:?}", argv.join(" "), out.stdout))
+    };
+    let part = num(&["lsblk", "-bno", "SIZE", "/dev/disk/by-partlabel/clusteros-root"])?;
+    let fs = num(&["df", "-B1", "--output=size", "/"])?;
+    // The disk minus the 256 MiB ESP and the GPT; ext4 keeps some of it for its own metadata.
+    let want = disk - (512 << 20);
+    println!("e2e: flashed disk {disk} B: root partition {part} B, root file system {fs} B");
+    ensure!(part >= want, "the root partition did not grow to the disk ({part} < {want} bytes)");
+    ensure!(fs >= want / 10 * 9, "the root file system did not grow with its partition ({fs} bytes)");
+    Ok(())
 }
 
 /// `systemctl show UNIT -p ...` as a map.

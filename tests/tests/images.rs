@@ -1,0 +1,282 @@
+//! Proofs of the image's other ways in: a diskless node boots over the network (PXE) and joins a
+//! cluster; packer turns the image into a site image that boots. (The raw image flashed onto a
+//! bigger disk is `single_node_with_and_without_secret` in e2e.rs.)
+//!
+//! Needs root, the host tools (scripts/install-host-deps, packer among them) and a built image
+//! (target/image, or CLUSTEROS_IMAGE_DIR). Run with `make e2e`, or:
+//!     cargo test -p clusteros-e2e --features e2e --test images -- --test-threads=1 --nocapture
+//! Phases print as `e2e: <phase> <seconds>`; a failing test keeps each VM's serial console, QEMU
+//! log and journal under target/e2e-logs/<test>/ (and, for packer, its build log there too).
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail, ensure};
+use base64::Engine as _;
+use clusteros_e2e::cluster::{random_secret, status_of};
+use clusteros_e2e::image::image_dir;
+use clusteros_e2e::{
+    Accel, Boot, DiskFormat, NetNs, OrFail, StatusExt, TestEnv, Vm, credential, repo_root, timeout, wait_until,
+};
+
+/// A diskless VM boots ClusterOS over the network and runs from RAM, and joins a cluster.
+///
+/// disk1 is the cluster to join (a one-node cluster on the image, direct boot). pxe1 has no disk
+/// at all: its first NIC is QEMU's user-mode network, whose DHCP hands out clusteros.ipxe over
+/// TFTP; that script chains clusteros-site.ipxe (written here: the secret, join = disk1, no
+/// bootstrap-expect, the host name and a static .network for the second NIC) and loads the kernel
+/// and the initrd holding the whole root file system. Its second NIC is on the test LAN.
+#[test]
+fn pxe_node_boots_diskless_and_joins() {
+    let env = TestEnv::new("pxe_node_boots_diskless_and_joins").or_fail("setup");
+    let net = env.netns().or_fail("network namespace");
+    let secret = random_secret();
+    let disk_ip = NetNs::node_ip(1);
+    let join = format!("{disk_ip}:{}", clusteros_e2e::cluster::PEER_PORT);
+    let tftp = env.run_dir().join("tftp");
+    write_tftp_root(&tftp, &secret, &join, "pxe1", 2).or_fail("the TFTP root");
+    env.timer.phase("pxe/tftp-root");
+
+    let disk1 = env
+        .vm("disk1")
+        .network(&net, 1)
+        .credential(credential::CLUSTER_SECRET, &secret)
+        .credential(credential::JOIN, &join)
+        .credential(credential::BOOTSTRAP_EXPECT, "1")
+        .start()
+        .or_fail("start disk1");
+    let pxe = env.vm("pxe1").pxe(&tftp, "clusteros.ipxe").network(&net, 2).no_reboot().start().or_fail("start pxe1");
+    env.timer.phase("pxe/start-vms");
+
+    // The kernel prints its banner once iPXE has fetched the kernel and the initrd and jumped to it.
+    wait_until(timeout(300), "pxe1: the kernel banner (iPXE fetched kernel + initrd over TFTP)", || {
+        ensure!(pxe.is_running(), clusteros_e2e::Abort::new("QEMU exited"));
+        ensure!(pxe.serial_log().contains("Linux version"), "no kernel banner yet");
+        Ok(())
+    })
+    .or_fail("network boot");
+    env.timer.phase("pxe/ipxe-dhcp-tftp");
+    let d = pxe.wait_system_running(timeout(420)).or_fail("pxe1 boot");
+    env.timer.record("pxe/pxe1.boot-to-running", d);
+
+    check_runs_from_ram(&pxe).or_fail("pxe1 runs from RAM");
+    check_cmdline_credentials(&pxe, &secret, &join).or_fail("pxe1's credentials");
+    check_lan(&pxe, &net).or_fail("pxe1's cluster NIC");
+    env.timer.phase("pxe/pxe1-checks");
+
+    let d = disk1.wait_system_running(timeout(420)).or_fail("disk1 boot");
+    env.timer.record("pxe/disk1.boot-to-running", d);
+    let cluster_id = wait_until(timeout(180), "disk1 to lead its one-node cluster", || {
+        let st = status_of(&disk1)?;
+        ensure!(st.is_member() && st.leader().is_some() && st.leader() == st.node.id.as_deref(), "{}", st.summary());
+        st.cluster_id.clone().context("no cluster id yet")
+    })
+    .or_fail("disk1's cluster");
+    wait_until(timeout(240), "disk1 to list pxe1 as a member and pxe1 to say it is one", || {
+        let disk = status_of(&disk1)?;
+        let mut names: Vec<&str> = disk.members.iter().filter_map(|m| m.name.as_deref()).collect();
+        names.sort();
+        ensure!(names == ["disk1", "pxe1"], "disk1 lists members {names:?}");
+        let own = status_of(&pxe)?;
+        ensure!(own.is_member() && own.cluster_id.as_deref() == Some(cluster_id.as_str()), "pxe1: {}", own.summary());
+        Ok(())
+    })
+    .or_fail("pxe1 joins disk1's cluster");
+    env.timer.phase("pxe/joined");
+    let free = pxe.exec(&["free", "-m"]).map(|o| o.stdout).unwrap_or_default();
+    println!("e2e: pxe1 memory (MiB):\n{}", free.trim_end());
+    env.timer.record("pxe/total", env.timer.total());
+}
+
+/// The image's PXE files (hard links, or copies across file systems) and a clusteros-site.ipxe
+/// with the cluster settings of node `index` on the test LAN.
+fn write_tftp_root(dir: &Path, secret: &str, join: &str, hostname: &str, index: u8) -> Result<()> {
+    let pxe = image_dir().join("pxe");
+    std::fs::create_dir_all(dir)?;
+    for f in ["clusteros.vmlinuz", "clusteros.initrd", "clusteros.ipxe"] {
+        let src = pxe.join(f);
+        ensure!(src.is_file(), "{} missing: run image/build", src.display());
+        if std::fs::hard_link(&src, dir.join(f)).is_err() {
+            std::fs::copy(&src, dir.join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
+        }
+    }
+    let network = NetNs::network_file(&NetNs::node_mac(index), &NetNs::node_ip(index));
+    let network = base64::engine::general_purpose::STANDARD.encode(network);
+    let site = format!(
+        "#!ipxe\nset clusteros_secret {secret}\nset clusteros_join {join}\nset clusteros_args \
+         systemd.hostname={hostname} systemd.set_credential_binary=network.network.10-clusteros:{network}\n"
+    );
+    std::fs::write(dir.join("clusteros-site.ipxe"), site)?;
+    Ok(())
+}
+
+/// Root on the kernel's tmpfs, no block device, and the root tmpfs enlarged past the kernel's
+/// half of RAM (the PXE image's /etc/fstab asks for 75%).
+fn check_runs_from_ram(vm: &Vm) -> Result<()> {
+    let fstype = vm.exec(&["findmnt", "-n", "-o", "FSTYPE", "/"])?.check("findmnt /")?.stdout;
+    ensure!(matches!(fstype.trim(), "rootfs" | "tmpfs" | "ramfs"), "root is {}, not the initramfs", fstype.trim());
+    let blk = vm.sh("ls /sys/block | grep -v -e ^loop -e ^ram -e ^zram || true")?.check("ls /sys/block")?.stdout;
+    ensure!(blk.trim().is_empty(), "the diskless VM sees block devices: {}", blk.trim());
+    let out = vm.sh("df -k --output=size / | tail -n 1; sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo")?;
+    let nums: Vec<u64> = out.check("df, meminfo")?.stdout.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+    let [root_kb, mem_kb] = nums[..] else { bail!("cannot read the root size and memory: {nums:?}") };
+    println!("e2e: pxe1 root tmpfs {root_kb} KiB of {mem_kb} KiB RAM");
+    ensure!(root_kb >= mem_kb * 70 / 100, "the root tmpfs was not enlarged (size=75% in the PXE /etc/fstab)");
+    Ok(())
+}
+
+/// The credentials came from the kernel command line (iPXE) and reached the agent: the same
+/// secret and join, and no bootstrap-expect.
+fn check_cmdline_credentials(vm: &Vm, secret: &str, join: &str) -> Result<()> {
+    let cmdline = vm.exec(&["cat", "/proc/cmdline"])?.check("cat /proc/cmdline")?.stdout;
+    ensure!(
+        cmdline.contains(&format!("systemd.set_credential=clusteros.cluster-secret:{secret}")),
+        "the secret is not on the kernel command line: {cmdline}"
+    );
+    wait_until(timeout(120), "clusteros-agent.service to be active", || {
+        vm.exec(&["systemctl", "is-active", "clusteros-agent.service"])?.check("systemctl is-active").map(|_| ())
+    })?;
+    let script = "d=$(tr '\\0' '\\n' </proc/$(systemctl show -P MainPID clusteros-agent.service)/environ | \
+                  sed -n 's/^CREDENTIALS_DIRECTORY=//p'); \
+                  printf '%s|%s|%s' \"$(cat $d/clusteros.cluster-secret)\" \"$(cat $d/clusteros.join)\" \
+                  \"$(test -e $d/clusteros.bootstrap-expect && echo present || echo absent)\"";
+    let got = vm.sh(script)?.check("the agent's credentials")?.stdout;
+    ensure!(got == format!("{secret}|{join}|absent"), "the agent's credentials differ: {got:?}");
+    Ok(())
+}
+
+/// The cluster NIC carries traffic both ways: the guest pings the bridge, and the host side of
+/// the bridge reaches the agent's peer port.
+fn check_lan(vm: &Vm, net: &NetNs) -> Result<()> {
+    let ip = vm.ip().context("pxe1 has no LAN address")?;
+    wait_until(timeout(60), "pxe1 to ping the bridge", || {
+        vm.exec(&["ping", "-c1", "-W1", clusteros_e2e::netns::HOST_ADDR])?.check("ping").map(|_| ())
+    })?;
+    let port = clusteros_e2e::cluster::PEER_PORT;
+    wait_until(timeout(60), "the agent's peer port to be reachable from the bridge", || {
+        let probe = format!("exec 3<>/dev/tcp/{ip}/{port}");
+        clusteros_e2e::run_cmd("ip", &["netns", "exec", net.name(), "timeout", "5", "bash", "-c", &probe]).map(|_| ())
+    })?;
+    Ok(())
+}
+
+/// packer/build turns the image into a site image (inside a namespace with no way out: offline
+/// by construction) that boots under UEFI with the site files, a root of the chosen size, and
+/// nothing of its build boot: no login key, a new machine id and SSH host key, one boot in the
+/// journal.
+#[test]
+fn packer_site_image_builds_and_boots() {
+    const DISK: &str = "20G";
+    let env = TestEnv::new("packer_site_image_builds_and_boots").or_fail("setup");
+    let net = env.netns().or_fail("network namespace");
+    let source = image_dir().join("clusteros.qcow2");
+    assert!(source.is_file(), "{} missing: run image/build", source.display());
+    let out = env.run_dir().join("out");
+    let log = env.run_dir().join("packer.log");
+    let accel = Accel::from_env().or_fail("accelerator");
+    let build = packer_build(&net, &source, &out, &log, accel, DISK);
+    if build.is_err() {
+        let _ = std::fs::create_dir_all(env.log_dir());
+        let _ = std::fs::copy(&log, env.log_dir().join("packer.log"));
+        let _ = std::fs::copy(env.run_dir().join("packer-serial.log"), env.log_dir().join("packer-serial.log"));
+    }
+    let (build_machine_id, build_host_key) = build.or_fail("packer/build");
+    env.timer.phase("packer/build");
+
+    let image = out.join("clusteros-site.qcow2");
+    let vm = env
+        .vm("site")
+        .boot(Boot::Uefi)
+        .disk_base(&image, DiskFormat::Qcow2)
+        .user_network()
+        .no_reboot()
+        .start()
+        .or_fail("start the site image");
+    let d = vm.wait_system_running(timeout(420)).or_fail("boot the site image");
+    env.timer.record("packer/boot-to-running", d);
+    check_site_image(&vm, &build_machine_id, &build_host_key, DISK).or_fail("the site image");
+    env.timer.phase("packer/checks");
+    env.timer.record("packer/total", env.timer.total());
+}
+
+/// Runs packer/build offline (in `net`, which has no route out) and returns the build boot's
+/// machine id and SSH host key fingerprint, as provision.sh printed them.
+fn packer_build(
+    net: &NetNs,
+    source: &Path,
+    out: &Path,
+    log: &Path,
+    accel: Accel,
+    disk: &str,
+) -> Result<(String, String)> {
+    let which = std::process::Command::new("sh").args(["-c", "command -v packer"]).output()?;
+    ensure!(which.status.success(), "packer not found: run scripts/install-host-deps");
+    let logf = std::fs::File::create(log)?;
+    let serial = log.with_file_name("packer-serial.log");
+    let status = std::process::Command::new("timeout")
+        .args(["1500", "ip", "netns", "exec", net.name()])
+        .arg(repo_root().join("packer/build"))
+        .arg("--source")
+        .arg(source)
+        .arg("--out")
+        .arg(out)
+        .args(["--disk-size", disk, "--serial-log"])
+        .arg(&serial)
+        .env("PACKER_ACCEL", accel.as_str())
+        .stdin(std::process::Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .status()?;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    if !status.success() {
+        bail!("packer/build failed ({status}); it ends:\n{}", clusteros_e2e::vm::tail(&text, 40));
+    }
+    for l in text.lines().filter(|l| l.contains("provision:") || l.contains("packer/build:")) {
+        println!("e2e: {}", l.trim());
+    }
+    let find = |marker: &str| -> Option<String> {
+        text.lines().find_map(|l| l.split_once(marker).map(|(_, rest)| rest.trim().to_string()))
+    };
+    let machine_id = find("provision: build machine-id: ")
+        .and_then(|m| m.split_whitespace().next().map(str::to_string))
+        .context("provision.sh did not print the build machine id")?;
+    // "provision: build ssh host key: 256 SHA256:... root@... (ED25519)"
+    let host_key = find("provision: build ssh host key: ")
+        .and_then(|k| k.split_whitespace().nth(1).map(str::to_string))
+        .context("provision.sh did not print the build SSH host key")?;
+    Ok((machine_id, host_key))
+}
+
+fn check_site_image(vm: &Vm, build_machine_id: &str, build_host_key: &str, disk: &str) -> Result<()> {
+    let run = |argv: &[&str]| -> Result<String> { Ok(vm.exec(argv)?.check(&argv.join(" "))?.stdout) };
+    run(&["test", "-s", "/etc/issue.d/clusteros-site.issue"]).context("/etc/issue.d/clusteros-site.issue")?;
+    let want = std::fs::read(repo_root().join("packer/site/etc/clusteros/agent.toml"))?;
+    let got = run(&["cat", "/etc/clusteros/agent.toml"])?;
+    ensure!(got.as_bytes() == want, "/etc/clusteros/agent.toml is not packer/site's:\n{got}");
+    let info = run(&["cat", "/etc/clusteros/image-info"])?;
+    ensure!(info.lines().any(|l| l == "site=example"), "/etc/clusteros/image-info lacks site=example:\n{info}");
+    ensure!(
+        !vm.exec(&["test", "-e", "/root/.ssh/authorized_keys"])?.success(),
+        "packer's key is still in /root/.ssh/authorized_keys"
+    );
+    let machine_id = run(&["cat", "/etc/machine-id"])?.trim().to_string();
+    let key = run(&["ssh-keygen", "-lf", "/etc/ssh/ssh_host_ed25519_key.pub"])?;
+    let key = key.split_whitespace().nth(1).unwrap_or_default();
+    println!(
+        "e2e: machine id: build {build_machine_id}, now {machine_id}; ssh host key: build {build_host_key}, now {key}"
+    );
+    ensure!(
+        machine_id.len() == 32 && machine_id.bytes().all(|b| b.is_ascii_hexdigit()) && machine_id != build_machine_id,
+        "the machine id was not regenerated ({machine_id})"
+    );
+    ensure!(!key.is_empty() && key != build_host_key, "the SSH host key was not regenerated ({key})");
+    let boots = run(&["journalctl", "--list-boots", "-q", "--no-pager"])?;
+    let n = boots.lines().filter(|l| !l.trim().is_empty()).count();
+    ensure!(n == 1, "the journal holds {n} boots: the build boot's journal was not removed\n{boots}");
+    for unit in ["clusteros-agent.service", "ssh.service"] {
+        run(&["systemctl", "is-active", unit]).with_context(|| format!("{unit} is not active"))?;
+    }
+    let fs: u64 = run(&["sh", "-c", "df -B1 --output=size / | tail -n 1"])?.trim().parse()?;
+    let size: u64 = disk.trim_end_matches('G').parse::<u64>()? << 30;
+    ensure!(fs >= size / 10 * 9, "the root file system ({fs} B) does not span the {disk} disk");
+    Ok(())
+}
