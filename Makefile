@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all deps build release image cluster down test test-host faults faults-short fuzz-smoke e2e e2e-suites check fmt bench
+.PHONY: all deps build release image cluster down test test-host faults faults-short fuzz-smoke e2e e2e-suites e2e-containers e2e-vms check fmt bench
 
 all: build
 
@@ -33,7 +33,8 @@ test:
 	scripts/tier faults $(MAKE) faults-short
 	scripts/tier fuzz $(MAKE) fuzz-smoke
 	scripts/tier image $(MAKE) image
-	scripts/tier vm $(MAKE) e2e-suites
+	scripts/tier containers $(MAKE) e2e-containers
+	scripts/tier vm $(MAKE) e2e-vms
 	@echo "test tiers:"; cat target/tier-times
 
 test-host:
@@ -65,9 +66,19 @@ E2E_ARGS ?=
 e2e: image
 	$(MAKE) e2e-suites
 
-# The VM suites on the image already built.
+# The VM suites on the image already built: the container tier, then the QEMU tier.
 e2e-suites:
-	$(CARGO) test -p clusteros-e2e --features e2e -- --test-threads=1 --nocapture $(E2E_ARGS)
+	$(MAKE) e2e-containers
+	$(MAKE) e2e-vms
+
+# The fast tier (tests/tests/containers.rs, about 20 s): the image's root booted as systemd-nspawn
+# containers: formation, the agent under systemd, munge and slurmctld over D-Bus, a killed agent
+# restarted by systemd, a node without a secret. What needs a kernel of its own stays in QEMU.
+e2e-containers:
+	$(CARGO) test -p clusteros-e2e --features e2e --test containers -- --test-threads=1 --nocapture $(E2E_ARGS)
+
+e2e-vms:
+	$(CARGO) test -p clusteros-e2e --features e2e --test e2e --test services --test images -- --test-threads=1 --nocapture $(E2E_ARGS)
 
 # Read-only check: format, clippy with warnings denied, host tests.
 check:

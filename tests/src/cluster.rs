@@ -88,7 +88,7 @@ impl StatusExt for Status {
 
 /// Runs `clusteros status --json` on `vm` (which exits 1 when the node is unconfigured, still
 /// printing the report).
-pub fn status_of(vm: &Vm) -> Result<Status> {
+pub fn status_of<G: crate::Guest + ?Sized>(vm: &G) -> Result<Status> {
     let out = vm.exec_timeout(&["clusteros", "status", "--json"], Duration::from_secs(30))?;
     serde_json::from_str(&out.stdout).with_context(|| format!("{}: `clusteros status --json`: {out}", vm.name()))
 }

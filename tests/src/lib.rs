@@ -17,6 +17,7 @@ pub mod cluster;
 pub mod faults;
 pub mod image;
 pub mod netns;
+pub mod nspawn;
 pub mod qemu;
 pub mod qga;
 pub mod qmp;
@@ -31,6 +32,7 @@ use anyhow::{Context, Result, bail};
 pub use cluster::{Cluster, ClusterBuilder, MemberStatus, RaftStatus, Status, StatusExt, credential};
 pub use image::Image;
 pub use netns::NetNs;
+pub use nspawn::{Container, ContainerBuilder};
 pub use qemu::{Accel, Boot, DiskFormat, Machine};
 pub use qga::Output;
 pub use vm::{Vm, VmBuilder};
@@ -231,6 +233,12 @@ impl TestEnv {
         VmBuilder::new(self.clone(), name)
     }
 
+    /// A container `name` (also its hostname) on `net` with the address of node `index`; see
+    /// [`ContainerBuilder`].
+    pub fn container(self: &Arc<Self>, name: &str, net: &Arc<NetNs>, index: u8) -> ContainerBuilder {
+        ContainerBuilder::new(self.clone(), name, net, index)
+    }
+
     /// The log directory (created): failure logs and stalled-boot evidence go there.
     fn failure_dir(&self) -> PathBuf {
         let _ = std::fs::create_dir_all(&self.log_dir);
@@ -276,6 +284,22 @@ pub fn is_root() -> bool {
             s.lines().find(|l| l.starts_with("Uid:")).and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
         })
         .unwrap_or(false)
+}
+
+/// A machine the tests run commands in: a QEMU VM ([`Vm`]) or an nspawn container ([`Container`]).
+pub trait Guest {
+    fn name(&self) -> &str;
+    /// Runs `argv` (no shell) and fails if it does not finish within `limit`.
+    fn exec_timeout(&self, argv: &[&str], limit: Duration) -> Result<Output>;
+}
+
+impl Guest for Vm {
+    fn name(&self) -> &str {
+        Vm::name(self)
+    }
+    fn exec_timeout(&self, argv: &[&str], limit: Duration) -> Result<Output> {
+        Vm::exec_timeout(self, argv, limit)
+    }
 }
 
 /// Writes a new file that only its owner can read (secrets, credentials).

@@ -83,7 +83,7 @@ fn check_mesh(nodes: &[&Vm]) -> Result<()> {
 /// over WireGuard); the member's own underlay address is kept for its endpoint.
 fn check_raft_on_mesh(nodes: &[&Vm]) -> Result<()> {
     for vm in nodes {
-        let st = clusteros_e2e::cluster::status_of(vm)?;
+        let st = clusteros_e2e::cluster::status_of(*vm)?;
         ensure!(st.members.len() == nodes.len(), "{}: {} members", vm.name(), st.members.len());
         for m in &st.members {
             ensure!(
