@@ -18,7 +18,7 @@ use crate::core::formation::{self, Formation, PeerView, Pledge, PledgeOutcome};
 use crate::core::state::NodeId;
 use crate::proto::{Candidate, HelloRequest, HelloResponse, JoinRequest, JoinResponse, PledgeResponse, paths};
 
-use super::driver::{Action, LoopError, Reconciler, Triggers, Wake};
+use super::driver::{Action, Backoff, LoopError, Reconciler, Triggers, Wake};
 use super::{Node, Phase};
 
 /// A candidate of discovery: heard from directly (its hello, or its answer to ours), or named by
@@ -40,15 +40,16 @@ fn jitter(d: Duration) -> Duration {
 /// progress doubles the wait (500 ms to 5 s, jittered); a nudge (a pledge taken, `clusteros
 /// join`) looks again at once.
 pub(super) struct FormationLoop {
-    backoff: Duration,
+    /// Rounds in a row that made no progress.
+    stalled: u32,
 }
 
 impl FormationLoop {
-    const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(5);
+    /// The wait between rounds: 500 ms after progress, doubling per round without it, up to 5 s.
+    const ROUNDS: Backoff = Backoff { first: Duration::from_millis(500), max: Duration::from_secs(5) };
 
     pub(super) fn new() -> FormationLoop {
-        FormationLoop { backoff: Self::FIRST }
+        FormationLoop { stalled: 0 }
     }
 }
 
@@ -81,8 +82,8 @@ impl Reconciler for FormationLoop {
                 return Ok(Action::AwaitTrigger);
             }
         };
-        self.backoff = if progressed { Self::FIRST } else { (self.backoff * 2).min(Self::MAX) };
-        Ok(Action::After(jitter(self.backoff)))
+        self.stalled = if progressed { 0 } else { self.stalled.saturating_add(1) };
+        Ok(Action::After(jitter(Self::ROUNDS.after(self.stalled + 1))))
     }
 }
 
