@@ -13,7 +13,9 @@ use crate::proto::paths;
 
 use super::driver::{Action, LoopError, Reconciler, Triggers, Wake};
 use super::{Node, RAFT_DIR};
-use crate::core::slurm_copy::InstalledCopy;
+use crate::core::slurm_copy::{
+    CopyRole, InstallStep, InstalledCopy, PublishStep, copy_role, install_step, publish_step,
+};
 
 /// What this node did in the last round of SLURM state replication.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -51,13 +53,14 @@ impl Reconciler for SlurmStateLoop {
         const PERIOD: Duration = Duration::from_secs(5);
         let dir = Path::new(crate::adapters::slurm_state::STATE_DIR);
         let roles = node.state.read(|d| d.state.roles.clone());
-        let report = if roles.slurm_controller == Some(node.id()) && roles.slurm_backup.is_some() {
-            Some(node.publish_slurm_state(dir).await)
-        } else {
-            *node.slurm_copy.lock().expect("slurm copy lock") = None;
-            if roles.slurm_backup == Some(node.id()) {
-                Some(node.install_slurm_state(dir, roles.slurm_controller).await)
-            } else {
+        let report = match copy_role(node.id(), &roles) {
+            CopyRole::Publish => Some(node.publish_slurm_state(dir).await),
+            CopyRole::Install { controller } => {
+                *node.slurm_copy.lock().expect("slurm copy lock") = None;
+                Some(node.install_slurm_state(dir, controller).await)
+            }
+            CopyRole::None => {
+                *node.slurm_copy.lock().expect("slurm copy lock") = None;
                 None
             }
         };
@@ -79,7 +82,7 @@ impl Node {
     }
 
     pub(super) async fn publish_slurm_state(&self, dir: &Path) -> SlurmStateReport {
-        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, collect, in_control};
+        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, collect};
         let mut report = SlurmStateReport { role: "publishing".into(), ..Default::default() };
         let d = dir.to_owned();
         let files = match tokio::task::spawn_blocking(move || collect(&d)).await {
@@ -100,21 +103,22 @@ impl Node {
         };
         report.files = files.0.len() as u32;
         report.bytes = files.bytes();
-        // Only a slurmctld in control writes a fresh heartbeat with index 0. When it is down (the
-        // backup may have taken over), this directory is older than the backup's.
-        if !in_control(files.0.get(HEARTBEAT).map(Vec::as_slice), 0, crate::now_ms() / 1000) {
-            report.note = Some("slurmctld on this node is not in control (no fresh heartbeat); not publishing".into());
-            return report;
-        }
         let digest = files.digest(true);
-        let announced = self.state.read(|d| d.state.slurm_state.clone()).filter(|c| c.from == self.id());
-        if let Some(c) = &announced
-            && c.digest == digest
-            && self.slurm_copy.lock().expect("slurm copy lock").as_ref().is_some_and(|b| b.digest == digest)
-        {
-            report.version = Some(c.version);
-            report.taken_at_ms = Some(c.taken_at_ms);
-            return report;
+        let announced = self.state.read(|d| d.state.slurm_state.clone());
+        let held = self.slurm_copy.lock().expect("slurm copy lock").as_ref().map(|b| b.digest.clone());
+        let heartbeat = files.0.get(HEARTBEAT).map(Vec::as_slice);
+        match publish_step(self.id(), heartbeat, crate::now_ms() / 1000, &digest, announced.as_ref(), held.as_deref()) {
+            PublishStep::NotInControl => {
+                report.note =
+                    Some("slurmctld on this node is not in control (no fresh heartbeat); not publishing".into());
+                return report;
+            }
+            PublishStep::Unchanged { version, taken_at_ms } => {
+                report.version = Some(version);
+                report.taken_at_ms = Some(taken_at_ms);
+                return report;
+            }
+            PublishStep::Announce => {}
         }
         let sealed = self.secret_box.seal(SEAL_NAME, &files.to_json());
         let taken_at_ms = crate::now_ms();
@@ -140,44 +144,40 @@ impl Node {
     }
 
     pub(super) async fn install_slurm_state(&self, dir: &Path, controller: Option<NodeId>) -> SlurmStateReport {
-        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, in_control, install, may_install};
+        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, install, may_install};
         let mut report = SlurmStateReport { role: "installing".into(), ..Default::default() };
-        let now_secs = crate::now_ms() / 1000;
         let local_hb = std::fs::read(dir.join(HEARTBEAT)).ok();
-        // This node's slurmctld took control (index 1: the backup's): the controller's stopped
-        // answering it. Ask for the roles to be swapped, and never install over its state.
-        if in_control(local_hb.as_deref(), 1, now_secs) {
-            report.note = Some("the local slurmctld has taken control; asking for the controller role".into());
-            match self.write(Command::SlurmTakeover { id: self.id() }).await {
-                Ok(Response::Ok) => {
-                    warn!(node_id = %self.id(), "slurmctld here took control from the controller; roles swapped")
-                }
-                Ok(Response::Rejected { reason }) => debug!("slurm takeover: {reason}"),
-                Ok(_) => {}
-                Err(e) => report.note = Some(format!("cannot ask for the controller role: {e}")),
-            }
-            return report;
+        let copy = self.state.read(|d| d.state.slurm_state.clone());
+        if let Some(c) = &copy {
+            report.files = c.files;
+            report.bytes = c.bytes;
+            report.taken_at_ms = Some(c.taken_at_ms);
         }
-        let Some(copy) = self.state.read(|d| d.state.slurm_state.clone()) else {
-            report.note = Some("waiting for the controller's first copy".into());
-            return report;
-        };
-        report.files = copy.files;
-        report.bytes = copy.bytes;
-        report.taken_at_ms = Some(copy.taken_at_ms);
-        let Some(controller) = controller.filter(|c| *c == copy.from) else {
-            report.note = Some("the newest copy is from a former controller; waiting for the current one".into());
-            return report;
-        };
         let installed = self.installed_copy();
-        if installed.as_ref().is_some_and(|i| i.from == copy.from && i.version >= copy.version) {
-            report.version = installed.map(|i| i.version);
-            return report;
-        }
-        if !may_install(local_hb.as_deref(), now_secs) {
-            report.note = Some("the local slurmctld is in control; the copy is not installed".into());
-            return report;
-        }
+        let step =
+            install_step(local_hb.as_deref(), crate::now_ms() / 1000, copy.as_ref(), controller, installed.as_ref());
+        report.note = step.note().map(str::to_string);
+        let (controller, copy_version) = match step {
+            InstallStep::Takeover => {
+                match self.write(Command::SlurmTakeover { id: self.id() }).await {
+                    Ok(Response::Ok) => {
+                        warn!(node_id = %self.id(), "slurmctld here took control from the controller; roles swapped")
+                    }
+                    Ok(Response::Rejected { reason }) => debug!("slurm takeover: {reason}"),
+                    Ok(_) => {}
+                    Err(e) => report.note = Some(format!("cannot ask for the controller role: {e}")),
+                }
+                return report;
+            }
+            InstallStep::UpToDate { version } => {
+                report.version = Some(version);
+                return report;
+            }
+            InstallStep::WaitForFirstCopy | InstallStep::FromFormerController | InstallStep::LocalInControl => {
+                return report;
+            }
+            InstallStep::Fetch { from, version } => (from, version),
+        };
         let Some(raft_addr) =
             self.metrics().membership_config.membership().get_node(&controller).map(|n| n.addr.clone())
         else {
@@ -191,11 +191,11 @@ impl Node {
             .call::<_, crate::proto::SlurmStateBlob>(&addr, paths::SLURM_STATE, &crate::proto::Empty {}, t)
             .await
         {
-            Ok(b) if b.from == copy.from && b.version >= copy.version => b,
+            Ok(b) if b.from == controller && b.version >= copy_version => b,
             Ok(b) => {
                 report.note = Some(format!(
-                    "the controller served copy {} while {} is announced; retrying",
-                    b.version, copy.version
+                    "the controller served copy {} while {copy_version} is announced; retrying",
+                    b.version
                 ));
                 return report;
             }
@@ -242,7 +242,7 @@ impl Node {
         .await;
         match r {
             Ok(Ok(done)) => {
-                let marker = InstalledCopy { from: copy.from, version, digest };
+                let marker = InstalledCopy { from: controller, version, digest };
                 if let Err(e) =
                     crate::adapters::files::write_atomic(&self.slurm_marker(), marker.render().as_bytes(), 0o600)
                 {
