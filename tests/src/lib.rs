@@ -258,7 +258,7 @@ impl Drop for TestEnv {
 }
 
 /// Longest unix socket path (sun_path holds 108 bytes with the NUL).
-pub(crate) const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_SOCKET_PATH: usize = 107;
 
 /// `target/e2e-run/<test>` when the VMs' unix socket paths (`<run>/<vm>/qga.sock`, VM names up to
 /// 20 characters) fit, else `/tmp/clusteros-e2e-<pid>/<test>`.

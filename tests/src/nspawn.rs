@@ -128,7 +128,7 @@ impl ContainerBuilder {
             if let Some(st) = c.nspawn.as_mut().expect("just set").try_wait()? {
                 return Err(Abort::new(format!("systemd-nspawn exited ({st}): {}", c.console_tail(15))).into());
             }
-            child_of(pid).context("no init process yet")
+            container_init(pid).context("no init process in the container's own pid namespace yet")
         })?;
         Ok(c)
     }
@@ -163,13 +163,14 @@ impl Container {
         cmd.args(["-k", "5", &secs, "nsenter", "-t", &leader, "-a", "--"]).args(argv);
         cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let t0 = Instant::now();
         let mut child = cmd.spawn().context("cannot run nsenter")?;
         if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
             stdin.write_all(data)?;
         }
         let out = child.wait_with_output()?;
         let code = out.status.code().unwrap_or(128);
-        if code == 124 {
+        if code == 124 && t0.elapsed() >= limit {
             bail!("{}: `{}` timed out after {secs} s", self.name, argv.join(" "));
         }
         Ok(Output {
@@ -217,7 +218,9 @@ impl Container {
             // Polling interval while the container shuts down.
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Pull the plug: nspawn, and the container's init with everything in its pid namespace.
         let _ = child.kill();
+        let _ = run_cmd("kill", &["-KILL", &self.leader.to_string()]);
         let _ = child.wait();
     }
 
@@ -266,8 +269,16 @@ impl Drop for Container {
     }
 }
 
-/// The first child of process `pid`.
-fn child_of(pid: u32) -> Option<u32> {
+/// The container's init: the child of nspawn `pid` that is PID 1 of its own pid namespace (while
+/// nspawn sets up, its first child is a helper in ours).
+fn container_init(pid: u32) -> Option<u32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    children.split_whitespace().next()?.parse().ok()
+    children.split_whitespace().filter_map(|c| c.parse::<u32>().ok()).find(|c| {
+        let status = std::fs::read_to_string(format!("/proc/{c}/status")).unwrap_or_default();
+        // "NSpid:\t<pid here>\t1": two levels, PID 1 in the inner one.
+        status.lines().find_map(|l| l.strip_prefix("NSpid:")).is_some_and(|ns| {
+            let ids: Vec<&str> = ns.split_whitespace().collect();
+            ids.len() >= 2 && ids.last() == Some(&"1")
+        })
+    })
 }

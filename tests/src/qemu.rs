@@ -18,12 +18,32 @@ use anyhow::{Context, Result, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use crate::image::{Image, OVMF_CODE, OVMF_VARS, path_str};
+use crate::image::{Image, OVMF_CODE, OVMF_VARS};
+
+/// A path as QEMU option text: commas would split the option, so they are refused.
+fn path_str(p: &Path) -> Result<&str> {
+    let s = crate::image::path_str(p)?;
+    if s.contains(',') {
+        bail!("{s}: QEMU cannot take a path with a comma in its options; use another directory");
+    }
+    Ok(s)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
     Kvm,
     Tcg,
+}
+
+impl std::str::FromStr for Accel {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Accel> {
+        match s {
+            "kvm" => Ok(Accel::Kvm),
+            "tcg" => Ok(Accel::Tcg),
+            _ => bail!("unknown accelerator {s:?}: use kvm or tcg"),
+        }
+    }
 }
 
 impl Accel {
@@ -32,10 +52,8 @@ impl Accel {
     /// cannot run ordinary guests), else TCG.
     pub fn from_env() -> Result<Accel> {
         match std::env::var("CLUSTEROS_ACCEL").as_deref() {
-            Ok("kvm") => Ok(Accel::Kvm),
-            Ok("tcg") => Ok(Accel::Tcg),
             Ok("auto") | Ok("") | Err(_) => Ok(Accel::detect()),
-            Ok(other) => bail!("CLUSTEROS_ACCEL={other:?}: use kvm, tcg or auto"),
+            Ok(other) => other.parse().context("CLUSTEROS_ACCEL (kvm, tcg or auto)"),
         }
     }
 
@@ -263,7 +281,9 @@ impl Machine {
     pub fn args(&self) -> Result<Vec<String>> {
         let mut args: Vec<String> = Vec::new();
         let mut arg = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
-        arg(&["-name", &self.name, "-machine", "q35"]);
+        // A network boot shows SeaBIOS and iPXE on the serial console (DHCP and TFTP progress).
+        let machine = if self.firmware == Firmware::Network { "q35,graphics=off" } else { "q35" };
+        arg(&["-name", &self.name, "-machine", machine]);
         match self.accel {
             Accel::Kvm => arg(&["-accel", "kvm", "-cpu", "host"]),
             Accel::Tcg => arg(&["-accel", "tcg", "-cpu", "max"]),
@@ -521,6 +541,13 @@ mod tests {
         no_initrd.initrd = None;
         let e = Machine::clusteros("n", Path::new("/x"), &no_initrd, Boot::Initrd, Accel::Tcg).unwrap_err();
         assert!(format!("{e:#}").contains("clusteros.initrd"));
+    }
+
+    #[test]
+    fn paths_with_commas_are_refused() {
+        let mut m = node(Boot::Direct);
+        m.serial_log = "/run/a,b/serial.log".into();
+        assert!(format!("{:#}", m.args().unwrap_err()).contains("comma"));
     }
 
     #[test]

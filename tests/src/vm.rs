@@ -447,13 +447,19 @@ impl Vm {
             if !self.is_running() {
                 return Err(Abort::new(format!("QEMU exited; serial console ends: {}", self.serial_tail(20))).into());
             }
+            if let Some(panic) = self.kernel_panic() {
+                return Err(Abort::new(format!("the guest kernel panicked: {panic}")).into());
+            }
+            // Ask first: a guest that answers is not stalled, however late the test asks.
+            let asked = self.exec_timeout(&["systemctl", "is-system-running"], Duration::from_secs(20));
             let since_start = self.started.lock().expect("start time").elapsed();
-            if stall_check && !self.agent_answered.load(Ordering::SeqCst) && since_start > stall_limit {
+            if asked.is_err() && stall_check && !self.agent_answered.load(Ordering::SeqCst) && since_start > stall_limit
+            {
                 let serial = self.serial_tail(1);
                 return Err(anyhow::Error::new(Abort::new(format!("serial console ends: {serial}")))
                     .context(Stalled(since_start)));
             }
-            let out = self.exec_timeout(&["systemctl", "is-system-running"], Duration::from_secs(20))?;
+            let out = asked?;
             match out.stdout.trim() {
                 "running" => Ok(()),
                 s @ ("degraded" | "maintenance" | "stopping" | "offline") => {
@@ -478,6 +484,14 @@ impl Vm {
         eprintln!("e2e: {}: {why:#}; restarting it once (evidence in {})", self.name, dir.display());
         self.kill();
         self.start()
+    }
+
+    /// The console's "Kernel panic" line with the lines before it, if the guest kernel panicked.
+    pub fn kernel_panic(&self) -> Option<String> {
+        let log = strip_ansi(&self.serial_log());
+        let lines: Vec<&str> = log.lines().collect();
+        let at = lines.iter().position(|l| l.contains("Kernel panic"))?;
+        Some(lines[at.saturating_sub(3)..=at].join("\n"))
     }
 
     /// QEMU's view of a VM that does not answer: run state and vCPU registers (HLT, RIP).

@@ -17,8 +17,8 @@ use clusteros_e2e::{Container, Guest, NetNs, OrFail, StatusExt, TestEnv, credent
 /// every node runs munged with the one cluster key (a credential made on one node decodes on the
 /// others), and the node holding the SLURM controller role runs slurmctld, started over D-Bus.
 /// The mesh reports the missing WireGuard support instead of failing. Then the leader's agent is
-/// killed: systemd restarts it, another voter leads, and the restarted agent is a member again
-/// with the same id.
+/// killed: systemd restarts it, and the three agree on one leader again with the restarted agent
+/// a member under its old id.
 #[test]
 fn containers_form_a_cluster_under_systemd() {
     let env = TestEnv::new("containers_form_a_cluster_under_systemd").or_fail("setup");

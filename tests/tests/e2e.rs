@@ -30,6 +30,8 @@ fn single_node_with_and_without_secret() {
         .vm("with-secret")
         .boot(Boot::Uefi)
         .flashed_disk(&flashed)
+        // The root grows on the first boot, not after a reboot.
+        .no_reboot()
         .network(&net, 1)
         .credential(credential::CLUSTER_SECRET, random_secret())
         .credential(credential::BOOTSTRAP_EXPECT, "1")

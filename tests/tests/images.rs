@@ -50,6 +50,7 @@ fn pxe_node_boots_diskless_and_joins() {
     // The kernel prints its banner once iPXE has fetched the kernel and the initrd and jumped to it.
     wait_until(timeout(300), "pxe1: the kernel banner (iPXE fetched kernel + initrd over TFTP)", || {
         ensure!(pxe.is_running(), clusteros_e2e::Abort::new("QEMU exited"));
+        ensure!(disk1.is_running(), clusteros_e2e::Abort::new("disk1's QEMU exited"));
         ensure!(pxe.serial_log().contains("Linux version"), "no kernel banner yet");
         Ok(())
     })
@@ -72,6 +73,9 @@ fn pxe_node_boots_diskless_and_joins() {
     })
     .or_fail("disk1's cluster");
     wait_until(timeout(240), "disk1 to list pxe1 as a member and pxe1 to say it is one", || {
+        for vm in [&disk1, &pxe] {
+            ensure!(vm.is_running(), clusteros_e2e::Abort::new(format!("{}'s QEMU exited", vm.name())));
+        }
         let disk = status_of(&disk1)?;
         let mut names: Vec<&str> = disk.members.iter().filter_map(|m| m.name.as_deref()).collect();
         names.sort();
@@ -174,11 +178,11 @@ fn packer_site_image_builds_and_boots() {
     let log = env.run_dir().join("packer.log");
     let accel = Accel::from_env().or_fail("accelerator");
     let build = packer_build(&net, &source, &out, &log, accel, DISK);
-    if build.is_err() {
-        let _ = std::fs::create_dir_all(env.log_dir());
-        let _ = std::fs::copy(&log, env.log_dir().join("packer.log"));
-        let _ = std::fs::copy(env.run_dir().join("packer-serial.log"), env.log_dir().join("packer-serial.log"));
-    }
+    // The build's logs go with the test's logs if anything fails from here on.
+    let _keep = KeepOnFailure(vec![
+        (log.clone(), env.log_dir().join("packer.log")),
+        (env.run_dir().join("packer-serial.log"), env.log_dir().join("packer-serial.log")),
+    ]);
     let (build_machine_id, build_host_key) = build.or_fail("packer/build");
     env.timer.phase("packer/build");
 
@@ -196,6 +200,22 @@ fn packer_site_image_builds_and_boots() {
     check_site_image(&vm, &build_machine_id, &build_host_key, DISK).or_fail("the site image");
     env.timer.phase("packer/checks");
     env.timer.record("packer/total", env.timer.total());
+}
+
+/// Copies files (from, to) when the test is failing as this drops (the run dir goes away).
+struct KeepOnFailure(Vec<(std::path::PathBuf, std::path::PathBuf)>);
+
+impl Drop for KeepOnFailure {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for (from, to) in &self.0 {
+                if let Some(dir) = to.parent() {
+                    let _ = std::fs::create_dir_all(dir);
+                }
+                let _ = std::fs::copy(from, to);
+            }
+        }
+    }
 }
 
 /// Runs packer/build offline (in `net`, which has no route out) and returns the build boot's

@@ -186,6 +186,15 @@ impl Run {
         }
     }
 
+    /// The nodes that have a directory in the run dir.
+    fn node_dirs(&self) -> Vec<u8> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut v: Vec<u8> =
+            entries.flatten().filter_map(|e| e.file_name().to_str()?.strip_prefix("node")?.parse().ok()).collect();
+        v.sort();
+        v
+    }
+
     /// QEMU's pid for node `i`, if that QEMU runs (a zombie or a reused pid does not count).
     fn pid(&self, i: u8) -> Option<i32> {
         let pid: i32 = std::fs::read_to_string(self.node_dir(i).join("qemu.pid")).ok()?.trim().parse().ok()?;
@@ -206,10 +215,7 @@ impl Run {
     fn machine(&self, st: &State, i: u8) -> Result<Machine> {
         let dir = self.node_dir(i);
         let image = Image::open_snapshot(&self.dir)?;
-        let accel = match st.accel.as_str() {
-            "kvm" => Accel::Kvm,
-            _ => Accel::Tcg,
-        };
+        let accel: Accel = st.accel.parse().context("cluster.json")?;
         let mut m = Machine::clusteros(&format!("node{i}"), &dir, &image, st.boot.parse()?, accel)?;
         m.cpus = st.cpus;
         m.mem_mib = st.mem;
@@ -255,7 +261,9 @@ impl Run {
         let mut child = cmd.spawn().context("cannot start qemu-system-x86_64 (run scripts/install-host-deps)")?;
         let t0 = Instant::now();
         loop {
-            if self.pid(i).is_some() {
+            // QEMU writes its pidfile early, and creates its QMP socket once the devices are set
+            // up: a bad tap or drive makes it exit before that.
+            if self.pid(i).is_some() && dir.join("qmp.sock").exists() {
                 return Ok(());
             }
             if let Some(status) = child.try_wait()? {
@@ -286,6 +294,7 @@ impl Run {
     ) -> Result<()> {
         ensure!((1..=MAX_NODES).contains(&n), "up: -n must be 1..{MAX_NODES}");
         need_root()?;
+        let accel = Accel::from_env()?;
         let images = image_dir();
         for f in ["clusteros.raw", "clusteros.vmlinuz", "clusteros.initrd", "clusteros.cmdline"] {
             ensure!(images.join(f).is_file(), "{} missing: run image/build", images.join(f).display());
@@ -297,15 +306,13 @@ impl Run {
             );
         }
         ensure!(!NetNs::exists(NETNS)?, "network namespace {NETNS} exists: a cluster is up (qemu/cluster down first)");
-        if let Ok(old) = self.load() {
-            ensure!(
-                (1..=old.nodes).all(|i| self.pid(i).is_none()),
-                "VMs of an earlier cluster still run: qemu/cluster down first"
-            );
-        }
+        ensure!(
+            self.node_dirs().iter().all(|&i| self.pid(i).is_none()),
+            "VMs of an earlier cluster still run: qemu/cluster down first"
+        );
         let longest = self.node_dir(MAX_NODES).join("qga.sock");
         ensure!(
-            longest.as_os_str().len() <= 107,
+            longest.as_os_str().len() <= clusteros_e2e::MAX_SOCKET_PATH,
             "run dir path too long for unix sockets: {} (set CLUSTEROS_RUN_DIR)",
             self.dir.display()
         );
@@ -323,7 +330,7 @@ impl Run {
             cpus,
             disk_size,
             bootstrap_expect: expect.unwrap_or(usize::from(n)),
-            accel: Accel::from_env()?.as_str().into(),
+            accel: accel.as_str().into(),
             append,
         };
         std::fs::write(self.dir.join("cluster.json"), serde_json::to_vec_pretty(&st)?)?;
@@ -414,10 +421,8 @@ impl Run {
 
     fn down(&self, purge: bool) -> Result<()> {
         need_root()?;
-        let nodes: Vec<u8> = match self.load() {
-            Ok(st) => (1..=st.nodes).collect(),
-            Err(_) => Vec::new(),
-        };
+        // Every node directory, whatever cluster.json says (it may be missing or damaged).
+        let nodes = self.node_dirs();
         let running: Vec<(u8, i32)> = nodes.iter().filter_map(|&i| self.pid(i).map(|p| (i, p))).collect();
         let signal_all = |sig| {
             for (i, pid) in &running {
