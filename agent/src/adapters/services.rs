@@ -2,11 +2,11 @@
 //! before any is written, files are written atomically with their owner and mode, and a unit is
 //! restarted only when one of its inputs changed.
 
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::adapters::files::{Dir, Owner, WriteError, write_owned};
 use crate::adapters::systemd::{Systemd, UnitAction, UnitStatus};
 use std::collections::BTreeSet;
 
@@ -39,9 +39,7 @@ pub enum FileError {
     #[error("group {0:?} does not exist on this node: is its package installed?")]
     NoGroup(String),
     #[error(transparent)]
-    Write(#[from] crate::adapters::files::WriteError),
-    #[error("cannot set the owner of {path}: {source}")]
-    Chown { path: PathBuf, source: std::io::Error },
+    Write(#[from] WriteError),
 }
 
 /// Looks a name up in a passwd or group file under `root`.
@@ -64,20 +62,17 @@ impl<S: Systemd> ServiceApplier<S> {
         self.root.join(p.strip_prefix("/").unwrap_or(p))
     }
 
-    fn differs(&self, f: &ManagedFile, uid: u32, gid: u32) -> bool {
+    /// Whether the file on disk differs from `f` in contents, mode or owner. Read through
+    /// [`Dir`]: a link or FIFO planted in a directory another user owns is never opened.
+    fn differs(&self, f: &ManagedFile, owner: Owner) -> bool {
         let path = self.host_path(&f.path);
-        match (std::fs::read(&path), std::fs::metadata(&path)) {
-            (Ok(bytes), Ok(meta)) => {
-                bytes != f.contents
-                    || meta.permissions().mode() & 0o7777 != f.mode
-                    || meta.uid() != uid
-                    || meta.gid() != gid
-            }
-            _ => true,
-        }
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return true };
+        let on_disk = Dir::open(dir).ok().and_then(|d| d.read(name, f.contents.len() as u64 + 1).ok().flatten());
+        !on_disk.is_some_and(|d| d.data == f.contents && d.mode == f.mode && d.uid == owner.uid && d.gid == owner.gid)
     }
 
-    /// Writes what differs. All owners are resolved before anything is written.
+    /// Writes what differs. All owners are resolved before anything is written. Each file gets
+    /// its owner and mode before it goes in place (see [`crate::adapters::files`]).
     fn write_files(&self, files: &[ManagedFile]) -> Result<Vec<PathBuf>, FileError> {
         let mut todo = Vec::new();
         for f in files {
@@ -85,21 +80,19 @@ impl<S: Systemd> ServiceApplier<S> {
                 lookup_id(&self.root, "etc/passwd", &f.owner).ok_or_else(|| FileError::NoUser(f.owner.clone()))?;
             let gid =
                 lookup_id(&self.root, "etc/group", &f.group).ok_or_else(|| FileError::NoGroup(f.group.clone()))?;
-            if self.differs(f, uid, gid) {
-                todo.push((f, uid, gid));
+            let owner = Owner { uid, gid };
+            if self.differs(f, owner) {
+                todo.push((f, owner));
             }
         }
         let mut written = Vec::new();
-        for (f, uid, gid) in todo {
+        for (f, owner) in todo {
             let path = self.host_path(&f.path);
-            if let Some(dir) = path.parent()
-                && !dir.exists()
-            {
-                crate::adapters::files::ensure_dir(dir, 0o755)?;
+            if let Some(dir) = path.parent() {
+                // A missing directory is made root's (0755); one that exists keeps its owner.
+                Dir::create(dir, 0o755, None).map_err(|source| WriteError { path: dir.to_owned(), source })?;
             }
-            crate::adapters::files::write_atomic(&path, &f.contents, f.mode)?;
-            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
-                .map_err(|source| FileError::Chown { path: path.clone(), source })?;
+            write_owned(&path, &f.contents, f.mode, Some(owner))?;
             written.push(f.path.clone());
         }
         Ok(written)
@@ -163,6 +156,7 @@ mod tests {
     use crate::core::services::tests::{inputs, roles, state};
     use crate::core::services::{MUNGE_KEY_PATH, MUNGE_UNIT, SLURMCTLD_UNIT, SLURMD_UNIT, plan};
     use crate::core::state::{NodeId, RoleAssignments};
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
 
     fn fake_root() -> tempfile::TempDir {
         let root = tempfile::tempdir().unwrap();

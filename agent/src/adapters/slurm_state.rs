@@ -17,6 +17,7 @@
 //! standby may install) are [`crate::core::slurm_copy`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -24,6 +25,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::adapters::files::{Dir, Kind, Owner, WriteError};
 pub use crate::core::slurm_copy::{HEARTBEAT_FRESH_SECS, in_control, may_install, parse_heartbeat};
 
 /// slurm.conf's StateSaveLocation.
@@ -49,19 +51,12 @@ pub enum SlurmStateError {
     Decode(String),
     #[error(transparent)]
     Write(#[from] crate::adapters::files::WriteError),
-    #[error("cannot set the owner of {path}: {source}")]
-    Chown { path: PathBuf, source: std::io::Error },
     #[error("cannot remove {path}: {source}")]
     Remove { path: PathBuf, source: std::io::Error },
     #[error("{0} is not a plain directory (a symbolic link?); the copy was not installed: remove it")]
     NotADirectory(PathBuf),
     #[error("the local slurmctld took control while the copy was being installed; installing stopped")]
     TookControl,
-}
-
-/// Whether `p` is a real directory (not a symbolic link to one).
-fn real_dir(p: &Path) -> bool {
-    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_dir())
 }
 
 /// The files of a state directory: relative path -> contents.
@@ -138,53 +133,53 @@ pub fn valid_path(p: &str) -> bool {
 }
 
 /// Reads the state directory. `Ok(None)` while it is missing or empty (slurmctld has not run
-/// there).
-pub fn collect(dir: &Path) -> Result<Option<StateFiles>, SlurmStateError> {
+/// there). Only regular files owned by `owner` (the slurm user, who writes them) are read, each
+/// opened without following links: the directory is the slurm user's, and nothing that user can
+/// place there (a link, a FIFO, a hard link to a file of root's) may make this agent read a file
+/// the slurm user cannot, into a copy that goes to another node.
+pub fn collect(dir: &Path, owner: u32) -> Result<Option<StateFiles>, SlurmStateError> {
     let read_err = |path: &Path, source| SlurmStateError::Read { path: path.to_owned(), source };
-    let mut files = BTreeMap::new();
-    let mut total = 0u64;
-    let mut add = |rel: String, path: &Path, files: &mut BTreeMap<String, Vec<u8>>| -> Result<(), SlurmStateError> {
-        match std::fs::read(path) {
-            Ok(c) => {
-                total += c.len() as u64;
-                if total > MAX_BYTES {
-                    return Err(SlurmStateError::TooLarge { bytes: total });
-                }
-                files.insert(rel, c);
-                Ok(())
-            }
-            // Replaced or removed by slurmctld while we read: the next round sees the new one.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(read_err(path, e)),
-        }
-    };
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
+    let top = match Dir::open(dir) {
+        Ok(d) => d,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(read_err(dir, e)),
     };
-    for entry in entries {
-        let entry = entry.map_err(|e| read_err(dir, e))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Ok(ft) = entry.file_type() else { continue };
-        if ft.is_file() && valid_path(&name) {
-            add(name, &entry.path(), &mut files)?;
-        } else if ft.is_dir() && is_hash_dir(&name) {
-            let jobs = match std::fs::read_dir(entry.path()) {
-                Ok(j) => j,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(read_err(&entry.path(), e)),
-            };
-            for job in jobs.flatten() {
-                let job_name = job.file_name().to_string_lossy().into_owned();
-                if !job.file_type().is_ok_and(|t| t.is_dir()) || !is_job_dir(&job_name) {
+    let mut files = BTreeMap::new();
+    let mut total = 0u64;
+    let mut add = |d: &Dir, name: &OsStr, rel: String| -> Result<(), SlurmStateError> {
+        // Replaced or removed by slurmctld while we read: the next round sees the new one.
+        match d.read(name, MAX_BYTES - total + 1).map_err(|e| read_err(&d.path().join(name), e))? {
+            Some(f) if f.uid == owner => {
+                total += f.data.len() as u64;
+                if total > MAX_BYTES {
+                    return Err(SlurmStateError::TooLarge { bytes: total });
+                }
+                files.insert(rel, f.data);
+            }
+            _ => {}
+        }
+        Ok(())
+    };
+    // A directory that became a link or vanished since it was listed is skipped, not followed.
+    let sub = |d: &Dir, name: &OsStr| d.sub(name).ok().flatten();
+    let entries = |d: &Dir| d.entries().map_err(|e| read_err(d.path(), e));
+    for (name, kind) in entries(&top)? {
+        let Some(n) = name.to_str() else { continue };
+        if kind == Kind::File && valid_path(n) {
+            add(&top, &name, n.to_string())?;
+        } else if kind == Kind::Dir && is_hash_dir(n) {
+            let Some(hash) = sub(&top, &name) else { continue };
+            for (job, kind) in entries(&hash)? {
+                let Some(j) = job.to_str() else { continue };
+                if kind != Kind::Dir || !is_job_dir(j) {
                     continue;
                 }
-                let Ok(inner) = std::fs::read_dir(job.path()) else { continue };
-                for f in inner.flatten() {
-                    let rel = format!("{name}/{job_name}/{}", f.file_name().to_string_lossy());
-                    if f.file_type().is_ok_and(|t| t.is_file()) && valid_path(&rel) {
-                        add(rel, &f.path(), &mut files)?;
+                let Some(jd) = sub(&hash, &job) else { continue };
+                for (f, kind) in entries(&jd)? {
+                    let Some(fname) = f.to_str() else { continue };
+                    let rel = format!("{n}/{j}/{fname}");
+                    if kind == Kind::File && valid_path(&rel) {
+                        add(&jd, &f, rel)?;
                     }
                 }
             }
@@ -209,16 +204,31 @@ pub fn stale_job_dirs(local: &BTreeSet<String>, copy: &StateFiles) -> BTreeSet<S
     local.difference(&keep).cloned().collect()
 }
 
-fn local_job_dirs(dir: &Path) -> BTreeSet<String> {
+/// The heartbeat file, read without following a link or waiting on a FIFO.
+fn heartbeat(d: &Dir) -> Option<Vec<u8>> {
+    d.read(OsStr::new(HEARTBEAT), 4096).ok().flatten().map(|f| f.data)
+}
+
+/// The heartbeat in the state directory `dir`; `None` if there is none (or it is not a file).
+pub fn read_heartbeat(dir: &Path) -> Option<Vec<u8>> {
+    heartbeat(&Dir::open(dir).ok()?)
+}
+
+/// The slurm user and group of the node whose file system starts at `root`.
+pub fn slurm_owner(root: &Path) -> Option<Owner> {
+    let uid = crate::adapters::services::lookup_id(root, "etc/passwd", "slurm")?;
+    let gid = crate::adapters::services::lookup_id(root, "etc/group", "slurm")?;
+    Some(Owner { uid, gid })
+}
+
+/// The job directories (`hash.N/job.ID`) present in `top`, through real directories only.
+fn local_job_dirs(top: &Dir) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for h in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let hn = h.file_name().to_string_lossy().into_owned();
-        if !is_hash_dir(&hn) || !real_dir(&h.path()) {
-            continue;
-        }
-        for j in std::fs::read_dir(h.path()).into_iter().flatten().flatten() {
-            let jn = j.file_name().to_string_lossy().into_owned();
-            if is_job_dir(&jn) {
+    for (h, kind) in top.entries().unwrap_or_default() {
+        let Some(hn) = h.to_str().filter(|n| kind == Kind::Dir && is_hash_dir(n)) else { continue };
+        let Ok(Some(hash)) = top.sub(&h) else { continue };
+        for (j, _) in hash.entries().unwrap_or_default() {
+            if let Some(jn) = j.to_str().filter(|n| is_job_dir(n)) {
                 out.insert(format!("{hn}/{jn}"));
             }
         }
@@ -226,62 +236,70 @@ fn local_job_dirs(dir: &Path) -> BTreeSet<String> {
     out
 }
 
-fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), SlurmStateError> {
-    std::os::unix::fs::chown(path, Some(uid), Some(gid))
-        .map_err(|source| SlurmStateError::Chown { path: path.to_owned(), source })
-}
-
-/// Installs a copy into `dir` (files 0600, directories 0700, owned by `uid:gid`, each file
+/// Installs a copy into `dir` (files 0600, directories 0700, owned by `owner`, each file
 /// replaced atomically), writing only files whose contents differ and removing the directories of
 /// jobs the copy no longer has. `standby` is asked before every change: the local slurmctld must
-/// still be a standby. Symbolic links in the job directories (the directory is the slurm user's)
-/// are refused, never followed.
+/// still be a standby. Everything happens through directories opened without following links
+/// (the directory is the slurm user's; see [`Dir`]): a link where a job directory should be is
+/// refused, a link where a file should be is replaced.
 pub fn install(
     dir: &Path,
     copy: &StateFiles,
-    uid: u32,
-    gid: u32,
-    standby: &dyn Fn() -> bool,
+    owner: Owner,
+    standby: &dyn Fn(Option<&[u8]>) -> bool,
 ) -> Result<InstallReport, SlurmStateError> {
+    let io_err = |path: PathBuf| {
+        move |source: std::io::Error| match source.kind() {
+            std::io::ErrorKind::NotADirectory => SlurmStateError::NotADirectory(path),
+            _ => SlurmStateError::Write(WriteError { path, source }),
+        }
+    };
+    let top = Dir::open(dir).map_err(io_err(dir.to_owned()))?;
+    let standby = || standby(heartbeat(&top).as_deref());
     let mut report = InstallReport::default();
     for (rel, contents) in &copy.0 {
         if !valid_path(rel) {
             return Err(SlurmStateError::BadPath(rel.clone()));
         }
-        let path = dir.join(rel);
-        let is_file = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_file());
-        if is_file && std::fs::read(&path).is_ok_and(|c| c == *contents) {
+        // hash.N, then hash.N/job.ID: each a real directory, or created.
+        let parts: Vec<&str> = rel.split('/').collect();
+        let (name, subdirs) = parts.split_last().expect("a valid path has a name");
+        let mut here = None::<Dir>;
+        for part in subdirs {
+            let next = {
+                let parent = here.as_ref().unwrap_or(&top);
+                parent.sub_create(part.as_ref(), 0o700, Some(owner)).map_err(io_err(parent.path().join(part)))?
+            };
+            here = Some(next);
+        }
+        let d = here.as_ref().unwrap_or(&top);
+        let name = OsStr::new(name);
+        let same = d
+            .read(name, contents.len() as u64 + 1)
+            .ok()
+            .flatten()
+            .is_some_and(|f| f.data == *contents && f.uid == owner.uid && f.gid == owner.gid && f.mode == 0o600);
+        if same {
             continue;
         }
-        // hash.N, then hash.N/job.ID: each must be a real directory or absent (then created).
-        let mut sub = dir.to_path_buf();
-        let parts: Vec<&str> = rel.split('/').collect();
-        for part in &parts[..parts.len() - 1] {
-            sub.push(part);
-            if std::fs::symlink_metadata(&sub).is_err() {
-                crate::adapters::files::ensure_dir(&sub, 0o700)?;
-                chown(&sub, uid, gid)?;
-            } else if !real_dir(&sub) {
-                return Err(SlurmStateError::NotADirectory(sub));
-            }
-        }
         if !standby() {
             return Err(SlurmStateError::TookControl);
         }
-        // The rename replaces a symbolic link itself, never its target.
-        crate::adapters::files::write_atomic(&path, contents, 0o600)?;
-        chown(&path, uid, gid)?;
+        d.write(name, contents, 0o600, Some(owner)).map_err(io_err(d.path().join(name)))?;
         report.written += 1;
     }
-    for job in stale_job_dirs(&local_job_dirs(dir), copy) {
+    for job in stale_job_dirs(&local_job_dirs(&top), copy) {
         if !standby() {
             return Err(SlurmStateError::TookControl);
         }
+        let (hash, job_dir) = job.split_once('/').expect("job directories are hash.N/job.ID");
         let path = dir.join(&job);
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => report.removed += 1,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(SlurmStateError::Remove { path, source }),
+        let removed = top
+            .sub(hash.as_ref())
+            .and_then(|h| h.map_or(Ok(false), |h| h.remove_tree(job_dir.as_ref())))
+            .map_err(|source| SlurmStateError::Remove { path, source })?;
+        if removed {
+            report.removed += 1;
         }
     }
     Ok(report)
@@ -339,43 +357,80 @@ mod tests {
     #[test]
     fn collect_then_install_reproduces_the_directory() {
         let src = tempfile::tempdir().unwrap();
-        assert_eq!(collect(&src.path().join("missing")).unwrap(), None);
-        assert_eq!(collect(src.path()).unwrap(), None, "nothing saved yet");
+        let (uid, gid) = nix_ids();
+        let owner = Owner { uid, gid };
+        assert_eq!(collect(&src.path().join("missing"), uid).unwrap(), None);
+        assert_eq!(collect(src.path(), uid).unwrap(), None, "nothing saved yet");
         std::fs::write(src.path().join("heartbeat"), "hb").unwrap();
         std::fs::write(src.path().join("job_state"), "jobs").unwrap();
         std::fs::write(src.path().join("job_state.new"), "partial").unwrap();
         std::fs::create_dir_all(src.path().join("hash.7/job.17")).unwrap();
         std::fs::write(src.path().join("hash.7/job.17/script"), "#!/bin/sh\nhostname\n").unwrap();
-        let copy = collect(src.path()).unwrap().unwrap();
+        let copy = collect(src.path(), uid).unwrap().unwrap();
         assert_eq!(copy.0.keys().collect::<Vec<_>>(), vec!["hash.7/job.17/script", "heartbeat", "job_state"]);
 
         let dst = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dst.path().join("hash.2/job.2")).unwrap();
         std::fs::write(dst.path().join("hash.2/job.2/script"), "finished job").unwrap();
-        let (uid, gid) = nix_ids();
-        let yes = || true;
-        let r = install(dst.path(), &copy, uid, gid, &yes).unwrap();
+        let yes = |_: Option<&[u8]>| true;
+        let r = install(dst.path(), &copy, owner, &yes).unwrap();
         assert_eq!(r, InstallReport { written: 3, removed: 1 });
-        assert_eq!(collect(dst.path()).unwrap().unwrap(), copy);
+        assert_eq!(collect(dst.path(), uid).unwrap().unwrap(), copy);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dst.path().join("job_state")).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         // Installing the same copy again writes nothing.
-        assert_eq!(install(dst.path(), &copy, uid, gid, &yes).unwrap(), InstallReport::default());
+        assert_eq!(install(dst.path(), &copy, owner, &yes).unwrap(), InstallReport::default());
 
         // The local slurmctld took control: nothing is written.
         let newer = StateFiles(copy.0.iter().map(|(p, c)| (p.clone(), [c.as_slice(), b"+"].concat())).collect());
-        let no = || false;
-        assert!(matches!(install(dst.path(), &newer, uid, gid, &no), Err(SlurmStateError::TookControl)));
-        assert_eq!(collect(dst.path()).unwrap().unwrap(), copy);
+        let no = |_: Option<&[u8]>| false;
+        assert!(matches!(install(dst.path(), &newer, owner, &no), Err(SlurmStateError::TookControl)));
+        assert_eq!(collect(dst.path(), uid).unwrap().unwrap(), copy);
 
         // A symbolic link planted as a job directory is refused, and its target left alone.
         let outside = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dst.path().join("hash.9")).unwrap();
         std::os::unix::fs::symlink(outside.path(), dst.path().join("hash.9/job.9")).unwrap();
         let evil = StateFiles([("hash.9/job.9/script".to_string(), b"x".to_vec())].into());
-        assert!(matches!(install(dst.path(), &evil, uid, gid, &yes), Err(SlurmStateError::NotADirectory(_))));
+        assert!(matches!(install(dst.path(), &evil, owner, &yes), Err(SlurmStateError::NotADirectory(_))));
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn collect_reads_only_the_slurm_users_regular_files() {
+        // Issue 10, hole 2: the directory is the slurm user's; a link, a FIFO or a hard link to a
+        // file of root's placed there must not end up in the copy sent to the backup.
+        use std::os::unix::fs::MetadataExt;
+        let top = tempfile::tempdir().unwrap();
+        let secret = top.path().join("cluster-secret");
+        std::fs::write(&secret, "root only").unwrap();
+        let dir = top.path().join("slurmctld");
+        std::fs::create_dir(&dir).unwrap();
+        let root = nix::unistd::geteuid().is_root();
+        // The slurm user: nobody when the tests run as root (they do in make test), else us.
+        let slurm = if root { 65534 } else { nix_ids().0 };
+        let mine = |p: &Path| {
+            if root {
+                std::os::unix::fs::lchown(p, Some(slurm), Some(slurm)).unwrap();
+            }
+        };
+        std::fs::write(dir.join("job_state"), "jobs").unwrap();
+        mine(&dir.join("job_state"));
+        std::os::unix::fs::symlink(&secret, dir.join("node_state")).unwrap();
+        mine(&dir.join("node_state"));
+        nix::unistd::mkfifo(&dir.join("part_state"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        mine(&dir.join("part_state"));
+        std::fs::create_dir_all(dir.join("hash.1")).unwrap();
+        std::os::unix::fs::symlink(top.path(), dir.join("hash.1/job.1")).unwrap();
+        if root {
+            // Root's file, linked in: its owner is root's, not slurm's.
+            std::fs::hard_link(&secret, dir.join("resv_state")).unwrap();
+            assert_eq!(std::fs::metadata(dir.join("resv_state")).unwrap().uid(), 0);
+        }
+        let copy = collect(&dir, slurm).unwrap().unwrap();
+        assert_eq!(copy.0.keys().collect::<Vec<_>>(), vec!["job_state"], "only the slurm user's regular file");
+        assert_eq!(collect(&dir, slurm + 1).unwrap(), None, "files of another owner are not read");
     }
 
     /// The test process's own uid and gid (chown to oneself works without root).

@@ -72,6 +72,8 @@ impl Reconciler for SlurmStateLoop {
     }
 }
 
+const NO_SLURM_USER: &str = "user or group \"slurm\" does not exist on this node: is slurmctld installed?";
+
 impl Node {
     pub(super) fn slurm_marker(&self) -> PathBuf {
         self.cfg.state_dir.join(RAFT_DIR).join(SLURM_STATE_MARKER)
@@ -82,10 +84,14 @@ impl Node {
     }
 
     pub(super) async fn publish_slurm_state(&self, dir: &Path) -> SlurmStateReport {
-        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, collect};
+        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, collect, slurm_owner};
         let mut report = SlurmStateReport { role: "publishing".into(), ..Default::default() };
+        let Some(owner) = slurm_owner(Path::new("/")) else {
+            report.note = Some(NO_SLURM_USER.into());
+            return report;
+        };
         let d = dir.to_owned();
-        let files = match tokio::task::spawn_blocking(move || collect(&d)).await {
+        let files = match tokio::task::spawn_blocking(move || collect(&d, owner.uid)).await {
             Ok(Ok(Some(f))) => f,
             Ok(Ok(None)) => {
                 report.note = Some("slurmctld has not saved any state yet".into());
@@ -144,9 +150,10 @@ impl Node {
     }
 
     pub(super) async fn install_slurm_state(&self, dir: &Path, controller: Option<NodeId>) -> SlurmStateReport {
-        use crate::adapters::slurm_state::{HEARTBEAT, SEAL_NAME, StateFiles, install, may_install};
+        use crate::adapters::slurm_state::{SEAL_NAME, StateFiles, install, may_install, read_heartbeat, slurm_owner};
         let mut report = SlurmStateReport { role: "installing".into(), ..Default::default() };
-        let local_hb = std::fs::read(dir.join(HEARTBEAT)).ok();
+        let d = dir.to_owned();
+        let local_hb = tokio::task::spawn_blocking(move || read_heartbeat(&d)).await.ok().flatten();
         let copy = self.state.read(|d| d.state.slurm_state.clone());
         if let Some(c) = &copy {
             report.files = c.files;
@@ -224,20 +231,17 @@ impl Node {
                 return report;
             }
         };
-        let root = Path::new("/");
-        let (Some(uid), Some(gid)) = (
-            crate::adapters::services::lookup_id(root, "etc/passwd", "slurm"),
-            crate::adapters::services::lookup_id(root, "etc/group", "slurm"),
-        ) else {
-            report.note = Some("user or group \"slurm\" does not exist on this node: is slurmctld installed?".into());
+        let Some(owner) = slurm_owner(Path::new("/")) else {
+            report.note = Some(NO_SLURM_USER.into());
             return report;
         };
         let d = dir.to_owned();
         let r = tokio::task::spawn_blocking(move || {
-            crate::adapters::files::ensure_dir(&d, 0o755)?;
-            let hb = d.join(HEARTBEAT);
-            let standby = || may_install(std::fs::read(&hb).ok().as_deref(), crate::now_ms() / 1000);
-            install(&d, &files, uid, gid, &standby)
+            // Missing (slurmctld never ran here): made as the slurm user's, as the package makes it.
+            crate::adapters::files::Dir::create(&d, 0o755, Some(owner))
+                .map_err(|source| crate::adapters::files::WriteError { path: d.clone(), source })?;
+            let standby = |hb: Option<&[u8]>| may_install(hb, crate::now_ms() / 1000);
+            install(&d, &files, owner, &standby)
         })
         .await;
         match r {
