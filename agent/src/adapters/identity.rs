@@ -29,12 +29,24 @@ pub enum IdentityError {
     Write(#[from] WriteError),
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 struct IdentityFile {
     node_id: NodeId,
     name: String,
     wg_public_key: String,
     created_at_ms: u64,
+    /// The WireGuard private key (base64), so that the identity is one file written in one
+    /// atomic step. Files written by agents before this field have only `wg.key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wg_private_key: Option<String>,
+}
+
+fn decode_key(text: &str) -> Option<[u8; 32]> {
+    B64.decode(text.trim()).ok().and_then(|k| k.try_into().ok())
+}
+
+fn key_file_text(key: &[u8; 32]) -> String {
+    format!("{}\n", B64.encode(key))
 }
 
 /// The loaded identity. The private key is kept out of `Debug` output.
@@ -93,22 +105,33 @@ impl Identity {
         match std::fs::read(&path) {
             Ok(bytes) => {
                 let mut file: IdentityFile = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-                let key_text = std::fs::read_to_string(&key_path)
-                    .map_err(|source| IdentityError::Read { path: key_path.clone(), source })?;
-                let key: [u8; 32] = B64
-                    .decode(key_text.trim())
-                    .ok()
-                    .and_then(|k| k.try_into().ok())
-                    .ok_or_else(|| corrupt(format!("{} is not a base64 32-byte key", key_path.display())))?;
+                let on_disk = std::fs::read_to_string(&key_path);
+                let key = match &file.wg_private_key {
+                    Some(k) => {
+                        decode_key(k).ok_or_else(|| corrupt("its wg_private_key is not a base64 32-byte key".into()))?
+                    }
+                    None => {
+                        let text = on_disk
+                            .as_ref()
+                            .map_err(|e| IdentityError::Read { path: key_path.clone(), source: clone_io(e) })?;
+                        decode_key(text)
+                            .ok_or_else(|| corrupt(format!("{} is not a base64 32-byte key", key_path.display())))?
+                    }
+                };
                 if wg_public_key(&key) != file.wg_public_key {
-                    return Err(corrupt("the public key does not match the private key in wg.key".into()));
+                    return Err(corrupt("the public key does not match the private key".into()));
                 }
                 if file.node_id == NodeId(0) {
                     return Err(corrupt("node id 0 is invalid".into()));
                 }
-                if file.name != name {
+                if file.name != name || file.wg_private_key.is_none() {
                     file.name = name.to_string();
+                    file.wg_private_key = Some(B64.encode(key));
                     write_atomic(&path, &serde_json::to_vec_pretty(&file).expect("serializable"), 0o600)?;
+                }
+                // wg.key is a copy for tools (wg, debugging); one left behind by a crash is mended.
+                if on_disk.ok().and_then(|t| decode_key(&t)) != Some(key) {
+                    write_atomic(&key_path, key_file_text(&key).as_bytes(), 0o600)?;
                 }
                 Ok(Identity {
                     node_id: file.node_id,
@@ -124,16 +147,10 @@ impl Identity {
 
     /// Creates a new identity (new node id and key pair), replacing any existing one.
     pub fn create(state_dir: &Path, name: &str) -> Result<Identity, IdentityError> {
-        let (secret, public) = generate_wg_keypair();
-        let file = IdentityFile {
-            node_id: new_node_id(),
-            name: name.to_string(),
-            wg_public_key: public,
-            created_at_ms: crate::now_ms(),
-        };
-        // The key is written first: an identity file always has its key beside it.
-        write_atomic(&state_dir.join(WG_KEY_FILE), format!("{}\n", B64.encode(secret)).as_bytes(), 0o600)?;
-        write_atomic(&state_dir.join(IDENTITY_FILE), &serde_json::to_vec_pretty(&file).expect("serializable"), 0o600)?;
+        let (file, secret) = Self::new_file(name);
+        for (path, bytes) in Self::files(state_dir, &file, &secret) {
+            write_atomic(&path, &bytes, 0o600)?;
+        }
         Ok(Identity {
             node_id: file.node_id,
             name: file.name,
@@ -142,10 +159,35 @@ impl Identity {
         })
     }
 
+    fn new_file(name: &str) -> (IdentityFile, [u8; 32]) {
+        let (secret, public) = generate_wg_keypair();
+        let file = IdentityFile {
+            node_id: new_node_id(),
+            name: name.to_string(),
+            wg_public_key: public,
+            created_at_ms: crate::now_ms(),
+            wg_private_key: Some(B64.encode(secret)),
+        };
+        (file, secret)
+    }
+
+    /// The files of an identity, in the order they are written. The first holds the whole
+    /// identity, so a crash after any of them leaves one that loads (the old or the new).
+    fn files(state_dir: &Path, file: &IdentityFile, secret: &[u8; 32]) -> [(PathBuf, Vec<u8>); 2] {
+        [
+            (state_dir.join(IDENTITY_FILE), serde_json::to_vec_pretty(file).expect("serializable")),
+            (state_dir.join(WG_KEY_FILE), key_file_text(secret).into_bytes()),
+        ]
+    }
+
     /// The WireGuard private key bytes (for the mesh adapter).
     pub fn wg_private_key(&self) -> &[u8; 32] {
         &self.wg_private_key
     }
+}
+
+fn clone_io(e: &std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), e.to_string())
 }
 
 /// The host name of this machine, for the default node name.
@@ -179,6 +221,37 @@ mod tests {
         let c = Identity::load_or_create(dir.path(), "renamed").unwrap();
         assert_eq!(c.node_id, a.node_id);
         assert_eq!(Identity::load_or_create(dir.path(), "renamed").unwrap().name, "renamed");
+    }
+
+    #[test]
+    fn a_crash_while_replacing_the_identity_leaves_one_that_loads() {
+        // Issue 10, hole 8: Identity::create writes two files; the machine may stop after the
+        // first. (The key used to be written first, beside an identity file of another key: the
+        // node then refused to start as "corrupt".)
+        let dir = tempfile::tempdir().unwrap();
+        let old = Identity::load_or_create(dir.path(), "n1").unwrap();
+        let (file, secret) = Identity::new_file("n1");
+        let [first, _] = Identity::files(dir.path(), &file, &secret);
+        write_atomic(&first.0, &first.1, 0o600).unwrap();
+        let now = Identity::load_or_create(dir.path(), "n1").unwrap();
+        assert_ne!(now.node_id, old.node_id, "the new identity is the one in place");
+        assert_eq!((now.node_id, now.wg_private_key()), (file.node_id, &secret));
+        let key = std::fs::read_to_string(dir.path().join(WG_KEY_FILE)).unwrap();
+        assert_eq!(decode_key(&key), Some(secret), "wg.key was mended");
+    }
+
+    #[test]
+    fn an_identity_of_an_older_agent_loads_and_gains_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (secret, public) = generate_wg_keypair();
+        let legacy = format!(r#"{{"node_id":77,"name":"n1","wg_public_key":"{public}","created_at_ms":1}}"#);
+        std::fs::write(dir.path().join(IDENTITY_FILE), legacy).unwrap();
+        std::fs::write(dir.path().join(WG_KEY_FILE), key_file_text(&secret)).unwrap();
+        let id = Identity::load_or_create(dir.path(), "n1").unwrap();
+        assert_eq!((id.node_id, id.wg_private_key()), (NodeId(77), &secret));
+        let file: IdentityFile =
+            serde_json::from_slice(&std::fs::read(dir.path().join(IDENTITY_FILE)).unwrap()).unwrap();
+        assert_eq!(file.wg_private_key.as_deref().and_then(decode_key), Some(secret));
     }
 
     #[test]
