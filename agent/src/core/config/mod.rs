@@ -319,7 +319,52 @@ impl FileConfig {
 }
 
 pub fn parse_toml(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str::<FileConfig>(text).map_err(|e| ConfigError::Parse { path: path.to_owned(), message: e.to_string() })
+    toml::from_str::<FileConfig>(text)
+        .map_err(|e| ConfigError::Parse { path: path.to_owned(), message: describe_toml_error(text, &e) })
+}
+
+/// Where a TOML error is and what it is, without the text of the line: the line may hold the
+/// cluster secret, and this message goes to the journal and to `clusteros status`. The key is
+/// named (it is no secret), quoted values in the message are elided.
+fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+    let msg = elide_values(e.message().trim());
+    let Some(before) = e.span().and_then(|s| text.get(..s.start)) else { return msg };
+    let line_no = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let line = text[line_start..].lines().next().unwrap_or("");
+    let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| {
+        !k.is_empty() && k.len() <= 64 && k.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    });
+    match key {
+        Some(k) => format!("line {line_no}, column {column} (key {k}): {msg}"),
+        None => format!("line {line_no}, column {column}: {msg}"),
+    }
+}
+
+/// Replaces the values serde quotes in its messages (`string "..."`, ``variant `...` ``) by `...`.
+fn elide_values(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    loop {
+        let next = [("string \"", '"'), ("variant `", '`')]
+            .into_iter()
+            .filter_map(|(open, close)| rest.find(open).map(|i| (i, open, close)))
+            .min_by_key(|(i, _, _)| *i);
+        let Some((i, open, close)) = next else { break };
+        let value_start = i + open.len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("...");
+        match rest[value_start..].find(close) {
+            Some(j) => rest = &rest[value_start + j..],
+            None => {
+                out.push(close);
+                return out;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Values found in `$CREDENTIALS_DIRECTORY`.

@@ -74,6 +74,30 @@ fn unknown_keys_are_refused_with_the_key_named() {
 }
 
 #[test]
+fn a_toml_error_names_line_and_key_but_never_shows_the_value() {
+    // Issue 10, hole 7: the message goes to the journal and `clusteros status`.
+    const SECRET: &str = "s3cr3t-s3cr3t-s3cr3t";
+    for (text, key) in [
+        (format!("node_name = \"n1\"\ncluster_secret = {SECRET}\n"), "line 2"),
+        (format!("cluster_secret = \"{SECRET}\n"), "line 1"),
+        (format!("manage_services = \"{SECRET}\"\n"), "manage_services"),
+        (format!("bootstrap_expect = \"{SECRET}\"\n"), "bootstrap_expect"),
+    ] {
+        let e = load_str(&text, &[], &Overrides::default()).unwrap_err().to_string();
+        assert!(!e.contains("s3cr3t"), "the value is shown: {e}");
+        assert!(e.contains(key), "{key} is not named: {e}");
+    }
+    for (msg, want) in [
+        (r#"invalid type: string "abc", expected a boolean"#, r#"invalid type: string "...", expected a boolean"#),
+        ("unknown variant `abc`, expected one of `a`, `b`", "unknown variant `...`, expected one of `a`, `b`"),
+        (r#"invalid value: string "abc"#, r#"invalid value: string "...""#),
+        ("missing field `x`", "missing field `x`"),
+    ] {
+        assert_eq!(elide_values(msg), want);
+    }
+}
+
+#[test]
 fn short_secret_is_refused_with_the_fix() {
     let e = load_str("cluster_secret = \"short\"\n", &[], &Overrides::default()).unwrap_err();
     let msg = e.to_string();
