@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME};
-use crate::proto::{ErrorBody, ErrorKind};
+use crate::proto::{ErrorBody, ErrorKind, MAX_ANSWER_BYTES, MAX_MESSAGE_CHARS, printable};
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
@@ -71,6 +71,8 @@ impl PeerClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             .pool_idle_timeout(Duration::from_secs(30))
+            // A redirect would carry the signed headers elsewhere; peers never send one.
+            .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
             .expect("HTTP client without TLS builds");
@@ -104,15 +106,13 @@ impl PeerClient {
             })?;
         let status = resp.status().as_u16();
         let sig = resp.headers().get(HDR_AUTH).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let bytes = resp.bytes().await.map_err(|e| PeerError::Unreachable {
-            addr: addr.into(),
-            message: error_chain(&e),
-            maybe_delivered: true,
-        })?;
+        let bytes = read_bounded(addr, resp).await?;
         if status == 401 {
+            // Unsigned (the other side does not share our key): shown only as printable text.
             let message = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|b| b.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            let message = format!("{} (unsigned answer)", printable(&message, MAX_MESSAGE_CHARS));
             return Err(PeerError::Refused { addr: addr.into(), message });
         }
         let verified = sig.is_some_and(|s| self.key.verify_response(&auth.nonce, status, &bytes, &s).is_ok());
@@ -124,14 +124,41 @@ impl PeerClient {
                 Ok(b) => (b.kind, b.error),
                 Err(_) => (ErrorKind::Unknown, String::from_utf8_lossy(&bytes).into_owned()),
             };
+            let message = printable(&message, MAX_MESSAGE_CHARS);
             return Err(PeerError::Remote { addr: addr.into(), status, kind, message });
         }
-        Ok(bytes.to_vec())
+        Ok(bytes)
+    }
+}
+
+/// Reads an answer's body, refusing one over [`MAX_ANSWER_BYTES`] (by its declared length before
+/// reading, or as soon as it grows past the limit).
+async fn read_bounded(addr: &str, mut resp: reqwest::Response) -> Result<Vec<u8>, PeerError> {
+    let too_large = || PeerError::Decode {
+        addr: addr.into(),
+        message: format!("the answer is larger than {MAX_ANSWER_BYTES} bytes; it was not read"),
+    };
+    if resp.content_length().is_some_and(|n| n > MAX_ANSWER_BYTES as u64) {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::new();
+    loop {
+        let chunk = resp.chunk().await.map_err(|e| PeerError::Unreachable {
+            addr: addr.into(),
+            message: error_chain(&e),
+            maybe_delivered: true,
+        })?;
+        let Some(chunk) = chunk else { return Ok(bytes) };
+        if bytes.len() + chunk.len() > MAX_ANSWER_BYTES {
+            return Err(too_large());
+        }
+        bytes.extend_from_slice(&chunk);
     }
 }
 
 fn decode<Resp: DeserializeOwned>(addr: &str, bytes: &[u8]) -> Result<Resp, PeerError> {
-    serde_json::from_slice(bytes).map_err(|e| PeerError::Decode { addr: addr.into(), message: e.to_string() })
+    serde_json::from_slice(bytes)
+        .map_err(|e| PeerError::Decode { addr: addr.into(), message: printable(&e.to_string(), MAX_MESSAGE_CHARS) })
 }
 
 /// The future of one [`Peers::exchange`].
@@ -308,5 +335,73 @@ mod tests {
         assert!(matches!(e, PeerError::Unreachable { .. }), "{e:?}");
         assert!(e.maybe_delivered(), "{e:?}");
         server.await.unwrap();
+    }
+
+    /// A server that answers every connection with `answer` (raw HTTP), counting connections.
+    async fn answering_server(answer: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let h = hits.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s.write_all(&answer).await;
+                    // An endless body: keep sending until the client hangs up.
+                    if answer.ends_with(b"\r\n\r\n") && answer.starts_with(b"HTTP/1.1 200 OK\r\ntransfer-encoding") {
+                        let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "x".repeat(1 << 20));
+                        while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                    }
+                });
+            }
+        });
+        (addr, hits)
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        // Issue 10, hole 6: a redirect would carry the signed headers to another listener.
+        let (elsewhere, hits) = answering_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec()).await;
+        let redirect = format!(
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{elsewhere}/peer/v1/x\r\ncontent-length: 0\r\n\r\n"
+        );
+        let (addr, _) = answering_server(redirect.into_bytes()).await;
+        let e =
+            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        assert!(matches!(e, PeerError::BadResponseSignature { .. }), "{e:?}");
+        assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the redirect was followed");
+    }
+
+    #[tokio::test]
+    async fn an_unsigned_refusal_is_shown_as_short_printable_text() {
+        let body = format!("\u{1b}[2J\u{1b}]0;owned\u{7}evil\r\nline{}", "y".repeat(100_000));
+        let answer = format!("HTTP/1.1 401 Unauthorized\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+        let (addr, _) = answering_server(answer.into_bytes()).await;
+        let e =
+            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        let PeerError::Refused { message, .. } = &e else { panic!("{e:?}") };
+        assert!(!message.chars().any(char::is_control), "{message:?}");
+        assert!(message.starts_with("?[2J?]0;owned?evil??line"), "{message:?}");
+        assert!(message.chars().count() < MAX_MESSAGE_CHARS + 40, "{} chars", message.chars().count());
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_refused_without_reading_it_all() {
+        let declared = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 100u64 << 30);
+        let (addr, _) = answering_server(declared.into_bytes()).await;
+        let e =
+            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
+        // Chunked without end: refused once past the limit, not after the timeout.
+        let endless = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        let (addr, _) = answering_server(endless).await;
+        let e =
+            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(60)).await.unwrap_err();
+        assert!(e.to_string().contains("larger than"), "{e}");
     }
 }
