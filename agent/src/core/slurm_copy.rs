@@ -78,7 +78,7 @@ pub enum InstallStep {
     /// The local slurmctld is in control: the copy is not installed.
     LocalInControl,
     /// Fetch the copy from the controller, check it and install it.
-    Fetch { from: NodeId, version: u64 },
+    Fetch { from: NodeId, version: u64, digest: String },
 }
 
 impl InstallStep {
@@ -121,7 +121,31 @@ pub fn install_step(
     if !may_install(local_heartbeat, now_secs) {
         return InstallStep::LocalInControl;
     }
-    InstallStep::Fetch { from: copy.from, version: copy.version }
+    InstallStep::Fetch { from: copy.from, version: copy.version, digest: copy.digest.clone() }
+}
+
+/// Whether a copy fetched from the controller is the one announced through Raft (`from`,
+/// `version`, `digest` of [`InstallStep::Fetch`]): served by that node under that version, and its
+/// contents hash to the announced digest, not merely to the digest the answer carries. A newer
+/// version than announced here is not installed either: its announcement is applied here within
+/// moments, and the next round fetches it.
+pub fn check_fetched(
+    (from, version, digest): (NodeId, u64, &str),
+    (served_from, served_version): (NodeId, u64),
+    contents_digest: &str,
+) -> Result<(), String> {
+    if served_from != from {
+        return Err(format!("the copy was served as node {served_from}'s, not the controller {from}'s; retrying"));
+    }
+    if served_version != version {
+        return Err(format!("the controller served copy {served_version} while {version} is announced here; retrying"));
+    }
+    if contents_digest != digest {
+        return Err(format!(
+            "the fetched copy {version} does not match the digest announced through Raft; it was not installed"
+        ));
+    }
+    Ok(())
 }
 
 /// The heartbeat file slurmctld writes while it is in control: big-endian seconds since the
@@ -187,6 +211,23 @@ mod tests {
         [t.to_be_bytes(), i.to_be_bytes()].concat()
     }
 
+    #[test]
+    fn a_fetched_copy_must_be_the_announced_one() {
+        // Issue 10, hole 9: checked against the digest announced through Raft, not the one the
+        // answer carries.
+        let want = (NodeId(2), 5, "d");
+        assert_eq!(check_fetched(want, (NodeId(2), 5), "d"), Ok(()));
+        for (served, contents, says) in [
+            ((NodeId(2), 5), "other", "does not match the digest announced"),
+            ((NodeId(3), 5), "d", "not the controller"),
+            ((NodeId(2), 4), "d", "while 5 is announced"),
+            ((NodeId(2), 6), "d", "while 5 is announced"),
+        ] {
+            let e = check_fetched(want, served, contents).unwrap_err();
+            assert!(e.contains(says), "{served:?} {contents}: {e}");
+        }
+    }
+
     fn copy(from: u64, version: u64, digest: &str) -> SlurmStateCopy {
         SlurmStateCopy { from: NodeId(from), version, digest: digest.into(), files: 2, bytes: 10, taken_at_ms: 77 }
     }
@@ -246,10 +287,22 @@ mod tests {
             (None, Some(&c), None, None, InstallStep::FromFormerController),
             (None, Some(&c), ctl, Some(at(2, 5)), InstallStep::UpToDate { version: 5 }),
             (None, Some(&c), ctl, Some(at(2, 6)), InstallStep::UpToDate { version: 6 }),
-            (None, Some(&c), ctl, Some(at(2, 4)), InstallStep::Fetch { from: NodeId(2), version: 5 }),
+            (
+                None,
+                Some(&c),
+                ctl,
+                Some(at(2, 4)),
+                InstallStep::Fetch { from: NodeId(2), version: 5, digest: "d".into() },
+            ),
             // A copy of another controller's with a higher number is no reason to skip this one.
-            (Some(&primary), Some(&c), ctl, Some(at(3, 9)), InstallStep::Fetch { from: NodeId(2), version: 5 }),
-            (None, Some(&c), ctl, None, InstallStep::Fetch { from: NodeId(2), version: 5 }),
+            (
+                Some(&primary),
+                Some(&c),
+                ctl,
+                Some(at(3, 9)),
+                InstallStep::Fetch { from: NodeId(2), version: 5, digest: "d".into() },
+            ),
+            (None, Some(&c), ctl, None, InstallStep::Fetch { from: NodeId(2), version: 5, digest: "d".into() }),
         ];
         for (i, (hb, copy, controller, installed, want)) in cases.into_iter().enumerate() {
             assert_eq!(install_step(hb, 1010, copy, controller, installed.as_ref()), want, "case {i}");
@@ -258,11 +311,11 @@ mod tests {
         let late = 1000 + HEARTBEAT_FRESH_SECS + 1;
         assert_eq!(
             install_step(Some(&own_control), late, Some(&c), ctl, None),
-            InstallStep::Fetch { from: NodeId(2), version: 5 }
+            InstallStep::Fetch { from: NodeId(2), version: 5, digest: "d".into() }
         );
         assert!(
             InstallStep::Takeover.note().is_some()
-                && InstallStep::Fetch { from: NodeId(2), version: 1 }.note().is_none()
+                && InstallStep::Fetch { from: NodeId(2), version: 1, digest: "d".into() }.note().is_none()
         );
     }
 

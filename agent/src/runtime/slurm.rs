@@ -14,7 +14,7 @@ use crate::proto::paths;
 use super::driver::{Action, LoopError, Reconciler, Triggers, Wake};
 use super::{Node, RAFT_DIR};
 use crate::core::slurm_copy::{
-    CopyRole, InstallStep, InstalledCopy, PublishStep, copy_role, install_step, publish_step,
+    CopyRole, InstallStep, InstalledCopy, PublishStep, check_fetched, copy_role, install_step, publish_step,
 };
 
 /// What this node did in the last round of SLURM state replication.
@@ -164,7 +164,7 @@ impl Node {
         let step =
             install_step(local_hb.as_deref(), crate::now_ms() / 1000, copy.as_ref(), controller, installed.as_ref());
         report.note = step.note().map(str::to_string);
-        let (controller, copy_version) = match step {
+        let (controller, copy_version, announced_digest) = match step {
             InstallStep::Takeover => {
                 match self.write(Command::SlurmTakeover { id: self.id() }).await {
                     Ok(Response::Ok) => {
@@ -183,7 +183,7 @@ impl Node {
             InstallStep::WaitForFirstCopy | InstallStep::FromFormerController | InstallStep::LocalInControl => {
                 return report;
             }
-            InstallStep::Fetch { from, version } => (from, version),
+            InstallStep::Fetch { from, version, digest } => (from, version, digest),
         };
         let Some(raft_addr) =
             self.metrics().membership_config.membership().get_node(&controller).map(|n| n.addr.clone())
@@ -198,14 +198,7 @@ impl Node {
             .call::<_, crate::proto::SlurmStateBlob>(&addr, paths::SLURM_STATE, &crate::proto::Empty {}, t)
             .await
         {
-            Ok(b) if b.from == controller && b.version >= copy_version => b,
-            Ok(b) => {
-                report.note = Some(format!(
-                    "the controller served copy {} while {copy_version} is announced; retrying",
-                    b.version
-                ));
-                return report;
-            }
+            Ok(b) => b,
             Err(e) => {
                 report.note = Some(format!("cannot fetch the copy from the controller at {addr}: {e}"));
                 return report;
@@ -215,10 +208,9 @@ impl Node {
         let decoded = tokio::task::spawn_blocking(move || {
             let plain = secret_box.open(SEAL_NAME, &blob.sealed).map_err(|e| e.to_string())?;
             let files = StateFiles::from_json(&plain).map_err(|e| e.to_string())?;
-            if files.digest(true) != blob.digest {
-                return Err("the fetched copy does not match its digest".to_string());
-            }
-            Ok((files, blob.version, blob.digest))
+            let digest = files.digest(true);
+            check_fetched((controller, copy_version, &announced_digest), (blob.from, blob.version), &digest)?;
+            Ok((files, blob.version, digest))
         })
         .await
         .map_err(|e| e.to_string())
