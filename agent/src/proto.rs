@@ -44,15 +44,7 @@ pub const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 /// Longest message from another node kept for logs and `clusteros status`.
 pub const MAX_MESSAGE_CHARS: usize = 512;
 
-/// Text from the network made fit for a terminal and a log line: control characters (terminal
-/// escapes, carriage returns, new lines) become `?`, and it is cut after `max_chars` characters.
-pub fn printable(text: &str, max_chars: usize) -> String {
-    let mut out: String = text.chars().take(max_chars).map(|c| if c.is_control() { '?' } else { c }).collect();
-    if text.chars().nth(max_chars).is_some() {
-        out.push_str("...");
-    }
-    out
-}
+pub use crate::core::text::printable;
 
 /// The body of every error answer, on both APIs.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

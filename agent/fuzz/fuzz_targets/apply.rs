@@ -12,6 +12,7 @@ use std::net::Ipv4Addr;
 
 use clusteros::core::state::{
     ClusterState, Command, Health, MemberSpec, NodeFacts, NodeId, RequestId, RequestLog, Response, RoleAssignments,
+    validate_member,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -23,6 +24,14 @@ const IPS: [Ipv4Addr; 3] = [Ipv4Addr::new(10, 90, 0, 1), Ipv4Addr::new(10, 90, 0
 const SECRETS: [&str; 3] = ["munge-key", "k3s-token", ""];
 const TIMES: [u64; 8] = [0, 1, 1_000, 120_000, 121_001, 250_000, 1_000_000_000, u64::MAX];
 const DIGESTS: [&str; 2] = ["d1", "d2"];
+/// WireGuard public keys: two well-formed, none (a node without WireGuard), two malformed.
+const WG_KEYS: [&str; 5] = [
+    "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+    "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+    "",
+    "key1",
+    "AQID",
+];
 
 /// One step: a command, an applied membership (voters, learners), or a gap in the log indexes
 /// the state machine sees (entries without a command: blank or membership entries).
@@ -80,7 +89,7 @@ impl Gen<'_> {
                     id,
                     name,
                     api_addr: format!("10.0.0.{}:7600", b % 4),
-                    wg_public_key: format!("key{}", b % 3),
+                    wg_public_key: WG_KEYS[usize::from(b) % WG_KEYS.len()].to_string(),
                     facts: NodeFacts {
                         cpus: u32::from(b % 3),
                         memory_mb: 1024,
@@ -198,6 +207,7 @@ fn check_invariants(s: &ClusterState, before: &ClusterState) {
     for (id, m) in &s.members {
         assert_eq!(*id, m.spec.id, "member record under another id");
         assert!(s.voters.contains(id) || s.learners.contains(id), "member {id} is not in the Raft membership");
+        assert_eq!(validate_member(&m.spec), Ok(()), "a malformed member record was applied");
     }
     let r = &s.roles;
     let holders = [r.slurm_controller, r.slurm_backup, r.k3s_server];

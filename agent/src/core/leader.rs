@@ -140,7 +140,7 @@ mod tests {
                 id: NodeId(id),
                 name: format!("n{id}"),
                 api_addr: format!("10.0.0.{id}:7600"),
-                wg_public_key: format!("K{id}"),
+                wg_public_key: crate::core::state::test_wg_key(id),
                 facts: NodeFacts::default(),
                 labels: BTreeMap::new(),
             },

@@ -284,7 +284,7 @@ mod tests {
                 id: NodeId(id),
                 name: format!("n{}", id),
                 api_addr: format!("192.168.1.{}:7600", id),
-                wg_public_key: format!("K{}", id),
+                wg_public_key: crate::core::state::test_wg_key(id),
                 facts: NodeFacts::default(),
                 labels: BTreeMap::new(),
             };
@@ -295,9 +295,10 @@ mod tests {
         s.apply(5, &Command::AssignMeshIp { id: NodeId(2), ip: ip("10.90.0.2") });
         let d = desired_device(&s, NodeId(1), 16).unwrap();
         assert_eq!(d.address, (ip("10.90.0.1"), 16));
-        assert_eq!(d.public_key, "K1");
+        assert_eq!(d.public_key, crate::core::state::test_wg_key(1));
         // Node 3 has no mesh address yet: not a peer until it has one.
-        assert_eq!(d.peers.keys().cloned().collect::<Vec<_>>(), vec!["K2".to_string()]);
-        assert_eq!(d.peers["K2"], peer("K2", "192.168.1.2", "10.90.0.2"));
+        let k2 = crate::core::state::test_wg_key(2);
+        assert_eq!(d.peers.keys().cloned().collect::<Vec<_>>(), vec![k2.clone()]);
+        assert_eq!(d.peers[&k2], peer(&k2, "192.168.1.2", "10.90.0.2"));
     }
 }

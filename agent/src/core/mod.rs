@@ -16,3 +16,4 @@ pub mod secrets;
 pub mod services;
 pub mod slurm_copy;
 pub mod state;
+pub mod text;

@@ -74,7 +74,7 @@ mod tests {
                 id,
                 name: format!("n{}", id.0),
                 api_addr: format!("10.0.0.{}:7600", id.0),
-                wg_public_key: format!("K{}", id.0),
+                wg_public_key: crate::core::state::test_wg_key(id.0),
                 facts: NodeFacts::default(),
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             },

@@ -34,7 +34,10 @@ impl Reconciler for MemberLoop {
         if in_raft {
             self.was_member = true;
             let spec = node.my_spec();
-            if record.as_ref() != Some(&spec) {
+            if let Err(reason) = crate::core::state::validate_member(&spec) {
+                // Checked here too: a refused write still takes a log entry, every round.
+                node.set_last_error(Some(format!("this node's member record is not valid: {reason}")));
+            } else if record.as_ref() != Some(&spec) {
                 match node.write(Command::UpsertMember { spec, at_ms: crate::now_ms() }).await {
                     Ok(Response::Rejected { reason }) => {
                         warn!(node_id = %node.id(), "registration refused: {reason}");

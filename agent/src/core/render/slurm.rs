@@ -140,7 +140,7 @@ pub(crate) mod tests {
                 id: NodeId(id),
                 name: format!("node{}", id),
                 api_addr: format!("10.77.0.{}:7600", 10 + id),
-                wg_public_key: format!("K{}", id),
+                wg_public_key: crate::core::state::test_wg_key(id),
                 facts: NodeFacts {
                     cpus: id as u32,
                     memory_mb: 1000 * id,

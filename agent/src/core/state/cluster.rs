@@ -45,6 +45,51 @@ pub fn validate_kv(key: &str, value: Option<&str>) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks what a node says about itself before it goes into every node's state: its name and
+/// labels are written into slurm.conf, k3s and WireGuard settings on every node, its key and
+/// address into every node's wg0. A name with a new line would add a line to slurm.conf, one
+/// malformed key would break wg0 everywhere. The error says what is wrong.
+pub fn validate_member(spec: &MemberSpec) -> Result<(), String> {
+    let word = |s: &str, extra: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || extra.contains(c));
+    let n = &spec.name;
+    if n.is_empty() || n.len() > 253 || !word(n, "-._") || n.starts_with(['-', '.']) {
+        return Err(format!(
+            "node name {:?} is not a host name: use 1-253 letters, digits, '-', '.' and '_'",
+            crate::core::text::printable(n, 80)
+        ));
+    }
+    if !spec.wg_public_key.is_empty() {
+        use base64::Engine;
+        let key = base64::engine::general_purpose::STANDARD.decode(&spec.wg_public_key);
+        if key.map_or(true, |k| k.len() != 32) {
+            return Err("the WireGuard public key is not 32 bytes in base64 (as `wg pubkey` prints it)".into());
+        }
+    }
+    match spec.api_addr.parse::<std::net::SocketAddr>() {
+        Ok(a) if !a.ip().is_unspecified() && a.port() != 0 => {}
+        _ => {
+            return Err(format!(
+                "the peer API address {:?} is not IP:PORT of a real address",
+                crate::core::text::printable(&spec.api_addr, 80)
+            ));
+        }
+    }
+    for (k, v) in &spec.labels {
+        if k.is_empty() || k.len() > 63 || !word(k, "-._/") || v.len() > 255 || !word(v, "-._/:=, ") {
+            return Err(format!(
+                "label {:?}={:?}: keys are 1-63 letters, digits, '-', '.', '_', '/'; values up to 255 of those, ':', '=', ',' and spaces",
+                crate::core::text::printable(k, 80),
+                crate::core::text::printable(v, 80)
+            ));
+        }
+    }
+    let f = &spec.facts;
+    if f.kernel.len() > 255 || f.arch.len() > 64 || !word(&f.kernel, "-._+~") || !word(&f.arch, "-_") {
+        return Err("the node facts (kernel, arch) hold characters a kernel release or architecture does not".into());
+    }
+    Ok(())
+}
+
 impl ClusterState {
     /// A copy without the user KV space and the SLURM state copy: what the node's mesh and
     /// services are derived from, so that neither user writes nor SLURM state copies cost a copy
@@ -98,6 +143,9 @@ impl ClusterState {
                 Response::Ok
             }
             Command::UpsertMember { spec, at_ms } => {
+                if let Err(reason) = validate_member(spec) {
+                    return Response::Rejected { reason };
+                }
                 if !self.is_raft_member(spec.id) {
                     return Response::Rejected {
                         reason: format!("node {} is not in the Raft membership; join the cluster first", spec.id),

@@ -372,7 +372,14 @@ pub enum Response {
 }
 
 mod cluster;
-pub use cluster::{ClusterState, validate_kv};
+
+/// A well-formed WireGuard public key of its own for each `n` (test fixtures).
+#[cfg(test)]
+pub fn test_wg_key(n: u64) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode([n as u8; 32])
+}
+pub use cluster::{ClusterState, validate_kv, validate_member};
 
 #[cfg(test)]
 mod tests;

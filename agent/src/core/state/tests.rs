@@ -7,10 +7,52 @@ fn spec(id: NodeId, name: &str) -> MemberSpec {
         id,
         name: name.into(),
         api_addr: format!("10.0.0.{}:7600", id.0),
-        wg_public_key: format!("key{}", id.0),
+        wg_public_key: test_wg_key(id.0),
         facts: NodeFacts { cpus: 2, memory_mb: 1024, kernel: "6.12".into(), arch: "x86_64".into() },
         labels: BTreeMap::new(),
     }
+}
+
+#[test]
+fn a_malformed_member_record_is_refused_and_changes_nothing() {
+    // Issue 10, hole 10: names and labels go into every node's configs, keys into every wg0.
+    let mut s = state_with(&[NodeId(1)], &[]);
+    assert_eq!(s.apply(1, &Command::UpsertMember { spec: spec(NodeId(1), "n1"), at_ms: 1 }), Response::Ok);
+    let before = s.clone();
+    let bad = |f: &dyn Fn(&mut MemberSpec)| {
+        let mut m = spec(NodeId(1), "n1");
+        f(&mut m);
+        m
+    };
+    for (m, says) in [
+        (bad(&|m| m.name = "n1\nSlurmctldParameters=x".into()), "not a host name"),
+        (bad(&|m| m.name = "".into()), "not a host name"),
+        (bad(&|m| m.name = "-n".into()), "not a host name"),
+        (bad(&|m| m.wg_public_key = "key1".into()), "WireGuard public key"),
+        (
+            bad(&|m| m.wg_public_key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [1u8; 31])),
+            "32 bytes",
+        ),
+        (bad(&|m| m.api_addr = "0.0.0.0:7600".into()), "peer API address"),
+        (bad(&|m| m.api_addr = "host name:1".into()), "peer API address"),
+        (bad(&|m| drop(m.labels.insert("rack".into(), "r1\n[x]".into()))), "label"),
+        (bad(&|m| drop(m.labels.insert("".into(), "v".into()))), "label"),
+        (bad(&|m| m.facts.kernel = "6.1\u{1b}[2J".into()), "facts"),
+    ] {
+        match s.apply(2, &Command::UpsertMember { spec: m.clone(), at_ms: 2 }) {
+            Response::Rejected { reason } => assert!(reason.contains(says), "{m:?}: {reason}"),
+            other => panic!("{m:?} was accepted: {other:?}"),
+        }
+        assert_eq!(s, before, "a refused record changed the state");
+    }
+    // What real nodes send is accepted: no key (no WireGuard), dotted host names, labels.
+    let ok = bad(&|m| {
+        m.wg_public_key.clear();
+        m.name = "node-1.rack_2".into();
+        m.labels.insert("topology.kubernetes.io/zone".into(), "a:b=c, d".into());
+        m.facts.kernel = "6.1.0-27-cloud-amd64".into();
+    });
+    assert_eq!(s.apply(3, &Command::UpsertMember { spec: ok, at_ms: 3 }), Response::Ok);
 }
 
 fn state_with(voters: &[NodeId], learners: &[NodeId]) -> ClusterState {
