@@ -773,3 +773,70 @@ async fn metrics_agree_with_status() {
     // Replication lag is reported by the leader only, one line per follower.
     assert_eq!(texts[leader].matches("clusteros_raft_replication_lag_entries{").count(), 2, "{}", texts[leader]);
 }
+
+/// The agent's resident memory, KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/PID/status");
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Issue 10, hole 3: a request without proof of the cluster secret is refused from its headers,
+/// before its body is read; a signed one is held to its route's body limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsigned_huge_body_is_refused_before_it_is_read() {
+    let _g = serial();
+    let mut c = Cluster::new(1, Opts { bootstrap_expect: Some(1), ..Opts::default() });
+    c.start(0);
+    c.wait_converged(1, 0, FORM).await;
+    let pid = c.nodes[0].pid().unwrap();
+    let before = rss_kib(pid);
+    let addr = c.nodes[0].addr.clone();
+    const TOTAL: u64 = 200 << 20;
+    let sent = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        // A server that stops reading without closing would block the writes: that is a failure
+        // too, reported by the assertion below, not a hang.
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(s, "POST /peer/v1/write HTTP/1.1\r\nhost: t\r\ncontent-length: {TOTAL}\r\n\r\n").unwrap();
+        let chunk = vec![b'x'; 1 << 20];
+        let mut sent = 0u64;
+        while sent < TOTAL {
+            match s.write(&chunk) {
+                Ok(n) => sent += n as u64,
+                Err(_) => break,
+            }
+        }
+        sent
+    })
+    .await
+    .unwrap();
+    let grown_kib = rss_kib(pid).saturating_sub(before);
+    eprintln!("unsigned 200 MiB body: {} KiB sent before the agent closed, RSS grew {grown_kib} KiB", sent >> 10);
+    assert!(sent < TOTAL / 4, "the agent read {sent} bytes of an unsigned body");
+    assert!(grown_kib < 32 * 1024, "the agent's memory grew by {grown_kib} KiB");
+    let refused = metric(&c.nodes[0].metrics().await.unwrap(), "clusteros_peer_requests_refused_total").unwrap();
+    assert!(refused >= 1.0, "the refusal is not counted");
+    assert!(c.nodes[0].log().contains("request is not signed"), "the refusal is not logged");
+
+    // Signed, but over the 1 MiB limit of /peer/v1/hello: refused by its declared length.
+    let key = clusteros::core::auth::ClusterKey::derive(&c.nodes[0].opts.secret);
+    let body = vec![b' '; 2 << 20];
+    let path = clusteros::proto::paths::HELLO;
+    let a = key.sign_request("POST", path, clusteros::now_ms() as i64, "00112233445566778899aabbccddeeff", &body);
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}{path}", c.nodes[0].addr))
+        .header(clusteros::core::auth::HDR_TIME, a.time_ms.to_string())
+        .header(clusteros::core::auth::HDR_NONCE, &a.nonce)
+        .header(clusteros::core::auth::HDR_BODY, &a.body_sha256)
+        .header(clusteros::core::auth::HDR_AUTH, &a.signature)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("larger than 1048576 bytes"), "{text}");
+    assert!(c.status(0).await.is_ok(), "status answers after both");
+}

@@ -188,7 +188,8 @@ fn peer_request_input(kind: u8, flags: u8, status: u16, body: &[u8], sign_answer
     let nonce = format!("{:032x}", u128::from(kind) * 0x1234_5678_9abc_def1 + u128::from(status));
     let a = key.sign_request("POST", &path, NOW_MS, &nonce, body);
     let resp_sig = if sign_answer { key.sign_response(&a.nonce, status, body) } else { String::new() };
-    let parsed = parse_auth(Some(&a.time_ms.to_string()), Some(&a.nonce), Some(&a.signature)).unwrap();
+    let parsed =
+        parse_auth(Some(&a.time_ms.to_string()), Some(&a.nonce), Some(&a.body_sha256), Some(&a.signature)).unwrap();
     key.verify_request("POST", &path, &parsed, body).unwrap();
     let mut out = vec![kind, flags];
     out.extend(status.to_le_bytes());

@@ -7,7 +7,7 @@
 //! response-signature \n body`. `kind` picks the route; `flags`: 1, 2, 4 = the time, nonce and
 //! signature headers are present; 8 = replace the signature by a correct one (to get past the
 //! HMAC to the replay guard and the handlers); 16 = sign the answer correctly; 32 = the answer
-//! signature header is present.
+//! signature header is present; 64 = the body digest header is absent (else it is the body's).
 
 #![forbid(unsafe_code)]
 #![no_main]
@@ -16,7 +16,7 @@ use std::sync::LazyLock;
 
 use clusteros::adapters::raft::TypeConfig;
 use clusteros::adapters::raft::state_machine::SmData;
-use clusteros::core::auth::{AuthError, ClusterKey, ReplayGuard, parse_auth};
+use clusteros::core::auth::{AuthError, ClusterKey, ReplayGuard, body_digest, parse_auth};
 use clusteros::core::formation::{Pledge, answer_pledge};
 use clusteros::core::state::{NodeId, Response as CmdResponse};
 use clusteros::proto::{
@@ -181,7 +181,9 @@ fuzz_target!(|data: &[u8]| {
     let time = header(flags & 1 != 0, time_raw);
     let nonce = header(flags & 2 != 0, nonce_raw);
     let sig = header(flags & 4 != 0, sig_raw);
-    let parsed = parse_auth(time.as_deref(), nonce.as_deref(), sig.as_deref());
+    // The body digest header: the body's own unless flag 64 leaves it out.
+    let digest = (flags & 64 == 0).then(|| body_digest(body));
+    let parsed = parse_auth(time.as_deref(), nonce.as_deref(), digest.as_deref(), sig.as_deref());
     if let Err(e) = &parsed {
         assert!(matches!(e, AuthError::Missing(_)), "{e:?}");
     }
@@ -195,7 +197,9 @@ fuzz_target!(|data: &[u8]| {
     }
     let guard = ReplayGuard::default();
     let checked = auth.clone().and_then(|a| {
-        key.verify_request("POST", &path, &a, body)?;
+        // The middleware's order: the headers before the body is read, then the body.
+        key.verify_request_head("POST", &path, &a)?;
+        key.verify_body(&a, body)?;
         guard.check(&a, NOW_MS)?;
         Ok(a)
     });
@@ -203,6 +207,7 @@ fuzz_target!(|data: &[u8]| {
         let a = auth.as_ref().unwrap();
         // A correct signature verifies; the same request again is refused.
         assert_eq!(key.verify_request("POST", &path, a, body), Ok(()));
+        assert_eq!(key.verify_request_head("POST", &path, a), Ok(()));
         let again = guard.check(a, NOW_MS);
         match &checked {
             Ok(_) => assert_eq!(again, Err(AuthError::Replayed)),

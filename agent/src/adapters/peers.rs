@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_NONCE, HDR_TIME};
+use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME};
 use crate::proto::{ErrorBody, ErrorKind, MAX_ANSWER_BYTES, MAX_MESSAGE_CHARS, printable};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -95,6 +95,7 @@ impl PeerClient {
             .header("content-type", "application/json")
             .header(HDR_TIME, auth.time_ms.to_string())
             .header(HDR_NONCE, &auth.nonce)
+            .header(HDR_BODY, &auth.body_sha256)
             .header(HDR_AUTH, &auth.signature)
             .body(body)
             .send()

@@ -1,8 +1,11 @@
 //! Proof of the cluster secret on every peer RPC, in both directions.
 //!
-//! A request carries `x-clusteros-time` (unix ms), `x-clusteros-nonce` (random) and
-//! `x-clusteros-auth`, an HMAC-SHA256 over method, path, time, nonce and the body's SHA-256, keyed
-//! by a key derived from the cluster secret. The server refuses requests outside a time window and
+//! A request carries `x-clusteros-time` (unix ms), `x-clusteros-nonce` (random),
+//! `x-clusteros-body-sha256` (the body's SHA-256) and `x-clusteros-auth`, an HMAC-SHA256 over
+//! method, path, time, nonce and that digest, keyed by a key derived from the cluster secret. The
+//! headers alone prove the secret, so the server refuses a request without it before reading any
+//! of its body ([`ClusterKey::verify_request_head`]), and checks the body against the signed
+//! digest once it has read it ([`ClusterKey::verify_body`]). The server refuses requests outside a time window and
 //! nonces it has already seen within that window (bounded memory). Responses are signed over the
 //! request's nonce, status and body, so a joining node also learns whether the cluster it reached
 //! knows the same secret.
@@ -17,6 +20,7 @@ use sha2::{Digest, Sha256};
 pub const HDR_TIME: &str = "x-clusteros-time";
 pub const HDR_NONCE: &str = "x-clusteros-nonce";
 pub const HDR_AUTH: &str = "x-clusteros-auth";
+pub const HDR_BODY: &str = "x-clusteros-body-sha256";
 
 /// Requests whose time differs from ours by more than this are refused.
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
@@ -37,6 +41,8 @@ pub enum AuthError {
         "request time is {skew_ms} ms away from this node's clock (limit {limit_s} s): check time sync (chrony) on both nodes"
     )]
     Stale { skew_ms: i64, limit_s: u64 },
+    #[error("the request body does not match its signed digest (changed in transit?): refused")]
+    BodyMismatch,
     #[error("replayed request (nonce already seen): refused")]
     Replayed,
     #[error("too many requests in the replay window: refused, retry later")]
@@ -53,21 +59,34 @@ impl std::fmt::Debug for ClusterKey {
     }
 }
 
-/// The three authentication header values of a request.
+/// The four authentication header values of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestAuth {
     pub time_ms: i64,
     pub nonce: String,
+    /// The body's SHA-256, hex.
+    pub body_sha256: String,
     pub signature: String,
 }
 
-/// Reads the three authentication headers of a request (`None`: the header is absent or not
+/// Reads the four authentication headers of a request (`None`: the header is absent or not
 /// visible ASCII). What the peer API's middleware checks first, before the signature.
-pub fn parse_auth(time: Option<&str>, nonce: Option<&str>, signature: Option<&str>) -> Result<RequestAuth, AuthError> {
+pub fn parse_auth(
+    time: Option<&str>,
+    nonce: Option<&str>,
+    body_sha256: Option<&str>,
+    signature: Option<&str>,
+) -> Result<RequestAuth, AuthError> {
     let time_ms = time.ok_or(AuthError::Missing(HDR_TIME))?.parse::<i64>().map_err(|_| AuthError::Missing(HDR_TIME))?;
     let nonce = nonce.ok_or(AuthError::Missing(HDR_NONCE))?.to_string();
+    let body_sha256 = body_sha256.ok_or(AuthError::Missing(HDR_BODY))?.to_string();
     let signature = signature.ok_or(AuthError::Missing(HDR_AUTH))?.to_string();
-    Ok(RequestAuth { time_ms, nonce, signature })
+    Ok(RequestAuth { time_ms, nonce, body_sha256, signature })
+}
+
+/// The value of the body digest header for `body`.
+pub fn body_digest(body: &[u8]) -> String {
+    hex(&Sha256::digest(body))
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -102,13 +121,13 @@ impl ClusterKey {
         mac
     }
 
-    fn request_parts(method: &str, path: &str, time_ms: i64, nonce: &str, body: &[u8]) -> [Vec<u8>; 5] {
+    fn request_parts(method: &str, path: &str, time_ms: i64, nonce: &str, body_sha256: &[u8]) -> [Vec<u8>; 5] {
         [
             method.as_bytes().to_vec(),
             path.as_bytes().to_vec(),
             time_ms.to_string().into_bytes(),
             nonce.as_bytes().to_vec(),
-            Sha256::digest(body).to_vec(),
+            body_sha256.to_vec(),
         ]
     }
 
@@ -116,18 +135,36 @@ impl ClusterKey {
     /// random bytes: [`crate::adapters::peers::new_nonce`]); tests, seeds and fuzzing pass
     /// fixed ones.
     pub fn sign_request(&self, method: &str, path: &str, time_ms: i64, nonce: &str, body: &[u8]) -> RequestAuth {
-        let parts = Self::request_parts(method, path, time_ms, nonce, body);
+        let digest = Sha256::digest(body);
+        let parts = Self::request_parts(method, path, time_ms, nonce, &digest);
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         let signature = hex(&self.mac(&refs).finalize().into_bytes());
-        RequestAuth { time_ms, nonce: nonce.to_string(), signature }
+        RequestAuth { time_ms, nonce: nonce.to_string(), body_sha256: hex(&digest), signature }
     }
 
-    /// Checks the signature only (time and replay are the [`ReplayGuard`]'s job).
-    pub fn verify_request(&self, method: &str, path: &str, auth: &RequestAuth, body: &[u8]) -> Result<(), AuthError> {
+    /// Checks the signature over the headers, before the body is read (time and replay are the
+    /// [`ReplayGuard`]'s job, the body's digest [`ClusterKey::verify_body`]'s).
+    pub fn verify_request_head(&self, method: &str, path: &str, auth: &RequestAuth) -> Result<(), AuthError> {
         let sig = unhex(&auth.signature).ok_or(AuthError::BadSignature)?;
-        let parts = Self::request_parts(method, path, auth.time_ms, &auth.nonce, body);
+        let digest = unhex(&auth.body_sha256).filter(|d| d.len() == 32).ok_or(AuthError::Missing(HDR_BODY))?;
+        let parts = Self::request_parts(method, path, auth.time_ms, &auth.nonce, &digest);
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         self.mac(&refs).verify_slice(&sig).map_err(|_| AuthError::BadSignature)
+    }
+
+    /// Checks that the body read is the one the verified headers sign.
+    pub fn verify_body(&self, auth: &RequestAuth, body: &[u8]) -> Result<(), AuthError> {
+        let digest = unhex(&auth.body_sha256).ok_or(AuthError::Missing(HDR_BODY))?;
+        if digest.as_slice() != Sha256::digest(body).as_slice() {
+            return Err(AuthError::BodyMismatch);
+        }
+        Ok(())
+    }
+
+    /// [`ClusterKey::verify_request_head`], then [`ClusterKey::verify_body`].
+    pub fn verify_request(&self, method: &str, path: &str, auth: &RequestAuth, body: &[u8]) -> Result<(), AuthError> {
+        self.verify_request_head(method, path, auth)?;
+        self.verify_body(auth, body)
     }
 
     pub fn sign_response(&self, request_nonce: &str, status: u16, body: &[u8]) -> String {
@@ -197,7 +234,13 @@ mod tests {
         let k = ClusterKey::derive("secret-secret-secret");
         let a = k.sign_request("POST", "/peer/v1/join", 1000, &nonce(), b"{}");
         assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{}"), Ok(()));
-        assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{ }"), Err(AuthError::BadSignature));
+        assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{ }"), Err(AuthError::BodyMismatch));
+        // The headers alone are checked before the body is read: they must carry the proof.
+        assert_eq!(k.verify_request_head("POST", "/peer/v1/join", &a), Ok(()));
+        let other_body = RequestAuth { body_sha256: body_digest(b"{ }"), ..a.clone() };
+        assert_eq!(k.verify_request_head("POST", "/peer/v1/join", &other_body), Err(AuthError::BadSignature));
+        let short = RequestAuth { body_sha256: "00ff".into(), ..a.clone() };
+        assert_eq!(k.verify_request_head("POST", "/peer/v1/join", &short), Err(AuthError::Missing(HDR_BODY)));
         assert_eq!(k.verify_request("POST", "/peer/v1/leave", &a, b"{}"), Err(AuthError::BadSignature));
         assert_eq!(k.verify_request("GET", "/peer/v1/join", &a, b"{}"), Err(AuthError::BadSignature));
         let shifted = RequestAuth { time_ms: 1001, ..a.clone() };
@@ -247,19 +290,20 @@ mod tests {
             let a = k.sign_request("POST", "/p", t, &nonce(), b"");
             assert!(matches!(g.check(&a, now), Err(AuthError::Stale { .. })), "time {t}");
         }
-        let a = parse_auth(Some("-9223372036854775808"), Some(""), Some("")).unwrap();
+        let a = parse_auth(Some("-9223372036854775808"), Some(""), Some(""), Some("")).unwrap();
         assert!(matches!(g.check(&a, now), Err(AuthError::Stale { .. })));
         assert!(g.seen.lock().unwrap().is_empty());
     }
 
     #[test]
     fn auth_headers_are_parsed_in_order() {
-        let ok = parse_auth(Some("12"), Some("n"), Some("s")).unwrap();
-        assert_eq!(ok, RequestAuth { time_ms: 12, nonce: "n".into(), signature: "s".into() });
-        assert_eq!(parse_auth(None, None, None), Err(AuthError::Missing(HDR_TIME)));
-        assert_eq!(parse_auth(Some("x"), Some("n"), Some("s")), Err(AuthError::Missing(HDR_TIME)));
-        assert_eq!(parse_auth(Some("1"), None, Some("s")), Err(AuthError::Missing(HDR_NONCE)));
-        assert_eq!(parse_auth(Some("1"), Some("n"), None), Err(AuthError::Missing(HDR_AUTH)));
+        let ok = parse_auth(Some("12"), Some("n"), Some("d"), Some("s")).unwrap();
+        assert_eq!(ok, RequestAuth { time_ms: 12, nonce: "n".into(), body_sha256: "d".into(), signature: "s".into() });
+        assert_eq!(parse_auth(None, None, None, None), Err(AuthError::Missing(HDR_TIME)));
+        assert_eq!(parse_auth(Some("x"), Some("n"), Some("d"), Some("s")), Err(AuthError::Missing(HDR_TIME)));
+        assert_eq!(parse_auth(Some("1"), None, Some("d"), Some("s")), Err(AuthError::Missing(HDR_NONCE)));
+        assert_eq!(parse_auth(Some("1"), Some("n"), None, Some("s")), Err(AuthError::Missing(HDR_BODY)));
+        assert_eq!(parse_auth(Some("1"), Some("n"), Some("d"), None), Err(AuthError::Missing(HDR_AUTH)));
     }
 
     #[test]
@@ -268,7 +312,12 @@ mod tests {
         let k = ClusterKey::derive("secret-secret-secret");
         // Old entries are pruned once the table is half full.
         for i in 0..(MAX_NONCES / 2 + 10) {
-            let a = RequestAuth { time_ms: 0, nonce: format!("{}", i), signature: String::new() };
+            let a = RequestAuth {
+                time_ms: 0,
+                nonce: format!("{}", i),
+                body_sha256: String::new(),
+                signature: String::new(),
+            };
             g.check(&a, 0).unwrap();
         }
         let fresh = k.sign_request("POST", "/p", 120_000, &nonce(), b"");
