@@ -75,10 +75,16 @@ fn containers_form_a_cluster_under_systemd() {
     ctl.wait_active("slurmctld.service", timeout(120)).or_fail("slurmctld on the controller");
     env.timer.phase("containers/slurmctld");
 
-    // The mesh says why it is unavailable, and nothing else is wrong with the node.
-    let st = status_of(&nodes[0]).or_fail("status");
-    let mesh_error = st.mesh.as_ref().and_then(|m| m.error.clone()).unwrap_or_default();
-    assert!(mesh_error.contains("WireGuard"), "the mesh does not report the missing WireGuard support: {mesh_error:?}");
+    // The mesh says why it is unavailable. Until the leader has assigned the node a mesh address
+    // (its next tick after formation) the mesh loop has not touched the device yet and says it is
+    // waiting for one, so this waits for the report rather than reading it once.
+    wait_until(timeout(120), "the mesh to report the missing WireGuard support", || {
+        let st = status_of(&nodes[0])?;
+        let mesh_error = st.mesh.as_ref().and_then(|m| m.error.clone()).unwrap_or_default();
+        ensure!(mesh_error.contains("WireGuard"), "mesh error: {mesh_error:?}");
+        Ok(())
+    })
+    .or_fail("the mesh's report");
 
     // The leader's agent is killed: systemd restarts it (Restart=always) and the three agree on
     // one leader again, the restarted agent a member with its old id. (Which voter leads then is
