@@ -14,9 +14,10 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::adapters::identity::Identity;
-use crate::core::config::{Config, SECRET_HOWTO};
+use crate::core::config::{Config, MetricsListen, SECRET_HOWTO};
 use crate::runtime::driver::{Action, Backoff, LoopError, Reconciler, Triggers, Wake};
 use crate::runtime::{Node, Phase, RunEnd, StartError, wipe_membership_state};
+use crate::server::accept::Limits;
 use crate::server::local::LocalState;
 
 fn notify(states: &[NotifyState]) {
@@ -147,6 +148,7 @@ fn status_line(agent: &Node) -> String {
 /// loading it gave (then the agent serves only its status).
 pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Result<()> {
     watchdog_task();
+    raise_descriptor_limit();
     let cfg = match config {
         Ok(c) => c,
         Err(problem) => {
@@ -232,23 +234,18 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             .await
             .map_err(|source| StartError::Listen { addr: cfg.listen_addr, source })?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let peer_app = crate::server::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
-        let peer_task =
-            spawn_server("peer API", axum::serve(peer, peer_app).with_graceful_shutdown(stopped(stop_rx.clone())));
+        let peer_task = tokio::spawn(serve_peer("peer API", peer, agent.clone(), stop_rx.clone()));
         let mesh_peer_task = tokio::spawn(serve_on_mesh(agent.clone(), stop_rx.clone()));
-        let metrics_task = match cfg.metrics_addr {
-            Some(addr) => match TcpListener::bind(addr).await {
-                Ok(l) => {
-                    let app = crate::server::local::metrics_router(LocalState::Running(agent.clone()));
-                    spawn_server("metrics", axum::serve(l, app).with_graceful_shutdown(stopped(stop_rx.clone())))
-                }
-                Err(e) => {
-                    warn!("cannot serve metrics on {addr}: {e}; set metrics_addr to a free address or \"off\"");
-                    tokio::spawn(async {})
-                }
-            },
-            None => tokio::spawn(async {}),
-        };
+        let mut servers = vec![peer_task, mesh_peer_task];
+        if let Some(addr) = metrics_addr_now(cfg.metrics) {
+            match TcpListener::bind(addr).await {
+                Ok(l) => servers.push(spawn_metrics(l, LocalState::Running(agent.clone()), stop_rx.clone())),
+                Err(e) => warn!("cannot serve metrics on {addr}: {e}; set metrics_addr to a free address or \"off\""),
+            }
+        }
+        if let MetricsListen::LoopbackAndMesh(port) = cfg.metrics {
+            servers.push(tokio::spawn(serve_metrics_on_mesh(agent.clone(), port, stop_rx.clone())));
+        }
         let local_task = spawn_local(bind_socket(&cfg.socket_path)?, LocalState::Running(agent.clone()), stop_rx);
         let loops = crate::runtime::start(&agent);
         notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&agent))]);
@@ -276,7 +273,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         if let Err(e) = agent.raft.shutdown().await {
             warn!("Raft shutdown: {e}");
         }
-        for mut t in loops.into_iter().chain([peer_task, mesh_peer_task, metrics_task, local_task]) {
+        for mut t in loops.into_iter().chain(servers.into_iter().chain([local_task])) {
             if tokio::time::timeout(Duration::from_secs(10), &mut t).await.is_err() {
                 t.abort();
                 let _ = t.await;
@@ -299,6 +296,20 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
                 notify(&[NotifyState::Reloading]);
             }
         }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one (at most 2^20): the peer API holds up to
+/// [`Limits::PEER`] connections, more than the customary soft limit of 1,024. The unit sets
+/// `LimitNOFILE=65536` already; this covers an agent started any other way.
+fn raise_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return };
+    let want = hard.min(1 << 20);
+    if soft < want
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard)
+    {
+        warn!("cannot raise the open-file limit from {soft} to {want}: {e}; the peer API may refuse connections");
     }
 }
 
@@ -393,11 +404,11 @@ async fn wait_with_problem(
     signal: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
 ) -> Result<bool> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let metrics = match cfg.metrics_addr {
+    // Retried every STORAGE_RETRY: a bind that fails stays quiet here.
+    let metrics = match metrics_addr_now(cfg.metrics) {
         Some(addr) => TcpListener::bind(addr).await.ok().map(|l| {
             let state = LocalState::Unconfigured { name: name.to_string(), problems: vec![problem.clone()] };
-            let app = crate::server::local::metrics_router(state);
-            spawn_server("metrics", axum::serve(l, app).with_graceful_shutdown(stopped(stop_rx)))
+            spawn_metrics(l, state, stop_rx)
         }),
         None => None,
     };
@@ -424,21 +435,58 @@ async fn serve_on_mesh(agent: Arc<Node>, stop: watch::Receiver<bool>) {
     if agent.cfg.listen_addr.ip().is_unspecified() {
         return;
     }
-    let bound = crate::runtime::driver::run(agent.clone(), MeshListener::default()).await;
+    let port = agent.cfg.listen_addr.port();
+    let bound = crate::runtime::driver::run(agent.clone(), MeshListener::new("peer API", port)).await;
     // None: the run ended first.
     let Some(listener) = bound.listener else { return };
     agent.set_mesh_listening();
-    let app = crate::server::peer::router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
-        error!("peer API (mesh) server failed: {e}");
+    serve_peer("peer API (mesh)", listener, agent, stop).await;
+}
+
+/// Where `/metrics` listens from the start: the configured address, or loopback by default
+/// (the mesh address follows in [`serve_metrics_on_mesh`]).
+fn metrics_addr_now(m: MetricsListen) -> Option<SocketAddr> {
+    match m {
+        MetricsListen::Off => None,
+        MetricsListen::At(a) => Some(a),
+        MetricsListen::LoopbackAndMesh(port) => Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port))),
     }
 }
 
-/// Binds the peer API's listener on this node's mesh address once it can (on every applied
-/// change and every 5 s); done when bound.
-#[derive(Default)]
+/// The default metrics listener on the mesh: bound once the node's mesh address is on `wg0`, so
+/// other members (and a Prometheus on the mesh) can scrape it, and nothing on the underlay can.
+async fn serve_metrics_on_mesh(agent: Arc<Node>, port: u16, stop: watch::Receiver<bool>) {
+    let bound = crate::runtime::driver::run(agent.clone(), MeshListener::new("metrics", port)).await;
+    let Some(listener) = bound.listener else { return };
+    let _ = spawn_metrics(listener, LocalState::Running(agent), stop).await;
+}
+
+/// Serves the peer API on `listener` within [`Limits::PEER`].
+async fn serve_peer(what: &'static str, listener: TcpListener, agent: Arc<Node>, stop: watch::Receiver<bool>) {
+    let app = crate::server::peer::router(agent);
+    let refused = crate::server::metrics::count_refused_peer_connection;
+    crate::server::accept::serve(what, listener, app, Limits::PEER, stop, refused).await;
+}
+
+/// Serves `/metrics` on `listener` within [`Limits::METRICS`].
+fn spawn_metrics(listener: TcpListener, state: LocalState, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+    let app = crate::server::local::metrics_router(state);
+    let refused = crate::server::metrics::count_refused_metrics_connection;
+    tokio::spawn(crate::server::accept::serve("metrics", listener, app, Limits::METRICS, stop, refused))
+}
+
+/// Binds a listener on this node's mesh address and `port` once it can (on every applied change
+/// and every 5 s); done when bound.
 struct MeshListener {
+    what: &'static str,
+    port: u16,
     listener: Option<TcpListener>,
+}
+
+impl MeshListener {
+    fn new(what: &'static str, port: u16) -> MeshListener {
+        MeshListener { what, port, listener: None }
+    }
 }
 
 impl Reconciler for MeshListener {
@@ -450,11 +498,11 @@ impl Reconciler for MeshListener {
         let Some(ip) = agent.state.read(|d| d.state.members.get(&agent.id()).and_then(|m| m.mesh_ip)) else {
             return Ok(Action::After(Duration::from_secs(5)));
         };
-        let addr = SocketAddr::new(ip.into(), agent.cfg.listen_addr.port());
+        let addr = SocketAddr::new(ip.into(), self.port);
         let l = TcpListener::bind(addr)
             .await
-            .map_err(|e| LoopError::debug(format!("mesh address {addr} not bindable yet: {e}")))?;
-        info!(node_id = %agent.id(), addr = %addr, "peer API also listening on the mesh address");
+            .map_err(|e| LoopError::debug(format!("{}: mesh address {addr} not bindable yet: {e}", self.what)))?;
+        info!(node_id = %agent.id(), addr = %addr, "{} also listening on the mesh address", self.what);
         self.listener = Some(l);
         Ok(Action::Done)
     }

@@ -70,7 +70,9 @@ impl PeerClient {
     pub fn new(key: ClusterKey) -> PeerClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Shorter than the server's idle timeout (`server::accept::Limits::PEER`, 20 s), so
+            // a pooled connection is not reused just as the server closes it.
+            .pool_idle_timeout(Duration::from_secs(15))
             // A redirect would carry the signed headers elsewhere; peers never send one.
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()

@@ -103,7 +103,7 @@ async fn metrics(State(s): Shared) -> impl axum::response::IntoResponse {
         LocalState::Running(a) => status::report(a),
         LocalState::Unconfigured { name, problems } => status::unconfigured(name, problems.clone()),
     };
-    let body = crate::server::metrics::render(&report, crate::server::metrics::refused(), crate::now_ms());
+    let body = crate::server::metrics::render(&report, crate::server::metrics::Refusals::now(), crate::now_ms());
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }
 

@@ -9,7 +9,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::status::StatusReport;
 
 /// Peer requests refused because their proof of the cluster secret was wrong or missing.
-pub static PEER_REQUESTS_REFUSED: AtomicU64 = AtomicU64::new(0);
+static PEER_REQUESTS_REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Connections closed at once by the peer API's listeners (see [`crate::server::accept`]).
+static PEER_CONNECTIONS_REFUSED: AtomicU64 = AtomicU64::new(0);
+/// Connections closed at once by the metrics listener.
+static METRICS_CONNECTIONS_REFUSED: AtomicU64 = AtomicU64::new(0);
+
+/// What the agent's servers refused since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refusals {
+    pub peer_requests: u64,
+    pub peer_connections: u64,
+    pub metrics_connections: u64,
+}
+
+impl Refusals {
+    pub fn now() -> Refusals {
+        Refusals {
+            peer_requests: PEER_REQUESTS_REFUSED.load(Ordering::Relaxed),
+            peer_connections: PEER_CONNECTIONS_REFUSED.load(Ordering::Relaxed),
+            metrics_connections: METRICS_CONNECTIONS_REFUSED.load(Ordering::Relaxed),
+        }
+    }
+}
 
 /// Escapes a label value (backslash, double quote, newline).
 fn label(v: &str) -> String {
@@ -66,7 +88,7 @@ fn flag(b: bool) -> f64 {
 }
 
 /// Renders the report. `now_ms` is the wall clock (ms since the epoch), for ages.
-pub fn render(r: &StatusReport, refused: u64, now_ms: u64) -> String {
+pub fn render(r: &StatusReport, refused: Refusals, now_ms: u64) -> String {
     let mut o = Out { families: Vec::new() };
     let name = r.node.name.as_str();
     o.gauge("clusteros_build_info", "Agent version (always 1).", &[("version", &r.node.version)], 1.0);
@@ -237,8 +259,17 @@ pub fn render(r: &StatusReport, refused: u64, now_ms: u64) -> String {
         "counter",
         "Peer requests refused for a wrong or missing proof of the cluster secret.",
         &[],
-        refused as f64,
+        refused.peer_requests as f64,
     );
+    for (listener, n) in [("peer", refused.peer_connections), ("metrics", refused.metrics_connections)] {
+        o.sample(
+            "clusteros_connections_refused_total",
+            "counter",
+            "Connections closed at once because the listener, or their source address, held its most connections.",
+            &[("listener", listener)],
+            n as f64,
+        );
+    }
     o.text()
 }
 
@@ -247,8 +278,14 @@ pub fn count_refused() {
     PEER_REQUESTS_REFUSED.fetch_add(1, Ordering::Relaxed);
 }
 
-pub fn refused() -> u64 {
-    PEER_REQUESTS_REFUSED.load(Ordering::Relaxed)
+/// Counts one connection the peer API's listener closed at once.
+pub fn count_refused_peer_connection() {
+    PEER_CONNECTIONS_REFUSED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts one connection the metrics listener closed at once.
+pub fn count_refused_metrics_connection() {
+    METRICS_CONNECTIONS_REFUSED.fetch_add(1, Ordering::Relaxed);
 }
 
 #[cfg(test)]
@@ -258,11 +295,13 @@ mod tests {
     #[test]
     fn unconfigured_node_exposes_its_problems_and_nothing_secret() {
         let r = crate::status::unconfigured("node\"1", vec!["no cluster secret".into()]);
-        let text = render(&r, 3, 0);
+        let text = render(&r, Refusals { peer_requests: 3, peer_connections: 0, metrics_connections: 5 }, 0);
         assert!(text.contains("clusteros_configured 0\n"), "{text}");
         assert!(text.contains("clusteros_problems 1\n"), "{text}");
         assert!(text.contains("clusteros_peer_requests_refused_total 3\n"), "{text}");
         assert!(text.contains("# TYPE clusteros_peer_requests_refused_total counter\n"), "{text}");
+        assert!(text.contains("clusteros_connections_refused_total{listener=\"metrics\"} 5\n"), "{text}");
+        assert!(text.contains("clusteros_connections_refused_total{listener=\"peer\"} 0\n"), "{text}");
         // Every sample line is NAME{labels} VALUE and every metric is declared once.
         let mut declared = std::collections::BTreeSet::new();
         for line in text.lines() {

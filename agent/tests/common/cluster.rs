@@ -29,6 +29,9 @@ pub struct Opts {
     pub mesh_cidr: Option<String>,
     /// Run the agents inside this network namespace (see [`NetNs`]).
     pub netns: Option<String>,
+    /// Serve `/metrics` on the node's own address, port 7601 (the nodes share the host's
+    /// loopback, where the default would put them all); false: the agent's default.
+    pub metrics_on_node_addr: bool,
 }
 
 impl Default for Opts {
@@ -44,6 +47,7 @@ impl Default for Opts {
             logs_to_keep: 500,
             mesh_cidr: None,
             netns: None,
+            metrics_on_node_addr: true,
         }
     }
 }
@@ -86,6 +90,9 @@ impl Node {
             state_dir: Some(self.dir.join("state")),
             socket_path: Some(self.socket()),
             listen_addr: Some(self.addr.clone()),
+            metrics_addr: o
+                .metrics_on_node_addr
+                .then(|| format!("{}:7601", self.addr.rsplit_once(':').expect("IP:PORT").0)),
             join: Some(self.join.clone()),
             bootstrap_expect: o.bootstrap_expect,
             max_voters: Some(o.max_voters),

@@ -98,6 +98,8 @@ impl Node {
             max_voters: Some(n),
             cluster_secret_file: Some(self.dir.join("secret")),
             manage_services: Some(ServiceMode::Off),
+            // Not used by the suite, and the nodes would contend for 127.0.0.1:7601.
+            metrics_addr: Some("off".into()),
             raft: RaftTuning {
                 heartbeat_ms: 100,
                 election_timeout_min_ms: 800,

@@ -14,6 +14,19 @@ pub const DEFAULT_PEER_PORT: u16 = 7600;
 pub const DEFAULT_METRICS_PORT: u16 = 7601;
 pub const MIN_SECRET_LEN: usize = 16;
 
+/// Where `/metrics` is served. It names the members, their roles and keys, so by default only
+/// this node and the mesh can reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsListen {
+    Off,
+    /// The default (`metrics_addr` unset or `"mesh"`): 127.0.0.1 from the start, and this node's
+    /// mesh address once `wg0` has it, on this port.
+    LoopbackAndMesh(u16),
+    /// Exactly this address, e.g. `0.0.0.0:7601` to let a Prometheus on the underlay scrape it
+    /// (firewall it: the page is not authenticated).
+    At(SocketAddr),
+}
+
 /// Names of the systemd credentials the agent reads.
 pub mod credential {
     pub const CLUSTER_SECRET: &str = "clusteros.cluster-secret";
@@ -162,8 +175,8 @@ pub struct Config {
     /// The WireGuard mesh network (address, prefix length).
     pub mesh_cidr: (std::net::Ipv4Addr, u8),
     pub manage_services: ServiceMode,
-    /// Prometheus metrics over plain HTTP (`GET /metrics`); `None`: off.
-    pub metrics_addr: Option<SocketAddr>,
+    /// Where Prometheus metrics are served over plain HTTP (`GET /metrics`).
+    pub metrics: MetricsListen,
     pub raft: RaftTuning,
     pub health: HealthTuning,
 }
@@ -276,13 +289,15 @@ impl Config {
         }
         let mesh_cidr = parse_cidr(file.mesh_cidr.as_deref().unwrap_or("10.90.0.0/16"))?;
         let manage_services = file.manage_services.unwrap_or_default();
-        // Default: the peer API's address, port 7601.
-        let metrics_addr = match file.metrics_addr.as_deref() {
-            Some("off") => None,
-            Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
-                invalid("metrics_addr", format!("{a:?} is not IP:PORT or \"off\" ({e}); example: 0.0.0.0:7601"))
+        let metrics = match file.metrics_addr.as_deref() {
+            Some("off") => MetricsListen::Off,
+            None | Some("mesh") => MetricsListen::LoopbackAndMesh(DEFAULT_METRICS_PORT),
+            Some(a) => MetricsListen::At(a.parse::<SocketAddr>().map_err(|e| {
+                invalid(
+                    "metrics_addr",
+                    format!("{a:?} is not IP:PORT, \"mesh\" or \"off\" ({e}); example: \"0.0.0.0:7601\""),
+                )
             })?),
-            None => Some(SocketAddr::new(listen_addr.ip(), DEFAULT_METRICS_PORT)),
         };
         let health = file.health;
         if !(health.suspect_after_ms < health.failed_after_ms && health.failed_after_ms <= health.remove_after_ms) {
@@ -303,7 +318,7 @@ impl Config {
             cluster_secret,
             mesh_cidr,
             manage_services,
-            metrics_addr,
+            metrics,
             raft,
             health,
         })

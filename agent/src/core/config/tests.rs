@@ -131,17 +131,20 @@ fn bad_credential_number_names_the_credential() {
 }
 
 #[test]
-fn metrics_address_follows_the_peer_address_unless_set() {
-    let c = Config::merge(FileConfig::default(), Credentials::default(), &Overrides::default()).unwrap();
-    assert_eq!(c.metrics_addr, Some("0.0.0.0:7601".parse().unwrap()));
-    let o = Overrides { listen_addr: Some("127.0.0.9:7600".into()), ..Default::default() };
-    let c = Config::merge(FileConfig::default(), Credentials::default(), &o).unwrap();
-    assert_eq!(c.metrics_addr, Some("127.0.0.9:7601".parse().unwrap()));
-    let off = FileConfig { metrics_addr: Some("off".into()), ..Default::default() };
-    assert_eq!(Config::merge(off, Credentials::default(), &Overrides::default()).unwrap().metrics_addr, None);
-    let bad = FileConfig { metrics_addr: Some("nope".into()), ..Default::default() };
-    let e = Config::merge(bad, Credentials::default(), &Overrides::default()).unwrap_err();
-    assert!(e.to_string().contains("metrics_addr"), "{e}");
+fn metrics_stay_on_loopback_and_the_mesh_unless_exposed() {
+    let merge = |metrics_addr: Option<&str>, listen: Option<&str>| {
+        let file = FileConfig { metrics_addr: metrics_addr.map(String::from), ..Default::default() };
+        let o = Overrides { listen_addr: listen.map(String::from), ..Default::default() };
+        Config::merge(file, Credentials::default(), &o)
+    };
+    // Not on the peer API's address, wherever that is.
+    assert_eq!(merge(None, None).unwrap().metrics, MetricsListen::LoopbackAndMesh(7601));
+    assert_eq!(merge(None, Some("192.0.2.7:7600")).unwrap().metrics, MetricsListen::LoopbackAndMesh(7601));
+    assert_eq!(merge(Some("mesh"), None).unwrap().metrics, MetricsListen::LoopbackAndMesh(7601));
+    assert_eq!(merge(Some("0.0.0.0:9100"), None).unwrap().metrics, MetricsListen::At("0.0.0.0:9100".parse().unwrap()));
+    assert_eq!(merge(Some("off"), None).unwrap().metrics, MetricsListen::Off);
+    let e = merge(Some("nope"), None).unwrap_err().to_string();
+    assert!(e.contains("metrics_addr") && e.contains("\"mesh\""), "{e}");
 }
 
 /// Found by fuzzing (config): "192.168.0.0/8" was accepted because only the address was
