@@ -1,13 +1,15 @@
 //! The one place that builds QEMU command lines.
 //!
 //! A [`Machine`] describes a VM: acceleration, firmware and how it boots, disks, NICs, systemd
-//! credentials (SMBIOS type 11), the serial console and the guest-agent and QMP sockets.
+//! credentials (files handed over through QEMU's fw_cfg, never on the command line), the serial
+//! console and the guest-agent and QMP sockets.
 //! [`Machine::args`] turns it into QEMU's arguments: a pure function, checked against golden files
 //! (`testdata/qemu/*.args`, one argument per line; `UPDATE_GOLDEN=1 cargo test -p clusteros-e2e
 //! qemu` rewrites them after a deliberate change). [`Machine::clusteros`] lays out a ClusterOS node
 //! booting the image; the test harness ([`crate::vm`]) and the `clusteros-vm` command behind
 //! `qemu/cluster` both start from it. Only [`Machine::create_files`] (disks, the UEFI variable
-//! store) and [`Machine::command`] touch the host; this module never starts or stops a process.
+//! store, the credential files) and [`Machine::command`] touch the host; this module never starts
+//! or stops a process.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -15,10 +17,27 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as B64;
 
 use crate::image::{Image, OVMF_CODE, OVMF_VARS};
+
+/// Where systemd looks for credentials in QEMU's fw_cfg.
+const FW_CFG_CREDENTIALS: &str = "opt/io.systemd.credentials/";
+
+/// The fw_cfg file name of credential `name`. QEMU takes at most 55 bytes (FW_CFG_MAX_FILE_PATH
+/// 56 with the NUL), so a credential name may have at most 28.
+fn fw_cfg_name(name: &str) -> Result<String> {
+    let ok = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-@".contains(&b))
+        && !name.starts_with('.');
+    if !ok {
+        bail!("credential name {name:?} is not usable: letters, digits and . _ - @ only");
+    }
+    let full = format!("{FW_CFG_CREDENTIALS}{name}");
+    if full.len() > 55 {
+        bail!("credential name {name:?} is too long for QEMU's fw_cfg ({} bytes; at most 28)", name.len());
+    }
+    Ok(full)
+}
 
 /// A path as QEMU option text: commas would split the option, so they are refused.
 fn path_str(p: &Path) -> Result<&str> {
@@ -214,8 +233,12 @@ pub struct Machine {
     pub qga_socket: PathBuf,
     pub qmp_socket: Option<PathBuf>,
     pub pidfile: Option<PathBuf>,
-    /// systemd credentials passed through SMBIOS type 11 (`io.systemd.credential.binary:`).
+    /// systemd credentials. Each is written to `credentials_dir/NAME` (0600) and passed as
+    /// `-fw_cfg name=opt/io.systemd.credentials/NAME,file=...`: an SMBIOS string would put the
+    /// value (the cluster secret) on QEMU's command line, which every user of the host can read
+    /// in `ps`.
     pub credentials: BTreeMap<String, Vec<u8>>,
+    pub credentials_dir: PathBuf,
     pub kernel_args: Vec<String>,
     /// Exit instead of rebooting (a test that reboots by accident fails instead of looping).
     pub no_reboot: bool,
@@ -272,6 +295,7 @@ impl Machine {
             qmp_socket: Some(dir.join("qmp.sock")),
             pidfile: None,
             credentials,
+            credentials_dir: dir.join("credentials"),
             kernel_args: Vec::new(),
             no_reboot: false,
         })
@@ -336,12 +360,10 @@ impl Machine {
         if let Some(p) = &self.pidfile {
             arg(&["-pidfile", path_str(p)?]);
         }
-        for (name, value) in &self.credentials {
-            if name.is_empty() || name.contains(['=', ',']) {
-                bail!("credential name {name:?} is not usable on QEMU's command line");
-            }
-            // Base64 has no commas, which QEMU's option parser would split on.
-            arg(&["-smbios", &format!("type=11,value=io.systemd.credential.binary:{name}={}", B64.encode(value))]);
+        for name in self.credentials.keys() {
+            let fw_name = fw_cfg_name(name)?;
+            let file = path_str(&self.credentials_dir.join(name))?.to_string();
+            arg(&["-fw_cfg", &format!("name={fw_name},file={file}")]);
         }
         match &self.firmware {
             Firmware::Kernel { kernel, initrd, cmdline } => {
@@ -385,6 +407,7 @@ impl Machine {
     /// (qemu-img) and this VM's UEFI variable store. Files that exist are kept (a VM restarted on
     /// its own disk keeps its state).
     pub fn create_files(&self) -> Result<()> {
+        self.write_credentials()?;
         for d in &self.disks {
             let file = path_str(&d.file)?;
             match &d.origin {
@@ -412,6 +435,31 @@ impl Machine {
         {
             std::fs::copy(OVMF_VARS, vars)
                 .with_context(|| format!("cannot copy {OVMF_VARS} (run scripts/install-host-deps)"))?;
+        }
+        Ok(())
+    }
+
+    /// Writes each credential to `credentials_dir/NAME` (the directory 0700, the files 0600,
+    /// replaced whole) and removes files of credentials the machine no longer has.
+    fn write_credentials(&self) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = &self.credentials_dir;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let keep = entry.file_name().to_str().is_some_and(|n| self.credentials.contains_key(n));
+            if !keep {
+                std::fs::remove_file(entry.path())
+                    .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+            }
+        }
+        for (name, value) in &self.credentials {
+            fw_cfg_name(name)?;
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let _ = std::fs::remove_file(&tmp);
+            crate::write_private(&tmp, value)?;
+            std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("cannot write credential {name}"))?;
         }
         Ok(())
     }
@@ -525,6 +573,31 @@ mod tests {
         golden("pxe", &m);
     }
 
+    /// Issue 10, hole 13: a credential's value is in a 0600 file, not in QEMU's arguments
+    /// (which every user of the host sees in `ps`).
+    #[test]
+    fn credentials_are_files_not_arguments() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = node(Boot::Direct);
+        m.credentials_dir = dir.path().join("credentials");
+        let secret = "the-cluster-secret-0123456789";
+        m.credentials.insert("clusteros.cluster-secret".into(), secret.as_bytes().to_vec());
+        let args = m.args().unwrap().join(" ");
+        assert!(!args.contains(secret), "the secret is on QEMU's command line: {args}");
+        let file = m.credentials_dir.join("clusteros.cluster-secret");
+        let want = format!("name=opt/io.systemd.credentials/clusteros.cluster-secret,file={}", file.display());
+        assert!(args.contains(&want), "{args}");
+        std::fs::create_dir_all(&m.credentials_dir).unwrap();
+        std::fs::write(m.credentials_dir.join("old.credential"), "x").unwrap();
+        m.write_credentials().unwrap();
+        m.write_credentials().unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), secret);
+        assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::metadata(&m.credentials_dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert!(!m.credentials_dir.join("old.credential").exists(), "a dropped credential's file is kept");
+    }
+
     #[test]
     fn impossible_machines_are_refused() {
         let mut m = node(Boot::Direct);
@@ -537,6 +610,11 @@ mod tests {
         let mut m = node(Boot::Direct);
         m.credentials.insert("a,b".into(), vec![]);
         assert!(m.args().is_err());
+        let mut m = node(Boot::Direct);
+        m.credentials.insert("network.network.10-clusteros".into(), vec![]);
+        assert!(m.args().is_ok(), "28 bytes fit");
+        m.credentials.insert("network.network.100-clusteros".into(), vec![]);
+        assert!(format!("{:#}", m.args().unwrap_err()).contains("too long"));
         let mut no_initrd = image();
         no_initrd.initrd = None;
         let e = Machine::clusteros("n", Path::new("/x"), &no_initrd, Boot::Initrd, Accel::Tcg).unwrap_err();

@@ -140,7 +140,8 @@ impl VmBuilder {
         self
     }
 
-    /// A systemd credential passed through SMBIOS type 11 (`io.systemd.credential.binary:`).
+    /// A systemd credential, handed to the guest as a file through QEMU's fw_cfg (never on the
+    /// command line: see [`Machine::credentials`]).
     pub fn credential(mut self, name: &str, value: impl AsRef<[u8]>) -> Self {
         self.credentials.insert(name.into(), value.as_ref().to_vec());
         self
@@ -174,7 +175,7 @@ impl VmBuilder {
 
     /// A diskless VM that boots over the network: its first NIC is QEMU's user-mode network,
     /// whose DHCP hands out `bootfile` from `tftp_dir`, and iPXE fetches the rest from there.
-    /// It gets no SMBIOS credentials (a PXE node's come from the kernel command line that the
+    /// It gets no fw_cfg credentials (a PXE node's come from the kernel command line that the
     /// iPXE script writes); a [`VmBuilder::network`] NIC is its second, without a boot ROM.
     pub fn pxe(mut self, tftp_dir: &Path, bootfile: &str) -> Self {
         self.pxe = Some((tftp_dir.to_path_buf(), bootfile.into()));
@@ -242,7 +243,7 @@ impl VmBuilder {
         }
         if let Some((tftp, bootfile)) = &self.pxe {
             if !self.credentials.is_empty() {
-                bail!("{}: a PXE-booted VM takes its credentials from the iPXE script, not SMBIOS", self.name);
+                bail!("{}: a PXE-booted VM takes its credentials from the iPXE script, not fw_cfg", self.name);
             }
             m.credentials.clear();
             m.firmware = Firmware::Network;

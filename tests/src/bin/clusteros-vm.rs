@@ -4,7 +4,8 @@
 //! Node i is VM `node<i>` with address 10.77.0.(10+i)/24 on bridge br0 inside network namespace
 //! "clusteros" (the host side of the bridge is 10.77.0.1: reach the guests with
 //! `ip netns exec clusteros ...`). Each VM boots a qcow2 overlay on a snapshot of
-//! target/image/clusteros.raw and receives as systemd credentials (SMBIOS type 11): system.hostname,
+//! target/image/clusteros.raw and receives as systemd credentials (files in its run dir, handed over
+//! through QEMU's fw_cfg so that no secret shows in `ps`): system.hostname,
 //! network.network.10-clusteros (a static .network for its NIC), clusteros.cluster-secret (--secret,
 //! or a random one kept in the run dir), clusteros.join (every node's 10.77.0.x:7600) and
 //! clusteros.bootstrap-expect. `exec` goes through qemu-guest-agent over a virtio-serial port (a
