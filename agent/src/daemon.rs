@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 use crate::adapters::identity::Identity;
 use crate::core::config::{Config, MetricsListen, SECRET_HOWTO};
 use crate::runtime::driver::{Action, Backoff, LoopError, Reconciler, Triggers, Wake};
-use crate::runtime::{Node, Phase, RunEnd, StartError, wipe_membership_state};
+use crate::runtime::{Node, Phase, RunEnd, StartError, finish_membership_reset, reset_membership};
 use crate::server::accept::Limits;
 use crate::server::local::LocalState;
 
@@ -201,11 +201,15 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             let problem = match probe_state_dir(&cfg.state_dir).await {
                 Err(e) => storage_problem(&cfg, &e),
                 Ok(()) => {
-                    let opened = match Identity::load_or_create(&cfg.state_dir, &name) {
+                    // A reset a crash interrupted is completed before the identity is read.
+                    let identity = finish_membership_reset(&cfg.state_dir, &name)
+                        .map_err(|e| e.to_string())
+                        .and_then(|_| Identity::load_or_create(&cfg.state_dir, &name).map_err(|e| e.to_string()));
+                    let opened = match identity {
                         Ok(identity) => Node::open(cfg.clone(), identity, &secret, extra_join.clone())
                             .await
                             .map_err(|e| (e.is_storage(), e.to_string())),
-                        Err(e) => Err((true, e.to_string())),
+                        Err(e) => Err((true, e)),
                     };
                     match opened {
                         Ok(agent) => break agent,
@@ -288,8 +292,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             RunEnd::Fatal(why) => anyhow::bail!(fatal_message(&cfg, &why)),
             RunEnd::Left | RunEnd::Rejoin { .. } => {
                 // A new member needs a new node id: node ids are never reused.
-                wipe_membership_state(&state_dir).context("cannot remove the old Raft state")?;
-                Identity::create(&state_dir, &name)?;
+                reset_membership(&state_dir, &name)?;
                 if let RunEnd::Rejoin { via } = outcome {
                     extra_join = via;
                 }

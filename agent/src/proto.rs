@@ -25,6 +25,13 @@ pub mod paths {
     pub const SLURM_STATE: &str = "/peer/v1/slurm-state";
     /// Formation: a proposer asks a member to pledge to its proposal (`bootstrap_expect`).
     pub const PLEDGE: &str = "/peer/v1/form/pledge";
+
+    /// Whether a request to `path` may be addressed to any node (`x-clusteros-to: *`): only
+    /// discovery and a node's own join, sent to an address before the sender knows who answers
+    /// there. Everything else names its node, so it cannot be replayed at another.
+    pub fn accepts_any_node(path: &str) -> bool {
+        path == HELLO || path == JOIN
+    }
 }
 
 /// The SLURM controller's newest state copy, sealed with the cluster key.
@@ -189,6 +196,10 @@ pub struct HelloResponse {
     pub leader: Option<NodeId>,
     /// Raft members as the responder last applied them: id -> peer address.
     pub members: BTreeMap<NodeId, String>,
+    /// The log index of that membership (applied, so committed): whether it is later than the
+    /// asker's own (see [`crate::core::membership::removal_confirmed`]).
+    #[serde(default)]
+    pub members_index: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

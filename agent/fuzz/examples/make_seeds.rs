@@ -12,7 +12,7 @@ use clusteros::adapters::raft::state_machine::{SmData, encode_snapshot_file};
 use clusteros::adapters::raft::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use clusteros::adapters::secrets::SecretBox;
 use clusteros::adapters::slurm_state::{SEAL_NAME, StateFiles};
-use clusteros::core::auth::{ClusterKey, parse_auth};
+use clusteros::core::auth::{ANY_NODE, AuthHeaders, ClusterKey, parse_auth};
 use clusteros::core::formation::{Pledge, PledgeRefusal};
 use clusteros::core::state::{
     ClusterState, Command, KvEntry, MemberSpec, NodeFacts, NodeId, RequestId, Response, RoleAssignments,
@@ -21,7 +21,7 @@ use clusteros::proto::{
     Candidate, Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
     PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
-use clusteros_agent_fuzz::{NOW_MS, SECRET, route};
+use clusteros_agent_fuzz::{NOW_MS, SECRET, TARGET, route};
 use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NetlinkPayload};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_wireguard::{
@@ -181,19 +181,28 @@ fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap()
 }
 
-/// peer_request: `[kind, flags, status_lo, status_hi] time \n nonce \n sig \n resp-sig \n body`.
+/// peer_request: `[kind, flags, status_lo, status_hi] to \n time \n nonce \n sig \n resp-sig \n
+/// body`, addressed as the real client addresses that route (the target node, or `*` for
+/// discovery and joining).
 fn peer_request_input(kind: u8, flags: u8, status: u16, body: &[u8], sign_answer: bool) -> Vec<u8> {
     let key = ClusterKey::derive(SECRET);
     let path = route(kind);
+    let to = if clusteros::proto::paths::accepts_any_node(&path) { ANY_NODE } else { TARGET };
     let nonce = format!("{:032x}", u128::from(kind) * 0x1234_5678_9abc_def1 + u128::from(status));
-    let a = key.sign_request("POST", &path, NOW_MS, &nonce, body);
+    let a = key.sign_request("POST", &path, to, NOW_MS, &nonce, body);
     let resp_sig = if sign_answer { key.sign_response(&a.nonce, status, body) } else { String::new() };
-    let parsed =
-        parse_auth(Some(&a.time_ms.to_string()), Some(&a.nonce), Some(&a.body_sha256), Some(&a.signature)).unwrap();
+    let parsed = parse_auth(AuthHeaders {
+        to: Some(&a.to),
+        time: Some(&a.time_ms.to_string()),
+        nonce: Some(&a.nonce),
+        body_sha256: Some(&a.body_sha256),
+        signature: Some(&a.signature),
+    })
+    .unwrap();
     key.verify_request("POST", &path, &parsed, body).unwrap();
     let mut out = vec![kind, flags];
     out.extend(status.to_le_bytes());
-    for part in [a.time_ms.to_string(), a.nonce, a.signature, resp_sig] {
+    for part in [a.to, a.time_ms.to_string(), a.nonce, a.signature, resp_sig] {
         out.extend(part.as_bytes());
         out.push(b'\n');
     }
@@ -213,6 +222,7 @@ fn peer_request() {
             proposer: NodeId(1),
             seq: 2,
             members: BTreeMap::from([(NodeId(1), "10.0.0.1:7600".into())]),
+            members_index: Some(7),
         }),
     };
     let pledge = Pledge {
@@ -276,6 +286,7 @@ fn peer_request() {
             known: vec![cand],
             leader: Some(NodeId(1)),
             members: BTreeMap::from([(NodeId(1), "10.0.0.1:7600".into())]),
+            members_index: Some(7),
         }),
         to_json(&JoinResponse { leader: NodeId(1), replaced: None }),
         to_json(&Empty {}),

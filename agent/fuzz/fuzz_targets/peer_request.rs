@@ -3,11 +3,13 @@
 //! request type the router accepts; then the answer as the client checks it (response signature,
 //! error body, answer type).
 //!
-//! Input: `[kind, flags, status_lo, status_hi]` then `time \n nonce \n signature \n
+//! Input: `[kind, flags, status_lo, status_hi]` then `to \n time \n nonce \n signature \n
 //! response-signature \n body`. `kind` picks the route; `flags`: 1, 2, 4 = the time, nonce and
 //! signature headers are present; 8 = replace the signature by a correct one (to get past the
-//! HMAC to the replay guard and the handlers); 16 = sign the answer correctly; 32 = the answer
-//! signature header is present; 64 = the body digest header is absent (else it is the body's).
+//! HMAC to the destination check, the replay guard and the handlers); 16 = sign the answer
+//! correctly; 32 = the answer signature header is present; 64 = the body digest header is absent
+//! (else it is the body's); 128 = the destination header is absent. The node checking the
+//! request is [`TARGET`].
 
 #![forbid(unsafe_code)]
 #![no_main]
@@ -16,14 +18,14 @@ use std::sync::LazyLock;
 
 use clusteros::adapters::raft::TypeConfig;
 use clusteros::adapters::raft::state_machine::SmData;
-use clusteros::core::auth::{AuthError, ClusterKey, ReplayGuard, body_digest, parse_auth};
+use clusteros::core::auth::{ANY_NODE, AuthError, AuthHeaders, ClusterKey, Gate, body_digest, parse_auth};
 use clusteros::core::formation::{Pledge, answer_pledge};
 use clusteros::core::state::{NodeId, Response as CmdResponse};
 use clusteros::proto::{
     Empty, ErrorBody, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse,
     PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest,
 };
-use clusteros_agent_fuzz::{NOW_MS, SECRET, route};
+use clusteros_agent_fuzz::{NOW_MS, SECRET, TARGET, route};
 use libfuzzer_sys::fuzz_target;
 use openraft::error::{Fatal, RaftError};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
@@ -168,7 +170,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let (kind, flags, status) = (data[0], data[1], u16::from_le_bytes([data[2], data[3]]));
-    let mut parts = data[4..].splitn(5, |b| *b == b'\n');
+    let mut parts = data[4..].splitn(6, |b| *b == b'\n');
+    let to_raw = parts.next().unwrap_or_default();
     let time_raw = parts.next().unwrap_or_default();
     let nonce_raw = parts.next().unwrap_or_default();
     let sig_raw = parts.next().unwrap_or_default();
@@ -177,13 +180,21 @@ fuzz_target!(|data: &[u8]| {
     let path = route(kind);
     let key = &*KEY;
 
-    // The middleware: headers, then signature, then freshness and replay.
+    // The middleware: headers, then signature, destination, freshness and replay (the Gate),
+    // then the body against its digest.
+    let to = header(flags & 128 == 0, to_raw);
     let time = header(flags & 1 != 0, time_raw);
     let nonce = header(flags & 2 != 0, nonce_raw);
     let sig = header(flags & 4 != 0, sig_raw);
     // The body digest header: the body's own unless flag 64 leaves it out.
     let digest = (flags & 64 == 0).then(|| body_digest(body));
-    let parsed = parse_auth(time.as_deref(), nonce.as_deref(), digest.as_deref(), sig.as_deref());
+    let parsed = parse_auth(AuthHeaders {
+        to: to.as_deref(),
+        time: time.as_deref(),
+        nonce: nonce.as_deref(),
+        body_sha256: digest.as_deref(),
+        signature: sig.as_deref(),
+    });
     if let Err(e) = &parsed {
         assert!(matches!(e, AuthError::Missing(_)), "{e:?}");
     }
@@ -191,27 +202,30 @@ fuzz_target!(|data: &[u8]| {
     if flags & 8 != 0
         && let Ok(a) = &parsed
     {
-        let signed = key.sign_request("POST", &path, a.time_ms, &a.nonce, body);
-        assert_eq!((signed.time_ms, &signed.nonce), (a.time_ms, &a.nonce));
+        let signed = key.sign_request("POST", &path, &a.to, a.time_ms, &a.nonce, body);
+        assert_eq!((&signed.to, signed.time_ms, &signed.nonce), (&a.to, a.time_ms, &a.nonce));
         auth = Ok(signed);
     }
-    let guard = ReplayGuard::default();
+    let gate = Gate::new(key.clone(), TARGET);
+    let any_node = clusteros::proto::paths::accepts_any_node(&path);
     let checked = auth.clone().and_then(|a| {
-        // The middleware's order: the headers before the body is read, then the body.
-        key.verify_request_head("POST", &path, &a)?;
+        gate.admit_head("POST", &path, &a, any_node, NOW_MS)?;
         key.verify_body(&a, body)?;
-        guard.check(&a, NOW_MS)?;
         Ok(a)
     });
     if flags & 8 != 0 && auth.is_ok() {
         let a = auth.as_ref().unwrap();
-        // A correct signature verifies; the same request again is refused.
+        // A correct signature verifies; the same request again is refused for the same reason,
+        // or as a replay once it was admitted.
         assert_eq!(key.verify_request("POST", &path, a, body), Ok(()));
-        assert_eq!(key.verify_request_head("POST", &path, a), Ok(()));
-        let again = guard.check(a, NOW_MS);
+        let again = gate.admit_head("POST", &path, a, any_node, NOW_MS);
         match &checked {
             Ok(_) => assert_eq!(again, Err(AuthError::Replayed)),
             Err(AuthError::Stale { .. }) => assert!(matches!(again, Err(AuthError::Stale { .. }))),
+            Err(e @ (AuthError::WrongDestination { .. } | AuthError::Unaddressed(_))) => {
+                assert_eq!(again.as_ref(), Err(e));
+                assert!(a.to != TARGET && (a.to != ANY_NODE || !any_node), "{e:?} for {a:?}");
+            }
             Err(e) => panic!("a correctly signed request was refused: {e:?}"),
         }
     }

@@ -12,7 +12,8 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::core::auth::{ClusterKey, HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME};
+use crate::core::auth::{ANY_NODE, ClusterKey, HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME, HDR_TO};
+use crate::core::state::NodeId;
 use crate::proto::{ErrorBody, ErrorKind, MAX_ANSWER_BYTES, MAX_MESSAGE_CHARS, printable};
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -81,16 +82,25 @@ impl PeerClient {
         PeerClient { http, key }
     }
 
-    /// POSTs the JSON `body` to `http://{addr}{path}`: the verified answer's bytes.
-    async fn post(&self, addr: &str, path: &str, body: Vec<u8>, timeout: Duration) -> Result<Vec<u8>, PeerError> {
-        match tokio::time::timeout(timeout, self.call_raw(addr, path, body)).await {
+    /// POSTs the JSON `body` to `http://{addr}{path}`, addressed to node `to` (`None`: whoever
+    /// answers there): the verified answer's bytes.
+    async fn post(
+        &self,
+        addr: &str,
+        to: Option<NodeId>,
+        path: &str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, PeerError> {
+        match tokio::time::timeout(timeout, self.call_raw(addr, to, path, body)).await {
             Ok(r) => r,
             Err(_) => Err(PeerError::Timeout { addr: addr.into(), timeout }),
         }
     }
 
-    async fn call_raw(&self, addr: &str, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError> {
-        let auth = self.key.sign_request("POST", path, crate::now_ms() as i64, &new_nonce(), &body);
+    async fn call_raw(&self, addr: &str, to: Option<NodeId>, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError> {
+        let to = to.map_or_else(|| ANY_NODE.to_string(), |id| id.to_string());
+        let auth = self.key.sign_request("POST", path, &to, crate::now_ms() as i64, &new_nonce(), &body);
         let resp = self
             .http
             .post(format!("http://{addr}{path}"))
@@ -98,6 +108,7 @@ impl PeerClient {
             .header(HDR_TIME, auth.time_ms.to_string())
             .header(HDR_NONCE, &auth.nonce)
             .header(HDR_BODY, &auth.body_sha256)
+            .header(HDR_TO, &auth.to)
             .header(HDR_AUTH, &auth.signature)
             .body(body)
             .send()
@@ -169,14 +180,30 @@ pub type Exchange<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, PeerError>> 
 
 /// What the runtime needs from the peer API's client.
 pub trait Peers: Send + Sync + 'static {
-    /// POSTs the JSON `body` to `path` on the node at `addr` and gives the JSON answer, or why there
-    /// is none (an error answer, a refusal, no answer within `timeout`).
-    fn exchange<'a>(&'a self, addr: &'a str, path: &'a str, body: Vec<u8>, timeout: Duration) -> Exchange<'a>;
+    /// POSTs the JSON `body` to `path` on the node at `addr`, addressed to node `to` (`None`:
+    /// whichever node answers there, for the routes that allow it:
+    /// [`crate::proto::paths::accepts_any_node`]), and gives the JSON answer, or why there is none
+    /// (an error answer, a refusal, no answer within `timeout`).
+    fn exchange<'a>(
+        &'a self,
+        addr: &'a str,
+        to: Option<NodeId>,
+        path: &'a str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Exchange<'a>;
 }
 
 impl Peers for PeerClient {
-    fn exchange<'a>(&'a self, addr: &'a str, path: &'a str, body: Vec<u8>, timeout: Duration) -> Exchange<'a> {
-        Box::pin(self.post(addr, path, body, timeout))
+    fn exchange<'a>(
+        &'a self,
+        addr: &'a str,
+        to: Option<NodeId>,
+        path: &'a str,
+        body: Vec<u8>,
+        timeout: Duration,
+    ) -> Exchange<'a> {
+        Box::pin(self.post(addr, to, path, body, timeout))
     }
 }
 
@@ -195,8 +222,21 @@ impl PeerHandle {
         PeerHandle(Arc::new(peers))
     }
 
-    /// Sends `req` as JSON to `path` on the node at `addr` and decodes the JSON answer.
+    /// Sends `req` as JSON to `path` on node `to` at `addr` and decodes the JSON answer.
     pub async fn call<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        to: NodeId,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, PeerError> {
+        let body = serde_json::to_vec(req).expect("request types serialize");
+        decode(addr, &self.0.exchange(addr, Some(to), path, body, timeout).await?)
+    }
+
+    /// [`PeerHandle::call`] to whichever node answers at `addr` (discovery and joining only).
+    pub async fn call_any<Req: Serialize + ?Sized, Resp: DeserializeOwned>(
         &self,
         addr: &str,
         path: &str,
@@ -204,7 +244,7 @@ impl PeerHandle {
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
         let body = serde_json::to_vec(req).expect("request types serialize");
-        decode(addr, &self.0.exchange(addr, path, body, timeout).await?)
+        decode(addr, &self.0.exchange(addr, None, path, body, timeout).await?)
     }
 }
 
@@ -252,7 +292,19 @@ impl FakePeers {
 
 #[cfg(any(test, feature = "testing"))]
 impl Peers for FakePeers {
-    fn exchange<'a>(&'a self, addr: &'a str, path: &'a str, body: Vec<u8>, _timeout: Duration) -> Exchange<'a> {
+    fn exchange<'a>(
+        &'a self,
+        addr: &'a str,
+        to: Option<NodeId>,
+        path: &'a str,
+        body: Vec<u8>,
+        _timeout: Duration,
+    ) -> Exchange<'a> {
+        // What the real server would refuse, the fake refuses too (a test that forgets the
+        // destination fails here, not only against real agents).
+        if to.is_none() && !crate::proto::paths::accepts_any_node(path) {
+            panic!("a call to {path} on {addr} names no node: the peer API refuses it");
+        }
         let json = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
         self.calls.lock().expect("calls lock").push((addr.into(), path.into(), json));
         let route = self.routes.lock().expect("routes lock").get(&(addr.to_string(), path.to_string())).cloned();
@@ -296,8 +348,10 @@ mod tests {
     async fn a_refused_connection_was_not_delivered() {
         // Bind, learn the port, close: nothing listens there any more.
         let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-        let e =
-            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        let e = client()
+            .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(e, PeerError::Unreachable { .. }), "{e:?}");
         assert!(!e.maybe_delivered(), "a connection that was never made cannot have delivered: {e:?}");
     }
@@ -322,7 +376,7 @@ mod tests {
     async fn a_request_without_an_answer_may_have_been_delivered() {
         let (addr, server) = reading_server(true).await;
         let e = client()
-            .call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_millis(300))
+            .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_millis(300))
             .await
             .unwrap_err();
         assert!(matches!(e, PeerError::Timeout { .. }), "{e:?}");
@@ -333,8 +387,10 @@ mod tests {
     #[tokio::test]
     async fn a_connection_closed_after_the_request_may_have_been_delivered() {
         let (addr, server) = reading_server(false).await;
-        let e =
-            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        let e = client()
+            .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(e, PeerError::Unreachable { .. }), "{e:?}");
         assert!(e.maybe_delivered(), "{e:?}");
         server.await.unwrap();
@@ -374,8 +430,10 @@ mod tests {
             "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{elsewhere}/peer/v1/x\r\ncontent-length: 0\r\n\r\n"
         );
         let (addr, _) = answering_server(redirect.into_bytes()).await;
-        let e =
-            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        let e = client()
+            .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(matches!(e, PeerError::BadResponseSignature { .. }), "{e:?}");
         assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the redirect was followed");
     }
@@ -385,8 +443,10 @@ mod tests {
         let body = format!("\u{1b}[2J\u{1b}]0;owned\u{7}evil\r\nline{}", "y".repeat(100_000));
         let answer = format!("HTTP/1.1 401 Unauthorized\r\ncontent-length: {}\r\n\r\n{body}", body.len());
         let (addr, _) = answering_server(answer.into_bytes()).await;
-        let e =
-            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        let e = client()
+            .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         let PeerError::Refused { message, .. } = &e else { panic!("{e:?}") };
         assert!(!message.chars().any(char::is_control), "{message:?}");
         assert!(message.starts_with("?[2J?]0;owned?evil??line"), "{message:?}");
@@ -397,14 +457,18 @@ mod tests {
     async fn an_oversized_answer_is_refused_without_reading_it_all() {
         let declared = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", 100u64 << 30);
         let (addr, _) = answering_server(declared.into_bytes()).await;
-        let e =
-            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(5)).await.unwrap_err();
+        let e = client()
+            .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_secs(5))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("larger than"), "{e}");
         // Chunked without end: refused once past the limit, not after the timeout.
         let endless = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
         let (addr, _) = answering_server(endless).await;
-        let e =
-            client().call::<_, serde_json::Value>(&addr, "/peer/v1/x", &(), Duration::from_secs(60)).await.unwrap_err();
+        let e = client()
+            .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_secs(60))
+            .await
+            .unwrap_err();
         assert!(e.to_string().contains("larger than"), "{e}");
     }
 }

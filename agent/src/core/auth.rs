@@ -1,8 +1,12 @@
 //! Proof of the cluster secret on every peer RPC, in both directions.
 //!
 //! A request carries `x-clusteros-time` (unix ms), `x-clusteros-nonce` (random),
-//! `x-clusteros-body-sha256` (the body's SHA-256) and `x-clusteros-auth`, an HMAC-SHA256 over
-//! method, path, time, nonce and that digest, keyed by a key derived from the cluster secret. The
+//! `x-clusteros-body-sha256` (the body's SHA-256), `x-clusteros-to` (the node it is for, or `*`
+//! where the sender cannot know: discovery and joining) and `x-clusteros-auth`, an HMAC-SHA256
+//! over method, path, destination, time, nonce and that digest, keyed by a key derived from the
+//! cluster secret. A node refuses a request addressed to another node, and one [`Gate`] (one
+//! replay memory) guards all of a node's listeners, so a captured request cannot be applied twice
+//! by sending it to another listener or another node within the time window. The
 //! headers alone prove the secret, so the server refuses a request without it before reading any
 //! of its body ([`ClusterKey::verify_request_head`]), and checks the body against the signed
 //! digest once it has read it ([`ClusterKey::verify_body`]). The server refuses requests outside a time window and
@@ -21,6 +25,9 @@ pub const HDR_TIME: &str = "x-clusteros-time";
 pub const HDR_NONCE: &str = "x-clusteros-nonce";
 pub const HDR_AUTH: &str = "x-clusteros-auth";
 pub const HDR_BODY: &str = "x-clusteros-body-sha256";
+pub const HDR_TO: &str = "x-clusteros-to";
+/// The destination of a request that whichever node listens at the address may answer.
+pub const ANY_NODE: &str = "*";
 
 /// Requests whose time differs from ours by more than this are refused.
 pub const REPLAY_WINDOW: Duration = Duration::from_secs(60);
@@ -45,6 +52,12 @@ pub enum AuthError {
     BodyMismatch,
     #[error("replayed request (nonce already seen): refused")]
     Replayed,
+    #[error(
+        "the request is for node {to}, not this node ({me}): refused (a replayed request, or the address now belongs to another node)"
+    )]
+    WrongDestination { to: String, me: String },
+    #[error("a request to {0} must name the node it is for ({HDR_TO}): refused")]
+    Unaddressed(String),
     #[error("too many requests in the replay window: refused, retry later")]
     Overloaded,
 }
@@ -59,9 +72,11 @@ impl std::fmt::Debug for ClusterKey {
     }
 }
 
-/// The four authentication header values of a request.
+/// The five authentication header values of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RequestAuth {
+    /// The node the request is for (its id as `NodeId` displays it), or [`ANY_NODE`].
+    pub to: String,
     pub time_ms: i64,
     pub nonce: String,
     /// The body's SHA-256, hex.
@@ -69,19 +84,27 @@ pub struct RequestAuth {
     pub signature: String,
 }
 
-/// Reads the four authentication headers of a request (`None`: the header is absent or not
-/// visible ASCII). What the peer API's middleware checks first, before the signature.
-pub fn parse_auth(
-    time: Option<&str>,
-    nonce: Option<&str>,
-    body_sha256: Option<&str>,
-    signature: Option<&str>,
-) -> Result<RequestAuth, AuthError> {
-    let time_ms = time.ok_or(AuthError::Missing(HDR_TIME))?.parse::<i64>().map_err(|_| AuthError::Missing(HDR_TIME))?;
-    let nonce = nonce.ok_or(AuthError::Missing(HDR_NONCE))?.to_string();
-    let body_sha256 = body_sha256.ok_or(AuthError::Missing(HDR_BODY))?.to_string();
-    let signature = signature.ok_or(AuthError::Missing(HDR_AUTH))?.to_string();
-    Ok(RequestAuth { time_ms, nonce, body_sha256, signature })
+/// The header values of a request as the peer API reads them (`None`: absent or not visible
+/// ASCII).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AuthHeaders<'a> {
+    pub to: Option<&'a str>,
+    pub time: Option<&'a str>,
+    pub nonce: Option<&'a str>,
+    pub body_sha256: Option<&'a str>,
+    pub signature: Option<&'a str>,
+}
+
+/// Reads the authentication headers of a request. What the peer API's middleware checks first,
+/// before the signature.
+pub fn parse_auth(h: AuthHeaders<'_>) -> Result<RequestAuth, AuthError> {
+    let time_ms =
+        h.time.ok_or(AuthError::Missing(HDR_TIME))?.parse::<i64>().map_err(|_| AuthError::Missing(HDR_TIME))?;
+    let nonce = h.nonce.ok_or(AuthError::Missing(HDR_NONCE))?.to_string();
+    let body_sha256 = h.body_sha256.ok_or(AuthError::Missing(HDR_BODY))?.to_string();
+    let to = h.to.ok_or(AuthError::Missing(HDR_TO))?.to_string();
+    let signature = h.signature.ok_or(AuthError::Missing(HDR_AUTH))?.to_string();
+    Ok(RequestAuth { to, time_ms, nonce, body_sha256, signature })
 }
 
 /// The value of the body digest header for `body`.
@@ -121,25 +144,41 @@ impl ClusterKey {
         mac
     }
 
-    fn request_parts(method: &str, path: &str, time_ms: i64, nonce: &str, body_sha256: &[u8]) -> [Vec<u8>; 5] {
+    fn request_parts(
+        method: &str,
+        path: &str,
+        to: &str,
+        time_ms: i64,
+        nonce: &str,
+        body_sha256: &[u8],
+    ) -> [Vec<u8>; 6] {
         [
             method.as_bytes().to_vec(),
             path.as_bytes().to_vec(),
+            to.as_bytes().to_vec(),
             time_ms.to_string().into_bytes(),
             nonce.as_bytes().to_vec(),
             body_sha256.to_vec(),
         ]
     }
 
-    /// Signs a request. The nonce must be fresh for every request (the peer client draws 16
-    /// random bytes: [`crate::adapters::peers::new_nonce`]); tests, seeds and fuzzing pass
-    /// fixed ones.
-    pub fn sign_request(&self, method: &str, path: &str, time_ms: i64, nonce: &str, body: &[u8]) -> RequestAuth {
+    /// Signs a request for node `to` (or [`ANY_NODE`]). The nonce must be fresh for every
+    /// request (the peer client draws 16 random bytes: [`crate::adapters::peers::new_nonce`]);
+    /// tests, seeds and fuzzing pass fixed ones.
+    pub fn sign_request(
+        &self,
+        method: &str,
+        path: &str,
+        to: &str,
+        time_ms: i64,
+        nonce: &str,
+        body: &[u8],
+    ) -> RequestAuth {
         let digest = Sha256::digest(body);
-        let parts = Self::request_parts(method, path, time_ms, nonce, &digest);
+        let parts = Self::request_parts(method, path, to, time_ms, nonce, &digest);
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         let signature = hex(&self.mac(&refs).finalize().into_bytes());
-        RequestAuth { time_ms, nonce: nonce.to_string(), body_sha256: hex(&digest), signature }
+        RequestAuth { to: to.to_string(), time_ms, nonce: nonce.to_string(), body_sha256: hex(&digest), signature }
     }
 
     /// Checks the signature over the headers, before the body is read (time and replay are the
@@ -147,7 +186,7 @@ impl ClusterKey {
     pub fn verify_request_head(&self, method: &str, path: &str, auth: &RequestAuth) -> Result<(), AuthError> {
         let sig = unhex(&auth.signature).ok_or(AuthError::BadSignature)?;
         let digest = unhex(&auth.body_sha256).filter(|d| d.len() == 32).ok_or(AuthError::Missing(HDR_BODY))?;
-        let parts = Self::request_parts(method, path, auth.time_ms, &auth.nonce, &digest);
+        let parts = Self::request_parts(method, path, &auth.to, auth.time_ms, &auth.nonce, &digest);
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         self.mac(&refs).verify_slice(&sig).map_err(|_| AuthError::BadSignature)
     }
@@ -187,6 +226,46 @@ impl ClusterKey {
         self.mac(&[b"response", request_nonce.as_bytes(), status.as_bytes(), &Sha256::digest(body)])
             .verify_slice(&sig)
             .map_err(|_| AuthError::BadSignature)
+    }
+}
+
+/// What a node checks of a request's headers before it reads the body: the signature, that the
+/// request is for this node, its freshness and that its nonce is new. One per node, shared by all
+/// of its listeners (the underlay and the mesh address), so a request replayed to another
+/// listener is seen as the replay it is.
+#[derive(Debug)]
+pub struct Gate {
+    pub key: ClusterKey,
+    guard: ReplayGuard,
+    /// This node's id as requests name it.
+    me: String,
+}
+
+impl Gate {
+    pub fn new(key: ClusterKey, me: &str) -> Gate {
+        Gate { key, guard: ReplayGuard::default(), me: me.to_string() }
+    }
+
+    /// Admits `auth` for `method path`. `any_node`: the route may be addressed to
+    /// [`ANY_NODE`] (the sender cannot know which node listens at the address). The nonce is
+    /// remembered only for a request that passed every other check.
+    pub fn admit_head(
+        &self,
+        method: &str,
+        path: &str,
+        auth: &RequestAuth,
+        any_node: bool,
+        now_ms: i64,
+    ) -> Result<(), AuthError> {
+        self.key.verify_request_head(method, path, auth)?;
+        if auth.to == ANY_NODE {
+            if !any_node {
+                return Err(AuthError::Unaddressed(path.to_string()));
+            }
+        } else if auth.to != self.me {
+            return Err(AuthError::WrongDestination { to: auth.to.clone(), me: self.me.clone() });
+        }
+        self.guard.check(auth, now_ms)
     }
 }
 
@@ -232,7 +311,7 @@ mod tests {
     #[test]
     fn request_round_trip_and_tampering() {
         let k = ClusterKey::derive("secret-secret-secret");
-        let a = k.sign_request("POST", "/peer/v1/join", 1000, &nonce(), b"{}");
+        let a = k.sign_request("POST", "/peer/v1/join", "0000000000000001", 1000, &nonce(), b"{}");
         assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{}"), Ok(()));
         assert_eq!(k.verify_request("POST", "/peer/v1/join", &a, b"{ }"), Err(AuthError::BodyMismatch));
         // The headers alone are checked before the body is read: they must carry the proof.
@@ -269,12 +348,12 @@ mod tests {
         let k = ClusterKey::derive("secret-secret-secret");
         let g = ReplayGuard::default();
         let now = 1_000_000;
-        let a = k.sign_request("POST", "/p", now, &nonce(), b"");
+        let a = k.sign_request("POST", "/p", "0000000000000001", now, &nonce(), b"");
         assert_eq!(g.check(&a, now), Ok(()));
         assert_eq!(g.check(&a, now + 10), Err(AuthError::Replayed));
-        let old = k.sign_request("POST", "/p", now - 61_000, &nonce(), b"");
+        let old = k.sign_request("POST", "/p", "0000000000000001", now - 61_000, &nonce(), b"");
         assert!(matches!(g.check(&old, now), Err(AuthError::Stale { .. })));
-        let future = k.sign_request("POST", "/p", now + 61_000, &nonce(), b"");
+        let future = k.sign_request("POST", "/p", "0000000000000001", now + 61_000, &nonce(), b"");
         assert!(matches!(g.check(&future, now), Err(AuthError::Stale { .. })));
     }
 
@@ -287,23 +366,75 @@ mod tests {
         let g = ReplayGuard::default();
         let now = 1_750_000_000_000;
         for t in [i64::MIN, i64::MIN + now, i64::MIN + now + 1, i64::MAX, i64::MAX - 1] {
-            let a = k.sign_request("POST", "/p", t, &nonce(), b"");
+            let a = k.sign_request("POST", "/p", "0000000000000001", t, &nonce(), b"");
             assert!(matches!(g.check(&a, now), Err(AuthError::Stale { .. })), "time {t}");
         }
-        let a = parse_auth(Some("-9223372036854775808"), Some(""), Some(""), Some("")).unwrap();
+        let h = AuthHeaders {
+            to: Some("*"),
+            time: Some("-9223372036854775808"),
+            nonce: Some(""),
+            body_sha256: Some(""),
+            signature: Some(""),
+        };
+        let a = parse_auth(h).unwrap();
         assert!(matches!(g.check(&a, now), Err(AuthError::Stale { .. })));
         assert!(g.seen.lock().unwrap().is_empty());
     }
 
     #[test]
     fn auth_headers_are_parsed_in_order() {
-        let ok = parse_auth(Some("12"), Some("n"), Some("d"), Some("s")).unwrap();
-        assert_eq!(ok, RequestAuth { time_ms: 12, nonce: "n".into(), body_sha256: "d".into(), signature: "s".into() });
-        assert_eq!(parse_auth(None, None, None, None), Err(AuthError::Missing(HDR_TIME)));
-        assert_eq!(parse_auth(Some("x"), Some("n"), Some("d"), Some("s")), Err(AuthError::Missing(HDR_TIME)));
-        assert_eq!(parse_auth(Some("1"), None, Some("d"), Some("s")), Err(AuthError::Missing(HDR_NONCE)));
-        assert_eq!(parse_auth(Some("1"), Some("n"), None, Some("s")), Err(AuthError::Missing(HDR_BODY)));
-        assert_eq!(parse_auth(Some("1"), Some("n"), Some("d"), None), Err(AuthError::Missing(HDR_AUTH)));
+        let all = AuthHeaders {
+            to: Some("t"),
+            time: Some("12"),
+            nonce: Some("n"),
+            body_sha256: Some("d"),
+            signature: Some("s"),
+        };
+        let want = RequestAuth {
+            to: "t".into(),
+            time_ms: 12,
+            nonce: "n".into(),
+            body_sha256: "d".into(),
+            signature: "s".into(),
+        };
+        assert_eq!(parse_auth(all), Ok(want));
+        assert_eq!(parse_auth(AuthHeaders::default()), Err(AuthError::Missing(HDR_TIME)));
+        assert_eq!(parse_auth(AuthHeaders { time: Some("x"), ..all }), Err(AuthError::Missing(HDR_TIME)));
+        assert_eq!(parse_auth(AuthHeaders { nonce: None, ..all }), Err(AuthError::Missing(HDR_NONCE)));
+        assert_eq!(parse_auth(AuthHeaders { body_sha256: None, ..all }), Err(AuthError::Missing(HDR_BODY)));
+        assert_eq!(parse_auth(AuthHeaders { to: None, ..all }), Err(AuthError::Missing(HDR_TO)));
+        assert_eq!(parse_auth(AuthHeaders { signature: None, ..all }), Err(AuthError::Missing(HDR_AUTH)));
+    }
+
+    /// Issue 10, hole 5: a request is signed for one node. Another node refuses it (a captured
+    /// forwarded write cannot be replayed at another leader), changing the destination breaks the
+    /// signature, a route that needs a destination refuses `*`, and one gate serves every
+    /// listener of a node, so the same request at its second listener is a replay.
+    #[test]
+    fn a_request_is_for_one_node_and_one_gate_guards_its_listeners() {
+        let k = ClusterKey::derive("secret-secret-secret");
+        let now = 1_000_000;
+        let (a, b) = (Gate::new(k.clone(), "000000000000000a"), Gate::new(k.clone(), "000000000000000b"));
+        let w = k.sign_request("POST", "/peer/v1/write", "000000000000000a", now, &nonce(), b"{}");
+        assert_eq!(
+            b.admit_head("POST", "/peer/v1/write", &w, false, now),
+            Err(AuthError::WrongDestination { to: "000000000000000a".into(), me: "000000000000000b".into() })
+        );
+        let readdressed = RequestAuth { to: "000000000000000b".into(), ..w.clone() };
+        assert_eq!(b.admit_head("POST", "/peer/v1/write", &readdressed, false, now), Err(AuthError::BadSignature));
+        let any = k.sign_request("POST", "/peer/v1/write", ANY_NODE, now, &nonce(), b"{}");
+        assert_eq!(
+            a.admit_head("POST", "/peer/v1/write", &any, false, now),
+            Err(AuthError::Unaddressed("/peer/v1/write".into()))
+        );
+        // Refusals leave the nonce unrecorded: the right node still takes the request, once.
+        assert_eq!(a.admit_head("POST", "/peer/v1/write", &w, false, now), Ok(()));
+        let shared = std::sync::Arc::new(a);
+        let (underlay, mesh) = (shared.clone(), shared);
+        assert_eq!(mesh.admit_head("POST", "/peer/v1/write", &w, false, now + 5), Err(AuthError::Replayed));
+        let hello = k.sign_request("POST", "/peer/v1/hello", ANY_NODE, now, &nonce(), b"{}");
+        assert_eq!(underlay.admit_head("POST", "/peer/v1/hello", &hello, true, now), Ok(()));
+        assert_eq!(b.admit_head("POST", "/peer/v1/hello", &hello, true, now), Ok(()), "another node's own memory");
     }
 
     #[test]
@@ -313,6 +444,7 @@ mod tests {
         // Old entries are pruned once the table is half full.
         for i in 0..(MAX_NONCES / 2 + 10) {
             let a = RequestAuth {
+                to: ANY_NODE.into(),
                 time_ms: 0,
                 nonce: format!("{}", i),
                 body_sha256: String::new(),
@@ -320,7 +452,7 @@ mod tests {
             };
             g.check(&a, 0).unwrap();
         }
-        let fresh = k.sign_request("POST", "/p", 120_000, &nonce(), b"");
+        let fresh = k.sign_request("POST", "/p", "0000000000000001", 120_000, &nonce(), b"");
         assert_eq!(g.check(&fresh, 120_000), Ok(()));
         assert!(g.seen.lock().unwrap().len() < 10);
     }

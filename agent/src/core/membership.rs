@@ -201,6 +201,32 @@ pub fn is_quorum(configs: &[BTreeSet<NodeId>], granted: &BTreeSet<NodeId>) -> bo
     !configs.is_empty() && configs.iter().all(|c| c.intersection(granted).count() * 2 > c.len())
 }
 
+// ---------------------------------------------------------------------------------------------
+// Removal
+// ---------------------------------------------------------------------------------------------
+
+/// A Raft membership as a node last applied it: the log index of its entry, and its members.
+/// Applied means committed, so two of them are points in the one history of the cluster, and the
+/// higher index is the later one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AppliedMembership {
+    pub index: Option<u64>,
+    pub members: BTreeSet<NodeId>,
+}
+
+/// Whether a peer's answer proves that the cluster removed this node `me`: the peer knows a
+/// leader, and the membership it applied is later than the one `mine` this node applied and does
+/// not list it. A peer that is behind this node (a stale, partitioned learner) proves nothing,
+/// however it looks: acting on it would wipe a current voter.
+pub fn removal_confirmed(me: NodeId, mine: &AppliedMembership, theirs: &AppliedMembership, leader_known: bool) -> bool {
+    let later = match (theirs.index, mine.index) {
+        (Some(t), Some(m)) => t > m,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    leader_known && later && !theirs.members.is_empty() && !theirs.members.contains(&me)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,5 +425,31 @@ mod tests {
         assert!(needs_transport_probe("a:1", Some("m:1"), Duration::ZERO, &t));
         assert!(!needs_transport_probe("m:1", Some("m:1"), Duration::ZERO, &t));
         assert!(needs_transport_probe("m:1", Some("m:1"), quiet, &t));
+    }
+
+    #[test]
+    fn only_a_later_membership_without_this_node_proves_removal() {
+        let me = NodeId(1);
+        let m = |index: Option<u64>, ids: &[u64]| AppliedMembership {
+            index,
+            members: ids.iter().map(|i| NodeId(*i)).collect(),
+        };
+        let mine = m(Some(40), &[1, 2, 3]);
+        // (theirs, leader known, removed?)
+        let cases = [
+            (m(Some(55), &[2, 3, 4]), true, true),
+            // A stale learner that applied an older membership without this node (it was added
+            // after): the false removal.
+            (m(Some(12), &[2, 3]), true, false),
+            (m(Some(40), &[2, 3]), true, false),
+            (m(Some(55), &[1, 2, 3, 4]), true, false),
+            (m(Some(55), &[2, 3, 4]), false, false),
+            (m(None, &[2, 3]), true, false),
+            (m(Some(55), &[]), true, false),
+        ];
+        for (theirs, leader, want) in cases {
+            assert_eq!(removal_confirmed(me, &mine, &theirs, leader), want, "{theirs:?} leader={leader}");
+        }
+        assert!(removal_confirmed(me, &m(None, &[]), &m(Some(3), &[2]), true), "a node that applied nothing yet");
     }
 }

@@ -148,7 +148,7 @@ impl Node {
                 async move {
                     let routed = self.route(v, &addr);
                     let path = format!("{}/{}", paths::RAFT_PREVOTE, v);
-                    (v, self.client.call::<_, crate::proto::PreVoteResponse>(&routed, &path, &req, t).await)
+                    (v, self.client.call::<_, crate::proto::PreVoteResponse>(&routed, v, &path, &req, t).await)
                 }
             })
             .collect();

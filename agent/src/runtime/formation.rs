@@ -105,7 +105,14 @@ impl Node {
             d.values().filter(|e| e.heard.is_some_and(|t| t.elapsed() < forget)).map(|e| e.candidate.clone()).collect();
         drop(d);
         let members = self.member_underlay_addrs();
-        HelloResponse { me: self.candidate(initialized, pledged), known, leader: m.current_leader, members }
+        let members_index = self.applied_membership().index;
+        HelloResponse {
+            me: self.candidate(initialized, pledged),
+            known,
+            leader: m.current_leader,
+            members,
+            members_index,
+        }
     }
 
     /// One round of `bootstrap_expect` discovery. Returns whether it made progress.
@@ -118,7 +125,7 @@ impl Node {
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
         let calls = addrs.iter().map(|a| {
             let req = req.clone();
-            async move { (a.clone(), self.client.call::<_, HelloResponse>(a, paths::HELLO, &req, t).await) }
+            async move { (a.clone(), self.client.call_any::<_, HelloResponse>(a, paths::HELLO, &req, t).await) }
         });
         let results = futures::future::join_all(calls).await;
         let mut errors = Vec::new();
@@ -261,7 +268,7 @@ impl Node {
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
         let calls = pledge.members.iter().filter(|(id, _)| **id != me).map(|(id, addr)| {
             let req = pledge.clone();
-            async move { (*id, self.client.call::<_, PledgeResponse>(addr, paths::PLEDGE, &req, t).await) }
+            async move { (*id, self.client.call::<_, PledgeResponse>(addr, *id, paths::PLEDGE, &req, t).await) }
         });
         let answers: BTreeMap<NodeId, Result<(), Option<formation::PledgeRefusal>>> = futures::future::join_all(calls)
             .await
@@ -353,7 +360,7 @@ impl Node {
         let tried = targets.join(", ");
         self.set_progress(Phase::Joining, format!("asking {tried} to admit this node"), self.progress().last_error);
         for addr in targets.iter().filter(|a| **a != self.api_addr) {
-            match self.client.call::<_, JoinResponse>(addr, paths::JOIN, &req, t).await {
+            match self.client.call_any::<_, JoinResponse>(addr, paths::JOIN, &req, t).await {
                 Ok(resp) => {
                     info!(node_id = %self.id(), leader = %resp.leader, via = %addr, "admitted to the cluster; catching up");
                     self.set_progress(Phase::Joining, format!("admitted by leader {}; catching up", resp.leader), None);
@@ -395,33 +402,18 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use crate::adapters::identity::Identity;
-    use crate::adapters::peers::{FakePeers, PeerError, PeerHandle};
-    use crate::core::config::{Config, Credentials, FileConfig, Overrides, ServiceMode};
+    use crate::adapters::peers::{FakePeers, PeerError};
     use crate::core::formation::{Pledge, PledgeRefusal};
     use crate::core::state::NodeId;
     use crate::proto::{Candidate, HelloRequest, HelloResponse, PledgeResponse, paths};
     use crate::runtime::driver::run;
     use crate::runtime::{Node, Phase};
 
-    const SECRET: &str = "formation-test-secret-0123456789";
     const ME: &str = "127.0.0.1:17601";
     const PEERS: [&str; 2] = ["127.0.0.1:17602", "127.0.0.1:17603"];
 
     async fn node(dir: &std::path::Path, fake: &FakePeers) -> Arc<Node> {
-        let file = FileConfig {
-            node_name: Some("n1".into()),
-            state_dir: Some(dir.into()),
-            listen_addr: Some(ME.into()),
-            join: Some(PEERS.iter().map(|p| p.to_string()).collect()),
-            bootstrap_expect: Some(3),
-            cluster_secret: Some(SECRET.into()),
-            manage_services: Some(ServiceMode::Off),
-            ..Default::default()
-        };
-        let cfg = Config::resolve(file, Credentials::default(), &Overrides::default(), &|_| unreachable!()).unwrap();
-        let identity = Identity::load_or_create(dir, "n1").unwrap();
-        Node::open_with_peers(cfg, identity, SECRET, vec![], PeerHandle::new(fake.clone())).await.unwrap()
+        crate::runtime::test_node(dir, fake, ME, &PEERS, Some(3)).await
     }
 
     /// Two fake candidates, with ids above this node's (so it is the one to propose), that see all
@@ -443,7 +435,13 @@ mod tests {
             fake.answer(addr, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
                 let mut known = others.to_vec();
                 known.push(req.from);
-                Ok(HelloResponse { me: cand(id, addr), known, leader: None, members: Default::default() })
+                Ok(HelloResponse {
+                    me: cand(id, addr),
+                    known,
+                    leader: None,
+                    members: Default::default(),
+                    members_index: None,
+                })
             });
             fake.answer(addr, paths::PLEDGE, move |_: Pledge| -> Result<PledgeResponse, PeerError> {
                 Ok(PledgeResponse { refused: answer(id) })

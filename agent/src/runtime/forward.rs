@@ -277,7 +277,7 @@ impl Node {
         let call = async {
             let routed = self.route(leader, addr);
             let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 6);
-            let mut r = self.client.call::<_, Resp>(&routed, path, req, t).await;
+            let mut r = self.client.call::<_, Resp>(&routed, leader, path, req, t).await;
             // The mesh path may be broken while wg0 looks fine: try the underlay once.
             let underlay = self.underlay_addr(leader, addr);
             let mut maybe_delivered = false;
@@ -286,7 +286,7 @@ impl Node {
             {
                 maybe_delivered = e.maybe_delivered();
                 debug!(leader = %leader, via = %routed, "leader unreachable over the mesh; trying its underlay address");
-                r = self.client.call::<_, Resp>(&underlay, path, req, t).await;
+                r = self.client.call::<_, Resp>(&underlay, leader, path, req, t).await;
             }
             (r, maybe_delivered)
         };

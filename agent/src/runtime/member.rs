@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::ApiError;
+use crate::core::membership;
 use crate::core::state::{Command, Response};
 use crate::proto::{HelloRequest, HelloResponse, LeaveRequest, paths};
 
@@ -94,19 +95,96 @@ impl Node {
     }
 
     /// Asks known peers whether the cluster still lists this node. Returns addresses to rejoin
-    /// through when a peer with a leader says it does not.
+    /// through when a peer proves that it does not: it knows a leader and applied a membership
+    /// later than this node's that leaves this node out. A peer that is merely behind (a stale
+    /// learner) proves nothing.
     pub(super) async fn check_removed(&self, peers: &[String]) -> Option<Vec<String>> {
         let req = HelloRequest { from: self.candidate(true, None) };
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
+        let mine = self.applied_membership();
         for addr in peers.iter().filter(|a| **a != self.api_addr) {
-            if let Ok(resp) = self.client.call::<_, HelloResponse>(addr, paths::HELLO, &req, t).await
-                && resp.leader.is_some()
-                && !resp.members.is_empty()
-                && !resp.members.contains_key(&self.id())
-            {
+            let Ok(resp) = self.client.call_any::<_, HelloResponse>(addr, paths::HELLO, &req, t).await else {
+                continue;
+            };
+            let theirs = membership::AppliedMembership {
+                index: resp.members_index,
+                members: resp.members.keys().copied().collect(),
+            };
+            if membership::removal_confirmed(self.id(), &mine, &theirs, resp.leader.is_some()) {
                 return Some(resp.members.values().cloned().collect());
+            }
+            if resp.leader.is_some() && !theirs.members.is_empty() && !theirs.members.contains(&self.id()) {
+                debug!(
+                    node_id = %self.id(),
+                    peer = %addr,
+                    "a peer does not list this node, but its membership (index {:?}) is not later than this node's \
+                     ({:?}): not taken as a removal",
+                    theirs.index,
+                    mine.index
+                );
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use crate::adapters::peers::{FakePeers, PeerError};
+    use crate::core::state::NodeId;
+    use crate::proto::{Candidate, HelloRequest, HelloResponse, paths};
+
+    const ME: &str = "127.0.0.1:17701";
+    const PEER: &str = "127.0.0.1:17702";
+
+    /// Issue 10, hole 4: a peer that knows a leader and does not list this node makes it rejoin
+    /// only when the membership it applied is later than this node's; a peer that is behind (a
+    /// stale learner) does not make a current member wipe itself.
+    #[tokio::test]
+    async fn only_a_peer_with_a_later_membership_can_say_this_node_was_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakePeers::default();
+        let n = crate::runtime::test_node(dir.path(), &fake, ME, &[PEER], None).await;
+        let members = BTreeMap::from([(n.id(), openraft::BasicNode { addr: ME.into() })]);
+        n.raft.initialize(members).await.unwrap();
+        let mine = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if let Some(i) = n.applied_membership().index {
+                    return i;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the single-node cluster applies its membership");
+        let answer_with = |index: u64| {
+            fake.answer(PEER, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
+                let other = NodeId(7);
+                Ok(HelloResponse {
+                    me: Candidate {
+                        id: other,
+                        name: "stale".into(),
+                        api_addr: PEER.into(),
+                        initialized: true,
+                        bootstrap_expect: None,
+                        pledged: None,
+                    },
+                    known: vec![req.from],
+                    leader: Some(other),
+                    members: BTreeMap::from([(other, PEER.to_string())]),
+                    members_index: Some(index),
+                })
+            });
+        };
+        answer_with(mine);
+        assert_eq!(n.check_removed(&[PEER.to_string()]).await, None, "a peer as far as this node was believed");
+        answer_with(mine.saturating_sub(1));
+        assert_eq!(n.check_removed(&[PEER.to_string()]).await, None, "a peer behind this node was believed");
+        answer_with(mine + 5);
+        assert_eq!(n.check_removed(&[PEER.to_string()]).await, Some(vec![PEER.to_string()]));
+        n.raft.shutdown().await.unwrap();
     }
 }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use openraft::ServerState;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::adapters::identity::Identity;
 use crate::adapters::peers::{PeerClient, PeerHandle};
@@ -125,6 +125,8 @@ pub struct Node {
     pub heard_from_leader: ContactTracker,
     pub facts: NodeFacts,
     pub key: ClusterKey,
+    /// What the peer API admits; one for all of this node's listeners.
+    pub gate: Arc<crate::core::auth::Gate>,
     pub secret_box: crate::adapters::secrets::SecretBox,
     /// The last services reconcile, for status.
     pub services: Mutex<Option<crate::adapters::services::ServiceReport>>,
@@ -244,6 +246,7 @@ impl Node {
             }
         }
         let (end, _) = watch::channel(None);
+        let gate = Arc::new(crate::core::auth::Gate::new(key.clone(), &identity.node_id.to_string()));
         Ok(Arc::new(Node {
             identity,
             api_addr,
@@ -255,6 +258,7 @@ impl Node {
             heard_from_leader: ContactTracker::default(),
             facts: read_facts(),
             key,
+            gate,
             secret_box: crate::adapters::secrets::SecretBox::new(secret),
             services: Mutex::new(None),
             mesh: Mutex::new(None),
@@ -391,6 +395,14 @@ impl Node {
 
     /// Underlay addresses of the Raft members (for rejoining and for asking whether this node was
     /// removed: both must work without the mesh).
+    /// The Raft membership this node last applied.
+    fn applied_membership(&self) -> membership::AppliedMembership {
+        self.state.read(|d| membership::AppliedMembership {
+            index: d.last_membership.log_id().map(|l| l.index),
+            members: d.last_membership.membership().nodes().map(|(id, _)| *id).collect(),
+        })
+    }
+
     fn member_underlay_addrs(&self) -> BTreeMap<NodeId, String> {
         self.state.read(|d| {
             d.last_membership
@@ -481,12 +493,115 @@ fn spawn<R: driver::Reconciler>(node: &Arc<Node>, r: R) -> tokio::task::JoinHand
     })
 }
 
-/// Removes Raft state and the identity so the next run starts as a new member.
-pub fn wipe_membership_state(state_dir: &Path) -> std::io::Result<()> {
-    match std::fs::remove_dir_all(state_dir.join(RAFT_DIR)) {
+/// The file that says a membership reset is under way in the state directory.
+const RESET_MARKER: &str = "membership-reset";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResetError {
+    #[error("cannot mark the membership reset in {path}: {source}")]
+    Mark { path: PathBuf, source: crate::adapters::files::WriteError },
+    #[error("cannot remove the old Raft state {path}: {source}; remove it by hand, then restart the agent")]
+    Wipe { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Identity(#[from] crate::adapters::identity::IdentityError),
+    #[error("cannot remove {path}: {source}")]
+    Unmark { path: PathBuf, source: std::io::Error },
+}
+
+/// Ends this node's membership on disk (it left, or the cluster removed it): the Raft state goes
+/// and a new identity takes the old one's place, so the next run joins as a new member (node ids
+/// are never reused). One step as far as a crash is concerned: a marker is written first and
+/// removed last, and [`finish_membership_reset`] completes an interrupted reset at the next
+/// start. Without it, a crash between the two restarted the old id on an empty log, a voter that
+/// had forgotten its vote.
+pub fn reset_membership(state_dir: &Path, name: &str) -> Result<Identity, ResetError> {
+    let marker = state_dir.join(RESET_MARKER);
+    crate::adapters::files::write_atomic(&marker, b"the Raft state and the identity are being replaced\n", 0o600)
+        .map_err(|source| ResetError::Mark { path: marker.clone(), source })?;
+    complete_reset(state_dir, name)
+}
+
+/// Completes a reset a crash interrupted (see [`reset_membership`]); `None` when none was
+/// under way.
+pub fn finish_membership_reset(state_dir: &Path, name: &str) -> Result<Option<Identity>, ResetError> {
+    if !state_dir.join(RESET_MARKER).exists() {
+        return Ok(None);
+    }
+    warn!("completing a membership reset that was interrupted: removing the Raft state, making a new identity");
+    complete_reset(state_dir, name).map(Some)
+}
+
+fn complete_reset(state_dir: &Path, name: &str) -> Result<Identity, ResetError> {
+    let raft = state_dir.join(RAFT_DIR);
+    match std::fs::remove_dir_all(&raft) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
+        Err(source) => return Err(ResetError::Wipe { path: raft, source }),
     }
-    Ok(())
+    let identity = Identity::create(state_dir, name)?;
+    let marker = state_dir.join(RESET_MARKER);
+    std::fs::remove_file(&marker).map_err(|source| ResetError::Unmark { path: marker, source })?;
+    crate::adapters::files::sync_dir(state_dir)
+        .map_err(|source| ResetError::Unmark { path: state_dir.join(RESET_MARKER), source })?;
+    Ok(identity)
+}
+
+/// A node on `dir` for tests, talking to `fake` peers, with services off.
+#[cfg(test)]
+pub(crate) async fn test_node(
+    dir: &Path,
+    fake: &crate::adapters::peers::FakePeers,
+    listen: &str,
+    join: &[&str],
+    bootstrap_expect: Option<usize>,
+) -> Arc<Node> {
+    use crate::core::config::{Credentials, FileConfig, Overrides, ServiceMode};
+    const SECRET: &str = "runtime-test-secret-0123456789";
+    let file = FileConfig {
+        node_name: Some("n1".into()),
+        state_dir: Some(dir.into()),
+        listen_addr: Some(listen.into()),
+        join: Some(join.iter().map(|p| p.to_string()).collect()),
+        bootstrap_expect,
+        cluster_secret: Some(SECRET.into()),
+        manage_services: Some(ServiceMode::Off),
+        ..Default::default()
+    };
+    let cfg = Config::resolve(file, Credentials::default(), &Overrides::default(), &|_| unreachable!()).unwrap();
+    let identity = Identity::load_or_create(dir, "n1").unwrap();
+    Node::open_with_peers(cfg, identity, SECRET, vec![], PeerHandle::new(fake.clone())).await.unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 10, hole 4: a reset that a crash interrupted after the Raft state went, before the
+    /// new identity was written, is completed at the next start: the old id never runs again on
+    /// an empty log.
+    #[test]
+    fn an_interrupted_membership_reset_is_completed_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = Identity::create(dir.path(), "n1").unwrap();
+        std::fs::create_dir_all(dir.path().join(RAFT_DIR)).unwrap();
+        std::fs::write(dir.path().join(RAFT_DIR).join("raft.redb"), b"old log").unwrap();
+        assert!(finish_membership_reset(dir.path(), "n1").unwrap().is_none(), "no reset under way");
+        assert!(dir.path().join(RAFT_DIR).exists());
+
+        // The crash: the marker is written and the Raft state removed, the identity is the old one.
+        crate::adapters::files::write_atomic(&dir.path().join(RESET_MARKER), b"x", 0o600).unwrap();
+        std::fs::remove_dir_all(dir.path().join(RAFT_DIR)).unwrap();
+        let new = finish_membership_reset(dir.path(), "n1").unwrap().expect("the reset is completed");
+        assert_ne!(new.node_id, old.node_id);
+        assert_eq!(Identity::load_or_create(dir.path(), "n1").unwrap().node_id, new.node_id);
+        assert!(!dir.path().join(RESET_MARKER).exists());
+        assert!(finish_membership_reset(dir.path(), "n1").unwrap().is_none());
+
+        // The whole step: the Raft state goes, a new id comes.
+        std::fs::create_dir_all(dir.path().join(RAFT_DIR)).unwrap();
+        let newer = reset_membership(dir.path(), "n1").unwrap();
+        assert_ne!(newer.node_id, new.node_id);
+        assert!(!dir.path().join(RAFT_DIR).exists() && !dir.path().join(RESET_MARKER).exists());
+        assert_eq!(Identity::load_or_create(dir.path(), "n1").unwrap().node_id, newer.node_id);
+    }
 }

@@ -195,7 +195,7 @@ impl Node {
         let t = Duration::from_millis(self.cfg.raft.snapshot_timeout_ms);
         let blob = match self
             .client
-            .call::<_, crate::proto::SlurmStateBlob>(&addr, paths::SLURM_STATE, &crate::proto::Empty {}, t)
+            .call::<_, crate::proto::SlurmStateBlob>(&addr, controller, paths::SLURM_STATE, &crate::proto::Empty {}, t)
             .await
         {
             Ok(b) => b,

@@ -114,6 +114,6 @@ impl Node {
     pub(super) async fn answers_as(&self, addr: &str, id: NodeId) -> bool {
         let req = HelloRequest { from: self.candidate(true, None) };
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
-        matches!(self.client.call::<_, HelloResponse>(addr, paths::HELLO, &req, t).await, Ok(r) if r.me.id == id)
+        matches!(self.client.call_any::<_, HelloResponse>(addr, paths::HELLO, &req, t).await, Ok(r) if r.me.id == id)
     }
 }

@@ -26,6 +26,8 @@ use tokio::task::JoinSet;
 use tower::ServiceExt as _;
 use tracing::{debug, warn};
 
+use super::Throttle;
+
 /// What one listener admits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -125,30 +127,6 @@ impl Drop for Admitted {
     }
 }
 
-/// Lets a warning through once per `every` and says how many were held back since.
-struct Throttle {
-    every: Duration,
-    last: Option<std::time::Instant>,
-    held: u64,
-}
-
-impl Throttle {
-    fn new(every: Duration) -> Throttle {
-        Throttle { every, last: None, held: 0 }
-    }
-
-    /// `Some(held back since the last one)` when due.
-    fn due(&mut self) -> Option<u64> {
-        let now = std::time::Instant::now();
-        if self.last.is_some_and(|t| now.duration_since(t) < self.every) {
-            self.held += 1;
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.held))
-    }
-}
-
 /// Serves `app` on `listener` within `limits` until `stop` turns true; then lets the requests in
 /// flight finish (the caller bounds how long it waits) and closes idle connections. Every
 /// request carries its connection's [`ConnectInfo<SocketAddr>`].
@@ -162,8 +140,8 @@ pub async fn serve(
 ) {
     let conns = Connections::new(limits);
     let mut tasks = JoinSet::new();
-    let mut throttle = Throttle::new(Duration::from_secs(10));
-    let mut accept_errors = Throttle::new(Duration::from_secs(10));
+    let mut throttle = Throttle::new(Duration::from_secs(10), 1);
+    let mut accept_errors = Throttle::new(Duration::from_secs(10), 1);
     loop {
         let accepted = tokio::select! {
             () = stopped(&mut stop) => break,
@@ -273,16 +251,6 @@ mod tests {
         let g = c.open.lock().unwrap();
         assert_eq!(g.0, 0);
         assert!(g.1.is_empty(), "sources with no connection are kept: {:?}", g.1);
-    }
-
-    #[test]
-    fn the_throttle_counts_what_it_held_back() {
-        let mut t = Throttle::new(Duration::from_secs(3600));
-        assert_eq!(t.due(), Some(0));
-        assert_eq!(t.due(), None);
-        assert_eq!(t.due(), None);
-        t.last = Some(std::time::Instant::now() - Duration::from_secs(3601));
-        assert_eq!(t.due(), Some(2));
     }
 
     /// A connection that sends nothing, and one that sends half a request head, are closed after

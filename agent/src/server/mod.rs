@@ -15,6 +15,37 @@ use axum::response::{IntoResponse, Response};
 use crate::proto::ErrorBody;
 pub use crate::runtime::ApiError;
 
+/// Lets warnings through, at most `burst` per `every`, and says how many it held back: a flood
+/// of refused connections or requests must not flood the journal.
+pub(crate) struct Throttle {
+    every: std::time::Duration,
+    burst: u32,
+    window: Option<std::time::Instant>,
+    passed: u32,
+    held: u64,
+}
+
+impl Throttle {
+    pub(crate) const fn new(every: std::time::Duration, burst: u32) -> Throttle {
+        Throttle { every, burst, window: None, passed: 0, held: 0 }
+    }
+
+    /// `Some(held back since the last one let through)` when this one may be logged.
+    pub(crate) fn due(&mut self) -> Option<u64> {
+        let now = std::time::Instant::now();
+        if self.window.is_none_or(|w| now.duration_since(w) >= self.every) {
+            self.window = Some(now);
+            self.passed = 0;
+        }
+        if self.passed >= self.burst {
+            self.held += 1;
+            return None;
+        }
+        self.passed += 1;
+        Some(std::mem::take(&mut self.held))
+    }
+}
+
 /// The HTTP status of each error.
 fn status(e: &ApiError) -> StatusCode {
     match e {
@@ -34,5 +65,20 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = ErrorBody { error: self.to_string(), kind: self.kind() };
         (status(&self), axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_throttle_lets_a_burst_through_and_counts_the_rest() {
+        let mut t = Throttle::new(Duration::from_secs(3600), 2);
+        assert_eq!((t.due(), t.due(), t.due(), t.due()), (Some(0), Some(0), None, None));
+        t.window = Some(Instant::now() - Duration::from_secs(3601));
+        assert_eq!(t.due(), Some(2), "the next window's first line says how many were held back");
+        assert_eq!((t.due(), t.due()), (Some(0), None));
     }
 }

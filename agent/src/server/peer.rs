@@ -19,7 +19,7 @@ use tracing::warn;
 
 use super::ApiError;
 use crate::adapters::raft::{Snapshot, TypeConfig};
-use crate::core::auth::{AuthError, ClusterKey, HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME, ReplayGuard, parse_auth};
+use crate::core::auth::{AuthError, AuthHeaders, Gate, HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME, HDR_TO, parse_auth};
 use crate::core::formation::Pledge;
 use crate::core::state::{NodeId, Response as CmdResponse};
 use crate::proto::{
@@ -30,11 +30,6 @@ use crate::runtime::Node;
 
 /// Largest accepted peer request (snapshots and log batches included).
 pub const MAX_BODY: usize = 256 * 1024 * 1024;
-
-struct AuthState {
-    key: ClusterKey,
-    guard: ReplayGuard,
-}
 
 fn header<'a>(req: &'a Request, name: &'static str) -> Option<&'a str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
@@ -53,22 +48,32 @@ pub fn body_limit(path: &str) -> usize {
 
 /// Refuses a request before reading its body unless its headers prove the cluster secret and are
 /// fresh; then reads the body up to the route's limit and checks it against the signed digest.
-async fn authenticate(State(auth): State<Arc<AuthState>>, req: Request, next: Next) -> Response {
+async fn authenticate(State(auth): State<Arc<Gate>>, req: Request, next: Next) -> Response {
     let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string()).unwrap_or_default();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let refuse = |e: AuthError| {
-        warn!(peer_addr = %remote, path = %path, "refused peer request: {e}");
+        // At most 20 lines per 10 s: enough to see a misconfigured node, not a flood's worth.
+        static LOG: std::sync::Mutex<super::Throttle> =
+            std::sync::Mutex::new(super::Throttle::new(std::time::Duration::from_secs(10), 20));
+        let due = LOG.lock().map(|mut t| t.due()).unwrap_or(Some(0));
+        if let Some(held) = due {
+            let more = if held > 0 { format!(" ({held} more refused since the last report)") } else { String::new() };
+            warn!(peer_addr = %remote, path = %path, "refused peer request: {e}{more}");
+        }
         crate::server::metrics::count_refused();
         ApiError::Unauthorized(e.to_string()).into_response()
     };
-    let parsed =
-        parse_auth(header(&req, HDR_TIME), header(&req, HDR_NONCE), header(&req, HDR_BODY), header(&req, HDR_AUTH));
-    let checked = parsed.and_then(|a| {
-        auth.key.verify_request_head(&method, &path, &a)?;
-        auth.guard.check(&a, crate::now_ms() as i64)?;
-        Ok(a)
+    let parsed = parse_auth(AuthHeaders {
+        to: header(&req, HDR_TO),
+        time: header(&req, HDR_TIME),
+        nonce: header(&req, HDR_NONCE),
+        body_sha256: header(&req, HDR_BODY),
+        signature: header(&req, HDR_AUTH),
     });
+    let any_node = crate::proto::paths::accepts_any_node(&path);
+    let checked =
+        parsed.and_then(|a| auth.admit_head(&method, &path, &a, any_node, crate::now_ms() as i64).map(|()| a));
     let a = match checked {
         Ok(a) => a,
         Err(e) => return refuse(e),
@@ -213,7 +218,7 @@ async fn read(State(a): Shared, Json(req): Json<ReadRequest>) -> Result<Json<Rea
 
 /// The peer router, authenticated with the agent's cluster key.
 pub fn router(agent: Arc<Node>) -> Router {
-    let auth = Arc::new(AuthState { key: agent.key.clone(), guard: ReplayGuard::default() });
+    let auth = agent.gate.clone();
     Router::new()
         .route(&format!("{}/{{target}}", paths::RAFT_APPEND), post(append))
         .route(&format!("{}/{{target}}", paths::RAFT_VOTE), post(vote))

@@ -85,7 +85,7 @@ impl PeerConnection {
         // address (a reinstalled machine) refuses the RPC instead of acting as the old node.
         let path = format!("{path}/{}", self.target);
         let r: Result<Resp, RaftError<NodeId, E>> =
-            self.net.client.call(&self.addr, &path, req, timeout).await.map_err(to_rpc_error)?;
+            self.net.client.call(&self.addr, self.target, &path, req, timeout).await.map_err(to_rpc_error)?;
         self.net.contacts.record(self.target);
         r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
@@ -158,6 +158,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let path = format!("{}/{}", paths::RAFT_SNAPSHOT, self.target);
         let call = self.net.client.call::<_, Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>(
             &self.addr,
+            self.target,
             &path,
             &req,
             self.net.snapshot_timeout,
