@@ -50,6 +50,7 @@ fn containers_form_a_cluster_under_systemd() {
     for c in &nodes {
         check_notify_service(c).or_fail("the agent's unit");
     }
+    check_agent_sandbox(&nodes[0]).or_fail("the agent's sandbox");
 
     // munge: one key everywhere (a credential from c1 decodes on c2 and c3).
     for c in &nodes {
@@ -151,6 +152,41 @@ fn check_notify_service(c: &Container) -> Result<()> {
     );
     ensure!(props.get("StatusText").is_some_and(|s| !s.is_empty()), "{}: no STATUS= text: {props:?}", c.name());
     ensure!(props.get("NRestarts") == Some(&"0"), "{}: the agent restarted: {props:?}", c.name());
+    Ok(())
+}
+
+/// Issue 10, hole 11: the agent runs in the sandbox its unit describes. `systemd-analyze
+/// security` scores it at 4.0 or lower (printed); its bounding set holds exactly CAP_CHOWN,
+/// CAP_DAC_OVERRIDE, CAP_FOWNER and CAP_NET_ADMIN; in its mount namespace /var outside its own
+/// directories is read-only (ProtectSystem=strict, not full) and /proc shows no kernel files
+/// (ProcSubset=pid); and it still did its work (the caller checks formation, munge, slurmctld).
+fn check_agent_sandbox(c: &Container) -> Result<()> {
+    let t = Duration::from_secs(60);
+    let out = c.exec_timeout(&["systemd-analyze", "security", "--no-pager", "clusteros-agent.service"], t)?;
+    let text = format!("{}{}", out.stdout, out.stderr);
+    let score: f64 = text
+        .lines()
+        .find_map(|l| l.split_once("Overall exposure level for clusteros-agent.service:"))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no exposure level in systemd-analyze's output: {text}"))?;
+    eprintln!("e2e: {}: systemd-analyze security clusteros-agent.service: exposure {score}", c.name());
+    ensure!(score <= 4.0, "exposure {score} is above 4.0: {text}");
+    let pid =
+        c.exec_timeout(&["systemctl", "show", "-P", "MainPID", "clusteros-agent.service"], t)?.check("MainPID")?;
+    let pid = pid.stdout.trim().to_string();
+    let status = c.exec_timeout(&["cat", &format!("/proc/{pid}/status")], t)?.check("the agent's status")?.stdout;
+    let bnd = status.lines().find_map(|l| l.strip_prefix("CapBnd:")).context("no CapBnd")?.trim().to_string();
+    let bnd = u64::from_str_radix(&bnd, 16).with_context(|| format!("CapBnd {bnd}"))?;
+    // CAP_CHOWN 0, CAP_DAC_OVERRIDE 1, CAP_FOWNER 3, CAP_NET_ADMIN 12.
+    ensure!(bnd == (1 << 0) | (1 << 1) | (1 << 3) | (1 << 12), "the agent's bounding set is {bnd:#x}");
+    let inside = |cmd: &str| c.exec_timeout(&["nsenter", "-t", &pid, "-m", "sh", "-c", cmd], t);
+    let write = inside("touch /var/lib/clusteros-sandbox-probe")?;
+    ensure!(!write.success(), "the agent can write /var/lib outside its directory: {write}");
+    let own = inside("touch /var/lib/clusteros/.sandbox-probe && rm /var/lib/clusteros/.sandbox-probe")?;
+    ensure!(own.success(), "the agent cannot write its state directory: {own}");
+    let meminfo = inside("test -e /proc/meminfo")?;
+    ensure!(!meminfo.success(), "the agent sees /proc/meminfo: {meminfo}");
     Ok(())
 }
 

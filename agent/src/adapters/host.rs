@@ -34,17 +34,32 @@ pub fn resolve_advertise(cfg: &Config) -> Result<SocketAddr, String> {
 
 /// Reads this machine's facts (CPUs, memory, kernel).
 pub fn read_facts() -> NodeFacts {
+    // From system calls, not /proc: the unit's ProcSubset=pid hides /proc/meminfo and /proc/sys.
     let cpus = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-    let memory_mb = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024);
-    let kernel =
-        std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default();
+    let memory_mb = nix::sys::sysinfo::sysinfo().map_or(0, |i| i.ram_total() / (1024 * 1024));
+    let kernel = nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned()).unwrap_or_default();
     NodeFacts { cpus, memory_mb, kernel, arch: std::env::consts::ARCH.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The facts come from system calls and agree with what /proc says where the test can read
+    /// it (the agent's unit hides those files from the agent).
+    #[test]
+    fn facts_match_proc() {
+        let f = super::read_facts();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+        let kb: u64 = meminfo
+            .lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        assert!(f.memory_mb.abs_diff(kb / 1024) <= 1, "{} MB, /proc/meminfo {kb} kB", f.memory_mb);
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        assert_eq!(f.kernel, release.trim());
+        assert!(f.cpus >= 1);
+        let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        assert_eq!(crate::adapters::identity::hostname(), name.trim());
+    }
 }

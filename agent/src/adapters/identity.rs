@@ -192,8 +192,9 @@ fn clone_io(e: &std::io::Error) -> std::io::Error {
 
 /// The host name of this machine, for the default node name.
 pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
+    // uname(2), not /proc/sys/kernel/hostname: the unit's ProcSubset=pid hides /proc/sys.
+    nix::sys::utsname::uname()
+        .map(|u| u.nodename().to_string_lossy().trim().to_string())
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
