@@ -461,7 +461,10 @@ fn metrics_addr_now(m: MetricsListen) -> Option<SocketAddr> {
 async fn serve_metrics_on_mesh(agent: Arc<Node>, port: u16, stop: watch::Receiver<bool>) {
     let bound = crate::runtime::driver::run(agent.clone(), MeshListener::new("metrics", port)).await;
     let Some(listener) = bound.listener else { return };
-    let _ = spawn_metrics(listener, LocalState::Running(agent), stop).await;
+    // Served in this task (not a spawned one), so that aborting it at shutdown stops the server.
+    let app = crate::server::local::metrics_router(LocalState::Running(agent));
+    let refused = crate::server::metrics::count_refused_metrics_connection;
+    crate::server::accept::serve("metrics (mesh)", listener, app, Limits::METRICS, stop, refused).await;
 }
 
 /// Serves the peer API on `listener` within [`Limits::PEER`].

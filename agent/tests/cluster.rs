@@ -930,7 +930,9 @@ async fn a_captured_write_is_not_applied_again_at_another_leader() {
     }
     let new_idx = new_idx.expect("the new leader is one of the survivors");
     let replay = send_signed(&c.nodes[new_idx].addr, path, &a, body).await;
-    assert_eq!(replay.status().as_u16(), 401, "the replay at the new leader was not refused");
+    // 421, signed: the answer a holder of the secret gets for a request meant for another node.
+    assert_eq!(replay.status().as_u16(), 421, "the replay at the new leader was not refused");
+    assert!(replay.headers().contains_key(clusteros::core::auth::HDR_AUTH), "the refusal is not signed");
     let text = replay.text().await.unwrap();
     assert!(text.contains(&format!("for node {leader_id}")), "{text}");
     let r = c.nodes[new_idx].client().kv_get("k", false).await.unwrap();

@@ -215,16 +215,18 @@ pub struct AppliedMembership {
 }
 
 /// Whether a peer's answer proves that the cluster removed this node `me`: the peer knows a
-/// leader, and the membership it applied is later than the one `mine` this node applied and does
-/// not list it. A peer that is behind this node (a stale, partitioned learner) proves nothing,
-/// however it looks: acting on it would wipe a current voter.
+/// leader, and the membership it applied does not list this node and is later than the one
+/// `mine` this node applied, or the same one when that does not list this node either (it applied
+/// its own removal, then restarted). A peer that is behind this node (a stale, partitioned
+/// learner) proves nothing, however it looks: acting on it would wipe a current voter.
 pub fn removal_confirmed(me: NodeId, mine: &AppliedMembership, theirs: &AppliedMembership, leader_known: bool) -> bool {
-    let later = match (theirs.index, mine.index) {
-        (Some(t), Some(m)) => t > m,
+    let removed_here = mine.index.is_some() && !mine.members.contains(&me);
+    let proves = match (theirs.index, mine.index) {
+        (Some(t), Some(m)) => t > m || (t == m && removed_here),
         (Some(_), None) => true,
         (None, _) => false,
     };
-    leader_known && later && !theirs.members.is_empty() && !theirs.members.contains(&me)
+    leader_known && proves && !theirs.members.is_empty() && !theirs.members.contains(&me)
 }
 
 #[cfg(test)]
@@ -451,5 +453,10 @@ mod tests {
             assert_eq!(removal_confirmed(me, &mine, &theirs, leader), want, "{theirs:?} leader={leader}");
         }
         assert!(removal_confirmed(me, &m(None, &[]), &m(Some(3), &[2]), true), "a node that applied nothing yet");
+        // This node applied its own removal (index 40 without it) and restarted: a peer at the
+        // same membership confirms it; one behind does not.
+        let removed = m(Some(40), &[2, 3]);
+        assert!(removal_confirmed(me, &removed, &m(Some(40), &[2, 3]), true));
+        assert!(!removal_confirmed(me, &removed, &m(Some(39), &[2, 3]), true));
     }
 }

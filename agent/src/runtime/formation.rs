@@ -104,8 +104,8 @@ impl Node {
         let known =
             d.values().filter(|e| e.heard.is_some_and(|t| t.elapsed() < forget)).map(|e| e.candidate.clone()).collect();
         drop(d);
-        let members = self.member_underlay_addrs();
-        let members_index = self.applied_membership().index;
+        // One read: the index must be the index of these members.
+        let (members_index, members) = self.applied_members_and_addrs();
         HelloResponse {
             me: self.candidate(initialized, pledged),
             known,

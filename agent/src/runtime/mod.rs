@@ -393,8 +393,6 @@ impl Node {
         if on_mesh && self.mesh_up() { raft_addr.to_string() } else { self.underlay_addr(id, raft_addr) }
     }
 
-    /// Underlay addresses of the Raft members (for rejoining and for asking whether this node was
-    /// removed: both must work without the mesh).
     /// The Raft membership this node last applied.
     fn applied_membership(&self) -> membership::AppliedMembership {
         self.state.read(|d| membership::AppliedMembership {
@@ -403,15 +401,25 @@ impl Node {
         })
     }
 
+    /// Underlay addresses of the Raft members (for rejoining and for asking whether this node was
+    /// removed: both must work without the mesh).
     fn member_underlay_addrs(&self) -> BTreeMap<NodeId, String> {
+        self.applied_members_and_addrs().1
+    }
+
+    /// The log index of the membership this node last applied and its members' underlay
+    /// addresses, read together.
+    fn applied_members_and_addrs(&self) -> (Option<u64>, BTreeMap<NodeId, String>) {
         self.state.read(|d| {
-            d.last_membership
+            let addrs = d
+                .last_membership
                 .membership()
                 .nodes()
                 .map(|(id, n)| {
                     (*id, d.state.members.get(id).map_or_else(|| n.addr.clone(), |m| m.spec.api_addr.clone()))
                 })
-                .collect()
+                .collect();
+            (d.last_membership.log_id().map(|l| l.index), addrs)
         })
     }
 

@@ -72,18 +72,26 @@ async fn authenticate(State(auth): State<Arc<Gate>>, req: Request, next: Next) -
         signature: header(&req, HDR_AUTH),
     });
     let any_node = crate::proto::paths::accepts_any_node(&path);
-    let checked =
-        parsed.and_then(|a| auth.admit_head(&method, &path, &a, any_node, crate::now_ms() as i64).map(|()| a));
-    let a = match checked {
+    let a = match parsed {
         Ok(a) => a,
         Err(e) => return refuse(e),
     };
+    match auth.admit_head(&method, &path, &a, any_node, crate::now_ms() as i64) {
+        Ok(()) => {}
+        // Signed by a holder of the secret, for another node (a reinstalled machine at an old
+        // address, or a replay): a signed "wrong node" answer, as the Raft routes give, so the
+        // sender sees why instead of a secret problem.
+        Err(e @ AuthError::WrongDestination { .. }) => {
+            return sign(&auth, &a.nonce, ApiError::WrongNode(e.to_string()).into_response()).await;
+        }
+        Err(e) => return refuse(e),
+    }
     let limit = body_limit(&path);
     let too_large =
         || ApiError::BadRequest(format!("the request body is larger than {limit} bytes, the limit of {path}"));
     let declared = header(&req, "content-length").and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return too_large().into_response();
+        return sign(&auth, &a.nonce, too_large().into_response()).await;
     }
     let (parts, body) = req.into_parts();
     let mut stream = body.into_data_stream();
@@ -91,10 +99,13 @@ async fn authenticate(State(auth): State<Arc<Gate>>, req: Request, next: Next) -
     while let Some(chunk) = futures::StreamExt::next(&mut stream).await {
         let chunk = match chunk {
             Ok(c) => c,
-            Err(e) => return ApiError::BadRequest(format!("cannot read request body: {e}")).into_response(),
+            Err(e) => {
+                let e = ApiError::BadRequest(format!("cannot read request body: {e}"));
+                return sign(&auth, &a.nonce, e.into_response()).await;
+            }
         };
         if bytes.len() + chunk.len() > limit {
-            return too_large().into_response();
+            return sign(&auth, &a.nonce, too_large().into_response()).await;
         }
         bytes.extend_from_slice(&chunk);
     }
@@ -102,12 +113,17 @@ async fn authenticate(State(auth): State<Arc<Gate>>, req: Request, next: Next) -
         return refuse(e);
     }
     let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
+    sign(&auth, &a.nonce, resp).await
+}
+
+/// Signs an answer to the request with `nonce` (the client checks every answer but a 401).
+async fn sign(gate: &Gate, nonce: &str, resp: Response) -> Response {
     let (mut parts, body) = resp.into_parts();
     let bytes = match to_bytes(body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => return ApiError::Internal(format!("cannot buffer the answer: {e}")).into_response(),
     };
-    let sig = auth.key.sign_response(&a.nonce, parts.status.as_u16(), &bytes);
+    let sig = gate.key.sign_response(nonce, parts.status.as_u16(), &bytes);
     parts.headers.insert(HDR_AUTH, HeaderValue::from_str(&sig).expect("hex is a valid header value"));
     Response::from_parts(parts, Body::from(bytes))
 }

@@ -54,6 +54,20 @@ pub enum ConfigError {
     Invalid { key: &'static str, message: String },
 }
 
+/// The agent's unit has no CAP_NET_BIND_SERVICE: a port below 1024 would fail at every start.
+fn unprivileged_port(key: &'static str, addr: SocketAddr) -> Result<(), ConfigError> {
+    if addr.port() < 1024 {
+        return Err(invalid(
+            key,
+            format!(
+                "port {} is below 1024, which the agent may not bind (its unit grants no CAP_NET_BIND_SERVICE); use 1024 or above",
+                addr.port()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
@@ -230,6 +244,7 @@ impl Config {
         let listen_addr: SocketAddr = listen
             .parse()
             .map_err(|e| invalid("listen_addr", format!("{listen:?} is not IP:PORT ({e}); example: 0.0.0.0:7600")))?;
+        unprivileged_port("listen_addr", listen_addr)?;
         let advertise_addr = match o.advertise_addr.clone().or(file.advertise_addr) {
             Some(a) => Some(a.parse::<SocketAddr>().map_err(|e| {
                 invalid("advertise_addr", format!("{a:?} is not IP:PORT ({e}); example: 10.0.0.5:7600"))
@@ -292,12 +307,16 @@ impl Config {
         let metrics = match file.metrics_addr.as_deref() {
             Some("off") => MetricsListen::Off,
             None | Some("mesh") => MetricsListen::LoopbackAndMesh(DEFAULT_METRICS_PORT),
-            Some(a) => MetricsListen::At(a.parse::<SocketAddr>().map_err(|e| {
-                invalid(
-                    "metrics_addr",
-                    format!("{a:?} is not IP:PORT, \"mesh\" or \"off\" ({e}); example: \"0.0.0.0:7601\""),
-                )
-            })?),
+            Some(a) => {
+                let addr = a.parse::<SocketAddr>().map_err(|e| {
+                    invalid(
+                        "metrics_addr",
+                        format!("{a:?} is not IP:PORT, \"mesh\" or \"off\" ({e}); example: \"0.0.0.0:7601\""),
+                    )
+                })?;
+                unprivileged_port("metrics_addr", addr)?;
+                MetricsListen::At(addr)
+            }
         };
         let health = file.health;
         if !(health.suspect_after_ms < health.failed_after_ms && health.failed_after_ms <= health.remove_after_ms) {

@@ -145,6 +145,11 @@ fn metrics_stay_on_loopback_and_the_mesh_unless_exposed() {
     assert_eq!(merge(Some("off"), None).unwrap().metrics, MetricsListen::Off);
     let e = merge(Some("nope"), None).unwrap_err().to_string();
     assert!(e.contains("metrics_addr") && e.contains("\"mesh\""), "{e}");
+    // The unit grants no CAP_NET_BIND_SERVICE: a privileged port is refused with the reason.
+    let e = merge(Some("0.0.0.0:80"), None).unwrap_err().to_string();
+    assert!(e.contains("metrics_addr") && e.contains("below 1024"), "{e}");
+    let e = merge(None, Some("0.0.0.0:443")).unwrap_err().to_string();
+    assert!(e.contains("listen_addr") && e.contains("CAP_NET_BIND_SERVICE"), "{e}");
 }
 
 /// Found by fuzzing (config): "192.168.0.0/8" was accepted because only the address was
