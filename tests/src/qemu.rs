@@ -456,10 +456,8 @@ impl Machine {
         }
         for (name, value) in &self.credentials {
             fw_cfg_name(name)?;
-            let tmp = dir.join(format!(".{name}.tmp"));
-            let _ = std::fs::remove_file(&tmp);
-            crate::write_private(&tmp, value)?;
-            std::fs::rename(&tmp, dir.join(name)).with_context(|| format!("cannot write credential {name}"))?;
+            clusteros::adapters::files::write_atomic(&dir.join(name), value, 0o600)
+                .with_context(|| format!("cannot write credential {name}"))?;
         }
         Ok(())
     }
