@@ -192,7 +192,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             return Ok(());
         }
     }
-    let mut storage_log = LogLimiter::new(Duration::from_secs(60));
+    let mut storage_log = crate::server::Throttle::new(Duration::from_secs(60), 1);
     loop {
         // The state directory must take writes before Raft starts on it: a full or read-only
         // disk is reported in `status` (and the metrics) and retried, not met halfway through a
@@ -218,8 +218,11 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
                     }
                 }
             };
-            if storage_log.should_log(&problem) {
-                warn!("{problem}");
+            if let Some(held) = storage_log.due_unless_repeated(&problem) {
+                match held {
+                    0 => warn!("{problem}"),
+                    n => warn!("{problem} ({n} more checks found the same since it was last logged)"),
+                }
             }
             if !wait_with_problem(&cfg, &name, problem, &mut signal).await? {
                 notify(&[NotifyState::Stopping]);
@@ -313,29 +316,6 @@ fn raise_descriptor_limit() {
         && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, want, hard)
     {
         warn!("cannot raise the open-file limit from {soft} to {want}: {e}; the peer API may refuse connections");
-    }
-}
-
-/// Lets a repeated message through when it changes, and otherwise once per `every`.
-struct LogLimiter {
-    every: Duration,
-    last: Option<(String, std::time::Instant)>,
-}
-
-impl LogLimiter {
-    fn new(every: Duration) -> LogLimiter {
-        LogLimiter { every, last: None }
-    }
-
-    fn should_log(&mut self, message: &str) -> bool {
-        let due = match &self.last {
-            Some((m, at)) => m != message || at.elapsed() >= self.every,
-            None => true,
-        };
-        if due {
-            self.last = Some((message.to_string(), std::time::Instant::now()));
-        }
-        due
     }
 }
 

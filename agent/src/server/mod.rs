@@ -16,18 +16,32 @@ use crate::proto::ErrorBody;
 pub use crate::runtime::ApiError;
 
 /// Lets warnings through, at most `burst` per `every`, and says how many it held back: a flood
-/// of refused connections or requests must not flood the journal.
+/// of refused connections or requests, or a condition retried every few seconds, must not flood
+/// the journal.
 pub(crate) struct Throttle {
     every: std::time::Duration,
     burst: u32,
     window: Option<std::time::Instant>,
     passed: u32,
     held: u64,
+    last: Option<String>,
 }
 
 impl Throttle {
     pub(crate) const fn new(every: std::time::Duration, burst: u32) -> Throttle {
-        Throttle { every, burst, window: None, passed: 0, held: 0 }
+        Throttle { every, burst, window: None, passed: 0, held: 0, last: None }
+    }
+
+    /// Like [`due`](Self::due), but a message that differs from the last one let through always
+    /// passes, and starts a new window and a new count: a change of condition is news, a repeat
+    /// is not.
+    pub(crate) fn due_unless_repeated(&mut self, message: &str) -> Option<u64> {
+        if self.last.as_deref() != Some(message) {
+            self.last = Some(message.to_string());
+            self.window = None;
+            self.held = 0;
+        }
+        self.due()
     }
 
     /// `Some(held back since the last one let through)` when this one may be logged.
@@ -80,5 +94,16 @@ mod tests {
         t.window = Some(Instant::now() - Duration::from_secs(3601));
         assert_eq!(t.due(), Some(2), "the next window's first line says how many were held back");
         assert_eq!((t.due(), t.due()), (Some(0), None));
+    }
+
+    #[test]
+    fn a_changed_message_passes_and_a_repeated_one_waits_for_the_window() {
+        let mut t = Throttle::new(Duration::from_secs(3600), 1);
+        assert_eq!(t.due_unless_repeated("disk full"), Some(0));
+        assert_eq!(t.due_unless_repeated("disk full"), None);
+        assert_eq!(t.due_unless_repeated("read-only"), Some(0), "a new condition is logged at once");
+        assert_eq!(t.due_unless_repeated("read-only"), None);
+        t.window = Some(Instant::now() - Duration::from_secs(3601));
+        assert_eq!(t.due_unless_repeated("read-only"), Some(1), "a repeat again after the window");
     }
 }
