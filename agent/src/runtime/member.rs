@@ -150,16 +150,18 @@ mod tests {
         let n = crate::runtime::test_node(dir.path(), &fake, ME, &[PEER], None).await;
         let members = BTreeMap::from([(n.id(), openraft::BasicNode { addr: ME.into() })]);
         n.raft.initialize(members).await.unwrap();
-        let mine = tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                if let Some(i) = n.applied_membership().index {
-                    return i;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("the single-node cluster applies its membership");
+        n.raft
+            .wait(Some(Duration::from_secs(20)))
+            .metrics(
+                |m| {
+                    let membership = m.membership_config.log_id().map(|l| l.index);
+                    membership.is_some() && m.last_applied.map(|l| l.index) >= membership
+                },
+                "the single-node cluster applies its membership",
+            )
+            .await
+            .unwrap();
+        let mine = n.applied_membership().index.expect("an applied membership has a log index");
         let answer_with = |index: u64| {
             fake.answer(PEER, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
                 let other = NodeId(7);
