@@ -540,17 +540,15 @@ pub fn finish_membership_reset(state_dir: &Path, name: &str) -> Result<Option<Id
 }
 
 fn complete_reset(state_dir: &Path, name: &str) -> Result<Identity, ResetError> {
-    let raft = state_dir.join(RAFT_DIR);
-    match std::fs::remove_dir_all(&raft) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(ResetError::Wipe { path: raft, source }),
-    }
+    use std::ffi::OsStr;
+    let wipe = |source| ResetError::Wipe { path: state_dir.join(RAFT_DIR), source };
+    let dir = crate::adapters::files::Dir::open(state_dir).map_err(wipe)?;
+    dir.remove_tree(OsStr::new(RAFT_DIR)).map_err(wipe)?;
     let identity = Identity::create(state_dir, name)?;
-    let marker = state_dir.join(RESET_MARKER);
-    std::fs::remove_file(&marker).map_err(|source| ResetError::Unmark { path: marker, source })?;
-    crate::adapters::files::sync_dir(state_dir)
-        .map_err(|source| ResetError::Unmark { path: state_dir.join(RESET_MARKER), source })?;
+    // The new identity is durable (written and its directory synced) before the marker goes.
+    let unmark = |source| ResetError::Unmark { path: state_dir.join(RESET_MARKER), source };
+    dir.remove_tree(OsStr::new(RESET_MARKER)).map_err(unmark)?;
+    dir.sync().map_err(unmark)?;
     Ok(identity)
 }
 

@@ -310,6 +310,11 @@ impl Dir {
         self.stage(name, data, mode, owner)?.commit_io()
     }
 
+    /// Makes the entries of this directory (files created, renamed or removed in it) durable.
+    pub fn sync(&self) -> io::Result<()> {
+        Ok(nix::unistd::fsync(&self.fd)?)
+    }
+
     /// Removes `name` and everything under it, descending only through real directories.
     /// Returns whether there was anything to remove.
     pub fn remove_tree(&self, name: &OsStr) -> io::Result<bool> {

@@ -78,11 +78,6 @@ pub fn remove_leftovers(dir: &Path) {
     }
 }
 
-/// Makes the entries of `dir` (files created, renamed or removed in it) durable.
-pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Checks that `dir` takes writes: creates a probe file, writes `bytes` bytes, syncs it and
 /// removes it. A full or read-only file system fails here, before anything else is written.
 pub fn probe_writable(dir: &Path, bytes: usize) -> Result<(), WriteError> {
