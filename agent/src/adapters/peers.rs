@@ -82,23 +82,16 @@ impl PeerClient {
         PeerClient { http, key }
     }
 
-    /// POSTs the JSON `body` to `http://{addr}{path}`, addressed to node `to` (`None`: whoever
-    /// answers there): the verified answer's bytes.
-    async fn post(
-        &self,
-        addr: &str,
-        to: Option<NodeId>,
-        path: &str,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Result<Vec<u8>, PeerError> {
-        match tokio::time::timeout(timeout, self.call_raw(addr, to, path, body)).await {
+    /// POSTs the call's JSON body to `http://{addr}{path}`: the verified answer's bytes.
+    async fn post(&self, call: PeerCall<'_>) -> Result<Vec<u8>, PeerError> {
+        let (addr, timeout) = (call.addr, call.timeout);
+        match tokio::time::timeout(timeout, self.call_raw(call)).await {
             Ok(r) => r,
             Err(_) => Err(PeerError::Timeout { addr: addr.into(), timeout }),
         }
     }
 
-    async fn call_raw(&self, addr: &str, to: Option<NodeId>, path: &str, body: Vec<u8>) -> Result<Vec<u8>, PeerError> {
+    async fn call_raw(&self, PeerCall { addr, to, path, body, .. }: PeerCall<'_>) -> Result<Vec<u8>, PeerError> {
         let to = to.map_or_else(|| ANY_NODE.to_string(), |id| id.to_string());
         let auth = self.key.sign_request("POST", path, &to, crate::now_ms() as i64, &new_nonce(), &body);
         let resp = self
@@ -175,35 +168,36 @@ fn decode<Resp: DeserializeOwned>(addr: &str, bytes: &[u8]) -> Result<Resp, Peer
         .map_err(|e| PeerError::Decode { addr: addr.into(), message: printable(&e.to_string(), MAX_MESSAGE_CHARS) })
 }
 
+/// One request to a peer.
+#[derive(Debug)]
+pub struct PeerCall<'a> {
+    /// Where it goes: `host:port`.
+    pub addr: &'a str,
+    /// The node it is for (`None`: whichever node answers at `addr`; discovery and joining only).
+    pub to: Option<NodeId>,
+    /// The route, one of [`crate::proto::paths`].
+    pub path: &'a str,
+    /// The JSON body.
+    pub body: Vec<u8>,
+    /// How long the whole exchange may take.
+    pub timeout: Duration,
+}
+
 /// The future of one [`Peers::exchange`].
 pub type Exchange<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, PeerError>> + Send + 'a>>;
 
 /// What the runtime needs from the peer API's client.
 pub trait Peers: Send + Sync + 'static {
-    /// POSTs the JSON `body` to `path` on the node at `addr`, addressed to node `to` (`None`:
-    /// whichever node answers there, for the routes that allow it:
+    /// POSTs the call's JSON body to its path on the node at its address, addressed to its node
+    /// (`None`: whichever node answers there, for the routes that allow it:
     /// [`crate::proto::paths::accepts_any_node`]), and gives the JSON answer, or why there is none
-    /// (an error answer, a refusal, no answer within `timeout`).
-    fn exchange<'a>(
-        &'a self,
-        addr: &'a str,
-        to: Option<NodeId>,
-        path: &'a str,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Exchange<'a>;
+    /// (an error answer, a refusal, no answer within the call's timeout).
+    fn exchange<'a>(&'a self, call: PeerCall<'a>) -> Exchange<'a>;
 }
 
 impl Peers for PeerClient {
-    fn exchange<'a>(
-        &'a self,
-        addr: &'a str,
-        to: Option<NodeId>,
-        path: &'a str,
-        body: Vec<u8>,
-        timeout: Duration,
-    ) -> Exchange<'a> {
-        Box::pin(self.post(addr, to, path, body, timeout))
+    fn exchange<'a>(&'a self, call: PeerCall<'a>) -> Exchange<'a> {
+        Box::pin(self.post(call))
     }
 }
 
@@ -232,7 +226,7 @@ impl PeerHandle {
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
         let body = serde_json::to_vec(req).expect("request types serialize");
-        decode(addr, &self.0.exchange(addr, Some(to), path, body, timeout).await?)
+        decode(addr, &self.0.exchange(PeerCall { addr, to: Some(to), path, body, timeout }).await?)
     }
 
     /// [`PeerHandle::call`] to whichever node answers at `addr` (discovery and joining only).
@@ -244,7 +238,7 @@ impl PeerHandle {
         timeout: Duration,
     ) -> Result<Resp, PeerError> {
         let body = serde_json::to_vec(req).expect("request types serialize");
-        decode(addr, &self.0.exchange(addr, None, path, body, timeout).await?)
+        decode(addr, &self.0.exchange(PeerCall { addr, to: None, path, body, timeout }).await?)
     }
 }
 
@@ -292,14 +286,7 @@ impl FakePeers {
 
 #[cfg(any(test, feature = "testing"))]
 impl Peers for FakePeers {
-    fn exchange<'a>(
-        &'a self,
-        addr: &'a str,
-        to: Option<NodeId>,
-        path: &'a str,
-        body: Vec<u8>,
-        _timeout: Duration,
-    ) -> Exchange<'a> {
+    fn exchange<'a>(&'a self, PeerCall { addr, to, path, body, .. }: PeerCall<'a>) -> Exchange<'a> {
         // What the real server would refuse, the fake refuses too (a test that forgets the
         // destination fails here, not only against real agents).
         if to.is_none() && !crate::proto::paths::accepts_any_node(path) {
