@@ -477,7 +477,7 @@ impl MeshListener {
 
 impl Reconciler for MeshListener {
     const NAME: &'static str = "mesh-listener";
-    const TRIGGERS: Triggers = Triggers { state: true, nudge: false };
+    const TRIGGERS: Triggers = Triggers { state: true, nudge: false, local: false };
     const BACKOFF: Backoff = Backoff { first: Duration::from_secs(1), max: Duration::from_secs(5) };
 
     async fn reconcile(&mut self, agent: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {

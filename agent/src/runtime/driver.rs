@@ -26,6 +26,8 @@ pub enum Wake {
     StateChanged,
     /// Something asked this loop to look again (a pledge taken, `clusteros join`).
     Nudged,
+    /// A node-local input changed ([`Node::local_changed`]).
+    LocalChanged,
 }
 
 impl Wake {
@@ -81,6 +83,8 @@ pub struct Triggers {
     pub state: bool,
     /// [`Node::nudge`].
     pub nudge: bool,
+    /// [`Node::local_changed`].
+    pub local: bool,
 }
 
 /// Exponential backoff after failed rounds: `first`, doubling up to `max`; reset by a success.
@@ -116,6 +120,7 @@ pub async fn run<R: Reconciler>(node: Arc<Node>, mut r: R) -> R {
     let span = info_span!("loop", name = R::NAME, node_id = %node.id());
     let mut end = node.end_signal();
     let mut changes = node.state.subscribe();
+    let mut local = node.local_changes();
     let mut failures = 0u32;
     let mut last_error: Option<String> = None;
     let mut wake = Wake::Start;
@@ -155,6 +160,8 @@ pub async fn run<R: Reconciler>(node: Arc<Node>, mut r: R) -> R {
                 Err(_) => return r,
             },
             _ = node.nudged(), if R::TRIGGERS.nudge => Wake::Nudged,
+            // The sender lives as long as the node.
+            Ok(()) = local.changed(), if R::TRIGGERS.local => Wake::LocalChanged,
             _ = end.changed() => continue,
         };
     }
@@ -174,9 +181,41 @@ mod tests {
         assert_eq!(flat.after(9), Duration::from_millis(500));
     }
 
+    /// Records what woke it and waits for a trigger.
+    struct Recorder(tokio::sync::mpsc::UnboundedSender<Wake>);
+
+    impl Reconciler for Recorder {
+        const NAME: &'static str = "recorder";
+        const TRIGGERS: Triggers = Triggers { state: false, nudge: false, local: true };
+
+        async fn reconcile(&mut self, _node: &Arc<Node>, wake: Wake) -> Result<Action, LoopError> {
+            self.0.send(wake).expect("the test listens");
+            Ok(Action::AwaitTrigger)
+        }
+    }
+
+    /// A loop that waits on node-local inputs runs as soon as another loop says they changed
+    /// (the services loop when the SLURM state loop installed a copy), not at its next timer.
+    #[tokio::test]
+    async fn a_local_change_wakes_the_loops_that_wait_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = crate::adapters::peers::FakePeers::default();
+        let node = crate::runtime::test_node(dir.path(), &fake, "127.0.0.1:17711", &[], None).await;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(run(node.clone(), Recorder(tx)));
+        assert_eq!(rx.recv().await, Some(Wake::Start));
+        node.local_changed();
+        let next = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await;
+        assert_eq!(next.expect("no round within 30 s of the change"), Some(Wake::LocalChanged));
+        node.request_end(crate::runtime::RunEnd::Shutdown);
+        task.await.unwrap();
+        assert!(rx.try_recv().is_err(), "no round after the run ended");
+        node.raft.shutdown().await.unwrap();
+    }
+
     #[test]
     fn only_first_and_timer_rounds_are_periodic() {
         assert!(Wake::Start.periodic() && Wake::Timer.periodic());
-        assert!(!Wake::StateChanged.periodic() && !Wake::Nudged.periodic());
+        assert!(!Wake::StateChanged.periodic() && !Wake::Nudged.periodic() && !Wake::LocalChanged.periodic());
     }
 }

@@ -35,7 +35,7 @@ impl ElectionLoop {
 
 impl Reconciler for ElectionLoop {
     const NAME: &'static str = "elections";
-    const TRIGGERS: Triggers = Triggers { state: false, nudge: false };
+    const TRIGGERS: Triggers = Triggers { state: false, nudge: false, local: false };
 
     async fn reconcile(&mut self, node: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {
         let m = node.metrics();

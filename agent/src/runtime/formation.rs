@@ -55,7 +55,7 @@ impl FormationLoop {
 
 impl Reconciler for FormationLoop {
     const NAME: &'static str = "formation";
-    const TRIGGERS: Triggers = Triggers { state: false, nudge: true };
+    const TRIGGERS: Triggers = Triggers { state: false, nudge: true, local: false };
 
     async fn reconcile(&mut self, node: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {
         if node.raft.is_initialized().await.unwrap_or(false) {

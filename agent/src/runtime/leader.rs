@@ -28,7 +28,7 @@ pub(super) struct LeaderLoop {
 
 impl Reconciler for LeaderLoop {
     const NAME: &'static str = "leader";
-    const TRIGGERS: Triggers = Triggers { state: false, nudge: false };
+    const TRIGGERS: Triggers = Triggers { state: false, nudge: false, local: false };
     const BACKOFF: super::driver::Backoff = super::driver::Backoff { first: Self::TICK, max: Self::TICK };
 
     async fn reconcile(&mut self, node: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {

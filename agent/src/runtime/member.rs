@@ -24,7 +24,7 @@ pub(super) struct MemberLoop {
 
 impl Reconciler for MemberLoop {
     const NAME: &'static str = "member";
-    const TRIGGERS: Triggers = Triggers { state: true, nudge: false };
+    const TRIGGERS: Triggers = Triggers { state: true, nudge: false, local: false };
 
     async fn reconcile(&mut self, node: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {
         const PERIOD: Duration = Duration::from_secs(2);

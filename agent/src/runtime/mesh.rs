@@ -105,7 +105,7 @@ pub(super) struct MeshLoop {
 
 impl Reconciler for MeshLoop {
     const NAME: &'static str = "mesh";
-    const TRIGGERS: Triggers = Triggers { state: true, nudge: false };
+    const TRIGGERS: Triggers = Triggers { state: true, nudge: false, local: false };
 
     async fn reconcile(&mut self, node: &Arc<Node>, wake: Wake) -> Result<Action, LoopError> {
         const PERIOD: Duration = Duration::from_secs(10);

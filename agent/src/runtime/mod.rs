@@ -154,6 +154,8 @@ pub struct Node {
     join_targets: Mutex<Vec<String>>,
     /// Wakes the formation loop (see [`Node::nudge`]).
     wake: Notify,
+    /// Counts changes of node-local inputs that other loops read (see [`Node::local_changed`]).
+    local: watch::Sender<u64>,
     end: watch::Sender<Option<RunEnd>>,
     leader: Mutex<Option<LeaderState>>,
     /// Where linearizable reads start in the term this node leads.
@@ -273,6 +275,7 @@ impl Node {
             formation_lock: tokio::sync::Mutex::new(()),
             join_targets: Mutex::new(join_targets),
             wake: Notify::new(),
+            local: watch::Sender::new(0),
             end,
             leader: Mutex::new(None),
             read_floor: Mutex::new(None),
@@ -327,6 +330,18 @@ impl Node {
     /// Resolves on the next [`Node::nudge`] (one waiter: the formation loop).
     pub(crate) async fn nudged(&self) {
         self.wake.notified().await
+    }
+
+    /// Says that a node-local input of other loops changed (the SLURM state copy this node
+    /// installed, which decides whether its standby slurmctld may run): the loops with
+    /// [`driver::Triggers::local`] look again now rather than at their next timer.
+    pub(crate) fn local_changed(&self) {
+        self.local.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Receives [`Node::local_changed`].
+    pub(crate) fn local_changes(&self) -> watch::Receiver<u64> {
+        self.local.subscribe()
     }
 
     fn left_marker(&self) -> PathBuf {
@@ -489,7 +504,7 @@ pub fn start(node: &Arc<Node>) -> Vec<tokio::task::JoinHandle<()>> {
     if node.manages_services() {
         loops.push(spawn(node, services::ServicesLoop::default()));
         loops.push(spawn(node, mesh::MeshLoop::default()));
-        loops.push(spawn(node, slurm::SlurmStateLoop));
+        loops.push(spawn(node, slurm::SlurmStateLoop::default()));
     }
     loops
 }

@@ -72,7 +72,7 @@ pub(super) struct ServicesLoop {
 
 impl Reconciler for ServicesLoop {
     const NAME: &'static str = "services";
-    const TRIGGERS: Triggers = Triggers { state: true, nudge: false };
+    const TRIGGERS: Triggers = Triggers { state: true, nudge: false, local: true };
     const BACKOFF: Backoff = Backoff { first: Duration::from_secs(1), max: Duration::from_secs(15) };
 
     async fn reconcile(&mut self, node: &Arc<Node>, wake: Wake) -> Result<Action, LoopError> {

@@ -43,11 +43,15 @@ const SLURM_STATE_MARKER: &str = "slurm-state.installed";
 /// When the backup's slurmctld takes control by itself, its agent asks for the roles to be
 /// swapped. See [`crate::adapters::slurm_state`].
 #[derive(Default)]
-pub(super) struct SlurmStateLoop;
+pub(super) struct SlurmStateLoop {
+    /// [`Node::slurm_standby_ready`] after the last round: when it changes, the services loop
+    /// is told at once (it starts or stops the standby slurmctld on it).
+    standby_ready: Option<bool>,
+}
 
 impl Reconciler for SlurmStateLoop {
     const NAME: &'static str = "slurm-state";
-    const TRIGGERS: Triggers = Triggers { state: false, nudge: false };
+    const TRIGGERS: Triggers = Triggers { state: false, nudge: false, local: false };
 
     async fn reconcile(&mut self, node: &Arc<Node>, _wake: Wake) -> Result<Action, LoopError> {
         const PERIOD: Duration = Duration::from_secs(5);
@@ -68,6 +72,10 @@ impl Reconciler for SlurmStateLoop {
             debug!(node_id = %node.id(), "slurm state: {note}");
         }
         *node.slurm_state.lock().expect("slurm state lock") = report;
+        let ready = node.slurm_standby_ready();
+        if self.standby_ready.replace(ready) != Some(ready) {
+            node.local_changed();
+        }
         Ok(Action::After(PERIOD))
     }
 }
