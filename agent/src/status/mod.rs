@@ -152,10 +152,33 @@ pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
     }
 }
 
+/// What a report is made of, read from a node at one moment (see [`report`]); [`build`] turns
+/// it into the report without looking at anything else.
+#[derive(Debug, Clone)]
+pub struct ReportInputs {
+    pub me: NodeId,
+    pub name: String,
+    pub api_addr: String,
+    pub metrics: crate::core::raft_types::RaftMetrics,
+    /// The log's commit index (openraft's metrics do not carry it).
+    pub commit_index: Option<u64>,
+    pub progress: crate::runtime::Progress,
+    pub cluster_id: Option<String>,
+    pub records: std::collections::BTreeMap<NodeId, crate::core::state::Member>,
+    pub roles: crate::core::state::RoleAssignments,
+    pub secrets: Vec<SecretReport>,
+    /// Followers the leader has not heard from within the shortest election timeout.
+    pub unreachable: std::collections::BTreeSet<NodeId>,
+    /// Since the leader's last successful Raft RPC with each follower, in ms.
+    pub contact_ms: std::collections::BTreeMap<NodeId, u64>,
+    pub services: Option<crate::adapters::services::ServiceReport>,
+    pub mesh: Option<crate::runtime::MeshReport>,
+    pub slurm_state: Option<crate::runtime::SlurmStateReport>,
+}
+
+/// The report of a running node.
 pub fn report(agent: &Node) -> StatusReport {
-    let m = agent.metrics();
-    let progress = agent.progress();
-    let membership = m.membership_config.membership().clone();
+    let metrics = agent.metrics();
     let (cluster_id, records, roles, secrets) = agent.state.read(|d| {
         let secrets = d
             .state
@@ -165,24 +188,66 @@ pub fn report(agent: &Node) -> StatusReport {
             .collect::<Vec<_>>();
         (d.state.cluster_id.clone(), d.state.members.clone(), d.state.roles.clone(), secrets)
     });
+    let followers = metrics.replication.as_ref().map(|r| r.keys().copied().collect::<Vec<_>>()).unwrap_or_default();
+    build(ReportInputs {
+        me: agent.id(),
+        name: agent.identity.name.clone(),
+        api_addr: agent.api_addr.clone(),
+        commit_index: agent.log.committed_index(),
+        progress: agent.progress(),
+        cluster_id,
+        records,
+        roles,
+        secrets,
+        unreachable: agent.unreachable_followers(&metrics),
+        contact_ms: followers
+            .into_iter()
+            .filter_map(|id| agent.leader_contact_age(id).map(|d| (id, d.as_millis() as u64)))
+            .collect(),
+        services: agent.services.lock().expect("services lock").clone(),
+        mesh: agent.mesh.lock().expect("mesh lock").clone(),
+        slurm_state: agent.slurm_state.lock().expect("slurm state lock").clone(),
+        metrics,
+    })
+}
+
+/// The report made of `inputs`: pure (golden-tested in `testdata/leader-report.json`).
+pub fn build(inputs: ReportInputs) -> StatusReport {
+    let ReportInputs {
+        me,
+        name,
+        api_addr,
+        metrics: m,
+        commit_index,
+        progress,
+        cluster_id,
+        records,
+        roles,
+        secrets,
+        unreachable,
+        contact_ms,
+        services,
+        mesh,
+        slurm_state,
+    } = inputs;
+    let membership = m.membership_config.membership().clone();
     let name_of = |id: NodeId| records.get(&id).map(|r| r.spec.name.clone());
     let display_name = |id: NodeId| name_of(id).unwrap_or_else(|| id.to_string());
     let voters: Vec<NodeId> = membership.voter_ids().collect();
     let learners: Vec<NodeId> = membership.learner_ids().collect();
     let last = m.last_log_index;
-    let unreachable = agent.unreachable_followers(&m);
     let replication = m
         .replication
         .as_ref()
         .map(|r| {
             r.iter()
-                .filter(|(id, _)| **id != agent.id())
+                .filter(|(id, _)| **id != me)
                 .map(|(id, l)| ReplicationReport {
                     id: id.to_string(),
                     name: name_of(*id),
                     matched_index: l.map(|l| l.index),
                     lag: last.map(|last| last.saturating_sub(l.map_or(0, |l| l.index))),
-                    last_contact_ms: agent.leader_contact_age(*id).map(|d| d.as_millis() as u64),
+                    last_contact_ms: contact_ms.get(id).copied(),
                     reachable: !unreachable.contains(id),
                 })
                 .collect()
@@ -201,7 +266,7 @@ pub fn report(agent: &Node) -> StatusReport {
         leader_id: m.current_leader.map(|i| i.to_string()),
         leader_name: m.current_leader.and_then(name_of),
         last_log_index: last,
-        commit_index: agent.log.committed_index(),
+        commit_index,
         applied_index: m.last_applied.map(|l| l.index),
         snapshot_index: m.snapshot.map(|l| l.index),
         purged_index: m.purged.map(|l| l.index),
@@ -225,17 +290,12 @@ pub fn report(agent: &Node) -> StatusReport {
                 cpus: rec.map(|r| r.spec.facts.cpus),
                 memory_mb: rec.map(|r| r.spec.facts.memory_mb),
                 is_leader: m.current_leader == Some(*id),
-                is_self: *id == agent.id(),
+                is_self: *id == me,
             }
         })
         .collect();
     StatusReport {
-        node: NodeReport {
-            id: Some(agent.id().to_string()),
-            name: agent.identity.name.clone(),
-            api_addr: Some(agent.api_addr.clone()),
-            version: VERSION.into(),
-        },
+        node: NodeReport { id: Some(me.to_string()), name, api_addr: Some(api_addr), version: VERSION.into() },
         configured: true,
         phase: Some(progress.phase),
         phase_detail: Some(progress.detail),
@@ -252,8 +312,118 @@ pub fn report(agent: &Node) -> StatusReport {
             k3s_agents: roles.k3s_agents.iter().map(|i| display_name(*i)).collect(),
         }),
         secrets,
-        services: agent.services.lock().expect("services lock").clone(),
-        mesh: agent.mesh.lock().expect("mesh lock").clone(),
-        slurm_state: agent.slurm_state.lock().expect("slurm state lock").clone(),
+        services,
+        mesh,
+        slurm_state,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::Arc;
+
+    use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, StoredMembership};
+
+    use super::*;
+    use crate::core::state::{Member, MemberSpec, NodeFacts, RoleAssignments};
+    use crate::runtime::Progress;
+
+    fn log(index: u64) -> Option<LogId<NodeId>> {
+        Some(LogId::new(CommittedLeaderId::new(4, NodeId(0xa001)), index))
+    }
+
+    fn member(id: u64, name: &str, mesh: Option<[u8; 4]>, health: Health) -> (NodeId, Member) {
+        let id = NodeId(id);
+        let spec = MemberSpec {
+            id,
+            name: name.into(),
+            api_addr: format!("192.168.50.{}:7600", 10 + (id.0 & 0xf)),
+            wg_public_key: crate::core::state::test_wg_key(id.0),
+            facts: NodeFacts { cpus: 2, memory_mb: 1984, kernel: "6.12.48".into(), arch: "x86_64".into() },
+            labels: BTreeMap::new(),
+        };
+        let mesh_ip = mesh.map(std::net::Ipv4Addr::from);
+        (id, Member { spec, mesh_ip, health, health_since_ms: 1_700_000_000_000, registered_at_ms: 1_699_999_990_000 })
+    }
+
+    /// The leader of three voters and a learner: node2 replicates over the mesh and is current,
+    /// node3 is behind and unreachable, node4 is a learner that has not registered yet.
+    fn leader_inputs() -> ReportInputs {
+        let (n1, n2, n3, n4) = (NodeId(0xa001), NodeId(0xa002), NodeId(0xa003), NodeId(0xa004));
+        let nodes = BTreeMap::from([
+            (n1, BasicNode { addr: "10.90.0.1:7600".into() }),
+            (n2, BasicNode { addr: "10.90.0.2:7600".into() }),
+            (n3, BasicNode { addr: "192.168.50.13:7600".into() }),
+            (n4, BasicNode { addr: "192.168.50.14:7600".into() }),
+        ]);
+        let membership = Membership::new(vec![BTreeSet::from([n1, n2, n3])], nodes);
+        let mut metrics = crate::core::raft_types::RaftMetrics::new_initial(n1);
+        metrics.state = openraft::ServerState::Leader;
+        metrics.current_term = 4;
+        metrics.current_leader = Some(n1);
+        metrics.last_log_index = Some(120);
+        metrics.last_applied = log(118);
+        metrics.snapshot = log(100);
+        metrics.purged = log(90);
+        metrics.membership_config = Arc::new(StoredMembership::new(log(7), membership));
+        metrics.replication = Some(BTreeMap::from([(n1, log(120)), (n2, log(120)), (n3, log(96)), (n4, None)]));
+        ReportInputs {
+            me: n1,
+            name: "node1".into(),
+            api_addr: "192.168.50.11:7600".into(),
+            metrics,
+            commit_index: Some(119),
+            progress: Progress { phase: Phase::Member, detail: "leader of 3 voters".into(), last_error: None },
+            cluster_id: Some("c0ffee".into()),
+            records: BTreeMap::from([
+                member(0xa001, "node1", Some([10, 90, 0, 1]), Health::Alive),
+                member(0xa002, "node2", Some([10, 90, 0, 2]), Health::Alive),
+                member(0xa003, "node3", Some([10, 90, 0, 3]), Health::Suspect),
+            ]),
+            roles: RoleAssignments {
+                slurm_controller: Some(n1),
+                slurm_backup: Some(n2),
+                slurm_workers: BTreeSet::from([n1, n2, n3, n4]),
+                k3s_server: None,
+                k3s_agents: BTreeSet::new(),
+            },
+            secrets: vec![SecretReport { name: "munge.key".into(), version: 2, changed_at_ms: 1_700_000_100_000 }],
+            unreachable: BTreeSet::from([n3]),
+            contact_ms: BTreeMap::from([(n2, 40), (n3, 9_500)]),
+            services: None,
+            mesh: None,
+            slurm_state: None,
+        }
+    }
+
+    #[test]
+    fn the_report_is_built_as_in_the_golden_file() {
+        let report = build(leader_inputs());
+        let json = serde_json::to_string_pretty(&report).unwrap() + "\n";
+        crate::core::render::check_golden_in("src/status/testdata", "leader-report.json", &json);
+    }
+
+    #[test]
+    fn the_builder_names_members_by_record_and_falls_back_to_ids() {
+        let r = build(leader_inputs());
+        let raft = r.raft.as_ref().unwrap();
+        assert_eq!((raft.voters.len(), raft.learners.len()), (3, 1));
+        let n3 = raft.replication.iter().find(|f| f.name.as_deref() == Some("node3")).unwrap();
+        assert_eq!((n3.lag, n3.reachable, n3.last_contact_ms), (Some(24), false, Some(9_500)));
+        assert!(
+            raft.replication.iter().all(|f| f.id != NodeId(0xa001).to_string()),
+            "the leader is not its own follower"
+        );
+        let n4 = r.members.iter().find(|m| m.id == NodeId(0xa004).to_string()).unwrap();
+        assert_eq!(
+            (n4.name.as_deref(), n4.role.as_str(), n4.api_addr.as_str()),
+            (None, "learner", "192.168.50.14:7600")
+        );
+        let vias: Vec<_> = r.members.iter().map(|m| m.raft_via()).collect();
+        assert_eq!(vias, ["mesh", "mesh", "underlay", "underlay"]);
+        let roles = r.roles.unwrap();
+        assert_eq!(roles.slurm_workers, ["node1", "node2", "node3", NodeId(0xa004).to_string().as_str()]);
+        assert!(r.members.iter().filter(|m| m.is_self).all(|m| m.is_leader && m.name.as_deref() == Some("node1")));
     }
 }
