@@ -20,7 +20,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 async fn put_load(cluster: &Cluster, via: usize, clients: usize, per_client: usize) {
-    let socket = cluster.nodes[via].socket();
+    let socket = cluster.nodes[via].files.socket();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
@@ -99,7 +99,7 @@ async fn main() {
     let survivor = (leader + 1) % 3;
     c.kill(leader);
     let t = Instant::now();
-    let client = c.nodes[survivor].client();
+    let client = c.nodes[survivor].files.client();
     wait_until(Duration::from_secs(60), "a write commits after the leader was killed", || async {
         client.kv_put("failover", "done").await.ok()
     })

@@ -12,7 +12,8 @@
 //!   core's decisions out through the adapters.
 //! - [`status`]: the report `clusteros status` shows, built from the runtime.
 //! - [`server`]: the peer API, the local API and `/metrics`.
-//! - [`daemon`] (`clusteros agent`) and [`cli`] (every other command) at the top.
+//! - [`daemon`] (`clusteros agent`) and [`cli`] (every other command) at the top; `testing`
+//!   (feature `testing`) runs real agent processes for the test suites outside this crate.
 
 pub mod adapters;
 pub mod cli;
@@ -22,8 +23,9 @@ pub mod logging;
 pub mod proto;
 pub mod runtime;
 pub mod server;
-
 pub mod status;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

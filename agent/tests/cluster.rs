@@ -52,7 +52,7 @@ async fn bootstrap_expect_forms_exactly_one_cluster_in_any_start_order() {
         })
         .await;
         assert_eq!(ids.len(), 1, "round {round}: nodes disagree on the cluster: {ids:?}");
-        let inits: usize = c.nodes.iter().map(|n| n.log().matches("bootstrapping the cluster").count()).sum();
+        let inits: usize = c.nodes.iter().map(|n| n.files.log().matches("bootstrapping the cluster").count()).sum();
         assert!((1..=3).contains(&inits), "round {round}: {inits} initialize calls");
         eprintln!("round {round}: start order {order:?}, one cluster {ids:?}");
     }
@@ -65,13 +65,13 @@ async fn five_nodes_have_three_voters_and_two_learners() {
     let mut c = Cluster::new(5, Opts::default());
     c.start_all();
     let leader = c.wait_converged(3, 2, FORM).await;
-    let r = c.nodes[leader].client().kv_put("five", "nodes").await.unwrap();
+    let r = c.nodes[leader].files.client().kv_put("five", "nodes").await.unwrap();
     assert_eq!(r, Response::Kv { previous: None });
     let reports = wait_until(Duration::from_secs(20), "all five nodes applied the write", || async {
         let mut v = Vec::new();
         for i in 0..5 {
             let s = c.status(i).await.ok()?;
-            let got = c.nodes[i].client().kv_get("five", true).await.ok()?;
+            let got = c.nodes[i].files.client().kv_get("five", true).await.ok()?;
             if got.entry.map(|e| e.value).as_deref() != Some("nodes") {
                 return None;
             }
@@ -101,7 +101,7 @@ async fn late_joiner_catches_up_by_snapshot() {
     let mut c = Cluster::new(3, opts.clone());
     c.start_all();
     let leader = c.wait_converged(3, 0, FORM).await;
-    let socket = c.nodes[leader].socket();
+    let socket = c.nodes[leader].files.socket();
     let mut tasks = Vec::new();
     for w in 0..16 {
         let socket = socket.clone();
@@ -130,10 +130,10 @@ async fn late_joiner_catches_up_by_snapshot() {
     .await;
     let raft = s.raft.unwrap();
     assert!(raft.snapshot_index.is_some_and(|i| i >= purged), "the late node did not install a snapshot: {raft:?}");
-    let r = c.nodes[n].client().kv_get("key-1999", false).await.unwrap();
+    let r = c.nodes[n].files.client().kv_get("key-1999", false).await.unwrap();
     assert_eq!(r.entry.unwrap().value, "value-1999");
     assert!(r.read_index.is_some(), "a linearizable read reports its read index");
-    let r = c.nodes[n].client().kv_get("key-0000", true).await.unwrap();
+    let r = c.nodes[n].files.client().kv_get("key-0000", true).await.unwrap();
     assert_eq!(r.entry.unwrap().value, "value-0");
 }
 
@@ -150,7 +150,7 @@ async fn leader_kill_keeps_every_acknowledged_write() {
     for k in 0..100 {
         // Half through the leader, half through a follower (forwarded).
         let via = if k % 2 == 0 { leader } else { follower };
-        c.nodes[via].client().kv_put(&format!("k{k}"), &format!("v{k}")).await.unwrap();
+        c.nodes[via].files.client().kv_put(&format!("k{k}"), &format!("v{k}")).await.unwrap();
         acked.push(k);
     }
     c.kill(leader);
@@ -161,10 +161,10 @@ async fn leader_kill_keeps_every_acknowledged_write() {
     })
     .await;
     assert_ne!(new_leader, old_id);
-    let r = c.nodes[survivor].client().kv_put("after-failover", "yes").await.unwrap();
+    let r = c.nodes[survivor].files.client().kv_put("after-failover", "yes").await.unwrap();
     assert_eq!(r, Response::Kv { previous: None });
     for k in acked {
-        let r = c.nodes[survivor].client().kv_get(&format!("k{k}"), false).await.unwrap();
+        let r = c.nodes[survivor].files.client().kv_get(&format!("k{k}"), false).await.unwrap();
         assert_eq!(r.entry.map(|e| e.value), Some(format!("v{k}")), "acknowledged write k{k} lost");
     }
 }
@@ -177,14 +177,14 @@ async fn full_restart_brings_back_the_same_cluster() {
     c.start_all();
     let leader = c.wait_converged(3, 0, FORM).await;
     for k in 0..20 {
-        c.nodes[leader].client().kv_put(&format!("r{k}"), "kept").await.unwrap();
+        c.nodes[leader].files.client().kv_put(&format!("r{k}"), "kept").await.unwrap();
     }
     let before = wait_until(Duration::from_secs(20), "cluster id applied", || async {
         let s = c.status(leader).await.ok()?;
         s.cluster_id.clone().map(|_| s)
     })
     .await;
-    let inits_before: usize = c.nodes.iter().map(|n| n.log().matches("bootstrapping the cluster").count()).sum();
+    let inits_before: usize = c.nodes.iter().map(|n| n.files.log().matches("bootstrapping the cluster").count()).sum();
     for i in 0..3 {
         c.stop(i);
     }
@@ -197,10 +197,10 @@ async fn full_restart_brings_back_the_same_cluster() {
     let ids = |s: &clusteros::status::StatusReport| s.members.iter().map(|m| m.id.clone()).collect::<BTreeSet<_>>();
     assert_eq!(ids(&after), ids(&before));
     for k in 0..20 {
-        let r = c.nodes[(leader + 1) % 3].client().kv_get(&format!("r{k}"), false).await.unwrap();
+        let r = c.nodes[(leader + 1) % 3].files.client().kv_get(&format!("r{k}"), false).await.unwrap();
         assert_eq!(r.entry.unwrap().value, "kept");
     }
-    let inits_after: usize = c.nodes.iter().map(|n| n.log().matches("bootstrapping the cluster").count()).sum();
+    let inits_after: usize = c.nodes.iter().map(|n| n.files.log().matches("bootstrapping the cluster").count()).sum();
     assert_eq!(inits_after, inits_before, "a restarted node bootstrapped again");
 }
 
@@ -212,7 +212,7 @@ async fn full_restart_brings_back_the_same_cluster() {
 async fn full_state_disk_is_reported_and_survived() {
     let _g = serial();
     let mut c = Cluster::new(3, Opts::default());
-    let disk = common::Tmpfs::mount(&c.nodes[2].dir.join("state"), 32);
+    let disk = common::Tmpfs::mount(&c.nodes[2].files.dir.join("state"), 32);
     c.start_all();
     let leader = c.wait_converged(3, 0, FORM).await;
     let writer = if leader == 2 { 0 } else { leader };
@@ -227,7 +227,7 @@ async fn full_state_disk_is_reported_and_survived() {
     let mut acked = 0;
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let exited = loop {
-        if c.nodes[writer].client().kv_put(&format!("d{acked}"), "v").await.is_ok() {
+        if c.nodes[writer].files.client().kv_put(&format!("d{acked}"), "v").await.is_ok() {
             acked += 1;
         }
         if let Some(Ok(Some(status))) = c.nodes[2].child.as_mut().map(|ch| ch.try_wait()) {
@@ -236,7 +236,7 @@ async fn full_state_disk_is_reported_and_survived() {
         assert!(std::time::Instant::now() < deadline, "the agent with the full disk still runs after 60 s");
     };
     assert!(!exited.success(), "exited with {exited}");
-    assert!(c.nodes[2].log().contains("Raft stopped"), "the reason is logged");
+    assert!(c.nodes[2].files.log().contains("Raft stopped"), "the reason is logged");
     c.nodes[2].child = None;
     // Started again (systemd would) while the disk is still full: the problem is in `status`.
     c.start(2);
@@ -246,13 +246,13 @@ async fn full_state_disk_is_reported_and_survived() {
     })
     .await;
     for i in acked..acked + 20 {
-        c.nodes[writer].client().kv_put(&format!("d{i}"), "v").await.unwrap();
+        c.nodes[writer].files.client().kv_put(&format!("d{i}"), "v").await.unwrap();
     }
     acked += 20;
     std::fs::remove_file(disk.path.join("filler")).unwrap();
     c.wait_converged(3, 0, FORM).await;
     for i in 0..acked {
-        let r = c.nodes[2].client().kv_get(&format!("d{i}"), true).await.unwrap();
+        let r = c.nodes[2].files.client().kv_get(&format!("d{i}"), true).await.unwrap();
         assert!(r.entry.is_some(), "acknowledged write d{i} missing on the node whose disk was full");
     }
 }
@@ -271,7 +271,7 @@ async fn linearizable_read_after_a_full_restart_sees_every_acknowledged_write() 
         let leader = c.wait_converged(3, 0, FORM).await;
         for _ in 0..30 {
             n += 1;
-            c.nodes[leader].client().kv_put("x", &format!("v{n}")).await.unwrap();
+            c.nodes[leader].files.client().kv_put("x", &format!("v{n}")).await.unwrap();
         }
         for i in 0..3 {
             c.kill(i);
@@ -282,7 +282,7 @@ async fn linearizable_read_after_a_full_restart_sees_every_acknowledged_write() 
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let readers: Vec<_> = (0..6)
             .map(|_| {
-                let client = c.nodes[leader].client();
+                let client = c.nodes[leader].files.client();
                 let stop = stop.clone();
                 tokio::spawn(async move {
                     let mut answers = Vec::new();
@@ -336,10 +336,10 @@ async fn wrong_secret_is_refused_and_changes_nothing() {
     .await;
     assert!(s.members.is_empty());
     wait_until(Duration::from_secs(30), "the bad node retried and logged the refusal twice", || async {
-        (c.nodes[bad].log().matches("cluster secret mismatch").count() >= 2).then_some(())
+        (c.nodes[bad].files.log().matches("cluster secret mismatch").count() >= 2).then_some(())
     })
     .await;
-    let refused_logged = c.nodes[..3].iter().any(|n| n.log().contains("refused peer request"));
+    let refused_logged = c.nodes[..3].iter().any(|n| n.files.log().contains("refused peer request"));
     assert!(refused_logged, "no cluster node logged the refusal");
     let mut refused = 0.0;
     for n in &c.nodes[..3] {
@@ -392,15 +392,15 @@ async fn follower_writes_are_forwarded_and_stale_cas_fails() {
     let mut c = Cluster::new(3, Opts::default());
     c.start_all();
     let leader = c.wait_converged(3, 0, FORM).await;
-    let follower = c.nodes[(leader + 1) % 3].client();
+    let follower = c.nodes[(leader + 1) % 3].files.client();
     assert_eq!(follower.kv_put("color", "red").await.unwrap(), Response::Kv { previous: None });
-    let r = c.nodes[leader].client().kv_get("color", false).await.unwrap();
+    let r = c.nodes[leader].files.client().kv_get("color", false).await.unwrap();
     assert_eq!(r.entry.unwrap().value, "red");
     let ok = follower.kv_cas("color", Some("red".into()), Some("blue".into())).await.unwrap();
     assert_eq!(ok, Response::Cas { succeeded: true, current: Some("blue".into()) });
     let stale = follower.kv_cas("color", Some("red".into()), Some("green".into())).await.unwrap();
     assert_eq!(stale, Response::Cas { succeeded: false, current: Some("blue".into()) });
-    let r = c.nodes[leader].client().kv_get("color", false).await.unwrap();
+    let r = c.nodes[leader].files.client().kv_get("color", false).await.unwrap();
     assert_eq!(r.entry.unwrap().value, "blue");
     // Bad input gets a clear error.
     match follower.kv_put("", "x").await {
@@ -414,7 +414,7 @@ async fn follower_writes_are_forwarded_and_stale_cas_fails() {
 async fn missing_secret_is_reported_by_status() {
     let _g = serial();
     let mut c = Cluster::new(1, Opts::default());
-    let cfg = c.nodes[0].dir.join("agent.toml");
+    let cfg = c.nodes[0].files.dir.join("agent.toml");
     let text = std::fs::read_to_string(&cfg).unwrap();
     let text: String =
         text.lines().filter(|l| !l.starts_with("cluster_secret_file")).map(|l| format!("{l}\n")).collect();
@@ -426,7 +426,7 @@ async fn missing_secret_is_reported_by_status() {
         s.problems.iter().any(|p| p.contains("no cluster secret") && p.contains("clusteros.cluster-secret")),
         "{s:?}"
     );
-    match c.nodes[0].client().kv_put("k", "v").await {
+    match c.nodes[0].files.client().kv_put("k", "v").await {
         Err(ClientError::Api(b)) => assert_eq!(b.kind, clusteros::proto::ErrorKind::NotConfigured),
         other => panic!("{other:?}"),
     }
@@ -453,7 +453,7 @@ async fn leave_removes_the_node_and_join_brings_it_back() {
     let n = c.form_with_learner(&Opts::default()).await;
     let leader = c.wait_converged(3, 1, FORM).await;
     let old_id = c.status(n).await.unwrap().node.id.unwrap();
-    c.nodes[n].client().leave().await.unwrap();
+    c.nodes[n].files.client().leave().await.unwrap();
     wait_until(Duration::from_secs(30), "the node left", || async {
         let s = c.status(leader).await.ok()?;
         (!s.members.iter().any(|m| m.id == old_id)).then_some(())
@@ -466,7 +466,7 @@ async fn leave_removes_the_node_and_join_brings_it_back() {
     .await;
     assert_ne!(s.node.id.as_deref(), Some(old_id.as_str()), "a node id was reused");
     let via = c.nodes[leader].addr.clone();
-    c.nodes[n].client().join(&via).await.unwrap();
+    c.nodes[n].files.client().join(&via).await.unwrap();
     c.wait_converged(3, 1, FORM).await;
 }
 
@@ -481,7 +481,7 @@ async fn reinstalled_node_replaces_its_stale_entry() {
     let leader = c.wait_converged(3, 1, FORM).await;
     let old_id = c.status(n).await.unwrap().node.id.unwrap();
     c.kill(n);
-    std::fs::remove_dir_all(c.nodes[n].dir.join("state")).unwrap();
+    std::fs::remove_dir_all(c.nodes[n].files.dir.join("state")).unwrap();
     c.start(n);
     let s = wait_until(FORM, "the reinstalled node replaced its old entry", || async {
         let s = c.status(leader).await.ok()?;
@@ -509,7 +509,7 @@ async fn removed_node_rejoins_with_a_new_identity() {
     c.start(victim);
     let s = wait_rejoined(&c, victim, &victim_id, "the removed node rejoined as a new member").await;
     assert_eq!(s.raft.unwrap().voters.len(), 3);
-    assert!(c.nodes[victim].log().contains("joining again with a new identity"));
+    assert!(c.nodes[victim].files.log().contains("joining again with a new identity"));
 }
 
 /// A learner that was frozen (a paused VM) while the leader removed it wakes up still believing in
@@ -533,7 +533,9 @@ async fn frozen_learner_removed_meanwhile_rejoins() {
     c.freeze(n, false);
     let s = wait_rejoined(&c, n, &old_id, "the woken learner rejoined as a new member").await;
     assert_eq!(s.raft.unwrap().voters.len(), 3);
-    assert!(c.nodes[n].log().contains("the cluster no longer lists this node; joining again with a new identity"));
+    assert!(
+        c.nodes[n].files.log().contains("the cluster no longer lists this node; joining again with a new identity")
+    );
 }
 
 /// Waits (60 s) until node `at` lists 3 members and not `id`.
@@ -567,7 +569,7 @@ async fn an_unreachable_voter_is_reported_once_not_per_read() {
     let leader = c.wait_converged(3, 0, FORM).await;
     let down = (leader + 1) % 3;
     let down_id = c.status(down).await.unwrap().node.id.unwrap();
-    c.nodes[leader].client().kv_put("k", "v").await.unwrap();
+    c.nodes[leader].files.client().kv_put("k", "v").await.unwrap();
     c.kill(down);
     let rep = wait_until(FORM, "the leader's status to mark the stopped voter unreachable", || async {
         let s = c.status(leader).await.ok()?;
@@ -582,12 +584,12 @@ async fn an_unreachable_voter_is_reported_once_not_per_read() {
         "{metrics}"
     );
     for _ in 0..200 {
-        let r = c.nodes[leader].client().kv_get("k", false).await.unwrap();
+        let r = c.nodes[leader].files.client().kv_get("k", false).await.unwrap();
         assert_eq!(r.entry.unwrap().value, "v");
     }
     // Status computes reachability on each request; the leader loop logs it on its next pass.
     let log = wait_until(FORM, "the leader to log the unreachable voter", || async {
-        let log = c.nodes[leader].log();
+        let log = c.nodes[leader].files.log();
         log.contains("is unreachable: the leader goes on with the others").then_some(log)
     })
     .await;
@@ -596,7 +598,7 @@ async fn an_unreachable_voter_is_reported_once_not_per_read() {
     assert_eq!(log.matches("is unreachable: the leader goes on with the others").count(), 1, "reported once");
     c.start(down);
     wait_until(FORM, "the leader to say the voter answers again", || async {
-        c.nodes[leader].log().contains("answers again").then_some(())
+        c.nodes[leader].files.log().contains("answers again").then_some(())
     })
     .await;
 }
@@ -613,7 +615,7 @@ async fn write_before_formation_says_what_is_missing() {
         s.phase_detail.as_deref().is_some_and(|d| d.contains("2 of 3 expected nodes seen")).then_some(())
     })
     .await;
-    match c.nodes[0].client().kv_put("early", "write").await {
+    match c.nodes[0].files.client().kv_put("early", "write").await {
         Err(ClientError::Api(b)) => {
             assert_eq!(b.kind, clusteros::proto::ErrorKind::NoLeader, "{b:?}");
             assert!(b.error.contains("no leader yet: 2 of 3 expected nodes seen"), "{b:?}");
@@ -623,7 +625,7 @@ async fn write_before_formation_says_what_is_missing() {
     // The third node completes the cluster, and the same write now succeeds.
     c.start(2);
     c.wait_converged(3, 0, FORM).await;
-    c.nodes[0].client().kv_put("early", "write").await.unwrap();
+    c.nodes[0].files.client().kv_put("early", "write").await.unwrap();
 }
 
 /// The leader creates the secrets once, gives every member a mesh address and assigns roles;
@@ -653,7 +655,7 @@ async fn leader_assigns_mesh_addresses_roles_and_secrets() {
     assert!(s.secrets.iter().all(|x| x.version == 1), "{:?}", s.secrets);
     assert_eq!(s.services, None, "no systemd here: services are not managed");
 
-    let r = c.nodes[1].client().rotate_secret("munge").await.unwrap();
+    let r = c.nodes[1].files.client().rotate_secret("munge").await.unwrap();
     assert_eq!((r.name.as_str(), r.version), ("munge-key", 2));
     wait_until(Duration::from_secs(20), "every node applied the rotation", || async {
         for i in 0..3 {
@@ -665,7 +667,7 @@ async fn leader_assigns_mesh_addresses_roles_and_secrets() {
         Some(())
     })
     .await;
-    match c.nodes[0].client().rotate_secret("ssh").await {
+    match c.nodes[0].files.client().rotate_secret("ssh").await {
         Err(ClientError::Api(b)) => assert!(b.error.contains("unknown secret"), "{b:?}"),
         other => panic!("{other:?}"),
     }
@@ -701,14 +703,14 @@ async fn raft_moves_onto_mesh_addresses_and_back_when_a_tunnel_breaks() {
     let leader = c.wait_converged(3, 0, FORM).await;
     let old = c.status(leader).await.unwrap().node.id.unwrap();
     let follower = (leader + 1) % 3;
-    c.nodes[follower].client().kv_put("before", "1").await.unwrap();
+    c.nodes[follower].files.client().kv_put("before", "1").await.unwrap();
     c.kill(leader);
     wait_until(FORM, "a new leader elected over the mesh addresses", || async {
         let l = c.status(follower).await.ok()?.raft?.leader_id?;
         (l != old).then_some(())
     })
     .await;
-    c.nodes[follower].client().kv_put("after", "2").await.unwrap();
+    c.nodes[follower].files.client().kv_put("after", "2").await.unwrap();
     c.start(leader);
     c.wait_converged(3, 0, FORM).await;
     wait_until(FORM, "the restarted node is back on its mesh address", || all_on_mesh(&c, 3)).await;
@@ -726,8 +728,8 @@ async fn raft_moves_onto_mesh_addresses_and_back_when_a_tunnel_breaks() {
     })
     .await;
     c.wait_converged(3, 0, FORM).await;
-    c.nodes[victim].client().kv_put("fallback", "3").await.unwrap();
-    let r = c.nodes[leader].client().kv_get("fallback", false).await.unwrap();
+    c.nodes[victim].files.client().kv_put("fallback", "3").await.unwrap();
+    let r = c.nodes[leader].files.client().kv_get("fallback", false).await.unwrap();
     assert_eq!(r.entry.map(|e| e.value).as_deref(), Some("3"));
     let log = c.all_logs();
     assert!(log.contains("moving the member's Raft address"), "no transport change was logged");
@@ -823,7 +825,7 @@ async fn an_unsigned_huge_body_is_refused_before_it_is_read() {
     assert!(grown_kib < 32 * 1024, "the agent's memory grew by {grown_kib} KiB");
     let refused = metric(&c.nodes[0].metrics().await.unwrap(), "clusteros_peer_requests_refused_total").unwrap();
     assert!(refused >= 1.0, "the refusal is not counted");
-    assert!(c.nodes[0].log().contains("request is not signed"), "the refusal is not logged");
+    assert!(c.nodes[0].files.log().contains("request is not signed"), "the refusal is not logged");
 
     // Signed, but over the 1 MiB limit of /peer/v1/hello: refused by its declared length, from
     // the head alone. (Only the head is sent: a server that answers early and closes while a
@@ -912,7 +914,7 @@ async fn a_captured_write_is_not_applied_again_at_another_leader() {
     let again = send_signed(&c.nodes[leader].addr, path, &a, body.clone()).await;
     assert_eq!(again.status().as_u16(), 401);
     assert!(again.text().await.unwrap().contains("replayed"));
-    c.nodes[leader].client().kv_put("k", "newer").await.unwrap();
+    c.nodes[leader].files.client().kv_put("k", "newer").await.unwrap();
 
     c.kill(leader);
     let survivor = (leader + 1) % 3;
@@ -935,7 +937,7 @@ async fn a_captured_write_is_not_applied_again_at_another_leader() {
     assert!(replay.headers().contains_key(clusteros::core::auth::HDR_AUTH), "the refusal is not signed");
     let text = replay.text().await.unwrap();
     assert!(text.contains(&format!("for node {leader_id}")), "{text}");
-    let r = c.nodes[new_idx].client().kv_get("k", false).await.unwrap();
+    let r = c.nodes[new_idx].files.client().kv_get("k", false).await.unwrap();
     assert_eq!(r.entry.unwrap().value, "newer", "the captured write was applied again");
 }
 
@@ -1021,7 +1023,7 @@ async fn idle_connections_are_capped_and_closed() {
     let held = open_fds(pid).saturating_sub(fds_before);
     assert!(c.status(leader).await.is_ok(), "status does not answer while the connections are held");
     let follower = (leader + 1) % 3;
-    let r = c.nodes[follower].client().kv_put("through", "the flood").await;
+    let r = c.nodes[follower].files.client().kv_put("through", "the flood").await;
     assert!(r.is_ok(), "a forwarded write failed while the connections were held: {r:?}");
 
     let mut latest = Duration::ZERO;
@@ -1037,5 +1039,5 @@ async fn idle_connections_are_capped_and_closed() {
     assert!(held <= 256 + 16, "the agent held {held} more descriptors than before");
     assert!(latest <= Duration::from_secs(30), "the last idle connection was closed after {latest:?}");
     assert!(c.status(leader).await.is_ok(), "status answers after the flood");
-    assert!(c.nodes[leader].log().contains("closed a connection at once"), "the refusals are not logged");
+    assert!(c.nodes[leader].files.log().contains("closed a connection at once"), "the refusals are not logged");
 }

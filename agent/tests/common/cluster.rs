@@ -3,15 +3,14 @@
 //! agent's own config type. Waits on conditions (never fixed sleeps). Every agent is killed when the
 //! cluster is dropped; if the test is failing, every agent's log is printed and the directory kept.
 
-use std::fs::File;
-use std::io::Read;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
-use clusteros::cli::client::{ClientError, LocalClient};
-use clusteros::core::config::{FileConfig, HealthTuning, RaftTuning};
+use clusteros::cli::client::ClientError;
+use clusteros::core::config::{FileConfig, HealthTuning};
 use clusteros::status::StatusReport;
+use clusteros::testing::{AgentFiles, fast_raft};
 use rand::Rng;
 
 pub const SECRET: &str = "harness-cluster-secret-0123456789";
@@ -55,40 +54,24 @@ impl Default for Opts {
 pub struct Node {
     pub name: String,
     pub addr: String,
-    pub dir: PathBuf,
+    /// Its directory: config, secret, socket, log, and the state directory `state/`.
+    pub files: AgentFiles,
     pub opts: Opts,
     pub join: Vec<String>,
     pub child: Option<Child>,
 }
 
 impl Node {
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join("agent.sock")
-    }
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.join("agent.log")
-    }
-    pub fn client(&self) -> LocalClient {
-        LocalClient::new(&self.socket())
-    }
-    pub fn log(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = File::open(self.log_path()) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
 
-    /// Writes `agent.toml` (the agent's own config type, serialized) and the secret file.
+    /// The agent's own config type, serialized, with the test timings.
     fn write_config(&self) {
         let o = &self.opts;
         let file = FileConfig {
             node_name: Some(self.name.clone()),
-            state_dir: Some(self.dir.join("state")),
-            socket_path: Some(self.socket()),
+            state_dir: Some(self.files.dir.join("state")),
             listen_addr: Some(self.addr.clone()),
             metrics_addr: o
                 .metrics_on_node_addr
@@ -96,17 +79,8 @@ impl Node {
             join: Some(self.join.clone()),
             bootstrap_expect: o.bootstrap_expect,
             max_voters: Some(o.max_voters),
-            cluster_secret_file: Some(self.dir.join("secret")),
             mesh_cidr: o.mesh_cidr.clone(),
-            raft: RaftTuning {
-                heartbeat_ms: 100,
-                election_timeout_min_ms: 800,
-                election_timeout_max_ms: 1600,
-                snapshot_after_logs: o.snapshot_after_logs,
-                logs_to_keep: o.logs_to_keep,
-                rpc_timeout_ms: 1000,
-                ..RaftTuning::default()
-            },
+            raft: fast_raft(o.snapshot_after_logs, o.logs_to_keep),
             health: HealthTuning {
                 suspect_after_ms: o.suspect_after_ms,
                 failed_after_ms: o.failed_after_ms,
@@ -114,8 +88,7 @@ impl Node {
             },
             ..FileConfig::default()
         };
-        std::fs::write(self.dir.join("agent.toml"), file.to_toml()).unwrap();
-        std::fs::write(self.dir.join("secret"), format!("{}\n", o.secret)).unwrap();
+        self.files.write_config(file, &o.secret).unwrap();
     }
 }
 
@@ -126,20 +99,14 @@ pub struct Cluster {
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
-pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        if start.elapsed() > timeout {
-            panic!("timed out after {timeout:?} waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    match clusteros::testing::poll(timeout, f).await {
+        Some(v) => v,
+        None => panic!("timed out after {timeout:?} waiting for: {what}"),
     }
 }
 
@@ -175,7 +142,7 @@ impl Cluster {
         let name = format!("node{}", i + 1);
         let dir = self.root.path().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
-        let node = Node { name, addr: self.addr_of(i), dir, opts, join, child: None };
+        let node = Node { name, addr: self.addr_of(i), files: AgentFiles::new(dir), opts, join, child: None };
         node.write_config();
         self.nodes.push(node);
         i
@@ -184,28 +151,7 @@ impl Cluster {
     pub fn start(&mut self, i: usize) {
         let node = &mut self.nodes[i];
         assert!(node.child.is_none(), "{} already running", node.name);
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(node.log_path()).unwrap();
-        let mut cmd = match &node.opts.netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(binary());
-                c
-            }
-            None => Command::new(binary()),
-        };
-        let child = cmd
-            .arg("agent")
-            .arg("--config")
-            .arg(node.dir.join("agent.toml"))
-            .env("CLUSTEROS_LOG", "info,openraft=warn")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let child = node.files.spawn(&binary(), node.opts.netns.as_deref(), None).unwrap();
         node.child = Some(child);
     }
 
@@ -228,7 +174,7 @@ impl Cluster {
     }
 
     pub async fn status(&self, i: usize) -> Result<StatusReport, ClientError> {
-        self.nodes[i].client().status().await
+        self.nodes[i].files.client().status().await
     }
 
     /// Waits until every running node agrees on one leader and the given voter/learner counts,
@@ -278,14 +224,14 @@ impl Cluster {
 
     pub fn dump_logs(&self) {
         for n in &self.nodes {
-            let log = n.log();
+            let log = n.files.log();
             let lines: Vec<&str> = log.lines().collect();
             let from = lines.len().saturating_sub(300);
             eprintln!(
                 "===== {} ({}) log: {} (last {} lines) =====",
                 n.name,
                 n.addr,
-                n.log_path().display(),
+                n.files.log_path().display(),
                 lines.len() - from
             );
             for l in &lines[from..] {

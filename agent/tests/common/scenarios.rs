@@ -44,7 +44,7 @@ impl Cluster {
     }
     /// Every node's log, one after another (for lines whichever node led at the time wrote).
     pub fn all_logs(&self) -> String {
-        self.nodes.iter().map(|n| n.log()).collect()
+        self.nodes.iter().map(|n| n.files.log()).collect()
     }
     /// Freezes (SIGSTOP) or thaws (SIGCONT) a running node, like a paused VM or a suspended machine.
     pub fn freeze(&self, i: usize, frozen: bool) {

@@ -107,23 +107,6 @@ impl Outcomes {
     }
 }
 
-async fn wait_for<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return Some(v);
-        }
-        if start.elapsed() > timeout {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// One whole run. Errors are problems of the harness or a cluster that never converged; what
 /// the checker finds is in the report.
 pub async fn run(cfg: &Config) -> Result<Outcomes> {
@@ -207,10 +190,10 @@ async fn run_in(cfg: &Config, lan: Arc<Lan>, agents: Arc<Agents>) -> Result<Outc
     }
 
     // Read every key back, linearizably (recorded in the history, so the checker sees them).
-    let reader = agents.nodes[0].client();
+    let reader = agents.nodes[0].files.client();
     let keys: BTreeSet<String> = rec.ops().iter().map(|o| o.key.clone()).collect();
     for key in &keys {
-        let op = wait_for(Duration::from_secs(60), || async {
+        let op = clusteros::testing::poll(Duration::from_secs(60), || async {
             let op = workload::run_op(&reader, &rec, usize::MAX, key, OpKind::Read).await;
             matches!(op.outcome, Outcome::Ok(_)).then_some(op)
         })
@@ -220,7 +203,7 @@ async fn run_in(cfg: &Config, lan: Arc<Lan>, agents: Arc<Agents>) -> Result<Outc
     }
     let mut present = BTreeSet::new();
     for s in rec.sets() {
-        let got = wait_for(Duration::from_secs(60), || async {
+        let got = clusteros::testing::poll(Duration::from_secs(60), || async {
             match tokio::time::timeout(workload::OP_TIMEOUT, reader.kv_get(&s.key, false)).await {
                 Ok(Ok(r)) => Some(r.entry.is_some()),
                 _ => None,
@@ -259,7 +242,8 @@ async fn run_in(cfg: &Config, lan: Arc<Lan>, agents: Arc<Agents>) -> Result<Outc
         .nodes
         .iter()
         .flat_map(|n| {
-            n.log()
+            n.files
+                .log()
                 .lines()
                 .filter(|l| l.contains("panicked at"))
                 .map(|l| format!("{}: {l}", n.name))

@@ -4,14 +4,14 @@
 //! `Restart=always` does in the image, unless the nemesis holds it down.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use clusteros::cli::client::LocalClient;
 use clusteros::status::StatusReport;
+use clusteros::testing::AgentFiles;
 
 use super::net::Lan;
 use crate::run_cmd;
@@ -41,7 +41,8 @@ pub struct Node {
     pub name: String,
     pub netns: String,
     pub addr: String,
-    pub dir: PathBuf,
+    /// Its directory: config, secret, socket, log; the state directory is mounted below it.
+    pub files: AgentFiles,
     /// A tmpfs of [`STATE_FS_MB`] MiB.
     pub state_dir: PathBuf,
     child: Mutex<Option<Child>>,
@@ -57,22 +58,6 @@ pub struct Node {
 }
 
 impl Node {
-    pub fn socket(&self) -> PathBuf {
-        self.dir.join("agent.sock")
-    }
-
-    pub fn log_path(&self) -> PathBuf {
-        self.dir.join("agent.log")
-    }
-
-    pub fn client(&self) -> LocalClient {
-        LocalClient::new(&self.socket())
-    }
-
-    pub fn log(&self) -> String {
-        std::fs::read(self.log_path()).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
-    }
-
     pub fn pid(&self) -> Option<u32> {
         self.child.lock().expect("child lock").as_ref().map(Child::id)
     }
@@ -87,34 +72,22 @@ impl Node {
 
     /// Writes `agent.toml` (the agent's own config type, serialized) and the secret file.
     fn write_config(&self, n: usize, peers: &[String]) -> Result<()> {
-        use clusteros::core::config::{FileConfig, HealthTuning, RaftTuning, ServiceMode};
+        use clusteros::core::config::{FileConfig, HealthTuning, ServiceMode};
         let file = FileConfig {
             node_name: Some(self.name.clone()),
             state_dir: Some(self.state_dir.clone()),
-            socket_path: Some(self.socket()),
             listen_addr: Some(self.addr.clone()),
             join: Some(peers.to_vec()),
             bootstrap_expect: Some(n),
             max_voters: Some(n),
-            cluster_secret_file: Some(self.dir.join("secret")),
             manage_services: Some(ServiceMode::Off),
             // Not used by the suite, and the nodes would contend for 127.0.0.1:7601.
             metrics_addr: Some("off".into()),
-            raft: RaftTuning {
-                heartbeat_ms: 100,
-                election_timeout_min_ms: 800,
-                election_timeout_max_ms: 1600,
-                snapshot_after_logs: 300,
-                logs_to_keep: 100,
-                rpc_timeout_ms: 1000,
-                ..RaftTuning::default()
-            },
+            raft: clusteros::testing::fast_raft(300, 100),
             health: HealthTuning { suspect_after_ms: 2000, failed_after_ms: 4000, remove_after_ms: 3_600_000 },
             ..FileConfig::default()
         };
-        std::fs::write(self.dir.join("agent.toml"), file.to_toml())?;
-        std::fs::write(self.dir.join("secret"), format!("{SECRET}\n"))?;
-        Ok(())
+        Ok(self.files.write_config(file, SECRET)?)
     }
 
     fn spawn(&self) -> Result<()> {
@@ -123,25 +96,8 @@ impl Node {
             return Ok(());
         }
         let n = self.starts.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
-        use std::io::Write;
-        writeln!(log, "===== fault suite: start {n} of {} =====", self.name)?;
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.netns])
-            .arg(&self.bin)
-            .arg("agent")
-            .arg("--config")
-            .arg(self.dir.join("agent.toml"))
-            .env("CLUSTEROS_LOG", "info,openraft=warn")
-            .env_remove("CREDENTIALS_DIRECTORY")
-            .env_remove("JOURNAL_STREAM")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.bin.display()))?;
-        *slot = Some(child);
+        let banner = format!("===== fault suite: start {n} of {} =====", self.name);
+        *slot = Some(self.files.spawn(&self.bin, Some(&self.netns), Some(&banner))?);
         self.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
@@ -188,7 +144,7 @@ impl Node {
     }
 
     pub async fn status(&self, timeout: Duration) -> Option<StatusReport> {
-        tokio::time::timeout(timeout, self.client().status()).await.ok()?.ok()
+        tokio::time::timeout(timeout, self.files.client().status()).await.ok()?.ok()
     }
 
     /// Fills the state file system (a file of zeros until ENOSPC).
@@ -283,7 +239,7 @@ impl Agents {
                 name,
                 netns: lan.netns(i).to_string(),
                 addr: addr.clone(),
-                dir,
+                files: AgentFiles::new(dir),
                 state_dir,
                 child: Mutex::new(None),
                 want_up: AtomicBool::new(false),
@@ -389,10 +345,10 @@ impl Agents {
     pub fn dump_logs(&self, tail: usize) -> String {
         let mut out = String::new();
         for n in &self.nodes {
-            let log = n.log();
+            let log = n.files.log();
             let lines: Vec<&str> = log.lines().collect();
             let from = lines.len().saturating_sub(tail);
-            out.push_str(&format!("===== {} ({}) {} =====\n", n.name, n.addr, n.log_path().display()));
+            out.push_str(&format!("===== {} ({}) {} =====\n", n.name, n.addr, n.files.log_path().display()));
             for l in &lines[from..] {
                 out.push_str(l);
                 out.push('\n');

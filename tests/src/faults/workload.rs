@@ -109,7 +109,7 @@ pub struct RegisterClient {
 
 impl RegisterClient {
     pub async fn run(self, agents: Arc<Agents>, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
-        let client = agents.nodes[self.node].client();
+        let client = agents.nodes[self.node].files.client();
         let mut rng = StdRng::seed_from_u64(self.seed ^ (self.process as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut seen: BTreeMap<String, Option<String>> = BTreeMap::new();
         let mut seq = 0u64;
@@ -184,7 +184,7 @@ pub struct SetClient {
 
 impl SetClient {
     pub async fn run(self, agents: Arc<Agents>, rec: Arc<Recorder>, stop: Arc<AtomicBool>) {
-        let client = agents.nodes[self.node].client();
+        let client = agents.nodes[self.node].files.client();
         let mut n = 0u64;
         while !stop.load(Ordering::SeqCst) {
             n += 1;

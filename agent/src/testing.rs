@@ -1,0 +1,124 @@
+//! Real agent processes for tests outside this crate (feature `testing`): the files of one agent
+//! under test (its config, serialized from the agent's own config type, its secret, socket and
+//! log) and the command that starts it, so that the host cluster harness (`agent/tests/common`)
+//! and the fault suite (`tests/src/faults`) run agents the same way. Also the fast Raft timings
+//! both use, and one async poll for a condition.
+//!
+//! Must not: be used by the agent itself (nothing outside tests enables the feature).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::cli::client::LocalClient;
+use crate::core::config::{FileConfig, RaftTuning};
+
+/// Raft timings for agents on one host: a heartbeat every 100 ms, elections after 0.8-1.6 s, RPCs
+/// given 1 s (the defaults are slower on purpose: real networks, real disks).
+pub fn fast_raft(snapshot_after_logs: u64, logs_to_keep: u64) -> RaftTuning {
+    RaftTuning {
+        heartbeat_ms: 100,
+        election_timeout_min_ms: 800,
+        election_timeout_max_ms: 1600,
+        snapshot_after_logs,
+        logs_to_keep,
+        rpc_timeout_ms: 1000,
+        ..RaftTuning::default()
+    }
+}
+
+/// The directory of one agent under test: `agent.toml`, `secret`, `agent.sock`, `agent.log`.
+#[derive(Debug, Clone)]
+pub struct AgentFiles {
+    pub dir: PathBuf,
+}
+
+impl AgentFiles {
+    pub fn new(dir: impl Into<PathBuf>) -> AgentFiles {
+        AgentFiles { dir: dir.into() }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    pub fn secret_path(&self) -> PathBuf {
+        self.dir.join("secret")
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("agent.log")
+    }
+
+    /// The local API client of this agent.
+    pub fn client(&self) -> LocalClient {
+        LocalClient::new(&self.socket())
+    }
+
+    /// The agent's log so far (empty before its first start).
+    pub fn log(&self) -> String {
+        std::fs::read(self.log_path()).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default()
+    }
+
+    /// Writes `agent.toml` from `file` (its socket and secret file set to this directory's) and
+    /// the secret file.
+    pub fn write_config(&self, file: FileConfig, secret: &str) -> std::io::Result<()> {
+        let file =
+            FileConfig { socket_path: Some(self.socket()), cluster_secret_file: Some(self.secret_path()), ..file };
+        std::fs::write(self.config_path(), file.to_toml())?;
+        std::fs::write(self.secret_path(), format!("{secret}\n"))
+    }
+
+    /// Starts `bin agent --config agent.toml` (inside network namespace `netns` when given),
+    /// its output appended to the log after the line `banner` (when given); none of the
+    /// variables systemd sets for a service leaks in from the test's environment.
+    pub fn spawn(&self, bin: &Path, netns: Option<&str>, banner: Option<&str>) -> std::io::Result<Child> {
+        use std::io::Write as _;
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        if let Some(b) = banner {
+            writeln!(log, "{b}")?;
+        }
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("CLUSTEROS_LOG", "info,openraft=warn")
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot start {}: {e}", bin.display())))
+    }
+}
+
+/// Polls `f` every 100 ms until it gives `Some`, at most `timeout` long (`None` then).
+pub async fn poll<T, F, Fut>(timeout: Duration, mut f: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        if start.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
