@@ -61,7 +61,8 @@ fuzz-smoke:
 # The VM end-to-end suites (tests/tests/*.rs, root; e2e.rs alone takes 3-5 minutes under TCG): build the agent and the image,
 # boot VMs and check them from inside: e2e.rs (one node, flashed raw disk growing, three-node
 # failover), services.rs (mesh, munge, SLURM), images.rs (a diskless node PXE-boots and joins a
-# cluster; the packer site image builds and boots). A failed test leaves its logs in target/e2e-logs/<test>/.
+# cluster; the packer site image builds and boots). A failed test leaves its logs in target/e2e-logs/<test>/
+# (every test does with CLUSTEROS_E2E_SAVE_LOGS=1).
 E2E_ARGS ?=
 e2e: image
 	$(MAKE) e2e-suites

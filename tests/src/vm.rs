@@ -619,7 +619,9 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        // A failing test's logs, or every test's with CLUSTEROS_E2E_SAVE_LOGS set (to look into
+        // what a passing one waited for).
+        if std::thread::panicking() || std::env::var_os("CLUSTEROS_E2E_SAVE_LOGS").is_some() {
             let dir = self.env.failure_dir().join(&self.name);
             if let Err(e) = self.save_logs(&dir) {
                 eprintln!("e2e: cannot save the logs of {}: {e:#}", self.name);

@@ -51,6 +51,7 @@ fn containers_form_a_cluster_under_systemd() {
         check_notify_service(c).or_fail("the agent's unit");
     }
     check_agent_sandbox(&nodes[0]).or_fail("the agent's sandbox");
+    check_slurmd_stop_bound(&nodes[0]).or_fail("slurmd's stop timeout");
 
     // munge: one key everywhere (a credential from c1 decodes on c2 and c3).
     for c in &nodes {
@@ -187,6 +188,18 @@ fn check_agent_sandbox(c: &Container) -> Result<()> {
     ensure!(own.success(), "the agent cannot write its state directory: {own}");
     let meminfo = inside("test -e /proc/meminfo")?;
     ensure!(!meminfo.success(), "the agent sees /proc/meminfo: {meminfo}");
+    Ok(())
+}
+
+/// The image bounds slurmd's stop (overlay slurmd.service.d/clusteros.conf): a slurmd that hangs
+/// in its shutdown while the controller moves is killed after 15 s, not 90.
+fn check_slurmd_stop_bound(c: &Container) -> Result<()> {
+    let t = Duration::from_secs(60);
+    for (property, want) in [("TimeoutStopUSec", "15s"), ("KillMode", "process")] {
+        let out = c.exec_timeout(&["systemctl", "show", "-P", property, "slurmd.service"], t)?;
+        let got = out.check("systemctl show slurmd.service")?.stdout.trim().to_string();
+        ensure!(got == want, "slurmd.service has {property}={got}, want {want}");
+    }
     Ok(())
 }
 
