@@ -74,7 +74,7 @@ e2e-suites:
 
 # The fast tier (tests/tests/containers.rs, about 20 s): the image's root booted as systemd-nspawn
 # containers: formation, the agent under systemd, munge and slurmctld over D-Bus, a killed agent
-# restarted by systemd, a node without a secret. What needs a kernel of its own stays in QEMU.
+# restarted by systemd, a node with a wrong secret refused, a node without a secret. What needs a kernel of its own stays in QEMU.
 e2e-containers:
 	$(CARGO) test -p clusteros-e2e --features e2e --test containers -- --test-threads=1 --nocapture $(E2E_ARGS)
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use clusteros_e2e::cluster::{PEER_PORT, agreement, random_secret, status_of};
-use clusteros_e2e::{Container, Guest, NetNs, OrFail, StatusExt, TestEnv, credential, timeout, wait_until};
+use clusteros_e2e::{Container, Guest, NetNs, OrFail, Status, StatusExt, TestEnv, credential, timeout, wait_until};
 
 /// Three containers with one secret form one cluster under real systemd: the agent is a
 /// Type=notify service that reported ready, the leader named the cluster and created the secrets,
@@ -18,7 +18,8 @@ use clusteros_e2e::{Container, Guest, NetNs, OrFail, StatusExt, TestEnv, credent
 /// others), and the node holding the SLURM controller role runs slurmctld, started over D-Bus.
 /// The mesh reports the missing WireGuard support instead of failing. Then the leader's agent is
 /// killed: systemd restarts it, and the three agree on one leader again with the restarted agent
-/// a member under its old id.
+/// a member under its old id. Last, a fourth container with a wrong secret is refused and the
+/// membership does not change.
 #[test]
 fn containers_form_a_cluster_under_systemd() {
     let env = TestEnv::new("containers_form_a_cluster_under_systemd").or_fail("setup");
@@ -115,7 +116,50 @@ fn containers_form_a_cluster_under_systemd() {
     })
     .or_fail("rejoin");
     env.timer.record("containers/kill-to-rejoined", t.elapsed());
+
+    // A fourth node with the same join addresses but a wrong secret is refused, and the
+    // membership does not change.
+    let before: Vec<_> = wait_until(timeout(120), "three members before the intruder", || {
+        let all: Vec<_> = nodes.iter().map(status_of).collect::<Result<_>>()?;
+        agreement(&all, 3)?;
+        Ok(all)
+    })
+    .or_fail("status before the wrong secret");
+    let intruder = env
+        .container("c4", &net, 4)
+        .credential(credential::CLUSTER_SECRET, random_secret())
+        .credential(credential::JOIN, &join)
+        .start()
+        .or_fail("start the container with a wrong secret");
+    let refused = wait_until(timeout(180), "c4 to be refused for its secret", || {
+        let st = status_of(&intruder)?;
+        let err = st.last_error.as_deref().unwrap_or("");
+        ensure!(err.contains("cluster secret mismatch"), "{}", st.summary());
+        Ok(st)
+    })
+    .or_fail("the wrong secret's refusal");
+    assert!(!refused.is_member(), "c4 became a member despite the wrong secret: {}", refused.summary());
+    let after: Vec<_> = nodes.iter().map(status_of).collect::<Result<_>>().or_fail("status after the wrong secret");
+    check_membership_unchanged(&before, &after).or_fail("the membership after the wrong secret");
+    env.timer.phase("containers/wrong-secret-refused");
     env.timer.record("containers/total", env.timer.total());
+}
+
+fn check_membership_unchanged(before: &[Status], after: &[Status]) -> Result<()> {
+    agreement(after, 3)?;
+    for (b, a) in before.iter().zip(after) {
+        ensure!(
+            b.membership() == a.membership() && b.voters() == a.voters() && b.learners() == a.learners(),
+            "{}'s membership changed: before {:?} / {:?}, after {:?} / {:?}",
+            a.node.name,
+            b.membership(),
+            b.learners(),
+            a.membership(),
+            a.learners()
+        );
+        ensure!(a.members.len() == 3, "{} lists {} members", a.node.name, a.members.len());
+    }
+    Ok(())
 }
 
 /// A container without a secret boots, its agent runs (and stays up), and `clusteros status`

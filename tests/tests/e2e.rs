@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use anyhow::{Result, bail, ensure};
+use anyhow::{Result, ensure};
 use clusteros_e2e::cluster::{agreement, random_secret, status_of};
 use clusteros_e2e::{Boot, ClusterBuilder, OrFail, StatusExt, TestEnv, Vm, credential, timeout, wait_until};
 
@@ -169,12 +169,12 @@ fn check_unconfigured_node(vm: &Vm) -> Result<()> {
 
 /// (c) three VMs with one secret and bootstrap_expect=3 form one cluster; (d) the leader is
 /// powered off, the other two elect a new leader and accept a write, and the old leader boots
-/// again and rejoins with its persisted state; (e) a fourth VM with a wrong secret is refused and
-/// the membership does not change. One cluster for all three, to save boot time.
+/// again and rejoins with its persisted state. (A node with a wrong secret is refused in the
+/// container tier, `containers.rs`: it needs the image and systemd, not a kernel of its own.)
 #[test]
-fn three_node_cluster_failover_and_wrong_secret() {
-    let env = TestEnv::new("three_node_cluster_failover_and_wrong_secret").or_fail("setup");
-    let mut cluster = ClusterBuilder::new(&env, 3).start().or_fail("start 3 VMs");
+fn three_node_cluster_failover() {
+    let env = TestEnv::new("three_node_cluster_failover").or_fail("setup");
+    let cluster = ClusterBuilder::new(&env, 3).start().or_fail("start 3 VMs");
     env.timer.phase("cluster/start-vms");
     let all = [1, 2, 3];
 
@@ -234,29 +234,6 @@ fn three_node_cluster_failover_and_wrong_secret() {
     assert_eq!(got.stdout.trim(), value, "(d) linearizable read on node{li}");
     env.timer.phase("d.rejoined");
 
-    // (e) a node with the wrong secret.
-    let before = cluster.statuses(&all).or_fail("(e) status before");
-    agreement(&before, 3).or_fail("(e) cluster before node4");
-    let b = cluster
-        .node_builder(4)
-        .credential(credential::CLUSTER_SECRET, random_secret())
-        .remove_credential(credential::BOOTSTRAP_EXPECT);
-    cluster.add(b).or_fail("(e) start node4");
-    let d = cluster.node(4).wait_system_running(timeout(300)).or_fail("(e) node4 boot");
-    env.timer.record("e.node4.boot-to-running", d);
-    env.timer.phase("e.node4-running");
-    let refused = wait_until(timeout(180), "node4 to be refused for its secret", || {
-        let st = cluster.status_json(4)?;
-        let err = st.last_error.as_deref().unwrap_or("");
-        ensure!(err.contains("cluster secret mismatch"), "{}", st.summary());
-        Ok(st)
-    })
-    .or_fail("(e) refusal");
-    env.timer.phase("e.refused");
-    ensure_not_member(&refused).or_fail("(e) node4's own view");
-    let after = cluster.statuses(&all).or_fail("(e) status after");
-    check_membership_unchanged(&before, &after).or_fail("(e) membership");
-    env.timer.phase("e.membership-checked");
     env.timer.record("cluster/total", env.timer.total());
 }
 
@@ -267,30 +244,6 @@ fn check_formed(formed: &[clusteros_e2e::Status]) -> Result<()> {
     ensure!(voters == sorted(&ids), "voters {voters:?} are not the three nodes {ids:?}");
     for s in formed {
         ensure!(s.members.len() == 3, "{} lists {} members", s.node.name, s.members.len());
-    }
-    Ok(())
-}
-
-fn ensure_not_member(st: &clusteros_e2e::Status) -> Result<()> {
-    if st.is_member() {
-        bail!("node4 became a member despite the wrong secret: {}", st.summary());
-    }
-    Ok(())
-}
-
-fn check_membership_unchanged(before: &[clusteros_e2e::Status], after: &[clusteros_e2e::Status]) -> Result<()> {
-    agreement(after, 3)?;
-    for (b, a) in before.iter().zip(after) {
-        ensure!(
-            b.membership() == a.membership() && b.voters() == a.voters() && b.learners() == a.learners(),
-            "{}'s membership changed: before {:?} / {:?}, after {:?} / {:?}",
-            a.node.name,
-            b.membership(),
-            b.learners(),
-            a.membership(),
-            a.learners()
-        );
-        ensure!(a.members.len() == 3, "{} lists {} members", a.node.name, a.members.len());
     }
     Ok(())
 }
