@@ -59,8 +59,9 @@ fuzz-smoke:
 	scripts/fuzz-smoke
 
 # The VM end-to-end suites (tests/tests/*.rs, root; e2e.rs alone takes 3-5 minutes under TCG): build the agent and the image,
-# boot VMs and check them from inside: e2e.rs (one node, flashed raw disk growing, three-node
-# failover), services.rs (mesh, munge, SLURM), images.rs (a diskless node PXE-boots and joins a
+# boot VMs and check them from inside: e2e.rs (one node, flashed raw disk growing; a node without
+# a secret), services.rs (one 3-node cluster: mesh, munge, SLURM, controller failover, a powered-off
+# node's reboot and rejoin, the Raft leader's power-off), images.rs (a diskless node PXE-boots and joins a
 # cluster; the packer site image builds and boots). A failed test leaves its logs in target/e2e-logs/<test>/
 # (every test does with CLUSTEROS_E2E_SAVE_LOGS=1).
 E2E_ARGS ?=

@@ -1,5 +1,8 @@
-//! Node services end to end: the WireGuard mesh, the replicated MUNGE key, elected SLURM roles and
-//! real SLURM jobs across three VMs, controller failover, key rotation, and k3s without its binary.
+//! Three VMs end to end: formation, the WireGuard mesh, the replicated MUNGE key, elected SLURM
+//! roles and real SLURM jobs across them, key rotation, k3s without its binary, SLURM controller
+//! failover (slurmctld alone, then the whole VM), the powered-off node's reboot and rejoin with its
+//! state, and the Raft leader's power-off. One cluster for all of it: a 3-VM boot under TCG costs
+//! minutes.
 //!
 //! Run with `make e2e` (see tests/tests/e2e.rs for the knobs). Prints `e2e: <phase> <seconds>`.
 
@@ -7,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
-use clusteros_e2e::{ClusterBuilder, OrFail, TestEnv, Vm, timeout, wait_until};
+use clusteros_e2e::cluster::agreement;
+use clusteros_e2e::{ClusterBuilder, OrFail, StatusExt, TestEnv, Vm, timeout, wait_until};
 
 /// `clusteros roles --json` of one node: holders by name, and this node's units.
 fn roles(vm: &Vm) -> Result<serde_json::Value> {
@@ -254,7 +258,8 @@ fn mesh_munge_slurm_failover_and_rotation() {
     let all = [1, 2, 3];
     let t0 = Instant::now();
     cluster.wait_running(&all, timeout(420), "boot-to-running").or_fail("boot");
-    cluster.wait_agreement(&all, 3, timeout(300)).or_fail("formation");
+    let formed = cluster.wait_agreement(&all, 3, timeout(300)).or_fail("formation");
+    let ids = node_ids(&formed).or_fail("formation");
     env.timer.phase("formed");
     let nodes: Vec<&Vm> = all.iter().map(|i| cluster.node(*i)).collect();
 
@@ -347,5 +352,72 @@ fn mesh_munge_slurm_failover_and_rotation() {
     .or_fail("(5) held job completes");
     eprintln!("e2e: job {job}, queued on {controller} before it powered off, completed after the failover");
     env.timer.phase("5.failover");
+
+    // 8. A write while the controller's VM is off; the VM boots again and rejoins with its
+    // persisted state (the same id, the write in its own copy, a linearizable read).
+    let key = "e2e/written-while-off";
+    let value = format!("node{ci}-was-off-{:08x}", rand::random::<u32>());
+    wait_until(timeout(120), "the two running nodes to accept a write", || {
+        rest[0].exec(&["clusteros", "kv", "put", key, &value])?.check("clusteros kv put").map(drop)
+    })
+    .or_fail("(8) write with one node off");
+    ctl.start().or_fail("(8) boot the old controller again");
+    let d = ctl.wait_system_running(timeout(300)).or_fail("(8) reboot");
+    env.timer.record(&format!("8.node{ci}.reboot-to-running"), d);
+    wait_until(timeout(240), "the rebooted node to rejoin with its state", || {
+        let st = cluster.statuses(&all)?;
+        let (_, voters) = agreement(&st, 3)?;
+        ensure!(voters == sorted(&ids), "voters are {voters:?}, were {ids:?}");
+        let me = &st[ci - 1];
+        ensure!(me.node.id.as_deref() == Some(ids[ci - 1].as_str()), "node{ci} has a new id: {}", me.summary());
+        let got = ctl.exec(&["clusteros", "kv", "get", "--stale", key])?;
+        ensure!(got.success() && got.stdout.trim() == value, "node{ci}'s own copy of {key}: {got}");
+        Ok(())
+    })
+    .or_fail("(8) rejoin");
+    let got = ctl.exec(&["clusteros", "kv", "get", key]).and_then(|o| o.check("kv get")).or_fail("(8) read");
+    assert_eq!(got.stdout.trim(), value, "(8) linearizable read on node{ci}");
+    env.timer.phase("8.rejoined");
+
+    // 9. The Raft leader's VM powers off: the other two elect a new leader (the voters stay) and
+    // accept a write.
+    let st = cluster.statuses(&all).or_fail("(9) status");
+    let (old_leader, _) = agreement(&st, 3).or_fail("(9) leader");
+    let li = cluster.index_of(&st, &all, &old_leader).or_fail("(9) leader index");
+    let survivors: Vec<usize> = all.iter().copied().filter(|&i| i != li).collect();
+    let t = Instant::now();
+    cluster.node(li).power_off(timeout(180)).or_fail("(9) power off the leader");
+    wait_until(timeout(180), "the survivors to elect a new leader", || {
+        let st = cluster.statuses(&survivors)?;
+        let (leader, voters) = agreement(&st, 3)?;
+        ensure!(leader != old_leader, "the leader is still the powered-off {old_leader}");
+        ensure!(voters == sorted(&ids), "voters changed: {voters:?}");
+        Ok(())
+    })
+    .or_fail("(9) re-election");
+    cluster.record("9.leader-off-to-new-leader", t);
+    wait_until(timeout(120), "the two survivors to accept a write", || {
+        let v = format!("after-node{li}-off");
+        cluster.node(survivors[0]).exec(&["clusteros", "kv", "put", "e2e/failover", &v])?.check("kv put").map(drop)
+    })
+    .or_fail("(9) write with the leader off");
+    env.timer.phase("9.write-accepted");
     env.timer.record("services/total", env.timer.total());
+}
+
+/// The node ids of a formed cluster, in node order; they must be its three voters.
+fn node_ids(formed: &[clusteros_e2e::Status]) -> Result<Vec<String>> {
+    let (_, voters) = agreement(formed, 3)?;
+    let ids: Vec<String> = formed.iter().map(|s| s.node_id().map(str::to_string)).collect::<Result<_>>()?;
+    ensure!(voters == sorted(&ids), "voters {voters:?} are not the three nodes {ids:?}");
+    for s in formed {
+        ensure!(s.members.len() == 3, "{} lists {} members", s.node.name, s.members.len());
+    }
+    Ok(ids)
+}
+
+fn sorted(v: &[String]) -> Vec<String> {
+    let mut v = v.to_vec();
+    v.sort();
+    v
 }
