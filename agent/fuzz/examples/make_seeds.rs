@@ -222,7 +222,6 @@ fn peer_request() {
             proposer: NodeId(1),
             seq: 2,
             members: BTreeMap::from([(NodeId(1), "10.0.0.1:7600".into())]),
-            members_index: Some(7),
         }),
     };
     let pledge = Pledge {
