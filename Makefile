@@ -58,7 +58,7 @@ faults-short:
 fuzz-smoke:
 	scripts/fuzz-smoke
 
-# The VM end-to-end suites (tests/tests/*.rs, root; e2e.rs alone takes 3-5 minutes under TCG): build the agent and the image,
+# The VM end-to-end suites (tests/tests/*.rs, root; 15-20 minutes under TCG): build the agent and the image,
 # boot VMs and check them from inside: e2e.rs (one node, flashed raw disk growing; a node without
 # a secret), services.rs (one 3-node cluster: mesh, munge, SLURM, controller failover, a powered-off
 # node's reboot and rejoin, the Raft leader's power-off), images.rs (a diskless node PXE-boots and joins a
@@ -73,7 +73,7 @@ e2e-suites:
 	$(MAKE) e2e-containers
 	$(MAKE) e2e-vms
 
-# The fast tier (tests/tests/containers.rs, about 20 s): the image's root booted as systemd-nspawn
+# The fast tier (tests/tests/containers.rs, about 25 s): the image's root booted as systemd-nspawn
 # containers: formation, the agent under systemd, munge and slurmctld over D-Bus, a killed agent
 # restarted by systemd, a node with a wrong secret refused, a node without a secret. What needs a kernel of its own stays in QEMU.
 e2e-containers:
