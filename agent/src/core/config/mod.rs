@@ -112,13 +112,16 @@ pub struct HealthTuning {
     pub suspect_after_ms: u64,
     /// No contact for this long: failed (a failed voter is replaced by a healthy learner).
     pub failed_after_ms: u64,
-    /// No contact for this long: removed from the cluster (the grace period).
+    /// No contact for this long: removed from the cluster (the grace period). One hour by
+    /// default: a machine that reboots for maintenance or an upgrade (server firmware alone can
+    /// take minutes, and a TCG VM on a slow host takes more than five to boot) must come back as
+    /// the same member, with its id and its Raft log, not as a new node.
     pub remove_after_ms: u64,
 }
 
 impl Default for HealthTuning {
     fn default() -> Self {
-        HealthTuning { suspect_after_ms: 5_000, failed_after_ms: 15_000, remove_after_ms: 600_000 }
+        HealthTuning { suspect_after_ms: 5_000, failed_after_ms: 15_000, remove_after_ms: 3_600_000 }
     }
 }
 
@@ -322,7 +325,7 @@ impl Config {
         if !(health.suspect_after_ms < health.failed_after_ms && health.failed_after_ms <= health.remove_after_ms) {
             return Err(invalid(
                 "health",
-                "need suspect_after_ms < failed_after_ms <= remove_after_ms (e.g. 5000, 15000, 600000)",
+                "need suspect_after_ms < failed_after_ms <= remove_after_ms (e.g. 5000, 15000, 3600000)",
             ));
         }
         Ok(Config {
