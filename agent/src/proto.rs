@@ -32,6 +32,13 @@ pub mod paths {
     pub fn accepts_any_node(path: &str) -> bool {
         path == HELLO || path == JOIN
     }
+
+    /// Whether `path` is an admission route: one a node uses before it is a member (discovery,
+    /// formation, its join), taken on the cluster secret from a sender that is not a member. Every
+    /// other route takes requests from members only (see [`crate::core::auth`]).
+    pub fn is_admission(path: &str) -> bool {
+        path == HELLO || path == JOIN || path == PLEDGE
+    }
 }
 
 /// The SLURM controller's newest state copy, sealed with the cluster key.
@@ -180,6 +187,9 @@ pub struct Candidate {
 pub struct PledgeResponse {
     /// Why the node did not pledge; `None`: it holds the pledge (on disk) now.
     pub refused: Option<crate::core::formation::PledgeRefusal>,
+    /// The node's node key: the proposer commits it in the first membership.
+    #[serde(default)]
+    pub node_key: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]
@@ -207,6 +217,9 @@ pub struct JoinRequest {
     pub id: NodeId,
     pub name: String,
     pub api_addr: String,
+    /// The joining node's node key (see [`crate::core::auth::NodeKey`]), committed with it.
+    #[serde(default)]
+    pub node_key: String,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]

@@ -54,6 +54,24 @@ impl AgentFiles {
         self.dir.join("agent.log")
     }
 
+    /// The node id and node key of the agent whose state directory is `state_dir`, as its identity
+    /// file records them: to sign requests as that node (a test playing a member, or a removed
+    /// one, that still holds its key).
+    pub fn node_key_in(state_dir: &Path) -> std::io::Result<(String, crate::core::auth::NodeKey)> {
+        use base64::Engine;
+        let path = state_dir.join(crate::adapters::identity::IDENTITY_FILE);
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
+        let bad = |what: &str| std::io::Error::other(format!("{}: no {what}", path.display()));
+        let id = crate::core::state::NodeId(v["node_id"].as_u64().ok_or_else(|| bad("node_id"))?);
+        let seed = v["node_key_seed"].as_str().ok_or_else(|| bad("node_key_seed"))?;
+        let seed: [u8; 32] = base64::engine::general_purpose::STANDARD
+            .decode(seed)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("32-byte node_key_seed"))?;
+        Ok((id.to_string(), crate::core::auth::NodeKey::from_seed(&seed)))
+    }
+
     /// The local API client of this agent.
     pub fn client(&self) -> LocalClient {
         LocalClient::new(&self.socket())

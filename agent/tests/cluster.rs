@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use clusteros::cli::client::ClientError;
 use clusteros::core::state::Response;
+use clusteros::testing::AgentFiles;
 use common::{Cluster, NetNs, Opts, metric, serial, wait_until};
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -877,19 +878,105 @@ async fn send_signed(
     a: &clusteros::core::auth::RequestAuth,
     body: Vec<u8>,
 ) -> reqwest::Response {
-    use clusteros::core::auth::{HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME, HDR_TO};
-    reqwest::Client::new()
+    use clusteros::core::auth::{HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO};
+    let mut req = reqwest::Client::new()
         .post(format!("http://{addr}{path}"))
         .header("content-type", "application/json")
         .header(HDR_TO, &a.to)
         .header(HDR_TIME, a.time_ms.to_string())
         .header(HDR_NONCE, &a.nonce)
         .header(HDR_BODY, &a.body_sha256)
-        .header(HDR_AUTH, &a.signature)
-        .body(body)
-        .send()
-        .await
-        .unwrap()
+        .header(HDR_AUTH, &a.signature);
+    if let (Some(from), Some(sig)) = (&a.from, &a.node_sig) {
+        req = req.header(HDR_FROM, from).header(HDR_NODE_SIG, sig);
+    }
+    req.body(body).send().await.unwrap()
+}
+
+/// A write request for `to`, signed with the cluster secret and, when `as_node` is given, as
+/// that node with that node key.
+fn signed_write(
+    secret: &str,
+    to: &str,
+    cmd: clusteros::core::state::Command,
+    as_node: Option<&(String, clusteros::core::auth::NodeKey)>,
+) -> (clusteros::core::auth::RequestAuth, Vec<u8>) {
+    let key = clusteros::core::auth::ClusterKey::derive(secret);
+    let body = serde_json::to_vec(&clusteros::proto::WriteRequest { cmd }).unwrap();
+    let path = clusteros::proto::paths::WRITE;
+    let nonce = clusteros::adapters::peers::new_nonce();
+    let a = key.sign_request("POST", path, to, clusteros::now_ms() as i64, &nonce, &body);
+    let a = match as_node {
+        Some((id, k)) => a.sign_as("POST", path, id, k),
+        None => a,
+    };
+    (a, body)
+}
+
+/// Issue 10, design change 1: the cluster secret admits, a node's own key speaks for it. A removed
+/// node still knows the secret and its key, yet the leader takes no write from it; a request with
+/// the secret alone, or a member's name with another key, is refused; and a member may not ask
+/// for what only the leader decides, or write another member's record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_and_a_holder_of_the_secret_cannot_speak_for_a_member() {
+    use clusteros::core::state::{Command, RoleAssignments};
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    let n = c.form_with_learner(&Opts::default()).await;
+    let leader = c.wait_converged(3, 1, FORM).await;
+    let leader_id = c.status(leader).await.unwrap().node.id.unwrap();
+    let secret = c.nodes[0].opts.secret.clone();
+    let key_of = |i: usize| AgentFiles::node_key_in(&c.nodes[i].files.dir.join("state")).unwrap();
+    let follower = (0..3).find(|i| *i != leader).unwrap();
+    let (member, removed) = (key_of(follower), key_of(n));
+    let kv = |v: &str| Command::KvPut { key: "identity/k".into(), value: v.into() };
+    let send = |cmd: Command, as_node: Option<&(String, clusteros::core::auth::NodeKey)>| {
+        let (a, body) = signed_write(&secret, &leader_id, cmd, as_node);
+        let addr = c.nodes[leader].addr.clone();
+        async move {
+            let r = send_signed(&addr, clusteros::proto::paths::WRITE, &a, body).await;
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    // A member's own write is taken.
+    let (status, text) = send(kv("from-a-member"), Some(&member)).await;
+    assert_eq!(status, 200, "{text}");
+
+    c.nodes[n].files.client().leave().await.unwrap();
+    let removed_id = removed.0.clone();
+    wait_until(Duration::from_secs(30), "the node left", || async {
+        let s = c.status(leader).await.ok()?;
+        (!s.members.iter().any(|m| m.id == removed_id)).then_some(())
+    })
+    .await;
+    let (status, text) = send(kv("from-the-removed-node"), Some(&removed)).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains(&format!("node {} is not a member", removed.0)), "{text}");
+    let (status, text) = send(kv("from-a-secret-holder"), None).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("does not say which node sent it"), "{text}");
+    let impostor = (member.0.clone(), removed.1.clone());
+    let (status, text) = send(kv("from-an-impostor"), Some(&impostor)).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("does not verify with the key its membership records"), "{text}");
+    let (status, text) = send(Command::SetRoles { roles: RoleAssignments::default() }, Some(&member)).await;
+    assert!(status >= 400 && text.contains("may not ask for set_roles"), "{status} {text}");
+    let hijack = Command::UpsertMember {
+        spec: clusteros::core::state::MemberSpec {
+            id: leader_id.parse().unwrap(),
+            name: "hijacked".into(),
+            api_addr: "10.99.99.99:7600".into(),
+            wg_public_key: String::new(),
+            facts: Default::default(),
+            labels: Default::default(),
+        },
+        at_ms: 0,
+    };
+    let (status, text) = send(hijack, Some(&member)).await;
+    assert!(status >= 400 && text.contains("may not ask for upsert_member"), "{status} {text}");
+    let r = c.nodes[leader].files.client().kv_get("identity/k", false).await.unwrap();
+    assert_eq!(r.entry.unwrap().value, "from-a-member", "a refused write was applied");
+    assert!(c.status(leader).await.unwrap().members.iter().all(|m| m.api_addr != "10.99.99.99:7600"));
 }
 
 /// Issue 10, hole 5: a forwarded write captured on its way to the leader is applied once. Sent
@@ -903,12 +990,12 @@ async fn a_captured_write_is_not_applied_again_at_another_leader() {
     c.start_all();
     let leader = c.wait_converged(3, 0, FORM).await;
     let leader_id = c.status(leader).await.unwrap().node.id.unwrap();
-    let key = clusteros::core::auth::ClusterKey::derive(&c.nodes[0].opts.secret);
+    // Sent by a member (the captured request is a real one: signed by its sender's node key).
+    let sender = (leader + 1) % 3;
+    let member = AgentFiles::node_key_in(&c.nodes[sender].files.dir.join("state")).unwrap();
     let cmd = clusteros::core::state::Command::KvPut { key: "k".into(), value: "captured".into() };
-    let body = serde_json::to_vec(&clusteros::proto::WriteRequest { cmd }).unwrap();
+    let (a, body) = signed_write(&c.nodes[0].opts.secret, &leader_id, cmd, Some(&member));
     let path = clusteros::proto::paths::WRITE;
-    let nonce = "0123456789abcdef0123456789abcdef";
-    let a = key.sign_request("POST", path, &leader_id, clusteros::now_ms() as i64, nonce, &body);
     let first = send_signed(&c.nodes[leader].addr, path, &a, body.clone()).await;
     assert!(first.status().is_success(), "the original request: {}", first.text().await.unwrap());
     let again = send_signed(&c.nodes[leader].addr, path, &a, body.clone()).await;

@@ -29,7 +29,7 @@ use netlink_packet_wireguard::{
     WireguardMessage, WireguardPeer, WireguardPeerAttribute, WireguardTimeSpec,
 };
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
-use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership, Vote};
+use openraft::{CommittedLeaderId, EntryPayload, Membership, Vote};
 use serde::Serialize;
 
 fn write(target: &str, name: &str, bytes: &[u8]) {
@@ -97,8 +97,12 @@ fn spec(id: u64, name: &str) -> MemberSpec {
 }
 
 fn membership() -> StoredMembership {
-    let nodes: BTreeMap<NodeId, BasicNode> =
-        (1..=3).map(|i| (NodeId(i), BasicNode::new(format!("10.0.0.{i}:7600")))).collect();
+    let nodes: BTreeMap<NodeId, clusteros::adapters::raft::PeerNode> = (1..=3u8)
+        .map(|i| {
+            let key = clusteros::core::auth::NodeKey::from_seed(&[i; 32]).public();
+            (NodeId(i.into()), clusteros::adapters::raft::PeerNode::new(format!("10.0.0.{i}:7600"), key))
+        })
+        .collect();
     StoredMembership::new(
         Some(log_id(1, 2)),
         Membership::new(vec![BTreeSet::from([NodeId(1), NodeId(2), NodeId(3)])], nodes),
@@ -197,6 +201,8 @@ fn peer_request_input(kind: u8, flags: u8, status: u16, body: &[u8], sign_answer
         nonce: Some(&a.nonce),
         body_sha256: Some(&a.body_sha256),
         signature: Some(&a.signature),
+        from: None,
+        node_sig: None,
     })
     .unwrap();
     key.verify_request("POST", &path, &parsed, body).unwrap();
@@ -264,7 +270,12 @@ fn peer_request() {
         }),
         to_json(&PreVoteRequest { candidate: NodeId(2), term: 1, last_log_id: Some(log_id(1, 3)) }),
         to_json(&HelloRequest { from: cand.clone() }),
-        to_json(&JoinRequest { id: NodeId(4), name: "n4".into(), api_addr: "10.0.0.4:7600".into() }),
+        to_json(&JoinRequest {
+            id: NodeId(4),
+            name: "n4".into(),
+            api_addr: "10.0.0.4:7600".into(),
+            node_key: clusteros::core::auth::NodeKey::from_seed(&[4; 32]).public(),
+        }),
         to_json(&LeaveRequest { id: NodeId(3) }),
         to_json(&WriteRequest { cmd: Command::KvPut { key: "k".into(), value: "v".into() } }),
         to_json(&ReadRequest { key: "k".into() }),
@@ -296,7 +307,10 @@ fn peer_request() {
             read_index: Some(7),
         }),
         to_json(&SlurmStateBlob { from: NodeId(1), version: 2, digest: "ab".repeat(32), sealed: "AAAA".into() }),
-        to_json(&PledgeResponse { refused: Some(PledgeRefusal::PledgedTo(NodeId(1))) }),
+        to_json(&PledgeResponse {
+            refused: Some(PledgeRefusal::PledgedTo(NodeId(1))),
+            node_key: clusteros::core::auth::NodeKey::from_seed(&[1; 32]).public(),
+        }),
     ];
     let mut tokens = BTreeSet::new();
     for (kind, (req, ans)) in requests.iter().zip(&answers).enumerate() {

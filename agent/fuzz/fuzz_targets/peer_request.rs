@@ -9,7 +9,8 @@
 //! HMAC to the destination check, the replay guard and the handlers); 16 = sign the answer
 //! correctly; 32 = the answer signature header is present; 64 = the body digest header is absent
 //! (else it is the body's); 128 = the destination header is absent. The node checking the
-//! request is [`TARGET`].
+//! request is [`TARGET`]; flag 8 also signs the request as member [`MEMBER`] with its node key,
+//! the only member whose key the checking node's membership records.
 
 #![forbid(unsafe_code)]
 #![no_main]
@@ -18,7 +19,9 @@ use std::sync::LazyLock;
 
 use clusteros::adapters::raft::TypeConfig;
 use clusteros::adapters::raft::state_machine::SmData;
-use clusteros::core::auth::{ANY_NODE, AuthError, AuthHeaders, ClusterKey, Gate, body_digest, parse_auth};
+use clusteros::core::auth::{
+    ANY_NODE, AuthError, AuthHeaders, ClusterKey, Gate, NodeKey, Origin, Sender, body_digest, parse_auth,
+};
 use clusteros::core::formation::{Pledge, answer_pledge};
 use clusteros::core::state::{NodeId, Response as CmdResponse};
 use clusteros::proto::{
@@ -33,6 +36,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 static KEY: LazyLock<ClusterKey> = LazyLock::new(|| ClusterKey::derive(SECRET));
+static MEMBER_KEY: LazyLock<NodeKey> = LazyLock::new(|| NodeKey::from_seed(&[5; 32]));
+/// The one member the checking node knows the key of.
+const MEMBER: &str = "000000000000000c";
+
+/// What the checking node's membership records of a sender.
+fn membership(id: NodeId) -> Sender {
+    if id.to_string() == MEMBER { Sender::Member { node_key: MEMBER_KEY.public() } } else { Sender::Stranger }
+}
 
 /// A header value as the middleware sees it: absent, or not visible ASCII, is `None`.
 fn header(present: bool, raw: &[u8]) -> Option<String> {
@@ -194,6 +205,8 @@ fuzz_target!(|data: &[u8]| {
         nonce: nonce.as_deref(),
         body_sha256: digest.as_deref(),
         signature: sig.as_deref(),
+        from: None,
+        node_sig: None,
     });
     if let Err(e) = &parsed {
         assert!(matches!(e, AuthError::Missing(_)), "{e:?}");
@@ -204,12 +217,17 @@ fuzz_target!(|data: &[u8]| {
     {
         let signed = key.sign_request("POST", &path, &a.to, a.time_ms, &a.nonce, body);
         assert_eq!((&signed.to, signed.time_ms, &signed.nonce), (&a.to, a.time_ms, &a.nonce));
-        auth = Ok(signed);
+        auth = Ok(signed.sign_as("POST", &path, MEMBER, &MEMBER_KEY));
     }
     let gate = Gate::new(key.clone(), TARGET);
     let any_node = clusteros::proto::paths::accepts_any_node(&path);
+    let admission = clusteros::proto::paths::is_admission(&path);
     let checked = auth.clone().and_then(|a| {
-        gate.admit_head("POST", &path, &a, any_node, NOW_MS)?;
+        let origin = gate.admit_head("POST", &path, &a, admission, any_node, NOW_MS, membership)?;
+        // A request that names its sender is that member's, or refused.
+        if a.from.is_some() {
+            assert_eq!(origin, Origin::Member(MEMBER.parse().unwrap()));
+        }
         key.verify_body(&a, body)?;
         Ok(a)
     });
@@ -218,7 +236,7 @@ fuzz_target!(|data: &[u8]| {
         // A correct signature verifies; the same request again is refused for the same reason,
         // or as a replay once it was admitted.
         assert_eq!(key.verify_request("POST", &path, a, body), Ok(()));
-        let again = gate.admit_head("POST", &path, a, any_node, NOW_MS);
+        let again = gate.admit_head("POST", &path, a, admission, any_node, NOW_MS, membership);
         match &checked {
             Ok(_) => assert_eq!(again, Err(AuthError::Replayed)),
             Err(AuthError::Stale { .. }) => assert!(matches!(again, Err(AuthError::Stale { .. }))),

@@ -1,4 +1,5 @@
-//! Node identity: a node id that is never reused, the node name and the WireGuard key pair.
+//! Node identity: a node id that is never reused, the node name, the WireGuard key pair and the
+//! node key (Ed25519) that signs this node's peer requests.
 //!
 //! Created on first start under the state directory, loaded on later starts. A reinstalled machine
 //! has an empty state directory and so gets a new node id; it keeps its name, which lets the cluster
@@ -12,6 +13,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::adapters::files::{WriteError, write_atomic};
+use crate::core::auth::NodeKey;
 use crate::core::state::NodeId;
 
 pub const IDENTITY_FILE: &str = "identity.json";
@@ -39,6 +41,10 @@ struct IdentityFile {
     /// atomic step. Files written by agents before this field have only `wg.key`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     wg_private_key: Option<String>,
+    /// The seed of the node key (base64, 32 bytes). Files written by agents before node keys
+    /// have none; one is created on the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node_key_seed: Option<String>,
 }
 
 fn decode_key(text: &str) -> Option<[u8; 32]> {
@@ -56,6 +62,7 @@ pub struct Identity {
     pub name: String,
     pub wg_public_key: String,
     wg_private_key: [u8; 32],
+    node_key: NodeKey,
 }
 
 impl std::fmt::Debug for Identity {
@@ -64,6 +71,7 @@ impl std::fmt::Debug for Identity {
             .field("node_id", &format_args!("{}", self.node_id))
             .field("name", &self.name)
             .field("wg_public_key", &self.wg_public_key)
+            .field("node_key", &self.node_key)
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +91,13 @@ pub fn generate_wg_keypair() -> ([u8; 32], String) {
 pub fn wg_public_key(secret: &[u8; 32]) -> String {
     let s = x25519_dalek::StaticSecret::from(*secret);
     B64.encode(x25519_dalek::PublicKey::from(&s).as_bytes())
+}
+
+/// A fresh random seed of a node key.
+fn new_node_key_seed() -> [u8; 32] {
+    let mut seed = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut seed);
+    seed
 }
 
 /// A fresh random node id; zero is never used.
@@ -124,9 +139,16 @@ impl Identity {
                 if file.node_id == NodeId(0) {
                     return Err(corrupt("node id 0 is invalid".into()));
                 }
-                if file.name != name || file.wg_private_key.is_none() {
+                let node_seed = match &file.node_key_seed {
+                    Some(k) => {
+                        decode_key(k).ok_or_else(|| corrupt("its node_key_seed is not a base64 32-byte seed".into()))?
+                    }
+                    None => new_node_key_seed(),
+                };
+                if file.name != name || file.wg_private_key.is_none() || file.node_key_seed.is_none() {
                     file.name = name.to_string();
                     file.wg_private_key = Some(B64.encode(key));
+                    file.node_key_seed = Some(B64.encode(node_seed));
                     write_atomic(&path, &serde_json::to_vec_pretty(&file).expect("serializable"), 0o600)?;
                 }
                 // wg.key is a copy for tools (wg, debugging); one left behind by a crash is mended.
@@ -138,6 +160,7 @@ impl Identity {
                     name: file.name,
                     wg_public_key: file.wg_public_key,
                     wg_private_key: key,
+                    node_key: NodeKey::from_seed(&node_seed),
                 })
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Self::create(state_dir, name),
@@ -151,11 +174,13 @@ impl Identity {
         for (path, bytes) in Self::files(state_dir, &file, &secret) {
             write_atomic(&path, &bytes, 0o600)?;
         }
+        let seed = file.node_key_seed.as_deref().and_then(decode_key).expect("new_file writes a seed");
         Ok(Identity {
             node_id: file.node_id,
             name: file.name,
             wg_public_key: file.wg_public_key,
             wg_private_key: secret,
+            node_key: NodeKey::from_seed(&seed),
         })
     }
 
@@ -167,6 +192,7 @@ impl Identity {
             wg_public_key: public,
             created_at_ms: crate::now_ms(),
             wg_private_key: Some(B64.encode(secret)),
+            node_key_seed: Some(B64.encode(new_node_key_seed())),
         };
         (file, secret)
     }
@@ -183,6 +209,11 @@ impl Identity {
     /// The WireGuard private key bytes (for the mesh adapter).
     pub fn wg_private_key(&self) -> &[u8; 32] {
         &self.wg_private_key
+    }
+
+    /// The key that signs this node's peer requests.
+    pub fn node_key(&self) -> &NodeKey {
+        &self.node_key
     }
 }
 
@@ -214,6 +245,7 @@ mod tests {
         assert_eq!(a.node_id, b.node_id);
         assert_eq!(a.wg_public_key, b.wg_public_key);
         assert_eq!(a.wg_private_key(), b.wg_private_key());
+        assert_eq!(a.node_key().public(), b.node_key().public(), "the node key is kept");
         for f in [IDENTITY_FILE, WG_KEY_FILE] {
             let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{f}");
@@ -253,6 +285,10 @@ mod tests {
         let file: IdentityFile =
             serde_json::from_slice(&std::fs::read(dir.path().join(IDENTITY_FILE)).unwrap()).unwrap();
         assert_eq!(file.wg_private_key.as_deref().and_then(decode_key), Some(secret));
+        // It gained a node key too, and keeps it.
+        let seed = file.node_key_seed.as_deref().and_then(decode_key).expect("a node key seed");
+        assert_eq!(id.node_key().public(), NodeKey::from_seed(&seed).public());
+        assert_eq!(Identity::load_or_create(dir.path(), "n1").unwrap().node_key().public(), id.node_key().public());
     }
 
     #[test]
@@ -260,6 +296,7 @@ mod tests {
         let a = Identity::load_or_create(tempfile::tempdir().unwrap().path(), "n1").unwrap();
         let b = Identity::load_or_create(tempfile::tempdir().unwrap().path(), "n1").unwrap();
         assert_ne!(a.node_id, b.node_id);
+        assert_ne!(a.node_key().public(), b.node_key().public(), "and a new node key");
     }
 
     #[test]

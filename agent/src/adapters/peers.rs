@@ -12,7 +12,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::core::auth::{ANY_NODE, ClusterKey, HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME, HDR_TO};
+use crate::core::auth::{
+    ANY_NODE, ClusterKey, HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO, NodeKey,
+};
 use crate::core::state::NodeId;
 use crate::proto::{ErrorBody, ErrorKind, MAX_ANSWER_BYTES, MAX_MESSAGE_CHARS, printable};
 
@@ -65,10 +67,14 @@ pub fn new_nonce() -> String {
 pub struct PeerClient {
     http: reqwest::Client,
     key: ClusterKey,
+    /// This node's id as requests name it, and the key that signs them.
+    me: String,
+    node_key: NodeKey,
 }
 
 impl PeerClient {
-    pub fn new(key: ClusterKey) -> PeerClient {
+    /// A client that proves the cluster secret (`key`) and signs as node `me` with `node_key`.
+    pub fn new(key: ClusterKey, me: NodeId, node_key: NodeKey) -> PeerClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             // Shorter than the server's idle timeout (`server::accept::Limits::PEER`, 20 s), so
@@ -79,7 +85,7 @@ impl PeerClient {
             .no_proxy()
             .build()
             .expect("HTTP client without TLS builds");
-        PeerClient { http, key }
+        PeerClient { http, key, me: me.to_string(), node_key }
     }
 
     /// POSTs the call's JSON body to `http://{addr}{path}`: the verified answer's bytes.
@@ -93,7 +99,12 @@ impl PeerClient {
 
     async fn call_raw(&self, PeerCall { addr, to, path, body, .. }: PeerCall<'_>) -> Result<Vec<u8>, PeerError> {
         let to = to.map_or_else(|| ANY_NODE.to_string(), |id| id.to_string());
-        let auth = self.key.sign_request("POST", path, &to, crate::now_ms() as i64, &new_nonce(), &body);
+        let auth = self.key.sign_request("POST", path, &to, crate::now_ms() as i64, &new_nonce(), &body).sign_as(
+            "POST",
+            path,
+            &self.me,
+            &self.node_key,
+        );
         let resp = self
             .http
             .post(format!("http://{addr}{path}"))
@@ -103,6 +114,8 @@ impl PeerClient {
             .header(HDR_BODY, &auth.body_sha256)
             .header(HDR_TO, &auth.to)
             .header(HDR_AUTH, &auth.signature)
+            .header(HDR_FROM, &self.me)
+            .header(HDR_NODE_SIG, auth.node_sig.as_deref().unwrap_or_default())
             .body(body)
             .send()
             .await
@@ -328,7 +341,11 @@ mod tests {
     use super::*;
 
     fn client() -> PeerHandle {
-        PeerHandle::new(PeerClient::new(ClusterKey::derive("transport-test-secret")))
+        PeerHandle::new(PeerClient::new(
+            ClusterKey::derive("transport-test-secret"),
+            NodeId(1),
+            NodeKey::from_seed(&[7; 32]),
+        ))
     }
 
     #[tokio::test]

@@ -1,4 +1,4 @@
-//! Proof of the cluster secret on every peer RPC, in both directions.
+//! Proof of the cluster secret and of the sender's own identity on every peer RPC.
 //!
 //! A request carries `x-clusteros-time` (unix ms), `x-clusteros-nonce` (random),
 //! `x-clusteros-body-sha256` (the body's SHA-256), `x-clusteros-to` (the node it is for, or `*`
@@ -13,6 +13,23 @@
 //! nonces it has already seen within that window (bounded memory). Responses are signed over the
 //! request's nonce, status and body, so a joining node also learns whether the cluster it reached
 //! knows the same secret.
+//!
+//! The cluster secret only admits. Who sent a request is proved by the sender's own node key
+//! (Ed25519, [`NodeKey`]): `x-clusteros-from` names the sender and `x-clusteros-node-sig` signs
+//! the same fields plus that name. The public keys are the ones committed in the Raft membership
+//! ([`crate::core::raft_types::PeerNode`]). What a receiver accepts, by route and by what its own
+//! membership says of the sender ([`Sender`]):
+//!
+//! | route | sender is a member | sender is not a member | this node is in no cluster yet |
+//! |---|---|---|---|
+//! | admission: hello, pledge, join | its node signature is checked | the secret suffices | the secret suffices |
+//! | everything else (Raft, write, read, leave, SLURM state) | its node signature is required | refused | the secret suffices |
+//!
+//! The last column is the trust of a node that has not joined: it learns its cluster's keys with
+//! the first membership it receives. So a removed node, which still knows the secret, can
+//! discover and ask to join (as a new node), but no member takes a Raft message, a write or a read
+//! from it; and a holder of the secret cannot speak for a member, since it lacks that member's
+//! key. What each member may ask for is [`crate::core::permissions`]'s table.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -21,11 +38,15 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
+use crate::core::ids::NodeId;
+
 pub const HDR_TIME: &str = "x-clusteros-time";
 pub const HDR_NONCE: &str = "x-clusteros-nonce";
 pub const HDR_AUTH: &str = "x-clusteros-auth";
 pub const HDR_BODY: &str = "x-clusteros-body-sha256";
 pub const HDR_TO: &str = "x-clusteros-to";
+pub const HDR_FROM: &str = "x-clusteros-from";
+pub const HDR_NODE_SIG: &str = "x-clusteros-node-sig";
 /// The destination of a request that whichever node listens at the address may answer.
 pub const ANY_NODE: &str = "*";
 
@@ -60,6 +81,22 @@ pub enum AuthError {
     Unaddressed(String),
     #[error("too many requests in the replay window: refused, retry later")]
     Overloaded,
+    #[error(
+        "the request does not say which node sent it ({HDR_FROM} and {HDR_NODE_SIG}): {0} takes requests from members only"
+    )]
+    Anonymous(String),
+    #[error(
+        "node {0} is not a member of this node's cluster (it was removed, or has not joined yet): refused; a removed node must join again as a new node"
+    )]
+    NotAMember(String),
+    #[error(
+        "the node signature of {0} does not verify with the key its membership records: refused (another node, or a reinstalled machine with a new key under the old id)"
+    )]
+    BadNodeSignature(String),
+    #[error(
+        "member {0} has no node key in this cluster's membership (it joined with an agent from before node keys): refused; remove it and let it join again"
+    )]
+    NoNodeKey(String),
 }
 
 /// The key derived from the cluster secret. Never logged.
@@ -82,6 +119,10 @@ pub struct RequestAuth {
     /// The body's SHA-256, hex.
     pub body_sha256: String,
     pub signature: String,
+    /// The sender's node id and its node signature ([`RequestAuth::sign_as`]); `None` for a
+    /// request that proves only the cluster secret.
+    pub from: Option<String>,
+    pub node_sig: Option<String>,
 }
 
 /// The header values of a request as the peer API reads them (`None`: absent or not visible
@@ -93,6 +134,8 @@ pub struct AuthHeaders<'a> {
     pub nonce: Option<&'a str>,
     pub body_sha256: Option<&'a str>,
     pub signature: Option<&'a str>,
+    pub from: Option<&'a str>,
+    pub node_sig: Option<&'a str>,
 }
 
 /// Reads the authentication headers of a request. What the peer API's middleware checks first,
@@ -104,7 +147,8 @@ pub fn parse_auth(h: AuthHeaders<'_>) -> Result<RequestAuth, AuthError> {
     let body_sha256 = h.body_sha256.ok_or(AuthError::Missing(HDR_BODY))?.to_string();
     let to = h.to.ok_or(AuthError::Missing(HDR_TO))?.to_string();
     let signature = h.signature.ok_or(AuthError::Missing(HDR_AUTH))?.to_string();
-    Ok(RequestAuth { to, time_ms, nonce, body_sha256, signature })
+    let (from, node_sig) = (h.from.map(str::to_string), h.node_sig.map(str::to_string));
+    Ok(RequestAuth { to, time_ms, nonce, body_sha256, signature, from, node_sig })
 }
 
 /// The value of the body digest header for `body`.
@@ -178,7 +222,15 @@ impl ClusterKey {
         let parts = Self::request_parts(method, path, to, time_ms, nonce, &digest);
         let refs: Vec<&[u8]> = parts.iter().map(Vec::as_slice).collect();
         let signature = hex(&self.mac(&refs).finalize().into_bytes());
-        RequestAuth { to: to.to_string(), time_ms, nonce: nonce.to_string(), body_sha256: hex(&digest), signature }
+        RequestAuth {
+            to: to.to_string(),
+            time_ms,
+            nonce: nonce.to_string(),
+            body_sha256: hex(&digest),
+            signature,
+            from: None,
+            node_sig: None,
+        }
     }
 
     /// Checks the signature over the headers, before the body is read (time and replay are the
@@ -229,6 +281,118 @@ impl ClusterKey {
     }
 }
 
+/// A node's own signing key (Ed25519), from its identity: it signs every request the node sends.
+/// The private half never leaves the node and is never logged.
+#[derive(Clone)]
+pub struct NodeKey(ed25519_dalek::SigningKey);
+
+impl std::fmt::Debug for NodeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NodeKey({})", self.public())
+    }
+}
+
+impl NodeKey {
+    /// The key of a 32-byte seed (the identity file keeps the seed).
+    pub fn from_seed(seed: &[u8; 32]) -> NodeKey {
+        NodeKey(ed25519_dalek::SigningKey::from_bytes(seed))
+    }
+
+    /// The public key as the membership records it (base64).
+    pub fn public(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(self.0.verifying_key().as_bytes())
+    }
+
+    fn sign(&self, message: &[u8]) -> String {
+        use ed25519_dalek::Signer;
+        hex(&self.0.sign(message).to_bytes())
+    }
+}
+
+/// Whether `text` is a node key as [`NodeKey::public`] writes it (a valid Ed25519 point).
+pub fn is_node_key(text: &str) -> bool {
+    verifying_key(text).is_some()
+}
+
+fn verifying_key(text: &str) -> Option<ed25519_dalek::VerifyingKey> {
+    use base64::Engine;
+    let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD.decode(text).ok()?.try_into().ok()?;
+    ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()
+}
+
+/// What a node signature covers: the fields the cluster MAC covers, and the sender's name.
+fn node_message(method: &str, path: &str, auth: &RequestAuth, from: &str) -> Vec<u8> {
+    let time = auth.time_ms.to_string();
+    let parts: [&[u8]; 8] = [
+        b"clusteros node request v1",
+        method.as_bytes(),
+        path.as_bytes(),
+        auth.to.as_bytes(),
+        from.as_bytes(),
+        time.as_bytes(),
+        auth.nonce.as_bytes(),
+        auth.body_sha256.as_bytes(),
+    ];
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend_from_slice(&(p.len() as u64).to_be_bytes());
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+impl RequestAuth {
+    /// Adds the sender's name and its node signature to a request signed with the cluster key.
+    pub fn sign_as(mut self, method: &str, path: &str, from: &str, key: &NodeKey) -> RequestAuth {
+        self.node_sig = Some(key.sign(&node_message(method, path, &self, from)));
+        self.from = Some(from.to_string());
+        self
+    }
+
+    /// Checks the node signature against the sender's public key (base64).
+    pub fn verify_node_sig(&self, method: &str, path: &str, public: &str) -> Result<(), AuthError> {
+        let from = self.from.as_deref().unwrap_or_default();
+        let bad = || AuthError::BadNodeSignature(from.to_string());
+        let key = verifying_key(public).ok_or_else(bad)?;
+        let sig: [u8; 64] = self.node_sig.as_deref().and_then(unhex).and_then(|s| s.try_into().ok()).ok_or_else(bad)?;
+        key.verify_strict(&node_message(method, path, self, from), &ed25519_dalek::Signature::from_bytes(&sig))
+            .map_err(|_| bad())
+    }
+}
+
+/// What this node's Raft membership says of a request's sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sender {
+    /// This node holds no membership yet (it has not formed or joined a cluster): the cluster
+    /// secret is all it can check, as at its join.
+    Unjoined,
+    /// A member, with the node key the membership records (empty: none recorded).
+    Member { node_key: String },
+    /// Not in the membership this node holds: removed, or not admitted (yet).
+    Stranger,
+}
+
+/// Who a request admitted by the [`Gate`] is known to come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// This member: the request carries its node signature.
+    Member(NodeId),
+    /// A holder of the cluster secret: an admission request, or any request to a node that is in
+    /// no cluster yet. Nothing that needs a member's authority may rest on it.
+    SecretHolder,
+}
+
+impl Origin {
+    /// The member the request comes from, if it proved one.
+    pub fn member(&self) -> Option<NodeId> {
+        match self {
+            Origin::Member(id) => Some(*id),
+            Origin::SecretHolder => None,
+        }
+    }
+}
+
 /// What a node checks of a request's headers before it reads the body: the signature, that the
 /// request is for this node, its freshness and that its nonce is new. One per node, shared by all
 /// of its listeners (the underlay and the mesh address), so a request replayed to another
@@ -246,17 +410,22 @@ impl Gate {
         Gate { key, guard: ReplayGuard::default(), me: me.to_string() }
     }
 
-    /// Admits `auth` for `method path`. `any_node`: the route may be addressed to
-    /// [`ANY_NODE`] (the sender cannot know which node listens at the address). The nonce is
-    /// remembered only for a request that passed every other check.
+    /// Admits `auth` for `method path` and says who it comes from. `admission`: the route is one
+    /// a node uses before it is a member (hello, pledge, join). `any_node`: the route may be
+    /// addressed to [`ANY_NODE`] (the sender cannot know which node listens at the address).
+    /// `sender` says what this node's membership records of a node id (see the table in the
+    /// module comment). The nonce is remembered only for a request that passed every other check.
+    #[allow(clippy::too_many_arguments)]
     pub fn admit_head(
         &self,
         method: &str,
         path: &str,
         auth: &RequestAuth,
+        admission: bool,
         any_node: bool,
         now_ms: i64,
-    ) -> Result<(), AuthError> {
+        sender: impl FnOnce(NodeId) -> Sender,
+    ) -> Result<Origin, AuthError> {
         self.key.verify_request_head(method, path, auth)?;
         if auth.to == ANY_NODE {
             if !any_node {
@@ -265,7 +434,37 @@ impl Gate {
         } else if auth.to != self.me {
             return Err(AuthError::WrongDestination { to: auth.to.clone(), me: self.me.clone() });
         }
-        self.guard.check(auth, now_ms)
+        let origin = self.origin(method, path, auth, admission, sender)?;
+        self.guard.check(auth, now_ms)?;
+        Ok(origin)
+    }
+
+    fn origin(
+        &self,
+        method: &str,
+        path: &str,
+        auth: &RequestAuth,
+        admission: bool,
+        sender: impl FnOnce(NodeId) -> Sender,
+    ) -> Result<Origin, AuthError> {
+        let claimed = match (&auth.from, &auth.node_sig) {
+            (Some(from), Some(_)) => Some(from),
+            _ => None,
+        };
+        let Some(from) = claimed else {
+            return if admission { Ok(Origin::SecretHolder) } else { Err(AuthError::Anonymous(path.to_string())) };
+        };
+        let id = from.parse::<NodeId>().map_err(|_| AuthError::BadNodeSignature(from.clone()))?;
+        match sender(id) {
+            Sender::Member { node_key } if node_key.is_empty() => Err(AuthError::NoNodeKey(from.clone())),
+            Sender::Member { node_key } => {
+                auth.verify_node_sig(method, path, &node_key)?;
+                Ok(Origin::Member(id))
+            }
+            Sender::Unjoined => Ok(Origin::SecretHolder),
+            Sender::Stranger if admission => Ok(Origin::SecretHolder),
+            Sender::Stranger => Err(AuthError::NotAMember(from.clone())),
+        }
     }
 }
 
@@ -375,6 +574,8 @@ mod tests {
             nonce: Some(""),
             body_sha256: Some(""),
             signature: Some(""),
+            from: None,
+            node_sig: None,
         };
         let a = parse_auth(h).unwrap();
         assert!(matches!(g.check(&a, now), Err(AuthError::Stale { .. })));
@@ -389,6 +590,8 @@ mod tests {
             nonce: Some("n"),
             body_sha256: Some("d"),
             signature: Some("s"),
+            from: Some("f"),
+            node_sig: Some("g"),
         };
         let want = RequestAuth {
             to: "t".into(),
@@ -396,8 +599,13 @@ mod tests {
             nonce: "n".into(),
             body_sha256: "d".into(),
             signature: "s".into(),
+            from: Some("f".into()),
+            node_sig: Some("g".into()),
         };
         assert_eq!(parse_auth(all), Ok(want));
+        // The sender's name and signature are optional: admission requests may lack them.
+        let anonymous = parse_auth(AuthHeaders { from: None, node_sig: None, ..all }).unwrap();
+        assert_eq!((anonymous.from, anonymous.node_sig), (None, None));
         assert_eq!(parse_auth(AuthHeaders::default()), Err(AuthError::Missing(HDR_TIME)));
         assert_eq!(parse_auth(AuthHeaders { time: Some("x"), ..all }), Err(AuthError::Missing(HDR_TIME)));
         assert_eq!(parse_auth(AuthHeaders { nonce: None, ..all }), Err(AuthError::Missing(HDR_NONCE)));
@@ -415,26 +623,119 @@ mod tests {
         let k = ClusterKey::derive("secret-secret-secret");
         let now = 1_000_000;
         let (a, b) = (Gate::new(k.clone(), "000000000000000a"), Gate::new(k.clone(), "000000000000000b"));
-        let w = k.sign_request("POST", "/peer/v1/write", "000000000000000a", now, &nonce(), b"{}");
+        let me = NodeKey::from_seed(&[3; 32]);
+        let members = |_: NodeId| Sender::Member { node_key: me.public() };
+        let signed = |path: &str, to: &str| {
+            k.sign_request("POST", path, to, now, &nonce(), b"{}").sign_as("POST", path, "000000000000000c", &me)
+        };
+        let w = signed("/peer/v1/write", "000000000000000a");
         assert_eq!(
-            b.admit_head("POST", "/peer/v1/write", &w, false, now),
+            b.admit_head("POST", "/peer/v1/write", &w, false, false, now, members),
             Err(AuthError::WrongDestination { to: "000000000000000a".into(), me: "000000000000000b".into() })
         );
         let readdressed = RequestAuth { to: "000000000000000b".into(), ..w.clone() };
-        assert_eq!(b.admit_head("POST", "/peer/v1/write", &readdressed, false, now), Err(AuthError::BadSignature));
-        let any = k.sign_request("POST", "/peer/v1/write", ANY_NODE, now, &nonce(), b"{}");
         assert_eq!(
-            a.admit_head("POST", "/peer/v1/write", &any, false, now),
+            b.admit_head("POST", "/peer/v1/write", &readdressed, false, false, now, members),
+            Err(AuthError::BadSignature)
+        );
+        let any = signed("/peer/v1/write", ANY_NODE);
+        assert_eq!(
+            a.admit_head("POST", "/peer/v1/write", &any, false, false, now, members),
             Err(AuthError::Unaddressed("/peer/v1/write".into()))
         );
         // Refusals leave the nonce unrecorded: the right node still takes the request, once.
-        assert_eq!(a.admit_head("POST", "/peer/v1/write", &w, false, now), Ok(()));
+        assert_eq!(
+            a.admit_head("POST", "/peer/v1/write", &w, false, false, now, members),
+            Ok(Origin::Member(NodeId(12)))
+        );
         let shared = std::sync::Arc::new(a);
         let (underlay, mesh) = (shared.clone(), shared);
-        assert_eq!(mesh.admit_head("POST", "/peer/v1/write", &w, false, now + 5), Err(AuthError::Replayed));
+        assert_eq!(
+            mesh.admit_head("POST", "/peer/v1/write", &w, false, false, now + 5, members),
+            Err(AuthError::Replayed)
+        );
         let hello = k.sign_request("POST", "/peer/v1/hello", ANY_NODE, now, &nonce(), b"{}");
-        assert_eq!(underlay.admit_head("POST", "/peer/v1/hello", &hello, true, now), Ok(()));
-        assert_eq!(b.admit_head("POST", "/peer/v1/hello", &hello, true, now), Ok(()), "another node's own memory");
+        let admit_hello = |g: &Gate| g.admit_head("POST", "/peer/v1/hello", &hello, true, true, now, members);
+        assert_eq!(admit_hello(&underlay), Ok(Origin::SecretHolder));
+        assert_eq!(admit_hello(&b), Ok(Origin::SecretHolder), "another node's own memory");
+    }
+
+    /// Issue 10, design change 1: the secret only admits. Who sent a request is the node whose
+    /// key signed it, as this node's membership records it (the table in the module comment).
+    #[test]
+    fn the_sender_is_the_member_whose_key_signed_it() {
+        let k = ClusterKey::derive("secret-secret-secret");
+        let now = 1_000_000;
+        let gate = Gate::new(k.clone(), "000000000000000a");
+        let (alice, mallory) = (NodeKey::from_seed(&[1; 32]), NodeKey::from_seed(&[2; 32]));
+        let alice_id = "0000000000000001";
+        let membership = |id: NodeId| match id.get() {
+            1 => Sender::Member { node_key: alice.public() },
+            2 => Sender::Member { node_key: String::new() },
+            _ => Sender::Stranger,
+        };
+        let request = |path: &str, from: Option<(&str, &NodeKey)>| {
+            let a = k.sign_request("POST", path, "000000000000000a", now, &nonce(), b"{}");
+            match from {
+                Some((id, key)) => a.sign_as("POST", path, id, key),
+                None => a,
+            }
+        };
+        let write = "/peer/v1/write";
+        let admit = |a: &RequestAuth, admission: bool, sender: &dyn Fn(NodeId) -> Sender| {
+            gate.admit_head("POST", &a_path(a, admission), a, admission, false, now, sender)
+        };
+        fn a_path(_: &RequestAuth, admission: bool) -> String {
+            if admission { "/peer/v1/join".into() } else { "/peer/v1/write".into() }
+        }
+        // A member's own signature: its request is its.
+        assert_eq!(admit(&request(write, Some((alice_id, &alice))), false, &membership), Ok(Origin::Member(NodeId(1))));
+        // A holder of the secret signing as alice with another key; alice's signature over
+        // another sender name; and a signature of no known member: all refused.
+        assert_eq!(
+            admit(&request(write, Some((alice_id, &mallory))), false, &membership),
+            Err(AuthError::BadNodeSignature(alice_id.into()))
+        );
+        let renamed = RequestAuth { from: Some("0000000000000003".into()), ..request(write, Some((alice_id, &alice))) };
+        assert_eq!(admit(&renamed, false, &membership), Err(AuthError::NotAMember("0000000000000003".into())));
+        // A removed node knows the secret and its own key, but is no member: refused on member
+        // routes; it may still discover and ask to join (as a new node) on admission routes.
+        let removed = request(write, Some(("0000000000000009", &mallory)));
+        assert_eq!(admit(&removed, false, &membership), Err(AuthError::NotAMember("0000000000000009".into())));
+        let removed_join = request("/peer/v1/join", Some(("0000000000000009", &mallory)));
+        assert_eq!(admit(&removed_join, true, &membership), Ok(Origin::SecretHolder));
+        // No sender at all: fine for admission, refused elsewhere.
+        assert_eq!(admit(&request(write, None), false, &membership), Err(AuthError::Anonymous(write.into())));
+        assert_eq!(admit(&request("/peer/v1/join", None), true, &membership), Ok(Origin::SecretHolder));
+        // A member recorded without a key (an agent from before node keys) is refused.
+        assert_eq!(
+            admit(&request(write, Some(("0000000000000002", &mallory))), false, &membership),
+            Err(AuthError::NoNodeKey("0000000000000002".into()))
+        );
+        // A member's signature is checked on admission routes too.
+        assert_eq!(
+            admit(&request("/peer/v1/join", Some((alice_id, &mallory))), true, &membership),
+            Err(AuthError::BadNodeSignature(alice_id.into()))
+        );
+        // A node in no cluster yet knows no keys: the secret is all it checks.
+        assert_eq!(
+            admit(&request(write, Some(("0000000000000009", &mallory))), false, &|_| Sender::Unjoined),
+            Ok(Origin::SecretHolder)
+        );
+        // The node signature covers the body digest and the destination, as the MAC does.
+        let signed = request(write, Some((alice_id, &alice)));
+        let other_body = RequestAuth { body_sha256: body_digest(b"[]"), ..signed.clone() };
+        assert_eq!(
+            other_body.verify_node_sig("POST", write, &alice.public()),
+            Err(AuthError::BadNodeSignature(alice_id.into()))
+        );
+        assert_eq!(
+            signed.verify_node_sig("POST", "/peer/v1/read", &alice.public()),
+            Err(AuthError::BadNodeSignature(alice_id.into()))
+        );
+        assert_eq!(signed.verify_node_sig("POST", write, &alice.public()), Ok(()));
+        assert!(is_node_key(&alice.public()) && !is_node_key("not a key") && !is_node_key(""));
+        assert!(!format!("{alice:?}").contains(&hex(&[1; 32])), "the private key is not in Debug output");
     }
 
     #[test]
@@ -449,6 +750,8 @@ mod tests {
                 nonce: format!("{}", i),
                 body_sha256: String::new(),
                 signature: String::new(),
+                from: None,
+                node_sig: None,
             };
             g.check(&a, 0).unwrap();
         }

@@ -9,6 +9,7 @@ pub mod ids;
 pub mod leader;
 pub mod membership;
 pub mod mesh;
+pub mod permissions;
 pub mod raft_types;
 pub mod render;
 pub mod roles;

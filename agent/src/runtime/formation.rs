@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use openraft::BasicNode;
+use crate::core::raft_types::PeerNode;
 use openraft::error::{InitializeError, RaftError};
 use rand::Rng;
 
@@ -270,13 +270,21 @@ impl Node {
             let req = pledge.clone();
             async move { (*id, self.client.call::<_, PledgeResponse>(addr, *id, paths::PLEDGE, &req, t).await) }
         });
+        let mut keys = BTreeMap::from([(me, self.identity.node_key().public())]);
         let answers: BTreeMap<NodeId, Result<(), Option<formation::PledgeRefusal>>> = futures::future::join_all(calls)
             .await
             .into_iter()
             .map(|(id, r)| {
                 let a = match r {
-                    Ok(PledgeResponse { refused: None }) => Ok(()),
-                    Ok(PledgeResponse { refused: Some(why) }) => Err(Some(why)),
+                    Ok(PledgeResponse { refused: None, node_key }) if crate::core::auth::is_node_key(&node_key) => {
+                        keys.insert(id, node_key);
+                        Ok(())
+                    }
+                    Ok(PledgeResponse { refused: None, .. }) => {
+                        debug!(peer = %id, "pledged without a valid node key (an agent from before node keys?)");
+                        Err(None)
+                    }
+                    Ok(PledgeResponse { refused: Some(why), .. }) => Err(Some(why)),
                     Err(e) => {
                         debug!(peer = %id, "pledge request: {e}");
                         Err(None)
@@ -308,8 +316,12 @@ impl Node {
                 true
             }
             PledgeOutcome::Initialize => {
-                let nodes: BTreeMap<NodeId, BasicNode> =
-                    pledge.members.iter().map(|(id, a)| (*id, BasicNode::new(a))).collect();
+                // Every member answered with its node key (or the outcome would be Retry).
+                let nodes: BTreeMap<NodeId, PeerNode> = pledge
+                    .members
+                    .iter()
+                    .map(|(id, a)| (*id, PeerNode::new(a, keys.get(id).cloned().unwrap_or_default())))
+                    .collect();
                 info!(node_id = %me, members = %members, "every member pledged: bootstrapping the cluster with {} voters", nodes.len());
                 match self.raft.initialize(nodes).await {
                     Ok(()) => {}
@@ -338,9 +350,9 @@ impl Node {
             Ok(Ok(())) => {
                 info!(node_id = %self.id(), proposer = %req.proposer, "pledged to form the cluster with {} nodes", req.members.len());
                 self.nudge();
-                Ok(PledgeResponse { refused: None })
+                Ok(PledgeResponse { refused: None, node_key: self.identity.node_key().public() })
             }
-            Ok(Err(why)) => Ok(PledgeResponse { refused: Some(why) }),
+            Ok(Err(why)) => Ok(PledgeResponse { refused: Some(why), node_key: self.identity.node_key().public() }),
             Err(e) => Err(ApiError::Internal(e.to_string())),
         }
     }
@@ -354,7 +366,12 @@ impl Node {
             self.set_progress(Phase::Joining, "cannot join", Some(e.to_string()));
             return false;
         }
-        let req = JoinRequest { id: self.id(), name: self.identity.name.clone(), api_addr: self.api_addr.clone() };
+        let req = JoinRequest {
+            id: self.id(),
+            name: self.identity.name.clone(),
+            api_addr: self.api_addr.clone(),
+            node_key: self.identity.node_key().public(),
+        };
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 12);
         let mut last = None;
         let tried = targets.join(", ");
@@ -444,7 +461,10 @@ mod tests {
                 })
             });
             fake.answer(addr, paths::PLEDGE, move |_: Pledge| -> Result<PledgeResponse, PeerError> {
-                Ok(PledgeResponse { refused: answer(id) })
+                Ok(PledgeResponse {
+                    refused: answer(id),
+                    node_key: crate::core::auth::NodeKey::from_seed(&[id.get() as u8; 32]).public(),
+                })
             });
         }
         ids

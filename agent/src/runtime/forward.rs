@@ -7,8 +7,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use openraft::ChangeMembers;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
-use openraft::{BasicNode, ChangeMembers};
+
+use crate::core::raft_types::PeerNode;
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
@@ -43,14 +45,14 @@ impl Node {
     // Leader-only operations (run locally on the leader, forwarded there by `on_leader`)
     // -----------------------------------------------------------------------------------------
 
-    pub(super) fn forward_err(&self, e: ForwardToLeader<NodeId, BasicNode>) -> ApiError {
+    pub(super) fn forward_err(&self, e: ForwardToLeader<NodeId, PeerNode>) -> ApiError {
         match (e.leader_id.filter(|l| *l != self.id()), e.leader_node) {
             (Some(id), Some(node)) => ApiError::NotLeader { leader: Some((id, node.addr)) },
             _ => ApiError::NotLeader { leader: None },
         }
     }
 
-    pub(super) fn write_err(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ApiError {
+    pub(super) fn write_err(&self, e: RaftError<NodeId, ClientWriteError<NodeId, PeerNode>>) -> ApiError {
         match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => self.forward_err(f),
             RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => ApiError::Refused(c.to_string()),
@@ -120,7 +122,7 @@ impl Node {
 
     pub(super) async fn change_membership(
         &self,
-        changes: ChangeMembers<NodeId, BasicNode>,
+        changes: ChangeMembers<NodeId, PeerNode>,
         retain: bool,
     ) -> Result<(), ApiError> {
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 10);
@@ -141,8 +143,29 @@ impl Node {
     }
 
     /// Admits a node as a learner (the autopilot promotes it once it has caught up).
+    /// A join under the id of a node that is a member already may change that member's address,
+    /// so it must come from that member (signed with its node key), or be forwarded by a member,
+    /// which checked this on the way. A new node's join comes on the cluster secret.
+    pub fn check_join_origin(&self, req: &JoinRequest, origin: &crate::core::auth::Origin) -> Result<(), ApiError> {
+        let is_member = self.metrics().membership_config.membership().get_node(&req.id).is_some();
+        match origin.member() {
+            _ if !is_member => Ok(()),
+            Some(_) => Ok(()),
+            None => Err(ApiError::Refused(format!(
+                "node {} is a member already: its join must be signed with its own node key, and this one is not",
+                req.id
+            ))),
+        }
+    }
+
     pub async fn local_join(&self, req: JoinRequest) -> Result<JoinResponse, ApiError> {
         crate::core::config::validate_node_name(&req.name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        if !crate::core::auth::is_node_key(&req.node_key) {
+            return Err(ApiError::BadRequest(format!(
+                "node_key {:?} is not a base64 Ed25519 public key: the joining agent is too old or broken; upgrade it",
+                crate::core::text::printable(&req.node_key, 64)
+            )));
+        }
         req.api_addr
             .parse::<SocketAddr>()
             .map_err(|e| ApiError::BadRequest(format!("api_addr {:?} is not IP:PORT: {e}", req.api_addr)))?;
@@ -155,7 +178,8 @@ impl Node {
             let mesh = self.state.read(|d| d.state.members.get(&req.id).and_then(|m| m.mesh_addr()));
             if node.addr != req.api_addr && Some(&node.addr) != mesh.as_ref() {
                 info!(node_id = %self.id(), peer = %req.id, addr = %req.api_addr, "member changed its address");
-                let nodes = BTreeMap::from([(req.id, BasicNode::new(&req.api_addr))]);
+                // The key stays the one its admission committed.
+                let nodes = BTreeMap::from([(req.id, PeerNode::new(&req.api_addr, node.node_key.clone()))]);
                 self.change_membership(ChangeMembers::SetNodes(nodes), true).await?;
             }
             return Ok(JoinResponse { leader: self.id(), replaced: None });
@@ -177,7 +201,9 @@ impl Node {
             replaced = Some(old);
         }
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 10);
-        match tokio::time::timeout(t, self.raft.add_learner(req.id, BasicNode::new(&req.api_addr), false)).await {
+        match tokio::time::timeout(t, self.raft.add_learner(req.id, PeerNode::new(&req.api_addr, &req.node_key), false))
+            .await
+        {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(self.write_err(e)),
             Err(_) => return Err(ApiError::Timeout(format!("adding the learner was not committed within {t:?}"))),

@@ -148,7 +148,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fake = FakePeers::default();
         let n = crate::runtime::test_node(dir.path(), &fake, ME, &[PEER], None).await;
-        let members = BTreeMap::from([(n.id(), openraft::BasicNode { addr: ME.into() })]);
+        let members = BTreeMap::from([(n.id(), crate::core::raft_types::PeerNode::new(ME, ""))]);
         n.raft.initialize(members).await.unwrap();
         n.raft
             .wait(Some(Duration::from_secs(20)))

@@ -206,7 +206,8 @@ impl Node {
         secret: &str,
         extra_join: Vec<String>,
     ) -> Result<Arc<Node>, StartError> {
-        let peers = PeerHandle::new(PeerClient::new(ClusterKey::derive(secret)));
+        let peers =
+            PeerHandle::new(PeerClient::new(ClusterKey::derive(secret), identity.node_id, identity.node_key().clone()));
         Self::open_with_peers(cfg, identity, secret, extra_join, peers).await
     }
 

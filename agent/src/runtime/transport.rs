@@ -5,7 +5,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use openraft::{BasicNode, ChangeMembers};
+use openraft::ChangeMembers;
+
+use crate::core::raft_types::PeerNode;
 use tracing::info;
 
 use super::ApiError;
@@ -101,7 +103,10 @@ impl Node {
             if let Some(addr) = membership::choose_transport(&v, &self.cfg.health) {
                 let via = if Some(&addr) == v.mesh.as_ref() { "mesh" } else { "underlay" };
                 info!(node_id = %self.id(), peer = %id, addr = %addr, via, "moving the member's Raft address");
-                changes.insert(id, BasicNode::new(&addr));
+                // The address moves; the node key the membership records stays.
+                let key =
+                    m.membership_config.membership().get_node(&id).map(|n| n.node_key.clone()).unwrap_or_default();
+                changes.insert(id, PeerNode::new(&addr, key));
             }
         }
         if changes.is_empty() {

@@ -1,6 +1,7 @@
 //! The peer API server: Raft RPCs, discovery, join, leave and forwarded writes and reads. A
-//! middleware verifies every request's proof of the cluster secret before any handler runs and
-//! signs every answer.
+//! middleware verifies every request's proof of the cluster secret and of its sender's node key
+//! (against this node's Raft membership) before any handler runs, and signs every answer; the
+//! handlers then check that the sender may ask what it asks ([`crate::core::permissions`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use axum::Json;
 use axum::Router;
 use axum::body::{Body, to_bytes};
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Extension, Path, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +20,10 @@ use tracing::warn;
 
 use super::ApiError;
 use crate::adapters::raft::{Snapshot, TypeConfig};
-use crate::core::auth::{AuthError, AuthHeaders, Gate, HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME, HDR_TO, parse_auth};
+use crate::core::auth::{
+    AuthError, AuthHeaders, Gate, HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO, Origin,
+    Sender, parse_auth,
+};
 use crate::core::formation::Pledge;
 use crate::core::state::{NodeId, Response as CmdResponse};
 use crate::proto::{
@@ -46,9 +50,21 @@ pub fn body_limit(path: &str) -> usize {
     }
 }
 
-/// Refuses a request before reading its body unless its headers prove the cluster secret and are
-/// fresh; then reads the body up to the route's limit and checks it against the signed digest.
-async fn authenticate(State(auth): State<Arc<Gate>>, req: Request, next: Next) -> Response {
+/// What this node's Raft membership (the latest it holds, committed or not) records of `id`.
+fn sender_in(membership: &openraft::Membership<NodeId, crate::core::raft_types::PeerNode>, id: NodeId) -> Sender {
+    match membership.get_node(&id) {
+        Some(n) => Sender::Member { node_key: n.node_key.clone() },
+        None if membership.nodes().next().is_none() => Sender::Unjoined,
+        None => Sender::Stranger,
+    }
+}
+
+/// Refuses a request before reading its body unless its headers prove the cluster secret, are
+/// fresh and, on a member route, carry the node signature of a member; then reads the body up to
+/// the route's limit and checks it against the signed digest. The handler gets the request's
+/// [`Origin`].
+async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -> Response {
+    let auth: &Gate = &node.gate;
     let remote = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.to_string()).unwrap_or_default();
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
@@ -70,28 +86,33 @@ async fn authenticate(State(auth): State<Arc<Gate>>, req: Request, next: Next) -
         nonce: header(&req, HDR_NONCE),
         body_sha256: header(&req, HDR_BODY),
         signature: header(&req, HDR_AUTH),
+        from: header(&req, HDR_FROM),
+        node_sig: header(&req, HDR_NODE_SIG),
     });
-    let any_node = crate::proto::paths::accepts_any_node(&path);
+    let any_node = paths::accepts_any_node(&path);
+    let admission = paths::is_admission(&path);
     let a = match parsed {
         Ok(a) => a,
         Err(e) => return refuse(e),
     };
-    match auth.admit_head(&method, &path, &a, any_node, crate::now_ms() as i64) {
-        Ok(()) => {}
+    let membership = node.raft.metrics().borrow().membership_config.clone();
+    let sender = |id| sender_in(membership.membership(), id);
+    let origin = match auth.admit_head(&method, &path, &a, admission, any_node, crate::now_ms() as i64, sender) {
+        Ok(origin) => origin,
         // Signed by a holder of the secret, for another node (a reinstalled machine at an old
         // address, or a replay): a signed "wrong node" answer, as the Raft routes give, so the
         // sender sees why instead of a secret problem.
         Err(e @ AuthError::WrongDestination { .. }) => {
-            return sign(&auth, &a.nonce, ApiError::WrongNode(e.to_string()).into_response()).await;
+            return sign(auth, &a.nonce, ApiError::WrongNode(e.to_string()).into_response()).await;
         }
         Err(e) => return refuse(e),
-    }
+    };
     let limit = body_limit(&path);
     let too_large =
         || ApiError::BadRequest(format!("the request body is larger than {limit} bytes, the limit of {path}"));
     let declared = header(&req, "content-length").and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return sign(&auth, &a.nonce, too_large().into_response()).await;
+        return sign(auth, &a.nonce, too_large().into_response()).await;
     }
     let (parts, body) = req.into_parts();
     let mut stream = body.into_data_stream();
@@ -101,19 +122,21 @@ async fn authenticate(State(auth): State<Arc<Gate>>, req: Request, next: Next) -
             Ok(c) => c,
             Err(e) => {
                 let e = ApiError::BadRequest(format!("cannot read request body: {e}"));
-                return sign(&auth, &a.nonce, e.into_response()).await;
+                return sign(auth, &a.nonce, e.into_response()).await;
             }
         };
         if bytes.len() + chunk.len() > limit {
-            return sign(&auth, &a.nonce, too_large().into_response()).await;
+            return sign(auth, &a.nonce, too_large().into_response()).await;
         }
         bytes.extend_from_slice(&chunk);
     }
     if let Err(e) = auth.key.verify_body(&a, &bytes) {
         return refuse(e);
     }
-    let resp = next.run(Request::from_parts(parts, Body::from(bytes))).await;
-    sign(&auth, &a.nonce, resp).await
+    let mut req = Request::from_parts(parts, Body::from(bytes));
+    req.extensions_mut().insert(origin);
+    let resp = next.run(req).await;
+    sign(auth, &a.nonce, resp).await
 }
 
 /// Signs an answer to the request with `nonce` (the client checks every answer but a 401).
@@ -129,6 +152,29 @@ async fn sign(gate: &Gate, nonce: &str, resp: Response) -> Response {
 }
 
 type Shared = State<Arc<Node>>;
+type Sent = Extension<Origin>;
+
+/// A Raft message must come from the node it speaks for: an append or a snapshot from the leader
+/// its vote names, a vote or pre-vote request from its candidate. (A node in no cluster yet knows
+/// no keys: it takes its first membership on the cluster secret, see [`crate::core::auth`].)
+fn check_speaker(origin: &Origin, named: Option<NodeId>, what: &str) -> Result<(), ApiError> {
+    match (origin, named) {
+        (Origin::SecretHolder, _) => Ok(()),
+        (Origin::Member(m), Some(n)) if *m == n => Ok(()),
+        (Origin::Member(m), n) => Err(ApiError::Refused(format!(
+            "node {m} sent a Raft {what} in the name of {}: refused",
+            n.map_or_else(|| "no node".to_string(), |n| n.to_string())
+        ))),
+    }
+}
+
+/// The member a request on a member route comes from (the middleware lets only those and the
+/// requests to a node in no cluster yet through).
+fn member(origin: &Origin, what: &str) -> Result<NodeId, ApiError> {
+    origin.member().ok_or_else(|| {
+        ApiError::Refused(format!("{what} needs a member of the cluster, and this node is in none yet: ask a member"))
+    })
+}
 
 /// Raft RPCs name their target node; a node refuses RPCs meant for another id (the machine was
 /// reinstalled, or the address now belongs to another node).
@@ -142,11 +188,13 @@ fn check_target(a: &Node, target: &str) -> Result<(), ApiError> {
 
 async fn append(
     State(a): Shared,
+    Extension(origin): Sent,
     Path(target): Path<String>,
     Json(req): Json<AppendEntriesRequest<TypeConfig>>,
 ) -> Result<Json<Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     check_target(&a, &target)?;
     let leader = req.vote.leader_id().voted_for();
+    check_speaker(&origin, leader, "append")?;
     let resp = a.raft.append_entries(req).await;
     // Not refused for a higher vote: a leader still replicates to this node (see run_member).
     if let (
@@ -161,11 +209,13 @@ async fn append(
 
 async fn vote(
     State(a): Shared,
+    Extension(origin): Sent,
     Path(target): Path<String>,
     Json(req): Json<VoteRequest<NodeId>>,
 ) -> Result<Json<Result<VoteResponse<NodeId>, RaftError<NodeId>>>, ApiError> {
     check_target(&a, &target)?;
     let candidate = req.vote.leader_id().voted_for();
+    check_speaker(&origin, candidate, "vote request")?;
     let resp = a.raft.vote(req).await;
     // A vote granted resets this node's election timer, as a leader's heartbeat does.
     if let (Ok(r), Some(c)) = (&resp, candidate)
@@ -178,19 +228,23 @@ async fn vote(
 
 async fn prevote(
     State(a): Shared,
+    Extension(origin): Sent,
     Path(target): Path<String>,
     Json(req): Json<PreVoteRequest>,
 ) -> Result<Json<PreVoteResponse>, ApiError> {
     check_target(&a, &target)?;
+    check_speaker(&origin, Some(req.candidate), "pre-vote request")?;
     Ok(Json(a.answer_pre_vote(&req)))
 }
 
 async fn snapshot(
     State(a): Shared,
+    Extension(origin): Sent,
     Path(target): Path<String>,
     Json(req): Json<SnapshotRequest>,
 ) -> Result<Json<Result<SnapshotResponse<NodeId>, Fatal<NodeId>>>, ApiError> {
     check_target(&a, &target)?;
+    check_speaker(&origin, req.vote.leader_id().voted_for(), "snapshot")?;
     let snap = Snapshot { meta: req.meta, snapshot: Box::new(req.data.into_bytes()) };
     Ok(Json(a.raft.install_full_snapshot(req.vote, snap).await))
 }
@@ -203,13 +257,29 @@ async fn pledge(State(a): Shared, Json(req): Json<Pledge>) -> Result<Json<Pledge
     Ok(Json(a.answer_pledge(req).await?))
 }
 
-async fn join(State(a): Shared, Json(req): Json<JoinRequest>) -> Result<Json<JoinResponse>, ApiError> {
+async fn join(
+    State(a): Shared,
+    Extension(origin): Sent,
+    Json(req): Json<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    a.check_join_origin(&req, &origin)?;
     // Forwarded to the leader, so the joining node may ask any member.
     let r = a.on_leader(paths::JOIN, &req, || a.local_join(req.clone())).await?;
     Ok(Json(r))
 }
 
-async fn leave(State(a): Shared, Json(req): Json<LeaveRequest>) -> Result<Json<Empty>, ApiError> {
+async fn leave(
+    State(a): Shared,
+    Extension(origin): Sent,
+    Json(req): Json<LeaveRequest>,
+) -> Result<Json<Empty>, ApiError> {
+    let sender = member(&origin, "leaving")?;
+    if sender != req.id {
+        return Err(ApiError::Refused(format!(
+            "node {sender} asked for node {} to leave: a node leaves only itself",
+            req.id
+        )));
+    }
     Ok(Json(a.local_leave(req).await?))
 }
 
@@ -224,7 +294,13 @@ async fn slurm_state(State(a): Shared, Json(_): Json<Empty>) -> Result<Json<Slur
     }
 }
 
-async fn write(State(a): Shared, Json(req): Json<WriteRequest>) -> Result<Json<CmdResponse>, ApiError> {
+async fn write(
+    State(a): Shared,
+    Extension(origin): Sent,
+    Json(req): Json<WriteRequest>,
+) -> Result<Json<CmdResponse>, ApiError> {
+    let sender = member(&origin, "a write")?;
+    crate::core::permissions::may_forward(sender, &req.cmd).map_err(|e| ApiError::Refused(e.to_string()))?;
     Ok(Json(a.local_write(req.cmd).await?))
 }
 
@@ -232,9 +308,8 @@ async fn read(State(a): Shared, Json(req): Json<ReadRequest>) -> Result<Json<Rea
     Ok(Json(a.local_read(&req.key).await?))
 }
 
-/// The peer router, authenticated with the agent's cluster key.
+/// The peer router, authenticated with the agent's cluster key and its members' node keys.
 pub fn router(agent: Arc<Node>) -> Router {
-    let auth = agent.gate.clone();
     Router::new()
         .route(&format!("{}/{{target}}", paths::RAFT_APPEND), post(append))
         .route(&format!("{}/{{target}}", paths::RAFT_VOTE), post(vote))
@@ -248,6 +323,6 @@ pub fn router(agent: Arc<Node>) -> Router {
         .route(paths::READ, post(read))
         .route(paths::SLURM_STATE, post(slurm_state))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .layer(middleware::from_fn_with_state(auth, authenticate))
+        .layer(middleware::from_fn_with_state(agent.clone(), authenticate))
         .with_state(agent)
 }

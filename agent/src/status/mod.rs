@@ -323,7 +323,8 @@ mod tests {
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::Arc;
 
-    use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, StoredMembership};
+    use crate::core::raft_types::PeerNode;
+    use openraft::{CommittedLeaderId, LogId, Membership, StoredMembership};
 
     use super::*;
     use crate::core::state::{Member, MemberSpec, NodeFacts, RoleAssignments};
@@ -352,10 +353,10 @@ mod tests {
     fn leader_inputs() -> ReportInputs {
         let (n1, n2, n3, n4) = (NodeId(0xa001), NodeId(0xa002), NodeId(0xa003), NodeId(0xa004));
         let nodes = BTreeMap::from([
-            (n1, BasicNode { addr: "10.90.0.1:7600".into() }),
-            (n2, BasicNode { addr: "10.90.0.2:7600".into() }),
-            (n3, BasicNode { addr: "192.168.50.13:7600".into() }),
-            (n4, BasicNode { addr: "192.168.50.14:7600".into() }),
+            (n1, PeerNode::new("10.90.0.1:7600", "")),
+            (n2, PeerNode::new("10.90.0.2:7600", "")),
+            (n3, PeerNode::new("192.168.50.13:7600", "")),
+            (n4, PeerNode::new("192.168.50.14:7600", "")),
         ]);
         let membership = Membership::new(vec![BTreeSet::from([n1, n2, n3])], nodes);
         let mut metrics = crate::core::raft_types::RaftMetrics::new_initial(n1);

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::BasicNode;
+use crate::core::raft_types::PeerNode;
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
     Unreachable,
@@ -54,7 +54,7 @@ pub struct Network {
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConnection;
 
-    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerConnection {
+    async fn new_client(&mut self, target: NodeId, node: &PeerNode) -> PeerConnection {
         PeerConnection { target, addr: node.addr.clone(), net: self.clone() }
     }
 }
@@ -75,7 +75,7 @@ impl PeerConnection {
         path: &str,
         req: &Req,
         timeout: Duration,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    ) -> Result<Resp, RPCError<NodeId, PeerNode, RaftError<NodeId, E>>>
     where
         Req: serde::Serialize,
         Resp: serde::de::DeserializeOwned,
@@ -100,7 +100,7 @@ fn unreachable(e: &PeerError) -> bool {
     }
 }
 
-fn to_rpc_error<E: std::error::Error>(e: PeerError) -> RPCError<NodeId, BasicNode, E> {
+fn to_rpc_error<E: std::error::Error>(e: PeerError) -> RPCError<NodeId, PeerNode, E> {
     if unreachable(&e) { RPCError::Unreachable(Unreachable::new(&e)) } else { RPCError::Network(NetworkError::new(&e)) }
 }
 
@@ -119,7 +119,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let t = self.rpc_timeout(&option);
         self.rpc(paths::RAFT_APPEND, &rpc, t).await
     }
@@ -128,7 +128,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         _rpc: InstallSnapshotRequest<TypeConfig>,
         _option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId, InstallSnapshotError>>>
     {
         // With `generic-snapshot-data` openraft sends snapshots through `full_snapshot` only.
         Err(RPCError::Network(NetworkError::new(
@@ -140,7 +140,7 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         &mut self,
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, PeerNode, RaftError<NodeId>>> {
         let t = self.rpc_timeout(&option);
         self.rpc(paths::RAFT_VOTE, &rpc, t).await
     }
