@@ -234,7 +234,7 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             node_id = %agent.id(),
             name = %agent.identity.name,
             api_addr = %agent.api_addr,
-            key = %agent.key.fingerprint(),
+            cluster_keys = %agent.gate.keys.fingerprints().join(","),
             "agent starting"
         );
         let peer = TcpListener::bind(cfg.listen_addr)

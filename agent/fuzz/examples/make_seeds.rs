@@ -93,6 +93,7 @@ fn spec(id: u64, name: &str) -> MemberSpec {
         wg_public_key: "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=".into(),
         facts: NodeFacts { cpus: 2, memory_mb: 2048, kernel: "6.12.0".into(), arch: "x86_64".into() },
         labels: BTreeMap::from([("rack".into(), "r1".into())]),
+        cluster_keys: Vec::new(),
     }
 }
 

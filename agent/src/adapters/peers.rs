@@ -13,7 +13,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::core::auth::{
-    ANY_NODE, ClusterKey, HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO, NodeKey,
+    ANY_NODE, ClusterKeys, HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO, NodeKey,
 };
 use crate::core::state::NodeId;
 use crate::proto::{ErrorBody, ErrorKind, MAX_ANSWER_BYTES, MAX_MESSAGE_CHARS, printable};
@@ -66,15 +66,16 @@ pub fn new_nonce() -> String {
 #[derive(Clone, Debug)]
 pub struct PeerClient {
     http: reqwest::Client,
-    key: ClusterKey,
+    keys: ClusterKeys,
     /// This node's id as requests name it, and the key that signs them.
     me: String,
     node_key: NodeKey,
 }
 
 impl PeerClient {
-    /// A client that proves the cluster secret (`key`) and signs as node `me` with `node_key`.
-    pub fn new(key: ClusterKey, me: NodeId, node_key: NodeKey) -> PeerClient {
+    /// A client that proves the cluster secret (`keys`' primary; answers may be signed with any
+    /// of them) and signs as node `me` with `node_key`.
+    pub fn new(keys: ClusterKeys, me: NodeId, node_key: NodeKey) -> PeerClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             // Shorter than the server's idle timeout (`server::accept::Limits::PEER`, 20 s), so
@@ -85,7 +86,7 @@ impl PeerClient {
             .no_proxy()
             .build()
             .expect("HTTP client without TLS builds");
-        PeerClient { http, key, me: me.to_string(), node_key }
+        PeerClient { http, keys, me: me.to_string(), node_key }
     }
 
     /// POSTs the call's JSON body to `http://{addr}{path}`: the verified answer's bytes.
@@ -99,12 +100,11 @@ impl PeerClient {
 
     async fn call_raw(&self, PeerCall { addr, to, path, body, .. }: PeerCall<'_>) -> Result<Vec<u8>, PeerError> {
         let to = to.map_or_else(|| ANY_NODE.to_string(), |id| id.to_string());
-        let auth = self.key.sign_request("POST", path, &to, crate::now_ms() as i64, &new_nonce(), &body).sign_as(
-            "POST",
-            path,
-            &self.me,
-            &self.node_key,
-        );
+        let auth = self
+            .keys
+            .primary()
+            .sign_request("POST", path, &to, crate::now_ms() as i64, &new_nonce(), &body)
+            .sign_as("POST", path, &self.me, &self.node_key);
         let resp = self
             .http
             .post(format!("http://{addr}{path}"))
@@ -135,7 +135,7 @@ impl PeerClient {
             let message = format!("{} (unsigned answer)", printable(&message, MAX_MESSAGE_CHARS));
             return Err(PeerError::Refused { addr: addr.into(), message });
         }
-        let verified = sig.is_some_and(|s| self.key.verify_response(&auth.nonce, status, &bytes, &s).is_ok());
+        let verified = sig.is_some_and(|s| self.keys.verify_response(&auth.nonce, status, &bytes, &s).is_ok());
         if !verified {
             return Err(PeerError::BadResponseSignature { addr: addr.into() });
         }
@@ -342,7 +342,7 @@ mod tests {
 
     fn client() -> PeerHandle {
         PeerHandle::new(PeerClient::new(
-            ClusterKey::derive("transport-test-secret"),
+            ClusterKeys::new("transport-test-secret", &[]),
             NodeId(1),
             NodeKey::from_seed(&[7; 32]),
         ))

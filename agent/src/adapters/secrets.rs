@@ -21,10 +21,28 @@ pub enum SecretError {
     Unknown(String),
 }
 
-/// Seals and opens secret values. Never logged.
+/// Seals and opens secret values. Never logged. Seals with the cluster secret; opens with it or
+/// with an accepted one (while the cluster secret is rotated, see [`crate::core::auth::ClusterKeys`]).
 #[derive(Clone)]
 pub struct SecretBox {
     cipher: ChaCha20Poly1305,
+    accepted: Vec<ChaCha20Poly1305>,
+}
+
+/// Which key opened a sealed value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SealedWith {
+    /// The cluster secret this node seals with.
+    Current,
+    /// One of the accepted (older or newer) secrets: the leader seals it again with its own.
+    Accepted,
+}
+
+fn cipher(cluster_secret: &str) -> ChaCha20Poly1305 {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(cluster_secret.as_bytes()).expect("any key length");
+    mac.update(b"clusteros secret sealing v1");
+    let key: [u8; 32] = mac.finalize().into_bytes().into();
+    ChaCha20Poly1305::new(Key::from_slice(&key))
 }
 
 impl std::fmt::Debug for SecretBox {
@@ -34,11 +52,8 @@ impl std::fmt::Debug for SecretBox {
 }
 
 impl SecretBox {
-    pub fn new(cluster_secret: &str) -> SecretBox {
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(cluster_secret.as_bytes()).expect("any key length");
-        mac.update(b"clusteros secret sealing v1");
-        let key: [u8; 32] = mac.finalize().into_bytes().into();
-        SecretBox { cipher: ChaCha20Poly1305::new(Key::from_slice(&key)) }
+    pub fn new(cluster_secret: &str, accepted: &[String]) -> SecretBox {
+        SecretBox { cipher: cipher(cluster_secret), accepted: accepted.iter().map(|s| cipher(s)).collect() }
     }
 
     /// base64(nonce || ciphertext), bound to the secret's name.
@@ -53,13 +68,27 @@ impl SecretBox {
     }
 
     pub fn open(&self, name: &str, sealed: &str) -> Result<Vec<u8>, SecretError> {
+        self.open_with(name, sealed).map(|(plain, _)| plain)
+    }
+
+    /// [`SecretBox::open`], saying which key opened it.
+    pub fn open_with(&self, name: &str, sealed: &str) -> Result<(Vec<u8>, SealedWith), SecretError> {
         let raw = B64.decode(sealed).map_err(|_| SecretError::Open(name.into()))?;
         if raw.len() < 12 {
             return Err(SecretError::Open(name.into()));
         }
         let (nonce, ct) = raw.split_at(12);
-        let payload = chacha20poly1305::aead::Payload { msg: ct, aad: name.as_bytes() };
-        self.cipher.decrypt(Nonce::from_slice(nonce), payload).map_err(|_| SecretError::Open(name.into()))
+        let open = |c: &ChaCha20Poly1305| {
+            c.decrypt(Nonce::from_slice(nonce), chacha20poly1305::aead::Payload { msg: ct, aad: name.as_bytes() }).ok()
+        };
+        if let Some(plain) = open(&self.cipher) {
+            return Ok((plain, SealedWith::Current));
+        }
+        self.accepted
+            .iter()
+            .find_map(open)
+            .map(|p| (p, SealedWith::Accepted))
+            .ok_or_else(|| SecretError::Open(name.into()))
     }
 }
 
@@ -88,13 +117,20 @@ mod tests {
 
     #[test]
     fn seal_open_round_trip_and_binding() {
-        let b = SecretBox::new("cluster-secret-0123456789");
+        let b = SecretBox::new("cluster-secret-0123456789", &[]);
         let sealed = b.seal(MUNGE_KEY, b"key bytes");
         assert_eq!(b.open(MUNGE_KEY, &sealed).unwrap(), b"key bytes");
         assert!(!sealed.contains("key bytes"));
         // Bound to the name and the cluster secret.
         assert!(b.open(K3S_TOKEN, &sealed).is_err());
-        assert!(SecretBox::new("another-secret-0123456").open(MUNGE_KEY, &sealed).is_err());
+        assert!(SecretBox::new("another-secret-0123456", &[]).open(MUNGE_KEY, &sealed).is_err());
+        // While the cluster secret is rotated: opened with the accepted old secret, and known
+        // to need sealing again; a value sealed with the new secret opens as current.
+        let rotating = SecretBox::new("another-secret-0123456", &["cluster-secret-0123456789".into()]);
+        assert_eq!(rotating.open_with(MUNGE_KEY, &sealed).map(|(_, w)| w), Ok(SealedWith::Accepted));
+        let resealed = rotating.seal(MUNGE_KEY, &rotating.open(MUNGE_KEY, &sealed).unwrap());
+        assert_eq!(rotating.open_with(MUNGE_KEY, &resealed).map(|(_, w)| w), Ok(SealedWith::Current));
+        assert_eq!(b.open_with(MUNGE_KEY, &resealed).map(|(_, w)| w), Err(SecretError::Open(MUNGE_KEY.into())));
         assert!(b.open(MUNGE_KEY, "not base64!").is_err());
         assert_ne!(b.seal(MUNGE_KEY, b"x"), b.seal(MUNGE_KEY, b"x"), "fresh nonce each time");
     }

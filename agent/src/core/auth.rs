@@ -281,6 +281,58 @@ impl ClusterKey {
     }
 }
 
+/// The cluster keys of a node: the one it signs with, and the others it accepts while the cluster
+/// secret is rotated (configured as `accepted_cluster_secrets`). An answer is signed with the
+/// key that verified its request, so a node that knows only one of the two secrets of a rotation
+/// still reads it.
+#[derive(Clone, Debug)]
+pub struct ClusterKeys {
+    primary: ClusterKey,
+    accepted: Vec<ClusterKey>,
+}
+
+impl ClusterKeys {
+    pub fn new(secret: &str, accepted: &[String]) -> ClusterKeys {
+        ClusterKeys {
+            primary: ClusterKey::derive(secret),
+            accepted: accepted.iter().map(|s| ClusterKey::derive(s)).collect(),
+        }
+    }
+
+    /// The key this node signs with.
+    pub fn primary(&self) -> &ClusterKey {
+        &self.primary
+    }
+
+    /// Every key, the primary first.
+    pub fn all(&self) -> impl Iterator<Item = &ClusterKey> {
+        std::iter::once(&self.primary).chain(&self.accepted)
+    }
+
+    /// The fingerprints of every key, the primary first (what a member reports of itself).
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.all().map(ClusterKey::fingerprint).collect()
+    }
+
+    /// The key whose signature the request's headers carry; else the primary key's refusal.
+    pub fn verify_request_head(&self, method: &str, path: &str, auth: &RequestAuth) -> Result<&ClusterKey, AuthError> {
+        let first = match self.primary.verify_request_head(method, path, auth) {
+            Ok(()) => return Ok(&self.primary),
+            Err(e) => e,
+        };
+        self.accepted.iter().find(|k| k.verify_request_head(method, path, auth).is_ok()).ok_or(first)
+    }
+
+    /// Checks an answer's signature with every key.
+    pub fn verify_response(&self, nonce: &str, status: u16, body: &[u8], signature: &str) -> Result<(), AuthError> {
+        if self.all().any(|k| k.verify_response(nonce, status, body, signature).is_ok()) {
+            Ok(())
+        } else {
+            Err(AuthError::BadSignature)
+        }
+    }
+}
+
 /// A node's own signing key (Ed25519), from its identity: it signs every request the node sends.
 /// The private half never leaves the node and is never logged.
 #[derive(Clone)]
@@ -399,15 +451,15 @@ impl Origin {
 /// listener is seen as the replay it is.
 #[derive(Debug)]
 pub struct Gate {
-    pub key: ClusterKey,
+    pub keys: ClusterKeys,
     guard: ReplayGuard,
     /// This node's id as requests name it.
     me: String,
 }
 
 impl Gate {
-    pub fn new(key: ClusterKey, me: &str) -> Gate {
-        Gate { key, guard: ReplayGuard::default(), me: me.to_string() }
+    pub fn new(keys: ClusterKeys, me: &str) -> Gate {
+        Gate { keys, guard: ReplayGuard::default(), me: me.to_string() }
     }
 
     /// Admits `auth` for `method path` and says who it comes from. `admission`: the route is one
@@ -426,7 +478,7 @@ impl Gate {
         now_ms: i64,
         sender: impl FnOnce(NodeId) -> Sender,
     ) -> Result<Origin, AuthError> {
-        self.key.verify_request_head(method, path, auth)?;
+        self.keys.verify_request_head(method, path, auth)?;
         if auth.to == ANY_NODE {
             if !any_node {
                 return Err(AuthError::Unaddressed(path.to_string()));
@@ -621,8 +673,9 @@ mod tests {
     #[test]
     fn a_request_is_for_one_node_and_one_gate_guards_its_listeners() {
         let k = ClusterKey::derive("secret-secret-secret");
+        let keys = ClusterKeys::new("secret-secret-secret", &[]);
         let now = 1_000_000;
-        let (a, b) = (Gate::new(k.clone(), "000000000000000a"), Gate::new(k.clone(), "000000000000000b"));
+        let (a, b) = (Gate::new(keys.clone(), "000000000000000a"), Gate::new(keys.clone(), "000000000000000b"));
         let me = NodeKey::from_seed(&[3; 32]);
         let members = |_: NodeId| Sender::Member { node_key: me.public() };
         let signed = |path: &str, to: &str| {
@@ -666,7 +719,7 @@ mod tests {
     fn the_sender_is_the_member_whose_key_signed_it() {
         let k = ClusterKey::derive("secret-secret-secret");
         let now = 1_000_000;
-        let gate = Gate::new(k.clone(), "000000000000000a");
+        let gate = Gate::new(ClusterKeys::new("secret-secret-secret", &[]), "000000000000000a");
         let (alice, mallory) = (NodeKey::from_seed(&[1; 32]), NodeKey::from_seed(&[2; 32]));
         let alice_id = "0000000000000001";
         let membership = |id: NodeId| match id.get() {
@@ -736,6 +789,34 @@ mod tests {
         assert_eq!(signed.verify_node_sig("POST", write, &alice.public()), Ok(()));
         assert!(is_node_key(&alice.public()) && !is_node_key("not a key") && !is_node_key(""));
         assert!(!format!("{alice:?}").contains(&hex(&[1; 32])), "the private key is not in Debug output");
+    }
+
+    /// Rotating the cluster secret: a node that signs with the new secret and still accepts the
+    /// old one takes requests signed with either, and answers each with the key that verified
+    /// it, so a node that knows only one of them reads the answer.
+    #[test]
+    fn a_node_accepts_the_secrets_of_a_rotation_and_answers_in_the_requests_key() {
+        let (old, new) = ("old-secret-old-secret", "new-secret-new-secret");
+        let rotating = ClusterKeys::new(new, &[old.to_string()]);
+        let only_old = ClusterKeys::new(old, &[]);
+        let a = only_old.primary().sign_request("POST", "/peer/v1/hello", ANY_NODE, 1, &nonce(), b"{}");
+        let key = rotating.verify_request_head("POST", "/peer/v1/hello", &a).expect("the old secret is accepted");
+        assert_eq!(key.fingerprint(), only_old.primary().fingerprint());
+        let answer = key.sign_response(&a.nonce, 200, b"{}");
+        assert_eq!(only_old.verify_response(&a.nonce, 200, b"{}", &answer), Ok(()));
+        assert_eq!(rotating.verify_response(&a.nonce, 200, b"{}", &answer), Ok(()));
+        assert_eq!(
+            rotating.fingerprints(),
+            [ClusterKey::derive(new).fingerprint(), ClusterKey::derive(old).fingerprint()]
+        );
+        // A third secret is neither.
+        let other = ClusterKeys::new("other-secret-other-secret", &[]);
+        let b = other.primary().sign_request("POST", "/peer/v1/hello", ANY_NODE, 1, &nonce(), b"{}");
+        assert_eq!(rotating.verify_request_head("POST", "/peer/v1/hello", &b).err(), Some(AuthError::BadSignature));
+        assert_eq!(
+            only_old.verify_response(&b.nonce, 200, b"{}", &other.primary().sign_response(&b.nonce, 200, b"{}")),
+            Err(AuthError::BadSignature)
+        );
     }
 
     #[test]

@@ -25,6 +25,11 @@ pub struct LeaderView<'a> {
     pub mesh_cidr: (Ipv4Addr, u8),
     /// The leader's clock, for the timestamps of health changes.
     pub now_ms: u64,
+    /// The fingerprint of the cluster secret the leader seals with.
+    pub cluster_key: String,
+    /// The managed secrets whose sealed values the leader opened only with an accepted cluster
+    /// secret (sealed before the cluster secret was rotated).
+    pub sealed_with_accepted: BTreeSet<String>,
 }
 
 /// One thing the leader does, in the order [`leader_tick`] lists them.
@@ -41,6 +46,9 @@ pub enum LeaderCommand {
     MeshFull { id: NodeId },
     /// Change the Raft membership, one change per tick.
     Membership(MembershipAction),
+    /// Seal secret `name` again with the leader's cluster secret (the runtime opens and seals it)
+    /// and commit it at its version.
+    Reseal { name: String },
 }
 
 impl LeaderCommand {
@@ -60,6 +68,7 @@ impl LeaderCommand {
             LeaderCommand::Commit(c) => format!("committing {c:?}"),
             LeaderCommand::MeshFull { id } => format!("the mesh network is full: no address for {id}"),
             LeaderCommand::Membership(a) => format!("autopilot membership change: {a:?}"),
+            LeaderCommand::Reseal { name } => format!("sealing secret {name} again with the new cluster secret"),
         }
     }
 }
@@ -68,9 +77,9 @@ fn show(id: Option<NodeId>) -> String {
     id.map_or_else(|| "none".into(), |i| i.to_string())
 }
 
-/// The leader's commands for one tick: name the cluster, create missing secrets, give every
-/// member a mesh address, reassign roles, commit health transitions, then at most one membership
-/// change from the autopilot.
+/// The leader's commands for one tick: name the cluster, create missing secrets, seal secrets
+/// again after a rotation of the cluster secret, give every member a mesh address, reassign roles,
+/// commit health transitions, then at most one membership change from the autopilot.
 pub fn leader_tick(v: &LeaderView, health: &HealthTuning) -> Vec<LeaderCommand> {
     let s = v.state;
     let me = v.autopilot.leader;
@@ -81,6 +90,18 @@ pub fn leader_tick(v: &LeaderView, health: &HealthTuning) -> Vec<LeaderCommand> 
     for name in crate::core::secrets::MANAGED {
         if !s.secrets.contains_key(*name) {
             out.push(LeaderCommand::CreateSecret { name });
+        }
+    }
+    // Sealed with an older (or newer) cluster secret than the leader's own: sealed again only once
+    // every Raft member reports that it holds the leader's, so that no member is left with a value
+    // it cannot open.
+    let members = v.autopilot.voters.iter().chain(&v.autopilot.learners);
+    let all_hold = members
+        .into_iter()
+        .all(|id| s.members.get(id).is_some_and(|m| m.spec.cluster_keys.iter().any(|k| *k == v.cluster_key)));
+    if all_hold {
+        for name in &v.sealed_with_accepted {
+            out.push(LeaderCommand::Reseal { name: name.clone() });
         }
     }
 
@@ -143,6 +164,7 @@ mod tests {
                 wg_public_key: crate::core::state::test_wg_key(id),
                 facts: NodeFacts::default(),
                 labels: BTreeMap::new(),
+                cluster_keys: Vec::new(),
             },
             health,
             health_since_ms: 0,
@@ -188,10 +210,53 @@ mod tests {
     }
 
     fn tick(state: &ClusterState, ap: AutopilotView, cidr: (Ipv4Addr, u8)) -> Vec<LeaderCommand> {
-        leader_tick(&LeaderView { state, autopilot: ap, mesh_cidr: cidr, now_ms: 5_000 }, &HealthTuning::default())
+        let view = LeaderView {
+            state,
+            autopilot: ap,
+            mesh_cidr: cidr,
+            now_ms: 5_000,
+            cluster_key: "0000000a".into(),
+            sealed_with_accepted: BTreeSet::new(),
+        };
+        leader_tick(&view, &HealthTuning::default())
     }
 
     const CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 90, 0, 0), 24);
+
+    /// After the cluster secret was rotated, the leader seals the secrets it opened with an old
+    /// one again with its own, but only once every Raft member (learners too) holds its secret.
+    #[test]
+    fn secrets_are_sealed_again_once_every_member_holds_the_new_cluster_secret() {
+        let mut state = settled();
+        let holds = |s: &mut ClusterState, id: u64, keys: &[&str]| {
+            s.members.get_mut(&NodeId(id)).unwrap().spec.cluster_keys = keys.iter().map(|k| k.to_string()).collect();
+        };
+        let reseals = |s: &ClusterState, learners: &[u64]| -> Vec<LeaderCommand> {
+            let view = LeaderView {
+                state: s,
+                autopilot: autopilot(&[1, 2, 3], learners, &[]),
+                mesh_cidr: CIDR,
+                now_ms: 5_000,
+                cluster_key: "0000000b".into(),
+                sealed_with_accepted: ["munge-key".to_string()].into(),
+            };
+            leader_tick(&view, &HealthTuning::default())
+                .into_iter()
+                .filter(|c| matches!(c, LeaderCommand::Reseal { .. }))
+                .collect()
+        };
+        for id in 1..=3 {
+            holds(&mut state, id, &["0000000a", "0000000b"]);
+        }
+        holds(&mut state, 3, &["0000000a"]);
+        assert_eq!(reseals(&state, &[]), [], "node 3 does not hold the new secret yet");
+        holds(&mut state, 3, &["0000000a", "0000000b"]);
+        assert_eq!(reseals(&state, &[]), [LeaderCommand::Reseal { name: "munge-key".into() }]);
+        assert_eq!(reseals(&state, &[4]), [], "learner 4 has not even registered");
+        holds(&mut state, 1, &["0000000b"]);
+        holds(&mut state, 2, &["0000000b"]);
+        assert_eq!(reseals(&state, &[]).len(), 1, "the old secret dropped already: still sealed again");
+    }
 
     #[test]
     fn leader_decisions_as_a_table() {

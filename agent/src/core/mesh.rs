@@ -287,6 +287,7 @@ mod tests {
                 wg_public_key: crate::core::state::test_wg_key(id),
                 facts: NodeFacts::default(),
                 labels: BTreeMap::new(),
+                cluster_keys: Vec::new(),
             };
             s.apply(id, &Command::UpsertMember { spec, at_ms: 0 });
         }

@@ -9,7 +9,7 @@
 //! | `SlurmTakeover` | the node it names (the backup whose slurmctld took control) |
 //! | `SetSecret` | any member, for its operator (`clusteros secrets rotate`): see below |
 //! | `KvPut`, `KvDelete`, `KvCas` | any member, for its operator and its workloads |
-//! | `InitCluster`, `SetHealth`, `AssignMeshIp`, `SetRoles` | nobody: the leader decides these itself and proposes them on its own node; a forwarded one is refused |
+//! | `InitCluster`, `SetHealth`, `AssignMeshIp`, `SetRoles`, `ResealSecret` | nobody: the leader decides these itself and proposes them on its own node; a forwarded one is refused |
 //! | `Request { cmd }` | as `cmd` |
 //!
 //! Other routes: a node leaves only itself (`/peer/v1/leave`); a join under the id of an existing
@@ -41,6 +41,7 @@ fn op(cmd: &Command) -> &'static str {
         Command::AssignMeshIp { .. } => "assign_mesh_ip",
         Command::SetRoles { .. } => "set_roles",
         Command::SetSecret { .. } => "set_secret",
+        Command::ResealSecret { .. } => "reseal_secret",
         Command::SetSlurmState { .. } => "set_slurm_state",
         Command::SlurmTakeover { .. } => "slurm_takeover",
         Command::KvPut { .. } => "kv_put",
@@ -65,7 +66,8 @@ pub fn may_forward(sender: NodeId, cmd: &Command) -> Result<(), Forbidden> {
         Command::InitCluster { .. }
         | Command::SetHealth { .. }
         | Command::AssignMeshIp { .. }
-        | Command::SetRoles { .. } => refuse("the leader decides this itself; no node can ask for it".into()),
+        | Command::SetRoles { .. }
+        | Command::ResealSecret { .. } => refuse("the leader decides this itself; no node can ask for it".into()),
     }
 }
 
@@ -82,6 +84,7 @@ mod tests {
             wg_public_key: String::new(),
             facts: NodeFacts::default(),
             labels: Default::default(),
+            cluster_keys: Vec::new(),
         }
     }
 
@@ -108,6 +111,7 @@ mod tests {
             (Command::SetHealth { id: me, health: Health::Alive, at_ms: 0 }, false),
             (Command::AssignMeshIp { id: me, ip: "10.90.0.1".parse().unwrap() }, false),
             (Command::SetRoles { roles: RoleAssignments::default() }, false),
+            (Command::ResealSecret { name: "munge-key".into(), value: "x".into(), version: 1 }, false),
             (wrap(kv), true),
             (wrap(Command::UpsertMember { spec: spec(1), at_ms: 0 }), true),
             (wrap(Command::UpsertMember { spec: spec(2), at_ms: 0 }), false),

@@ -77,6 +77,7 @@ mod tests {
                 wg_public_key: crate::core::state::test_wg_key(id.0),
                 facts: NodeFacts::default(),
                 labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+                cluster_keys: Vec::new(),
             },
             mesh_ip: None,
             health,

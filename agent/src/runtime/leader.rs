@@ -133,7 +133,25 @@ impl Node {
             max_lag: self.cfg.raft.snapshot_after_logs.max(50),
         };
         let state = self.state.read(|d| d.state.without_kv());
-        let view = LeaderView { state: &state, autopilot, mesh_cidr: self.cfg.mesh_cidr, now_ms: crate::now_ms() };
+        let sealed_with_accepted = state
+            .secrets
+            .iter()
+            .filter(|(name, e)| {
+                matches!(
+                    self.secret_box.open_with(name, &e.value),
+                    Ok((_, crate::adapters::secrets::SealedWith::Accepted))
+                )
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let view = LeaderView {
+            state: &state,
+            autopilot,
+            mesh_cidr: self.cfg.mesh_cidr,
+            now_ms: crate::now_ms(),
+            cluster_key: self.gate.keys.primary().fingerprint(),
+            sealed_with_accepted,
+        };
         for cmd in leader_tick(&view, &self.cfg.health) {
             self.carry_out(cmd, m, &voters).await?;
         }
@@ -157,6 +175,15 @@ impl Node {
                 let (net, prefix) = self.cfg.mesh_cidr;
                 warn!(node_id = %self.id(), "{what}; set a larger mesh_cidr than {net}/{prefix}");
                 return Ok(());
+            }
+            LeaderCommand::Reseal { name } => {
+                let Some(entry) = self.state.read(|d| d.state.secrets.get(&name).cloned()) else { return Ok(()) };
+                let plain = self.secret_box.open(&name, &entry.value).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let value = self.secret_box.seal(&name, &plain);
+                let cmd = Command::ResealSecret { name, value, version: entry.version };
+                if let Response::Rejected { reason } = self.local_write(cmd).await? {
+                    return Err(ApiError::Refused(reason));
+                }
             }
             LeaderCommand::Membership(action) => {
                 info!(node_id = %self.id(), term = m.current_term, "{what}");

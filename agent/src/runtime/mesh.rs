@@ -170,6 +170,7 @@ mod tests {
                         wg_public_key: key,
                         facts: NodeFacts::default(),
                         labels: BTreeMap::new(),
+                        cluster_keys: Vec::new(),
                     },
                     mesh_ip: Some(Ipv4Addr::new(10, 90, 0, *id as u8)),
                     health: Health::Alive,

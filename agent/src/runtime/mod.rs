@@ -41,7 +41,7 @@ use crate::adapters::raft::log_store::LogStore;
 use crate::adapters::raft::network::{ContactTracker, Network};
 use crate::adapters::raft::state_machine::{StateHandle, StateMachineStore};
 use crate::adapters::raft::{Raft, RaftMetrics, raft_config};
-use crate::core::auth::ClusterKey;
+use crate::core::auth::ClusterKeys;
 use crate::core::config::Config;
 use crate::core::formation::Pledge;
 use crate::core::membership;
@@ -124,7 +124,6 @@ pub struct Node {
     /// When each leader's AppendEntries (replication or heartbeat) last reached this node.
     pub heard_from_leader: ContactTracker,
     pub facts: NodeFacts,
-    pub key: ClusterKey,
     /// What the peer API admits; one for all of this node's listeners.
     pub gate: Arc<crate::core::auth::Gate>,
     pub secret_box: crate::adapters::secrets::SecretBox,
@@ -206,8 +205,8 @@ impl Node {
         secret: &str,
         extra_join: Vec<String>,
     ) -> Result<Arc<Node>, StartError> {
-        let peers =
-            PeerHandle::new(PeerClient::new(ClusterKey::derive(secret), identity.node_id, identity.node_key().clone()));
+        let keys = ClusterKeys::new(secret, &cfg.accepted_cluster_secrets);
+        let peers = PeerHandle::new(PeerClient::new(keys, identity.node_id, identity.node_key().clone()));
         Self::open_with_peers(cfg, identity, secret, extra_join, peers).await
     }
 
@@ -229,7 +228,7 @@ impl Node {
         })?;
         let sm = StateMachineStore::open(&raft_dir)?;
         let state = sm.handle();
-        let key = ClusterKey::derive(secret);
+        let keys = ClusterKeys::new(secret, &cfg.accepted_cluster_secrets);
         let contacts = ContactTracker::default();
         let network = Network {
             client: client.clone(),
@@ -249,7 +248,7 @@ impl Node {
             }
         }
         let (end, _) = watch::channel(None);
-        let gate = Arc::new(crate::core::auth::Gate::new(key.clone(), &identity.node_id.to_string()));
+        let gate = Arc::new(crate::core::auth::Gate::new(keys.clone(), &identity.node_id.to_string()));
         Ok(Arc::new(Node {
             identity,
             api_addr,
@@ -260,9 +259,8 @@ impl Node {
             contacts,
             heard_from_leader: ContactTracker::default(),
             facts: read_facts(),
-            key,
             gate,
-            secret_box: crate::adapters::secrets::SecretBox::new(secret),
+            secret_box: crate::adapters::secrets::SecretBox::new(secret, &cfg.accepted_cluster_secrets),
             services: Mutex::new(None),
             mesh: Mutex::new(None),
             slurm_state: Mutex::new(None),
@@ -357,6 +355,7 @@ impl Node {
             wg_public_key: self.identity.wg_public_key.clone(),
             facts: self.facts.clone(),
             labels: BTreeMap::new(),
+            cluster_keys: self.gate.keys.fingerprints(),
         }
     }
 

@@ -68,8 +68,21 @@ async fn rotate(State(s): Shared, Json(b): Json<RotateBody>) -> Result<Json<Rota
         "munge" => crate::core::secrets::MUNGE_KEY.to_string(),
         other => other.to_string(),
     };
+    if name == "cluster-secret" {
+        return Err(ApiError::BadRequest(
+            "the cluster secret is each node's own credential, not a value in the cluster state: rotate it in three \
+             rolling steps, restarting one agent at a time (1: every node accepts the new secret, \
+             accepted_cluster_secrets_file or the clusteros.accepted-cluster-secrets credential; 2: every node signs with \
+             the new one and accepts the old; 3: drop the old once `clusteros status` shows no secret sealed with it); \
+             see the README, \"Rotating the cluster secret\""
+                .into(),
+        ));
+    }
     if !crate::core::secrets::MANAGED.contains(&name.as_str()) {
-        return Err(ApiError::BadRequest(format!("unknown secret {:?}; rotate one of: munge, k3s-token", b.name)));
+        return Err(ApiError::BadRequest(format!(
+            "unknown secret {:?}; rotate one of: munge, k3s-token (or see cluster-secret)",
+            b.name
+        )));
     }
     let version = s.agent()?.set_secret(&name).await?;
     Ok(Json(RotateResponse { name, version }))

@@ -21,8 +21,8 @@ use tracing::warn;
 use super::ApiError;
 use crate::adapters::raft::{Snapshot, TypeConfig};
 use crate::core::auth::{
-    AuthError, AuthHeaders, Gate, HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO, Origin,
-    Sender, parse_auth,
+    AuthError, AuthHeaders, ClusterKey, Gate, HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO,
+    Origin, Sender, parse_auth,
 };
 use crate::core::formation::Pledge;
 use crate::core::state::{NodeId, Response as CmdResponse};
@@ -95,6 +95,11 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
         Ok(a) => a,
         Err(e) => return refuse(e),
     };
+    // Answers are signed with the key that verified the request (see ClusterKeys).
+    let reply = match auth.keys.verify_request_head(&method, &path, &a) {
+        Ok(k) => k.clone(),
+        Err(e) => return refuse(e),
+    };
     let membership = node.raft.metrics().borrow().membership_config.clone();
     let sender = |id| sender_in(membership.membership(), id);
     let origin = match auth.admit_head(&method, &path, &a, admission, any_node, crate::now_ms() as i64, sender) {
@@ -103,7 +108,7 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
         // address, or a replay): a signed "wrong node" answer, as the Raft routes give, so the
         // sender sees why instead of a secret problem.
         Err(e @ AuthError::WrongDestination { .. }) => {
-            return sign(auth, &a.nonce, ApiError::WrongNode(e.to_string()).into_response()).await;
+            return sign(&reply, &a.nonce, ApiError::WrongNode(e.to_string()).into_response()).await;
         }
         Err(e) => return refuse(e),
     };
@@ -112,7 +117,7 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
         || ApiError::BadRequest(format!("the request body is larger than {limit} bytes, the limit of {path}"));
     let declared = header(&req, "content-length").and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return sign(auth, &a.nonce, too_large().into_response()).await;
+        return sign(&reply, &a.nonce, too_large().into_response()).await;
     }
     let (parts, body) = req.into_parts();
     let mut stream = body.into_data_stream();
@@ -122,31 +127,31 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
             Ok(c) => c,
             Err(e) => {
                 let e = ApiError::BadRequest(format!("cannot read request body: {e}"));
-                return sign(auth, &a.nonce, e.into_response()).await;
+                return sign(&reply, &a.nonce, e.into_response()).await;
             }
         };
         if bytes.len() + chunk.len() > limit {
-            return sign(auth, &a.nonce, too_large().into_response()).await;
+            return sign(&reply, &a.nonce, too_large().into_response()).await;
         }
         bytes.extend_from_slice(&chunk);
     }
-    if let Err(e) = auth.key.verify_body(&a, &bytes) {
+    if let Err(e) = reply.verify_body(&a, &bytes) {
         return refuse(e);
     }
     let mut req = Request::from_parts(parts, Body::from(bytes));
     req.extensions_mut().insert(origin);
     let resp = next.run(req).await;
-    sign(auth, &a.nonce, resp).await
+    sign(&reply, &a.nonce, resp).await
 }
 
 /// Signs an answer to the request with `nonce` (the client checks every answer but a 401).
-async fn sign(gate: &Gate, nonce: &str, resp: Response) -> Response {
+async fn sign(key: &ClusterKey, nonce: &str, resp: Response) -> Response {
     let (mut parts, body) = resp.into_parts();
     let bytes = match to_bytes(body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => return ApiError::Internal(format!("cannot buffer the answer: {e}")).into_response(),
     };
-    let sig = gate.key.sign_response(nonce, parts.status.as_u16(), &bytes);
+    let sig = key.sign_response(nonce, parts.status.as_u16(), &bytes);
     parts.headers.insert(HDR_AUTH, HeaderValue::from_str(&sig).expect("hex is a valid header value"));
     Response::from_parts(parts, Body::from(bytes))
 }

@@ -19,6 +19,13 @@ pub struct NodeReport {
     pub name: String,
     pub api_addr: Option<String>,
     pub version: String,
+    /// The public node key that signs this node's peer requests.
+    #[serde(default)]
+    pub node_key: Option<String>,
+    /// Fingerprints of the cluster secrets this node holds: the one it signs with first, then
+    /// those it also accepts (while the cluster secret is rotated).
+    #[serde(default)]
+    pub cluster_keys: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -76,6 +83,12 @@ pub struct MemberReport {
     pub memory_mb: Option<u64>,
     pub is_leader: bool,
     pub is_self: bool,
+    /// Its node key as the Raft membership records it.
+    #[serde(default)]
+    pub node_key: String,
+    /// Fingerprints of the cluster secrets it holds, as its member record reports them.
+    #[serde(default)]
+    pub cluster_keys: Vec<String>,
 }
 
 impl MemberReport {
@@ -104,6 +117,11 @@ pub struct SecretReport {
     pub name: String,
     pub version: u64,
     pub changed_at_ms: u64,
+    /// Which of this node's cluster secrets opens it: "current", "accepted" (sealed with the
+    /// other secret of a rotation; the leader seals it again once every member holds its
+    /// secret) or "none" (this node cannot open it: give it the cluster secret the others use).
+    #[serde(default)]
+    pub sealed_with: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -135,7 +153,14 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The report of an agent that has no cluster secret (or another blocking problem).
 pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
     StatusReport {
-        node: NodeReport { id: None, name: name.into(), api_addr: None, version: VERSION.into() },
+        node: NodeReport {
+            id: None,
+            name: name.into(),
+            api_addr: None,
+            version: VERSION.into(),
+            node_key: None,
+            cluster_keys: Vec::new(),
+        },
         configured: false,
         phase: None,
         phase_detail: None,
@@ -158,6 +183,9 @@ pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
 pub struct ReportInputs {
     pub me: NodeId,
     pub name: String,
+    /// This node's public node key and its cluster key fingerprints (see [`NodeReport`]).
+    pub node_key: String,
+    pub cluster_keys: Vec<String>,
     pub api_addr: String,
     pub metrics: crate::core::raft_types::RaftMetrics,
     /// The log's commit index (openraft's metrics do not carry it).
@@ -184,7 +212,19 @@ pub fn report(agent: &Node) -> StatusReport {
             .state
             .secrets
             .iter()
-            .map(|(n, s)| SecretReport { name: n.clone(), version: s.version, changed_at_ms: s.changed_at_ms })
+            .map(|(n, s)| SecretReport {
+                name: n.clone(),
+                version: s.version,
+                changed_at_ms: s.changed_at_ms,
+                sealed_with: Some(
+                    match agent.secret_box.open_with(n, &s.value) {
+                        Ok((_, crate::adapters::secrets::SealedWith::Current)) => "current",
+                        Ok((_, crate::adapters::secrets::SealedWith::Accepted)) => "accepted",
+                        Err(_) => "none",
+                    }
+                    .into(),
+                ),
+            })
             .collect::<Vec<_>>();
         (d.state.cluster_id.clone(), d.state.members.clone(), d.state.roles.clone(), secrets)
     });
@@ -192,6 +232,8 @@ pub fn report(agent: &Node) -> StatusReport {
     build(ReportInputs {
         me: agent.id(),
         name: agent.identity.name.clone(),
+        node_key: agent.identity.node_key().public(),
+        cluster_keys: agent.gate.keys.fingerprints(),
         api_addr: agent.api_addr.clone(),
         commit_index: agent.log.committed_index(),
         progress: agent.progress(),
@@ -216,6 +258,8 @@ pub fn build(inputs: ReportInputs) -> StatusReport {
     let ReportInputs {
         me,
         name,
+        node_key,
+        cluster_keys,
         api_addr,
         metrics: m,
         commit_index,
@@ -291,11 +335,20 @@ pub fn build(inputs: ReportInputs) -> StatusReport {
                 memory_mb: rec.map(|r| r.spec.facts.memory_mb),
                 is_leader: m.current_leader == Some(*id),
                 is_self: *id == me,
+                node_key: node.node_key.clone(),
+                cluster_keys: rec.map(|r| r.spec.cluster_keys.clone()).unwrap_or_default(),
             }
         })
         .collect();
     StatusReport {
-        node: NodeReport { id: Some(me.to_string()), name, api_addr: Some(api_addr), version: VERSION.into() },
+        node: NodeReport {
+            id: Some(me.to_string()),
+            name,
+            api_addr: Some(api_addr),
+            version: VERSION.into(),
+            node_key: Some(node_key),
+            cluster_keys,
+        },
         configured: true,
         phase: Some(progress.phase),
         phase_detail: Some(progress.detail),
@@ -343,6 +396,7 @@ mod tests {
             wg_public_key: crate::core::state::test_wg_key(id.0),
             facts: NodeFacts { cpus: 2, memory_mb: 1984, kernel: "6.12.48".into(), arch: "x86_64".into() },
             labels: BTreeMap::new(),
+            cluster_keys: Vec::new(),
         };
         let mesh_ip = mesh.map(std::net::Ipv4Addr::from);
         (id, Member { spec, mesh_ip, health, health_since_ms: 1_700_000_000_000, registered_at_ms: 1_699_999_990_000 })
@@ -353,10 +407,10 @@ mod tests {
     fn leader_inputs() -> ReportInputs {
         let (n1, n2, n3, n4) = (NodeId(0xa001), NodeId(0xa002), NodeId(0xa003), NodeId(0xa004));
         let nodes = BTreeMap::from([
-            (n1, PeerNode::new("10.90.0.1:7600", "")),
-            (n2, PeerNode::new("10.90.0.2:7600", "")),
-            (n3, PeerNode::new("192.168.50.13:7600", "")),
-            (n4, PeerNode::new("192.168.50.14:7600", "")),
+            (n1, PeerNode::new("10.90.0.1:7600", crate::core::auth::NodeKey::from_seed(&[1; 32]).public())),
+            (n2, PeerNode::new("10.90.0.2:7600", crate::core::auth::NodeKey::from_seed(&[2; 32]).public())),
+            (n3, PeerNode::new("192.168.50.13:7600", crate::core::auth::NodeKey::from_seed(&[3; 32]).public())),
+            (n4, PeerNode::new("192.168.50.14:7600", crate::core::auth::NodeKey::from_seed(&[4; 32]).public())),
         ]);
         let membership = Membership::new(vec![BTreeSet::from([n1, n2, n3])], nodes);
         let mut metrics = crate::core::raft_types::RaftMetrics::new_initial(n1);
@@ -372,6 +426,8 @@ mod tests {
         ReportInputs {
             me: n1,
             name: "node1".into(),
+            node_key: crate::core::auth::NodeKey::from_seed(&[1; 32]).public(),
+            cluster_keys: vec!["1c2d3e4f".into(), "5a6b7c8d".into()],
             api_addr: "192.168.50.11:7600".into(),
             metrics,
             commit_index: Some(119),
@@ -389,7 +445,12 @@ mod tests {
                 k3s_server: None,
                 k3s_agents: BTreeSet::new(),
             },
-            secrets: vec![SecretReport { name: "munge.key".into(), version: 2, changed_at_ms: 1_700_000_100_000 }],
+            secrets: vec![SecretReport {
+                name: "munge.key".into(),
+                version: 2,
+                changed_at_ms: 1_700_000_100_000,
+                sealed_with: Some("current".into()),
+            }],
             unreachable: BTreeSet::from([n3]),
             contact_ms: BTreeMap::from([(n2, 40), (n3, 9_500)]),
             services: None,

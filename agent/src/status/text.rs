@@ -203,8 +203,34 @@ pub fn render_status(r: &StatusReport, now_ms: u64) -> String {
     let _ = writeln!(out, "members ({})", r.members.len());
     out.push_str(&render_members(r));
     if !r.secrets.is_empty() {
-        let list: Vec<String> = r.secrets.iter().map(|s| format!("{} v{}", s.name, s.version)).collect();
+        let list: Vec<String> = r
+            .secrets
+            .iter()
+            .map(|s| match s.sealed_with.as_deref() {
+                Some("accepted") => format!("{} v{} (sealed with the other cluster secret)", s.name, s.version),
+                Some("none") => format!("{} v{} (cannot be opened with this node's cluster secret)", s.name, s.version),
+                _ => format!("{} v{}", s.name, s.version),
+            })
+            .collect();
         let _ = writeln!(out, "secrets    {}", list.join(", "));
+    }
+    // While the cluster secret is rotated: which secrets this node and each member hold.
+    let rotating = r.node.cluster_keys.len() > 1
+        || r.members.iter().any(|m| m.cluster_keys.len() > 1 || m.cluster_keys.first() != r.node.cluster_keys.first());
+    if rotating && let Some((signs, also)) = r.node.cluster_keys.split_first() {
+        let _ = writeln!(
+            out,
+            "cluster secret signs with {signs}, also accepts {}",
+            if also.is_empty() { "-".into() } else { also.join(", ") }
+        );
+        for m in &r.members {
+            let name = m.name.clone().unwrap_or_else(|| m.id.clone());
+            let _ = writeln!(
+                out,
+                "  {name:<16} holds {}",
+                if m.cluster_keys.is_empty() { "-".into() } else { m.cluster_keys.join(", ") }
+            );
+        }
     }
     out.push_str(&render_mesh(r));
     out.push_str(&render_roles(r, now_ms));
@@ -239,6 +265,9 @@ mod tests {
             memory_mb: Some(2048),
             is_leader: n == 1,
             is_self: n == 1,
+            node_key: String::new(),
+            // node3 has not taken the new cluster secret yet.
+            cluster_keys: if n == 3 { vec!["5a6b7c8d".into()] } else { vec!["1c2d3e4f".into(), "5a6b7c8d".into()] },
         }
     }
 
@@ -268,6 +297,8 @@ mod tests {
                 name: "node1".into(),
                 api_addr: Some("192.168.50.11:7600".into()),
                 version: "0.1.0".into(),
+                node_key: Some("bm90IGEgcmVhbCBrZXksIGEgdGVzdCBmaXh0dXJlISE=".into()),
+                cluster_keys: vec!["1c2d3e4f".into(), "5a6b7c8d".into()],
             },
             configured: true,
             phase: Some(Phase::Member),
@@ -328,8 +359,18 @@ mod tests {
                 k3s_agents: vec!["node2".into(), "node3".into(), "node4".into()],
             }),
             secrets: vec![
-                SecretReport { name: "k3s-token".into(), version: 1, changed_at_ms: NOW_MS - 3_600_000 },
-                SecretReport { name: "munge-key".into(), version: 2, changed_at_ms: NOW_MS - 600_000 },
+                SecretReport {
+                    name: "k3s-token".into(),
+                    version: 1,
+                    changed_at_ms: NOW_MS - 3_600_000,
+                    sealed_with: Some("current".into()),
+                },
+                SecretReport {
+                    name: "munge-key".into(),
+                    version: 2,
+                    changed_at_ms: NOW_MS - 600_000,
+                    sealed_with: Some("accepted".into()),
+                },
             ],
             services: Some(ServiceReport {
                 units: vec![

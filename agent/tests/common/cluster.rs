@@ -31,6 +31,8 @@ pub struct Opts {
     /// Serve `/metrics` on the node's own address, port 7601 (the nodes share the host's
     /// loopback, where the default would put them all); false: the agent's default.
     pub metrics_on_node_addr: bool,
+    /// Other cluster secrets the node accepts (`accepted_cluster_secrets_file`).
+    pub accepted_secrets: Vec<String>,
 }
 
 impl Default for Opts {
@@ -47,6 +49,7 @@ impl Default for Opts {
             mesh_cidr: None,
             netns: None,
             metrics_on_node_addr: true,
+            accepted_secrets: Vec::new(),
         }
     }
 }
@@ -86,6 +89,11 @@ impl Node {
                 failed_after_ms: o.failed_after_ms,
                 remove_after_ms: o.remove_after_ms,
             },
+            accepted_cluster_secrets_file: (!o.accepted_secrets.is_empty()).then(|| {
+                let path = self.files.dir.join("accepted-secrets");
+                std::fs::write(&path, o.accepted_secrets.join("\n") + "\n").unwrap();
+                path
+            }),
             ..FileConfig::default()
         };
         self.files.write_config(file, &o.secret).unwrap();
@@ -146,6 +154,12 @@ impl Cluster {
         node.write_config();
         self.nodes.push(node);
         i
+    }
+
+    /// Changes node `i`'s options and rewrites its config (the agent reads it at its next start).
+    pub fn reconfigure(&mut self, i: usize, change: impl FnOnce(&mut Opts)) {
+        change(&mut self.nodes[i].opts);
+        self.nodes[i].write_config();
     }
 
     pub fn start(&mut self, i: usize) {

@@ -34,6 +34,9 @@ pub mod credential {
     pub const BOOTSTRAP_EXPECT: &str = "clusteros.bootstrap-expect";
     pub const MAX_VOTERS: &str = "clusteros.max-voters";
     pub const NODE_NAME: &str = "clusteros.node-name";
+    /// Other cluster secrets this node accepts besides its own, one per line: for rotating the
+    /// cluster secret without stopping the cluster (README, "Rotating the cluster secret").
+    pub const ACCEPTED_SECRETS: &str = "clusteros.accepted-cluster-secrets";
 }
 
 /// How to provide a cluster secret; part of every "no secret" message.
@@ -152,6 +155,9 @@ pub struct FileConfig {
     pub max_voters: Option<usize>,
     pub cluster_secret: Option<String>,
     pub cluster_secret_file: Option<PathBuf>,
+    /// A file of other cluster secrets this node accepts (one per line) while the cluster
+    /// secret is rotated; it signs and seals with `cluster_secret` only.
+    pub accepted_cluster_secrets_file: Option<PathBuf>,
     pub mesh_cidr: Option<String>,
     pub manage_services: Option<ServiceMode>,
     pub metrics_addr: Option<String>,
@@ -189,6 +195,10 @@ pub struct Config {
     pub max_voters: usize,
     /// `None`: the agent runs, but refuses to form or join a cluster and says how to provide one.
     pub cluster_secret: Option<String>,
+    /// Other cluster secrets accepted from peers (and for opening what was sealed with them)
+    /// while the cluster secret is rotated; never used to sign or seal. Without duplicates and
+    /// without `cluster_secret` itself.
+    pub accepted_cluster_secrets: Vec<String>,
     /// The WireGuard mesh network (address, prefix length).
     pub mesh_cidr: (std::net::Ipv4Addr, u8),
     pub manage_services: ServiceMode,
@@ -292,6 +302,30 @@ impl Config {
         if let Some(s) = &cluster_secret {
             validate_secret(s)?;
         }
+        let accepted_text =
+            match (creds.accepted_secrets, file.accepted_cluster_secrets_file) {
+                (Some(t), _) => Some(t),
+                (None, Some(p)) => Some(read_secret_file(&p).map_err(|e| {
+                    invalid("accepted_cluster_secrets_file", format!("cannot read {}: {e}", p.display()))
+                })?),
+                (None, None) => None,
+            };
+        let mut accepted_cluster_secrets: Vec<String> = Vec::new();
+        for line in accepted_text.as_deref().unwrap_or_default().lines().map(str::trim).filter(|l| !l.is_empty()) {
+            validate_secret(line).map_err(|e| match e {
+                ConfigError::Invalid { message, .. } => invalid("accepted_cluster_secrets", message),
+                other => other,
+            })?;
+            if Some(line) != cluster_secret.as_deref() && !accepted_cluster_secrets.iter().any(|a| a == line) {
+                accepted_cluster_secrets.push(line.to_string());
+            }
+        }
+        if !accepted_cluster_secrets.is_empty() && cluster_secret.is_none() {
+            return Err(invalid(
+                "accepted_cluster_secrets",
+                "other secrets are accepted only beside a cluster secret of this node's own: set cluster_secret too",
+            ));
+        }
         let raft = file.raft;
         if raft.heartbeat_ms == 0 || raft.election_timeout_min_ms <= raft.heartbeat_ms * 2 {
             return Err(invalid("raft.election_timeout_min_ms", "must be more than twice raft.heartbeat_ms"));
@@ -338,6 +372,7 @@ impl Config {
             bootstrap_expect,
             max_voters,
             cluster_secret,
+            accepted_cluster_secrets,
             mesh_cidr,
             manage_services,
             metrics,
@@ -412,6 +447,8 @@ pub struct Credentials {
     bootstrap_expect: Option<usize>,
     max_voters: Option<usize>,
     node_name: Option<String>,
+    /// The accepted secrets, one per line (not trimmed into one value).
+    accepted_secrets: Option<String>,
 }
 
 impl Credentials {
@@ -451,6 +488,7 @@ impl Credentials {
             bootstrap_expect: number(credential::BOOTSTRAP_EXPECT, "bootstrap_expect")?,
             max_voters: number(credential::MAX_VOTERS, "max_voters")?,
             node_name: get(credential::NODE_NAME)?,
+            accepted_secrets: read(credential::ACCEPTED_SECRETS)?.filter(|v| !v.trim().is_empty()),
         })
     }
 }

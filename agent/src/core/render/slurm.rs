@@ -148,6 +148,7 @@ pub(crate) mod tests {
                     arch: "x86_64".into(),
                 },
                 labels: BTreeMap::new(),
+                cluster_keys: Vec::new(),
             };
             s.apply(id, &Command::UpsertMember { spec, at_ms: 0 });
             s.apply(10 + id, &Command::AssignMeshIp { id: NodeId(id), ip: format!("10.90.0.{}", id).parse().unwrap() });

@@ -83,6 +83,9 @@ pub fn validate_member(spec: &MemberSpec) -> Result<(), String> {
             ));
         }
     }
+    if spec.cluster_keys.len() > 8 || spec.cluster_keys.iter().any(|k| k.len() != 8 || !word(k, "")) {
+        return Err("the cluster key fingerprints are not up to 8 values of 8 hex digits".into());
+    }
     let f = &spec.facts;
     if f.kernel.len() > 255 || f.arch.len() > 64 || !word(&f.kernel, "-._+~") || !word(&f.arch, "-_") {
         return Err("the node facts (kernel, arch) hold characters a kernel release or architecture does not".into());
@@ -217,6 +220,16 @@ impl ClusterState {
                 self.secrets.insert(name.clone(), SecretEntry { value: value.clone(), version, changed_at_ms: *at_ms });
                 Response::Secret { version }
             }
+            Command::ResealSecret { name, value, version } => match self.secrets.get_mut(name) {
+                Some(e) if e.version == *version && !value.is_empty() => {
+                    e.value = value.clone();
+                    Response::Secret { version: *version }
+                }
+                Some(e) => Response::Rejected {
+                    reason: format!("secret {name} is at version {}, not {version}: it changed meanwhile", e.version),
+                },
+                None => Response::Rejected { reason: format!("there is no secret {name} to seal again") },
+            },
             Command::SetSlurmState { from, digest, files, bytes, taken_at_ms } => {
                 if self.roles.slurm_controller != Some(*from) {
                     return Response::Rejected {

@@ -60,6 +60,11 @@ pub struct MemberSpec {
     pub facts: NodeFacts,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Fingerprints of the cluster secrets the node holds, the one it signs with first (see
+    /// [`crate::core::auth::ClusterKeys`]): the leader seals secrets again with a new cluster
+    /// secret only once every member holds it, and `status` shows when a rotation may go on.
+    #[serde(default)]
+    pub cluster_keys: Vec<String>,
 }
 
 /// A member record in the cluster state.
@@ -172,6 +177,13 @@ pub enum Command {
         name: String,
         value: String,
         at_ms: u64,
+    },
+    /// The same secret value sealed again (with a new cluster secret); refused unless the secret
+    /// is still at `version`, which it keeps (its users see no change).
+    ResealSecret {
+        name: String,
+        value: String,
+        version: u64,
     },
     /// The SLURM controller announces a new copy of its state directory (refused from anyone else).
     SetSlurmState {

@@ -10,6 +10,7 @@ fn spec(id: NodeId, name: &str) -> MemberSpec {
         wg_public_key: test_wg_key(id.0),
         facts: NodeFacts { cpus: 2, memory_mb: 1024, kernel: "6.12".into(), arch: "x86_64".into() },
         labels: BTreeMap::new(),
+        cluster_keys: Vec::new(),
     }
 }
 
