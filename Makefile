@@ -54,8 +54,8 @@ faults-short:
 
 # Every fuzz target (agent/fuzz: peer requests and auth headers, config and credentials,
 # snapshots, apply, WireGuard dumps, the SLURM state copy) for FUZZ_SECONDS (default 30) from its
-# committed seeds, on the stable toolchain (cargo-fuzz without a sanitizer, unoptimized unless
-# FUZZ_PROFILE=release; installed if missing).
+# committed seeds, on the stable toolchain (cargo-fuzz without a sanitizer, optimized unless
+# FUZZ_PROFILE=dev; installed if missing).
 fuzz-smoke:
 	scripts/fuzz-smoke
 

@@ -694,8 +694,8 @@ fn slurm_state() {
     let input = |flags: u8, payload: &[u8]| [&[flags][..], &now, payload].concat();
     let json = files.to_json();
     write("slurm_state", "plain", &input(1, &json));
-    let sealed = SecretBox::new(SECRET).seal(SEAL_NAME, &json);
-    let opened = SecretBox::new(SECRET).open(SEAL_NAME, &sealed).unwrap();
+    let sealed = SecretBox::new(SECRET, &[]).seal(SEAL_NAME, &json);
+    let opened = SecretBox::new(SECRET, &[]).open(SEAL_NAME, &sealed).unwrap();
     assert_eq!(StateFiles::from_json(&opened).unwrap(), files);
     write("slurm_state", "sealed", &input(0, sealed.as_bytes()));
     let hb = [1_750_000_005u64.to_be_bytes(), 1u64.to_be_bytes()].concat();

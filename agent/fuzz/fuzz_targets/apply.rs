@@ -79,7 +79,7 @@ impl Gen<'_> {
     }
 
     fn command(&mut self, depth: u8) -> Command {
-        match self.byte() % 12 {
+        match self.byte() % 13 {
             0 => Command::InitCluster { cluster_id: self.string(&["c1", "c2"]), at_ms: self.pick(&TIMES) },
             1 => {
                 let id = self.pick(&IDS);
@@ -100,6 +100,13 @@ impl Gen<'_> {
                         BTreeMap::from([("rack".into(), "r1".into())])
                     } else {
                         BTreeMap::new()
+                    },
+                    // Valid fingerprints, none, or one the state machine refuses.
+                    cluster_keys: match b & 0x60 {
+                        0x00 => vec![],
+                        0x20 => vec!["0000000a".into()],
+                        0x40 => vec!["0000000a".into(), "0000000b".into()],
+                        _ => vec!["not hex!".into()],
                     },
                 };
                 Command::UpsertMember { spec, at_ms: self.pick(&TIMES) }
@@ -135,6 +142,11 @@ impl Gen<'_> {
             8 => Command::KvPut { key: self.string(&KEYS), value: self.string(&VALUES) },
             9 => Command::KvDelete { key: self.string(&KEYS) },
             10 => Command::KvCas { key: self.string(&KEYS), expected: self.opt_value(), new: self.opt_value() },
+            11 => Command::ResealSecret {
+                name: self.string(&SECRETS),
+                value: self.string(&VALUES),
+                version: u64::from(self.byte() % 3),
+            },
             _ => {
                 let b = self.byte();
                 let id = RequestId { origin: u64::from(b & 1) + 1, seq: u64::from((b >> 1) % 3) + 1 };

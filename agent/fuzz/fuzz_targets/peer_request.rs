@@ -20,7 +20,7 @@ use std::sync::LazyLock;
 use clusteros::adapters::raft::TypeConfig;
 use clusteros::adapters::raft::state_machine::SmData;
 use clusteros::core::auth::{
-    ANY_NODE, AuthError, AuthHeaders, ClusterKey, Gate, NodeKey, Origin, Sender, body_digest, parse_auth,
+    ANY_NODE, AuthError, AuthHeaders, ClusterKey, ClusterKeys, Gate, NodeKey, Origin, Sender, body_digest, parse_auth,
 };
 use clusteros::core::formation::{Pledge, answer_pledge};
 use clusteros::core::state::{NodeId, Response as CmdResponse};
@@ -219,7 +219,7 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!((&signed.to, signed.time_ms, &signed.nonce), (&a.to, a.time_ms, &a.nonce));
         auth = Ok(signed.sign_as("POST", &path, MEMBER, &MEMBER_KEY));
     }
-    let gate = Gate::new(key.clone(), TARGET);
+    let gate = Gate::new(ClusterKeys::new(SECRET, &[]), TARGET);
     let any_node = clusteros::proto::paths::accepts_any_node(&path);
     let admission = clusteros::proto::paths::is_admission(&path);
     let checked = auth.clone().and_then(|a| {

@@ -21,7 +21,7 @@ use clusteros::adapters::slurm_state::{
 use clusteros_agent_fuzz::SECRET;
 use libfuzzer_sys::fuzz_target;
 
-static BOX: LazyLock<SecretBox> = LazyLock::new(|| SecretBox::new(SECRET));
+static BOX: LazyLock<SecretBox> = LazyLock::new(|| SecretBox::new(SECRET, &[]));
 
 /// A path the copy may hold stays inside the state directory.
 fn check_path(p: &str) {
