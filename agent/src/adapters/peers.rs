@@ -30,6 +30,10 @@ pub enum PeerError {
     Refused { addr: String, message: String },
     #[error("{addr} answered with a signature that does not verify: it uses a different cluster secret")]
     BadResponseSignature { addr: String },
+    #[error(
+        "{addr} answered without the node signature of {node}, the node the request was for: another holder of the cluster secret answered there (or {node} was reinstalled with a new key)"
+    )]
+    BadNodeSignature { addr: String, node: String },
     #[error("{addr}: {message}")]
     Remote { addr: String, status: u16, kind: ErrorKind, message: String },
     #[error("{addr} sent an answer that cannot be decoded: {message}")]
@@ -62,6 +66,28 @@ pub fn new_nonce() -> String {
     n.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The node keys this node's Raft membership records, for checking who answered: set once Raft
+/// runs ([`MemberKeys::follow`]); until then, and for a node not in that membership, an answer is
+/// checked by the cluster secret's MAC alone.
+#[derive(Clone, Debug, Default)]
+pub struct MemberKeys(Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<crate::core::raft_types::RaftMetrics>>>);
+
+impl MemberKeys {
+    /// Follows the membership in `metrics` (Raft's metrics channel) from now on.
+    pub fn follow(&self, metrics: tokio::sync::watch::Receiver<crate::core::raft_types::RaftMetrics>) {
+        let _ = self.0.set(metrics);
+    }
+
+    /// The node key the membership records for `id`, if it records one.
+    pub fn key_of(&self, id: NodeId) -> Option<String> {
+        let m = self.0.get()?.borrow().membership_config.clone();
+        match crate::core::auth::sender_in(m.membership(), id) {
+            crate::core::auth::Sender::Member { node_key } if !node_key.is_empty() => Some(node_key),
+            _ => None,
+        }
+    }
+}
+
 /// Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PeerClient {
@@ -70,12 +96,14 @@ pub struct PeerClient {
     /// This node's id as requests name it, and the key that signs them.
     me: String,
     node_key: NodeKey,
+    members: MemberKeys,
 }
 
 impl PeerClient {
     /// A client that proves the cluster secret (`keys`' primary; answers may be signed with any
-    /// of them) and signs as node `me` with `node_key`.
-    pub fn new(keys: ClusterKeys, me: NodeId, node_key: NodeKey) -> PeerClient {
+    /// of them) and signs as node `me` with `node_key`; an answer from a node `members` knows
+    /// must carry that node's signature.
+    pub fn new(keys: ClusterKeys, me: NodeId, node_key: NodeKey, members: MemberKeys) -> PeerClient {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
             // Shorter than the server's idle timeout (`server::accept::Limits::PEER`, 20 s), so
@@ -86,7 +114,7 @@ impl PeerClient {
             .no_proxy()
             .build()
             .expect("HTTP client without TLS builds");
-        PeerClient { http, keys, me: me.to_string(), node_key }
+        PeerClient { http, keys, me: me.to_string(), node_key, members }
     }
 
     /// POSTs the call's JSON body to `http://{addr}{path}`: the verified answer's bytes.
@@ -98,8 +126,8 @@ impl PeerClient {
         }
     }
 
-    async fn call_raw(&self, PeerCall { addr, to, path, body, .. }: PeerCall<'_>) -> Result<Vec<u8>, PeerError> {
-        let to = to.map_or_else(|| ANY_NODE.to_string(), |id| id.to_string());
+    async fn call_raw(&self, PeerCall { addr, to: to_id, path, body, .. }: PeerCall<'_>) -> Result<Vec<u8>, PeerError> {
+        let to = to_id.map_or_else(|| ANY_NODE.to_string(), |id| id.to_string());
         let auth = self
             .keys
             .primary()
@@ -125,7 +153,8 @@ impl PeerClient {
                 maybe_delivered: !e.is_connect(),
             })?;
         let status = resp.status().as_u16();
-        let sig = resp.headers().get(HDR_AUTH).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (sig, node_sig) = (header(HDR_AUTH), header(HDR_NODE_SIG));
         let bytes = read_bounded(addr, resp).await?;
         if status == 401 {
             // Unsigned (the other side does not share our key): shown only as printable text.
@@ -138,6 +167,15 @@ impl PeerClient {
         let verified = sig.is_some_and(|s| self.keys.verify_response(&auth.nonce, status, &bytes, &s).is_ok());
         if !verified {
             return Err(PeerError::BadResponseSignature { addr: addr.into() });
+        }
+        // The node the request was for answered itself, not another holder of the secret.
+        if let Some(key) = to_id.and_then(|id| self.members.key_of(id)) {
+            let signed = node_sig.is_some_and(|s| {
+                crate::core::auth::verify_node_response(&key, &auth.nonce, status, &bytes, &to, &s).is_ok()
+            });
+            if !signed {
+                return Err(PeerError::BadNodeSignature { addr: addr.into(), node: to });
+            }
         }
         if !(200..300).contains(&status) {
             let (kind, message) = match serde_json::from_slice::<ErrorBody>(&bytes) {
@@ -345,6 +383,7 @@ mod tests {
             ClusterKeys::new("transport-test-secret", &[]),
             NodeId(1),
             NodeKey::from_seed(&[7; 32]),
+            MemberKeys::default(),
         ))
     }
 
@@ -424,6 +463,77 @@ mod tests {
             }
         });
         (addr, hits)
+    }
+
+    /// A server that answers `{}` with a correct cluster MAC over the request's nonce and the
+    /// node signature of `key` as `responder`.
+    async fn node_server(key: NodeKey, responder: &'static str) -> String {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let key = key.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                    let nonce = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix(&format!("{HDR_NONCE}: ")))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string();
+                    let mac = crate::core::auth::ClusterKey::derive("transport-test-secret")
+                        .sign_response(&nonce, 200, b"{}");
+                    let sig = key.sign_response(&nonce, 200, b"{}", responder);
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{HDR_AUTH}: {mac}\r\n{HDR_NODE_SIG}: {sig}\r\n\r\n{{}}"
+                    );
+                    let _ = s.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// Issue 10, design change 1: an answer from a member must carry that member's node
+    /// signature, so a holder of the secret at its address cannot answer for it (a forged
+    /// append "success" would let a leader commit without a quorum).
+    #[tokio::test]
+    async fn an_answer_for_a_member_must_be_signed_by_that_member() {
+        use crate::core::raft_types::{PeerNode, RaftMetrics};
+        let member = NodeKey::from_seed(&[2; 32]);
+        let mut metrics = RaftMetrics::new_initial(NodeId(1));
+        let nodes = std::collections::BTreeMap::from([
+            (NodeId(1), PeerNode::new("127.0.0.1:1", NodeKey::from_seed(&[7; 32]).public())),
+            (NodeId(2), PeerNode::new("127.0.0.1:2", member.public())),
+        ]);
+        let membership = openraft::Membership::new(vec![[NodeId(1), NodeId(2)].into()], nodes);
+        metrics.membership_config = Arc::new(openraft::StoredMembership::new(None, membership));
+        let (_tx, rx) = tokio::sync::watch::channel(metrics);
+        let members = MemberKeys::default();
+        members.follow(rx);
+        let client = PeerHandle::new(PeerClient::new(
+            ClusterKeys::new("transport-test-secret", &[]),
+            NodeId(1),
+            NodeKey::from_seed(&[7; 32]),
+            members,
+        ));
+        let call = |addr: String, to: NodeId| {
+            let client = client.clone();
+            async move { client.call::<_, serde_json::Value>(&addr, to, "/peer/v1/x", &(), Duration::from_secs(5)).await }
+        };
+        let to2 = "0000000000000002";
+        // Node 2 itself answers.
+        assert!(call(node_server(member.clone(), to2).await, NodeId(2)).await.is_ok());
+        // A holder of the secret with another key, or node 2's key signing for another name.
+        let e = call(node_server(NodeKey::from_seed(&[9; 32]), to2).await, NodeId(2)).await.unwrap_err();
+        assert!(matches!(&e, PeerError::BadNodeSignature { node, .. } if node == to2), "{e:?}");
+        let e = call(node_server(member.clone(), "0000000000000003").await, NodeId(2)).await.unwrap_err();
+        assert!(matches!(e, PeerError::BadNodeSignature { .. }), "{e:?}");
+        // A node this membership does not know: the secret's MAC is all there is to check.
+        assert!(call(node_server(NodeKey::from_seed(&[9; 32]), "0000000000000005").await, NodeId(5)).await.is_ok());
     }
 
     #[tokio::test]

@@ -394,6 +394,57 @@ fn node_message(method: &str, path: &str, auth: &RequestAuth, from: &str) -> Vec
     out
 }
 
+/// What a node's signature of an answer covers: the request's nonce, the status, the body's
+/// digest and the answering node's name.
+fn response_message(request_nonce: &str, status: u16, body: &[u8], responder: &str) -> Vec<u8> {
+    let status = status.to_string();
+    let digest = Sha256::digest(body);
+    let parts: [&[u8]; 5] =
+        [b"clusteros node response v1", request_nonce.as_bytes(), status.as_bytes(), &digest, responder.as_bytes()];
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend_from_slice(&(p.len() as u64).to_be_bytes());
+        out.extend_from_slice(p);
+    }
+    out
+}
+
+impl NodeKey {
+    /// Signs an answer as node `responder` (the header [`HDR_NODE_SIG`] of the answer).
+    pub fn sign_response(&self, request_nonce: &str, status: u16, body: &[u8], responder: &str) -> String {
+        self.sign(&response_message(request_nonce, status, body, responder))
+    }
+}
+
+/// Checks an answer's node signature against the key (base64) the membership records for
+/// `responder`, the node the request was for.
+pub fn verify_node_response(
+    public: &str,
+    request_nonce: &str,
+    status: u16,
+    body: &[u8],
+    responder: &str,
+    signature: &str,
+) -> Result<(), AuthError> {
+    let bad = || AuthError::BadNodeSignature(responder.to_string());
+    let key = verifying_key(public).ok_or_else(bad)?;
+    let sig: [u8; 64] = unhex(signature).and_then(|s| s.try_into().ok()).ok_or_else(bad)?;
+    key.verify_strict(
+        &response_message(request_nonce, status, body, responder),
+        &ed25519_dalek::Signature::from_bytes(&sig),
+    )
+    .map_err(|_| bad())
+}
+
+/// What `membership` (the latest a node holds) records of node `id`.
+pub fn sender_in(membership: &openraft::Membership<NodeId, crate::core::raft_types::PeerNode>, id: NodeId) -> Sender {
+    match membership.get_node(&id) {
+        Some(n) => Sender::Member { node_key: n.node_key.clone() },
+        None if membership.nodes().next().is_none() => Sender::Unjoined,
+        None => Sender::Stranger,
+    }
+}
+
 impl RequestAuth {
     /// Adds the sender's name and its node signature to a request signed with the cluster key.
     pub fn sign_as(mut self, method: &str, path: &str, from: &str, key: &NodeKey) -> RequestAuth {

@@ -36,7 +36,7 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 use crate::adapters::identity::Identity;
-use crate::adapters::peers::{PeerClient, PeerHandle};
+use crate::adapters::peers::{MemberKeys, PeerClient, PeerHandle};
 use crate::adapters::raft::log_store::LogStore;
 use crate::adapters::raft::network::{ContactTracker, Network};
 use crate::adapters::raft::state_machine::{StateHandle, StateMachineStore};
@@ -206,8 +206,11 @@ impl Node {
         extra_join: Vec<String>,
     ) -> Result<Arc<Node>, StartError> {
         let keys = ClusterKeys::new(secret, &cfg.accepted_cluster_secrets);
-        let peers = PeerHandle::new(PeerClient::new(keys, identity.node_id, identity.node_key().clone()));
-        Self::open_with_peers(cfg, identity, secret, extra_join, peers).await
+        let members = MemberKeys::default();
+        let client = PeerClient::new(keys, identity.node_id, identity.node_key().clone(), members.clone());
+        let node = Self::open_with_peers(cfg, identity, secret, extra_join, PeerHandle::new(client)).await?;
+        members.follow(node.raft.metrics());
+        Ok(node)
     }
 
     /// [`Node::open`] with the given peer client (a [`crate::adapters::peers::FakePeers`] in tests).

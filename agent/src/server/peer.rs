@@ -22,7 +22,7 @@ use super::ApiError;
 use crate::adapters::raft::{Snapshot, TypeConfig};
 use crate::core::auth::{
     AuthError, AuthHeaders, ClusterKey, Gate, HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO,
-    Origin, Sender, parse_auth,
+    Origin, parse_auth,
 };
 use crate::core::formation::Pledge;
 use crate::core::state::{NodeId, Response as CmdResponse};
@@ -47,15 +47,6 @@ pub fn body_limit(path: &str) -> usize {
         _ if raft_bulk => MAX_BODY,
         paths::WRITE => 8 * 1024 * 1024,
         _ => 1024 * 1024,
-    }
-}
-
-/// What this node's Raft membership (the latest it holds, committed or not) records of `id`.
-fn sender_in(membership: &openraft::Membership<NodeId, crate::core::raft_types::PeerNode>, id: NodeId) -> Sender {
-    match membership.get_node(&id) {
-        Some(n) => Sender::Member { node_key: n.node_key.clone() },
-        None if membership.nodes().next().is_none() => Sender::Unjoined,
-        None => Sender::Stranger,
     }
 }
 
@@ -101,14 +92,14 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
         Err(e) => return refuse(e),
     };
     let membership = node.raft.metrics().borrow().membership_config.clone();
-    let sender = |id| sender_in(membership.membership(), id);
+    let sender = |id| crate::core::auth::sender_in(membership.membership(), id);
     let origin = match auth.admit_head(&method, &path, &a, admission, any_node, crate::now_ms() as i64, sender) {
         Ok(origin) => origin,
         // Signed by a holder of the secret, for another node (a reinstalled machine at an old
         // address, or a replay): a signed "wrong node" answer, as the Raft routes give, so the
         // sender sees why instead of a secret problem.
         Err(e @ AuthError::WrongDestination { .. }) => {
-            return sign(&reply, &a.nonce, ApiError::WrongNode(e.to_string()).into_response()).await;
+            return sign(&node, &reply, &a.nonce, ApiError::WrongNode(e.to_string()).into_response()).await;
         }
         Err(e) => return refuse(e),
     };
@@ -117,7 +108,7 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
         || ApiError::BadRequest(format!("the request body is larger than {limit} bytes, the limit of {path}"));
     let declared = header(&req, "content-length").and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return sign(&reply, &a.nonce, too_large().into_response()).await;
+        return sign(&node, &reply, &a.nonce, too_large().into_response()).await;
     }
     let (parts, body) = req.into_parts();
     let mut stream = body.into_data_stream();
@@ -127,11 +118,11 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
             Ok(c) => c,
             Err(e) => {
                 let e = ApiError::BadRequest(format!("cannot read request body: {e}"));
-                return sign(&reply, &a.nonce, e.into_response()).await;
+                return sign(&node, &reply, &a.nonce, e.into_response()).await;
             }
         };
         if bytes.len() + chunk.len() > limit {
-            return sign(&reply, &a.nonce, too_large().into_response()).await;
+            return sign(&node, &reply, &a.nonce, too_large().into_response()).await;
         }
         bytes.extend_from_slice(&chunk);
     }
@@ -141,18 +132,22 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
     let mut req = Request::from_parts(parts, Body::from(bytes));
     req.extensions_mut().insert(origin);
     let resp = next.run(req).await;
-    sign(&reply, &a.nonce, resp).await
+    sign(&node, &reply, &a.nonce, resp).await
 }
 
-/// Signs an answer to the request with `nonce` (the client checks every answer but a 401).
-async fn sign(key: &ClusterKey, nonce: &str, resp: Response) -> Response {
+/// Signs an answer to the request with `nonce` with the cluster key `key` and this node's own
+/// node key (the client checks every answer but a 401).
+async fn sign(node: &Node, key: &ClusterKey, nonce: &str, resp: Response) -> Response {
     let (mut parts, body) = resp.into_parts();
     let bytes = match to_bytes(body, usize::MAX).await {
         Ok(b) => b,
         Err(e) => return ApiError::Internal(format!("cannot buffer the answer: {e}")).into_response(),
     };
-    let sig = key.sign_response(nonce, parts.status.as_u16(), &bytes);
+    let status = parts.status.as_u16();
+    let sig = key.sign_response(nonce, status, &bytes);
     parts.headers.insert(HDR_AUTH, HeaderValue::from_str(&sig).expect("hex is a valid header value"));
+    let node_sig = node.identity.node_key().sign_response(nonce, status, &bytes, &node.id().to_string());
+    parts.headers.insert(HDR_NODE_SIG, HeaderValue::from_str(&node_sig).expect("hex is a valid header value"));
     Response::from_parts(parts, Body::from(bytes))
 }
 

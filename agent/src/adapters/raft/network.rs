@@ -94,7 +94,8 @@ impl PeerConnection {
 /// Whether the target is, for Raft, not there: down, silent, or replaced by another node id.
 fn unreachable(e: &PeerError) -> bool {
     match e {
-        PeerError::Unreachable { .. } | PeerError::Timeout { .. } => true,
+        // Another node answers at the address: for Raft, the target is not there.
+        PeerError::Unreachable { .. } | PeerError::Timeout { .. } | PeerError::BadNodeSignature { .. } => true,
         PeerError::Remote { kind, .. } => *kind == crate::proto::ErrorKind::WrongNode,
         _ => false,
     }
