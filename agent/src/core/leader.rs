@@ -96,9 +96,8 @@ pub fn leader_tick(v: &LeaderView, health: &HealthTuning) -> Vec<LeaderCommand> 
     // every Raft member reports that it holds the leader's, so that no member is left with a value
     // it cannot open.
     let members = v.autopilot.voters.iter().chain(&v.autopilot.learners);
-    let all_hold = members
-        .into_iter()
-        .all(|id| s.members.get(id).is_some_and(|m| m.spec.cluster_keys.iter().any(|k| *k == v.cluster_key)));
+    let all_hold =
+        members.into_iter().all(|id| s.members.get(id).is_some_and(|m| m.spec.cluster_keys.contains(&v.cluster_key)));
     if all_hold {
         for name in &v.sealed_with_accepted {
             out.push(LeaderCommand::Reseal { name: name.clone() });

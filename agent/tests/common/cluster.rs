@@ -70,7 +70,7 @@ impl Node {
     }
 
     /// The agent's own config type, serialized, with the test timings.
-    fn write_config(&self) {
+    pub(super) fn write_config(&self) {
         let o = &self.opts;
         let file = FileConfig {
             node_name: Some(self.name.clone()),
@@ -154,12 +154,6 @@ impl Cluster {
         node.write_config();
         self.nodes.push(node);
         i
-    }
-
-    /// Changes node `i`'s options and rewrites its config (the agent reads it at its next start).
-    pub fn reconfigure(&mut self, i: usize, change: impl FnOnce(&mut Opts)) {
-        change(&mut self.nodes[i].opts);
-        self.nodes[i].write_config();
     }
 
     pub fn start(&mut self, i: usize) {

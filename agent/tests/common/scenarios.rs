@@ -53,6 +53,12 @@ impl Cluster {
         let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
         assert!(ok, "kill {sig} {pid}");
     }
+    /// Changes node `i`'s options and rewrites its config (the agent reads it at its next start).
+    pub fn reconfigure(&mut self, i: usize, change: impl FnOnce(&mut Opts)) {
+        change(&mut self.nodes[i].opts);
+        self.nodes[i].write_config();
+    }
+
     /// SIGTERM, then wait for the process to exit (bounded; SIGKILL after 20 s).
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].child.take() {
