@@ -88,7 +88,26 @@ impl AgentFiles {
         let file =
             FileConfig { socket_path: Some(self.socket()), cluster_secret_file: Some(self.secret_path()), ..file };
         std::fs::write(self.config_path(), file.to_toml())?;
-        std::fs::write(self.secret_path(), format!("{secret}\n"))
+        Self::write_secret(&self.secret_path(), &format!("{secret}\n"))
+    }
+
+    /// Writes `accepted-secrets` (one per line) for `accepted_cluster_secrets_file`: its path, or
+    /// `None` (and no file) when there are none.
+    pub fn write_accepted_secrets(&self, secrets: &[String]) -> std::io::Result<Option<PathBuf>> {
+        let path = self.dir.join("accepted-secrets");
+        if secrets.is_empty() {
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(None),
+            };
+        }
+        Self::write_secret(&path, &(secrets.join("\n") + "\n"))?;
+        Ok(Some(path))
+    }
+
+    /// A file only its owner reads, written as the agent writes its own.
+    fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
+        crate::adapters::files::write_atomic(path, text.as_bytes(), 0o600).map_err(std::io::Error::other)
     }
 
     /// Starts `bin agent --config agent.toml` (inside network namespace `netns` when given),

@@ -181,10 +181,7 @@ impl ClusterKey {
 
     fn mac(&self, parts: &[&[u8]]) -> HmacSha256 {
         let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC accepts any key length");
-        for p in parts {
-            mac.update(&(p.len() as u64).to_be_bytes());
-            mac.update(p);
-        }
+        mac.update(&framed(parts));
         mac
     }
 
@@ -360,6 +357,11 @@ impl NodeKey {
         use ed25519_dalek::Signer;
         hex(&self.0.sign(message).to_bytes())
     }
+
+    /// Signs an answer as node `responder` (the header [`HDR_NODE_SIG`] of the answer).
+    pub fn sign_response(&self, request_nonce: &str, status: u16, body: &[u8], responder: &str) -> String {
+        self.sign(&response_message(request_nonce, status, body, responder))
+    }
 }
 
 /// Whether `text` is a node key as [`NodeKey::public`] writes it (a valid Ed25519 point).
@@ -376,7 +378,7 @@ fn verifying_key(text: &str) -> Option<ed25519_dalek::VerifyingKey> {
 /// What a node signature covers: the fields the cluster MAC covers, and the sender's name.
 fn node_message(method: &str, path: &str, auth: &RequestAuth, from: &str) -> Vec<u8> {
     let time = auth.time_ms.to_string();
-    let parts: [&[u8]; 8] = [
+    framed(&[
         b"clusteros node request v1",
         method.as_bytes(),
         path.as_bytes(),
@@ -385,13 +387,27 @@ fn node_message(method: &str, path: &str, auth: &RequestAuth, from: &str) -> Vec
         time.as_bytes(),
         auth.nonce.as_bytes(),
         auth.body_sha256.as_bytes(),
-    ];
-    let mut out = Vec::new();
+    ])
+}
+
+/// The parts of a signed message, each after its length (8 bytes, big-endian): what the MAC and
+/// the node signatures cover, so that no two lists of parts give the same bytes.
+fn framed(parts: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(parts.iter().map(|p| p.len() + 8).sum());
     for p in parts {
         out.extend_from_slice(&(p.len() as u64).to_be_bytes());
         out.extend_from_slice(p);
     }
     out
+}
+
+/// Checks the node signature `signature` (hex) of `message` by `public` (base64), the key of
+/// node `who`.
+fn verify_node(public: &str, message: &[u8], signature: Option<&str>, who: &str) -> Result<(), AuthError> {
+    let bad = || AuthError::BadNodeSignature(who.to_string());
+    let key = verifying_key(public).ok_or_else(bad)?;
+    let sig: [u8; 64] = signature.and_then(unhex).and_then(|s| s.try_into().ok()).ok_or_else(bad)?;
+    key.verify_strict(message, &ed25519_dalek::Signature::from_bytes(&sig)).map_err(|_| bad())
 }
 
 /// What a node's signature of an answer covers: the request's nonce, the status, the body's
@@ -399,21 +415,7 @@ fn node_message(method: &str, path: &str, auth: &RequestAuth, from: &str) -> Vec
 fn response_message(request_nonce: &str, status: u16, body: &[u8], responder: &str) -> Vec<u8> {
     let status = status.to_string();
     let digest = Sha256::digest(body);
-    let parts: [&[u8]; 5] =
-        [b"clusteros node response v1", request_nonce.as_bytes(), status.as_bytes(), &digest, responder.as_bytes()];
-    let mut out = Vec::new();
-    for p in parts {
-        out.extend_from_slice(&(p.len() as u64).to_be_bytes());
-        out.extend_from_slice(p);
-    }
-    out
-}
-
-impl NodeKey {
-    /// Signs an answer as node `responder` (the header [`HDR_NODE_SIG`] of the answer).
-    pub fn sign_response(&self, request_nonce: &str, status: u16, body: &[u8], responder: &str) -> String {
-        self.sign(&response_message(request_nonce, status, body, responder))
-    }
+    framed(&[b"clusteros node response v1", request_nonce.as_bytes(), status.as_bytes(), &digest, responder.as_bytes()])
 }
 
 /// Checks an answer's node signature against the key (base64) the membership records for
@@ -426,14 +428,7 @@ pub fn verify_node_response(
     responder: &str,
     signature: &str,
 ) -> Result<(), AuthError> {
-    let bad = || AuthError::BadNodeSignature(responder.to_string());
-    let key = verifying_key(public).ok_or_else(bad)?;
-    let sig: [u8; 64] = unhex(signature).and_then(|s| s.try_into().ok()).ok_or_else(bad)?;
-    key.verify_strict(
-        &response_message(request_nonce, status, body, responder),
-        &ed25519_dalek::Signature::from_bytes(&sig),
-    )
-    .map_err(|_| bad())
+    verify_node(public, &response_message(request_nonce, status, body, responder), Some(signature), responder)
 }
 
 /// What `membership` (the latest a node holds) records of node `id`.
@@ -456,11 +451,7 @@ impl RequestAuth {
     /// Checks the node signature against the sender's public key (base64).
     pub fn verify_node_sig(&self, method: &str, path: &str, public: &str) -> Result<(), AuthError> {
         let from = self.from.as_deref().unwrap_or_default();
-        let bad = || AuthError::BadNodeSignature(from.to_string());
-        let key = verifying_key(public).ok_or_else(bad)?;
-        let sig: [u8; 64] = self.node_sig.as_deref().and_then(unhex).and_then(|s| s.try_into().ok()).ok_or_else(bad)?;
-        key.verify_strict(&node_message(method, path, self, from), &ed25519_dalek::Signature::from_bytes(&sig))
-            .map_err(|_| bad())
+        verify_node(public, &node_message(method, path, self, from), self.node_sig.as_deref(), from)
     }
 }
 
@@ -530,6 +521,23 @@ impl Gate {
         sender: impl FnOnce(NodeId) -> Sender,
     ) -> Result<Origin, AuthError> {
         self.keys.verify_request_head(method, path, auth)?;
+        self.admit_verified(method, path, auth, admission, any_node, now_ms, sender)
+    }
+
+    /// [`Gate::admit_head`] for a request whose MAC the caller has verified already with
+    /// [`ClusterKeys::verify_request_head`] (the peer middleware, which signs its answer with the
+    /// key that verified).
+    #[allow(clippy::too_many_arguments)]
+    pub fn admit_verified(
+        &self,
+        method: &str,
+        path: &str,
+        auth: &RequestAuth,
+        admission: bool,
+        any_node: bool,
+        now_ms: i64,
+        sender: impl FnOnce(NodeId) -> Sender,
+    ) -> Result<Origin, AuthError> {
         if auth.to == ANY_NODE {
             if !any_node {
                 return Err(AuthError::Unaddressed(path.to_string()));
@@ -550,11 +558,7 @@ impl Gate {
         admission: bool,
         sender: impl FnOnce(NodeId) -> Sender,
     ) -> Result<Origin, AuthError> {
-        let claimed = match (&auth.from, &auth.node_sig) {
-            (Some(from), Some(_)) => Some(from),
-            _ => None,
-        };
-        let Some(from) = claimed else {
+        let (Some(from), Some(_)) = (&auth.from, &auth.node_sig) else {
             return if admission { Ok(Origin::SecretHolder) } else { Err(AuthError::Anonymous(path.to_string())) };
         };
         let id = from.parse::<NodeId>().map_err(|_| AuthError::BadNodeSignature(from.clone()))?;

@@ -148,14 +148,13 @@ impl Node {
     /// which checked this on the way. A new node's join comes on the cluster secret.
     pub fn check_join_origin(&self, req: &JoinRequest, origin: &crate::core::auth::Origin) -> Result<(), ApiError> {
         let is_member = self.metrics().membership_config.membership().get_node(&req.id).is_some();
-        match origin.member() {
-            _ if !is_member => Ok(()),
-            Some(_) => Ok(()),
-            None => Err(ApiError::Refused(format!(
+        if is_member && origin.member().is_none() {
+            return Err(ApiError::Refused(format!(
                 "node {} is a member already: its join must be signed with its own node key, and this one is not",
                 req.id
-            ))),
+            )));
         }
+        Ok(())
     }
 
     pub async fn local_join(&self, req: JoinRequest) -> Result<JoinResponse, ApiError> {

@@ -93,7 +93,7 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
     };
     let membership = node.raft.metrics().borrow().membership_config.clone();
     let sender = |id| crate::core::auth::sender_in(membership.membership(), id);
-    let origin = match auth.admit_head(&method, &path, &a, admission, any_node, crate::now_ms() as i64, sender) {
+    let origin = match auth.admit_verified(&method, &path, &a, admission, any_node, crate::now_ms() as i64, sender) {
         Ok(origin) => origin,
         // Signed by a holder of the secret, for another node (a reinstalled machine at an old
         // address, or a replay): a signed "wrong node" answer, as the Raft routes give, so the

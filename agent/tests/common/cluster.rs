@@ -89,11 +89,7 @@ impl Node {
                 failed_after_ms: o.failed_after_ms,
                 remove_after_ms: o.remove_after_ms,
             },
-            accepted_cluster_secrets_file: (!o.accepted_secrets.is_empty()).then(|| {
-                let path = self.files.dir.join("accepted-secrets");
-                std::fs::write(&path, o.accepted_secrets.join("\n") + "\n").unwrap();
-                path
-            }),
+            accepted_cluster_secrets_file: self.files.write_accepted_secrets(&o.accepted_secrets).unwrap(),
             ..FileConfig::default()
         };
         self.files.write_config(file, &o.secret).unwrap();
