@@ -39,6 +39,11 @@ pub mod paths {
     pub fn is_admission(path: &str) -> bool {
         path == HELLO || path == JOIN || path == PLEDGE
     }
+
+    /// Whether `path` is one of Raft's own routes (append, vote, snapshot, pre-vote).
+    pub fn is_raft(path: &str) -> bool {
+        path.starts_with("/peer/v1/raft/")
+    }
 }
 
 /// The SLURM controller's newest state copy, sealed with the cluster key.
@@ -210,6 +215,10 @@ pub struct HelloResponse {
     /// asker's own (see [`crate::core::membership::removal_confirmed`]).
     #[serde(default)]
     pub members_index: Option<u64>,
+    /// The node keys of that membership: id -> node key (base64). A member that missed a node's
+    /// admission learns its key from here (see [`crate::core::auth::VouchedKeys`]).
+    #[serde(default)]
+    pub member_keys: BTreeMap<NodeId, String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone)]

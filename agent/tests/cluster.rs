@@ -539,6 +539,57 @@ async fn frozen_learner_removed_meanwhile_rejoins() {
     );
 }
 
+/// Issue 10, design change 1, the liveness gap it opened: a voter that was away while a new node
+/// was admitted, took its place and came to lead does not know that leader's node key. Without
+/// help it refuses the leader's appends as a stranger's forever (its other voter is down, the
+/// one left follows the new leader and refuses its pre-votes). Back, it must hear that the
+/// leader is a member from a member it knows, and follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_back_from_an_absence_follows_a_leader_admitted_meanwhile() {
+    let _g = serial();
+    let opts = Opts { suspect_after_ms: 1000, failed_after_ms: 2500, ..Opts::default() };
+    let mut c = Cluster::new(3, opts.clone());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let away = (0..3).find(|i| *i != leader).unwrap();
+    let other = (0..3).find(|i| *i != leader && *i != away).unwrap();
+    let away_id = c.status(away).await.unwrap().node.id.unwrap();
+    c.stop(away);
+    let new = c.add_node(Opts { bootstrap_expect: None, ..opts.clone() });
+    c.start(new);
+    let new_id = wait_until(FORM, "the new node has an id", || async { c.status(new).await.ok()?.node.id }).await;
+    wait_until(Duration::from_secs(60), "the autopilot replaces the absent voter by the new node", || async {
+        let raft = c.status(leader).await.ok()?.raft?;
+        (raft.voters.contains(&new_id) && !raft.voters.contains(&away_id)).then_some(())
+    })
+    .await;
+    // The new node must win the next election: the leader and it commit an entry that `other`,
+    // stopped meanwhile, lacks, so once the leader stops too, only the new node can win.
+    c.stop(other);
+    c.nodes[leader].files.client().kv_put("while-other-is-down", "1").await.unwrap();
+    c.stop(leader);
+    c.start(other);
+    wait_until(FORM, "the new node leads the cluster", || async {
+        let led = |s: clusteros::status::StatusReport| s.raft.and_then(|r| r.leader_id);
+        (led(c.status(new).await.ok()?)? == new_id && led(c.status(other).await.ok()?)? == new_id).then_some(())
+    })
+    .await;
+    c.nodes[new].files.client().kv_put("under-the-new-leader", "2").await.unwrap();
+    c.start(away);
+    wait_until(Duration::from_secs(90), "the returning node follows the new leader", || async {
+        let s = c.status(away).await.ok()?;
+        let follows = s.raft?.leader_id? == new_id;
+        let r = c.nodes[away].files.client().kv_get("under-the-new-leader", false).await.ok()?;
+        (follows && r.entry?.value == "2").then_some(())
+    })
+    .await;
+    let log = c.nodes[away].files.log();
+    assert!(log.contains("vouches for the node keys of 1 member(s)"), "the returning node did not learn the key");
+    // Its own log now lists the new node: the vouched key is no longer what it goes by.
+    let s = c.status(away).await.unwrap();
+    assert!(s.members.iter().any(|m| m.id == new_id), "the returning node's membership lacks the leader");
+}
+
 /// Waits (60 s) until node `at` lists 3 members and not `id`.
 async fn wait_removed(c: &Cluster, at: usize, id: &str, what: &str) {
     wait_until(Duration::from_secs(60), what, || async {

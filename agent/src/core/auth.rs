@@ -23,7 +23,8 @@
 //! | route | sender is a member | sender is not a member | this node is in no cluster yet |
 //! |---|---|---|---|
 //! | admission: hello, pledge, join | its node signature is checked | the secret suffices | the secret suffices |
-//! | everything else (Raft, write, read, leave, SLURM state) | its node signature is required | refused | the secret suffices |
+//! | Raft (append, snapshot, vote, pre-vote) | its node signature is required | refused, unless a member this node knows vouched for its key ([`VouchedKeys`]) | the secret suffices |
+//! | everything else (write, read, leave, SLURM state) | its node signature is required | refused | the secret suffices |
 //!
 //! The last column is the trust of a node that has not joined: it learns its cluster's keys with
 //! the first membership it receives. So a removed node, which still knows the secret, can
@@ -440,6 +441,66 @@ pub fn sender_in(membership: &openraft::Membership<NodeId, crate::core::raft_typ
     }
 }
 
+/// Node keys of members that a later membership than this node's lists, as a member this node
+/// knows vouched for them (its answer signed by its own key). A node that was away while a new
+/// node was admitted does not know the new node's key, and learns it only from the log that the
+/// new node, if it leads, must send it: without the vouched key it would refuse every append
+/// from that leader until leadership moved (see [`VouchedKeys::sender`]).
+///
+/// This is not a second membership: it only names who may send this node *Raft* messages,
+/// whose terms and logs Raft itself checks as from any member; and it lapses by itself once
+/// this node's own membership reaches the vouched index (its own log then says who is a
+/// member). A voucher gains nothing it did not have: a member this node knows may already send
+/// it appends of its own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VouchedKeys {
+    /// The log index of the voucher's membership.
+    pub index: u64,
+    /// The members of that membership that this node's did not list, with their node keys.
+    pub keys: std::collections::BTreeMap<NodeId, String>,
+}
+
+impl VouchedKeys {
+    /// What a member's answer vouches for: the keys (`theirs`, id -> node key, of its membership
+    /// at `their_index`) of the nodes `mine_members` (this node's membership, at `mine_index`)
+    /// does not list, when the voucher's membership is later. `None` when it vouches for nobody.
+    pub fn from_answer(
+        mine_index: Option<u64>,
+        mine_members: &std::collections::BTreeSet<NodeId>,
+        their_index: Option<u64>,
+        theirs: &std::collections::BTreeMap<NodeId, String>,
+    ) -> Option<VouchedKeys> {
+        let index = their_index?;
+        if mine_index.is_some_and(|m| m >= index) {
+            return None;
+        }
+        let keys: std::collections::BTreeMap<NodeId, String> = theirs
+            .iter()
+            .filter(|(id, key)| !mine_members.contains(id) && !key.is_empty())
+            .map(|(id, key)| (*id, key.clone()))
+            .collect();
+        (!keys.is_empty()).then_some(VouchedKeys { index, keys })
+    }
+
+    /// Keeps the later of two vouches.
+    pub fn newer(self, other: Option<VouchedKeys>) -> VouchedKeys {
+        match other {
+            Some(o) if o.index > self.index => o,
+            _ => self,
+        }
+    }
+
+    /// What this node takes `id` for on a Raft route, when its membership (at `mine_index`) says
+    /// it is a `Stranger`: a member with the vouched key while that membership is earlier than
+    /// the vouched one, a stranger otherwise.
+    pub fn sender(&self, mine_index: Option<u64>, id: NodeId) -> Sender {
+        match self.keys.get(&id) {
+            Some(key) if mine_index.is_none_or(|m| m < self.index) => Sender::Member { node_key: key.clone() },
+            _ => Sender::Stranger,
+        }
+    }
+}
+
 impl RequestAuth {
     /// Adds the sender's name and its node signature to a request signed with the cluster key.
     pub fn sign_as(mut self, method: &str, path: &str, from: &str, key: &NodeKey) -> RequestAuth {
@@ -766,6 +827,36 @@ mod tests {
         let admit_hello = |g: &Gate| g.admit_head("POST", "/peer/v1/hello", &hello, true, true, now, members);
         assert_eq!(admit_hello(&underlay), Ok(Origin::SecretHolder));
         assert_eq!(admit_hello(&b), Ok(Origin::SecretHolder), "another node's own memory");
+    }
+
+    /// A node that missed an admission takes the vouched key of the new member on Raft routes
+    /// while its own membership is earlier than the vouched one, and never the key of a node the
+    /// later membership does not list or lists without a key.
+    #[test]
+    fn a_vouched_key_holds_until_this_nodes_membership_is_as_late() {
+        let ids = |v: &[u64]| v.iter().map(|i| NodeId(*i)).collect::<std::collections::BTreeSet<_>>();
+        let theirs = std::collections::BTreeMap::from([
+            (NodeId(1), "k1".to_string()),
+            (NodeId(4), "k4".to_string()),
+            (NodeId(5), String::new()),
+        ]);
+        // Only the later membership's members this node does not list, and only with a key.
+        let v = VouchedKeys::from_answer(Some(10), &ids(&[1, 2, 3]), Some(12), &theirs).unwrap();
+        assert_eq!(v, VouchedKeys { index: 12, keys: std::collections::BTreeMap::from([(NodeId(4), "k4".into())]) });
+        assert_eq!(VouchedKeys::from_answer(Some(12), &ids(&[1, 2, 3]), Some(12), &theirs), None, "not later");
+        assert_eq!(VouchedKeys::from_answer(Some(13), &ids(&[1, 2, 3]), Some(12), &theirs), None, "behind");
+        assert_eq!(VouchedKeys::from_answer(Some(10), &ids(&[1, 2, 3]), None, &theirs), None, "no membership");
+        assert_eq!(VouchedKeys::from_answer(Some(10), &ids(&[1, 4, 5]), Some(12), &theirs), None, "nobody new");
+        assert!(VouchedKeys::from_answer(None, &ids(&[]), Some(1), &theirs).is_some());
+        // Taken while this node's membership is earlier; lapses once it is as late.
+        assert_eq!(v.sender(Some(11), NodeId(4)), Sender::Member { node_key: "k4".into() });
+        assert_eq!(v.sender(Some(12), NodeId(4)), Sender::Stranger);
+        assert_eq!(v.sender(Some(11), NodeId(6)), Sender::Stranger);
+        // The later of two vouches is kept.
+        let later = VouchedKeys { index: 20, keys: Default::default() };
+        assert_eq!(v.clone().newer(Some(later.clone())), later);
+        assert_eq!(later.clone().newer(Some(v.clone())), later);
+        assert_eq!(v.clone().newer(None), v);
     }
 
     /// Issue 10, design change 1: the secret only admits. Who sent a request is the node whose

@@ -105,13 +105,14 @@ impl Node {
             d.values().filter(|e| e.heard.is_some_and(|t| t.elapsed() < forget)).map(|e| e.candidate.clone()).collect();
         drop(d);
         // One read: the index must be the index of these members.
-        let (members_index, members) = self.applied_members_and_addrs();
+        let applied = self.applied_members();
         HelloResponse {
             me: self.candidate(initialized, pledged),
             known,
             leader: m.current_leader,
-            members,
-            members_index,
+            members: applied.addrs,
+            members_index: applied.index,
+            member_keys: applied.keys,
         }
     }
 
@@ -458,6 +459,7 @@ mod tests {
                     leader: None,
                     members: Default::default(),
                     members_index: None,
+                    member_keys: Default::default(),
                 })
             });
             fake.answer(addr, paths::PLEDGE, move |_: Pledge| -> Result<PledgeResponse, PeerError> {

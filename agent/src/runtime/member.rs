@@ -1,14 +1,16 @@
 //! Life as a member: keeping this node's record current, noticing that the cluster removed it
 //! (then the run ends and the next one joins anew), and leaving on request.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
 use super::ApiError;
+use crate::core::auth::{Sender, VouchedKeys};
 use crate::core::membership;
-use crate::core::state::{Command, Response};
+use crate::core::state::{Command, NodeId, Response};
 use crate::proto::{HelloRequest, HelloResponse, LeaveRequest, paths};
 
 use super::driver::{Action, LoopError, Reconciler, Triggers, Wake};
@@ -31,7 +33,8 @@ impl Reconciler for MemberLoop {
         let (in_raft, record) = node
             .state
             .read(|d| (d.state.is_raft_member(node.id()), d.state.members.get(&node.id()).map(|m| m.spec.clone())));
-        let peers: Vec<String> = node.member_underlay_addrs().into_values().collect();
+        let members = node.member_underlay_addrs();
+        let peers: Vec<String> = members.values().cloned().collect();
         if in_raft {
             self.was_member = true;
             let spec = node.my_spec();
@@ -54,9 +57,11 @@ impl Reconciler for MemberLoop {
             return Ok(Action::Done);
         }
         // A node that was removed while it was away never hears about it: nobody replicates to
-        // it. When no leader has replicated to it for a while, ask the peers. (A learner keeps the
-        // leader it last heard of in its metrics forever: it never holds an election. A learner
-        // that came back just as the leader removed it got one heartbeat, then silence.)
+        // it. When no leader has replicated to it for a while, ask the members. (A learner keeps
+        // the leader it last heard of in its metrics forever: it never holds an election. A
+        // learner that came back just as the leader removed it got one heartbeat, then silence.)
+        // Their answers also vouch for the keys of members admitted while it was away, one of
+        // which may be the leader whose appends it refuses as a stranger's.
         let m = node.metrics();
         let window = Duration::from_millis(node.cfg.raft.election_timeout_max_ms * 5);
         let leader_heard = match m.current_leader {
@@ -69,7 +74,7 @@ impl Reconciler for MemberLoop {
         } else {
             let since = *self.leader_silent_since.get_or_insert_with(Instant::now);
             if since.elapsed() > window
-                && let Some(via) = node.check_removed(&peers).await
+                && let Some(via) = node.ask_members(&members).await
             {
                 warn!(node_id = %node.id(), "the cluster no longer lists this node; joining again with a new identity");
                 node.request_end(RunEnd::Rejoin { via });
@@ -94,17 +99,25 @@ impl Node {
         Ok(())
     }
 
-    /// Asks known peers whether the cluster still lists this node. Returns addresses to rejoin
-    /// through when a peer proves that it does not: it knows a leader and applied a membership
-    /// later than this node's that leaves this node out. A peer that is merely behind (a stale
-    /// learner) proves nothing.
-    pub(super) async fn check_removed(&self, peers: &[String]) -> Option<Vec<String>> {
+    /// Asks the members this node knows (`members`: id -> address) what they applied, each
+    /// answer signed by that member's own key. Returns addresses to rejoin through when a member
+    /// proves that the cluster removed this node: it knows a leader and applied a membership later
+    /// than this node's that leaves this node out. A member that is merely behind (a stale
+    /// learner) proves nothing. A later membership's node keys of members this node does not
+    /// know yet are taken as vouched for ([`crate::core::auth::VouchedKeys`]), so that such a
+    /// member's Raft messages (a new leader's appends) reach this node's log, which then brings
+    /// the membership that lists them.
+    pub(super) async fn ask_members(&self, members: &BTreeMap<NodeId, String>) -> Option<Vec<String>> {
         let req = HelloRequest { from: self.candidate(true, None) };
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
         let mine = self.applied_membership();
-        for addr in peers.iter().filter(|a| **a != self.api_addr) {
-            let Ok(resp) = self.client.call_any::<_, HelloResponse>(addr, paths::HELLO, &req, t).await else {
-                continue;
+        for (id, addr) in members.iter().filter(|(id, a)| **id != self.id() && **a != self.api_addr) {
+            let resp = match self.client.call::<_, HelloResponse>(addr, *id, paths::HELLO, &req, t).await {
+                Ok(resp) => resp,
+                Err(e) => {
+                    debug!(node_id = %self.id(), peer = %id, "cannot ask a member about the membership: {e}");
+                    continue;
+                }
             };
             let theirs = membership::AppliedMembership {
                 index: resp.members_index,
@@ -123,8 +136,39 @@ impl Node {
                     mine.index
                 );
             }
+            self.take_vouched_keys(*id, &resp);
         }
         None
+    }
+
+    /// Takes the node keys member `voucher` vouches for in its answer, if the answer is verified
+    /// by the key this node's membership records for it and its membership is later.
+    fn take_vouched_keys(&self, voucher: NodeId, resp: &HelloResponse) {
+        let m = self.metrics();
+        let known = m.membership_config.membership();
+        // The peer client checked the answer's node signature against this key (MemberKeys
+        // follows the same membership); a member without one answered on the secret alone.
+        if !matches!(crate::core::auth::sender_in(known, voucher), Sender::Member { node_key } if !node_key.is_empty())
+        {
+            return;
+        }
+        let mine_index = m.membership_config.log_id().map(|l| l.index);
+        let mine_members = known.nodes().map(|(id, _)| *id).collect();
+        let Some(v) = VouchedKeys::from_answer(mine_index, &mine_members, resp.members_index, &resp.member_keys) else {
+            return;
+        };
+        if self.vouch(v.clone()) {
+            info!(
+                node_id = %self.id(),
+                voucher = %voucher,
+                "member {voucher} vouches for the node keys of {} member(s) this node's membership (index {mine_index:?}) \
+                 does not list yet ({}; its membership is at index {}): their Raft messages are taken until this \
+                 node's log catches up",
+                v.keys.len(),
+                v.keys.keys().map(|id| id.to_string()).collect::<Vec<_>>().join(", "),
+                v.index
+            );
+        }
     }
 }
 
@@ -134,59 +178,111 @@ mod tests {
     use std::time::Duration;
 
     use crate::adapters::peers::{FakePeers, PeerError};
+    use crate::core::auth::{NodeKey, Sender};
+    use crate::core::raft_types::PeerNode;
     use crate::core::state::NodeId;
     use crate::proto::{Candidate, HelloRequest, HelloResponse, paths};
 
     const ME: &str = "127.0.0.1:17701";
     const PEER: &str = "127.0.0.1:17702";
+    const OTHER: NodeId = NodeId(7);
 
-    /// Issue 10, hole 4: a peer that knows a leader and does not list this node makes it rejoin
-    /// only when the membership it applied is later than this node's; a peer that is behind (a
-    /// stale learner) does not make a current member wipe itself.
-    #[tokio::test]
-    async fn only_a_peer_with_a_later_membership_can_say_this_node_was_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        let fake = FakePeers::default();
-        let n = crate::runtime::test_node(dir.path(), &fake, ME, &[PEER], None).await;
-        let members = BTreeMap::from([(n.id(), crate::core::raft_types::PeerNode::new(ME, ""))]);
-        n.raft.initialize(members).await.unwrap();
+    /// A single-node cluster of its own, with [`OTHER`] at [`PEER`] as a learner whose node key
+    /// its membership records; the log index of the membership it applied.
+    async fn node_with_a_learner(
+        dir: &std::path::Path,
+        fake: &FakePeers,
+    ) -> (std::sync::Arc<crate::runtime::Node>, u64) {
+        let n = crate::runtime::test_node(dir, fake, ME, &[PEER], None).await;
+        n.raft.initialize(BTreeMap::from([(n.id(), PeerNode::new(ME, ""))])).await.unwrap();
+        let key = NodeKey::from_seed(&[7; 32]).public();
+        n.raft.wait(Some(Duration::from_secs(20))).current_leader(n.id(), "the node leads itself").await.unwrap();
+        n.raft.add_learner(OTHER, PeerNode::new(PEER, &key), false).await.unwrap();
         n.raft
             .wait(Some(Duration::from_secs(20)))
             .metrics(
                 |m| {
                     let membership = m.membership_config.log_id().map(|l| l.index);
-                    membership.is_some() && m.last_applied.map(|l| l.index) >= membership
+                    m.membership_config.membership().get_node(&OTHER).is_some()
+                        && m.last_applied.map(|l| l.index) >= membership
                 },
-                "the single-node cluster applies its membership",
+                "the node applies the membership with its learner",
             )
             .await
             .unwrap();
         let mine = n.applied_membership().index.expect("an applied membership has a log index");
-        let answer_with = |index: u64| {
-            fake.answer(PEER, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
-                let other = NodeId(7);
-                Ok(HelloResponse {
-                    me: Candidate {
-                        id: other,
-                        name: "stale".into(),
-                        api_addr: PEER.into(),
-                        initialized: true,
-                        bootstrap_expect: None,
-                        pledged: None,
-                    },
-                    known: vec![req.from],
-                    leader: Some(other),
-                    members: BTreeMap::from([(other, PEER.to_string())]),
-                    members_index: Some(index),
-                })
-            });
-        };
-        answer_with(mine);
-        assert_eq!(n.check_removed(&[PEER.to_string()]).await, None, "a peer as far as this node was believed");
-        answer_with(mine.saturating_sub(1));
-        assert_eq!(n.check_removed(&[PEER.to_string()]).await, None, "a peer behind this node was believed");
-        answer_with(mine + 5);
-        assert_eq!(n.check_removed(&[PEER.to_string()]).await, Some(vec![PEER.to_string()]));
+        (n, mine)
+    }
+
+    /// A member at [`PEER`] answers hello with a membership at `index` of `members` (id -> key).
+    fn answer_hello(fake: &FakePeers, index: u64, members: Vec<(NodeId, String)>) {
+        fake.answer(PEER, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
+            Ok(HelloResponse {
+                me: Candidate {
+                    id: OTHER,
+                    name: "other".into(),
+                    api_addr: PEER.into(),
+                    initialized: true,
+                    bootstrap_expect: None,
+                    pledged: None,
+                },
+                known: vec![req.from],
+                leader: Some(OTHER),
+                members: members.iter().map(|(id, _)| (*id, PEER.to_string())).collect(),
+                members_index: Some(index),
+                member_keys: members.iter().cloned().collect(),
+            })
+        });
+    }
+
+    /// Issue 10, hole 4: a member that knows a leader and does not list this node makes it
+    /// rejoin only when the membership it applied is later than this node's; a member that is
+    /// behind (a stale learner) does not make a current member wipe itself.
+    #[tokio::test]
+    async fn only_a_member_with_a_later_membership_can_say_this_node_was_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakePeers::default();
+        let (n, mine) = node_with_a_learner(dir.path(), &fake).await;
+        let members = BTreeMap::from([(OTHER, PEER.to_string())]);
+        let without_me = || vec![(OTHER, NodeKey::from_seed(&[7; 32]).public())];
+        answer_hello(&fake, mine, without_me());
+        assert_eq!(n.ask_members(&members).await, None, "a member as far as this node was believed");
+        answer_hello(&fake, mine.saturating_sub(1), without_me());
+        assert_eq!(n.ask_members(&members).await, None, "a member behind this node was believed");
+        answer_hello(&fake, mine + 5, without_me());
+        assert_eq!(n.ask_members(&members).await, Some(vec![PEER.to_string()]));
+        n.raft.shutdown().await.unwrap();
+    }
+
+    /// A node that was away while node 9 was admitted, and that node 9 now leads, learns its key
+    /// from a member it knows: its Raft messages are taken (and only they), until this node's
+    /// own membership is as late as the vouched one. A member behind this node vouches for
+    /// nobody.
+    #[tokio::test]
+    async fn a_member_vouches_for_the_key_of_a_node_admitted_while_this_one_was_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakePeers::default();
+        let (n, mine) = node_with_a_learner(dir.path(), &fake).await;
+        let members = BTreeMap::from([(OTHER, PEER.to_string())]);
+        let (newcomer, key) = (NodeId(9), NodeKey::from_seed(&[9; 32]).public());
+        let later =
+            vec![(n.id(), String::new()), (OTHER, NodeKey::from_seed(&[7; 32]).public()), (newcomer, key.clone())];
+        let sender = |path: &str| n.sender(&n.metrics().membership_config, path, newcomer);
+
+        answer_hello(&fake, mine, later.clone());
+        assert_eq!(n.ask_members(&members).await, None);
+        assert_eq!(
+            sender(paths::RAFT_APPEND),
+            Sender::Stranger,
+            "a membership as far as this node's vouches for nobody"
+        );
+
+        answer_hello(&fake, mine + 5, later);
+        assert_eq!(n.ask_members(&members).await, None, "this node is listed: not removed");
+        let append = format!("{}/{}", paths::RAFT_APPEND, n.id());
+        assert_eq!(sender(&append), Sender::Member { node_key: key.clone() });
+        assert_eq!(sender(paths::RAFT_VOTE), Sender::Member { node_key: key });
+        assert_eq!(sender(paths::WRITE), Sender::Stranger, "a vouched key speaks only Raft");
         n.raft.shutdown().await.unwrap();
     }
 }

@@ -41,7 +41,7 @@ use crate::adapters::raft::log_store::LogStore;
 use crate::adapters::raft::network::{ContactTracker, Network};
 use crate::adapters::raft::state_machine::{StateHandle, StateMachineStore};
 use crate::adapters::raft::{Raft, RaftMetrics, raft_config};
-use crate::core::auth::ClusterKeys;
+use crate::core::auth::{ClusterKeys, Sender};
 use crate::core::config::Config;
 use crate::core::formation::Pledge;
 use crate::core::membership;
@@ -126,6 +126,9 @@ pub struct Node {
     pub facts: NodeFacts,
     /// What the peer API admits; one for all of this node's listeners.
     pub gate: Arc<crate::core::auth::Gate>,
+    /// Node keys of members this node's membership does not list yet, vouched for by a member it
+    /// knows (learned while no leader reaches it; see [`crate::core::auth::VouchedKeys`]).
+    vouched: Mutex<Option<crate::core::auth::VouchedKeys>>,
     pub secret_box: crate::adapters::secrets::SecretBox,
     /// The last services reconcile, for status.
     pub services: Mutex<Option<crate::adapters::services::ServiceReport>>,
@@ -197,6 +200,16 @@ pub enum StartError {
     Advertise(String),
 }
 
+/// The membership a node last applied (so committed), as one read.
+struct AppliedMembers {
+    /// Its log index.
+    index: Option<u64>,
+    /// Its members' underlay addresses (from their member records, else from the membership).
+    addrs: BTreeMap<NodeId, String>,
+    /// Its members' node keys.
+    keys: BTreeMap<NodeId, String>,
+}
+
 impl Node {
     /// Opens storage, starts Raft and returns the agent; the caller starts servers and loops.
     pub async fn open(
@@ -263,6 +276,7 @@ impl Node {
             heard_from_leader: ContactTracker::default(),
             facts: read_facts(),
             gate,
+            vouched: Mutex::new(None),
             secret_box: crate::adapters::secrets::SecretBox::new(secret, &cfg.accepted_cluster_secrets),
             services: Mutex::new(None),
             mesh: Mutex::new(None),
@@ -307,6 +321,28 @@ impl Node {
 
     fn set_last_error(&self, e: Option<String>) {
         self.progress.lock().expect("progress lock").last_error = e;
+    }
+
+    /// Who the sender `id` of a request on `path` is, by this node's Raft membership `m` (the
+    /// latest it holds, committed or not): on Raft routes, a node this membership does not list
+    /// yet is a member with the key a known member vouched for, until the membership catches up.
+    pub fn sender(&self, m: &crate::core::raft_types::StoredMembership, path: &str, id: NodeId) -> Sender {
+        match crate::core::auth::sender_in(m.membership(), id) {
+            Sender::Stranger if crate::proto::paths::is_raft(path) => {
+                let index = m.log_id().map(|l| l.index);
+                self.vouched.lock().expect("vouched lock").as_ref().map_or(Sender::Stranger, |v| v.sender(index, id))
+            }
+            other => other,
+        }
+    }
+
+    /// Records node keys a member vouched for (keeps the later vouch). Whether it changed what
+    /// this node holds.
+    fn vouch(&self, v: crate::core::auth::VouchedKeys) -> bool {
+        let mut held = self.vouched.lock().expect("vouched lock");
+        let before = held.clone();
+        *held = Some(v.newer(held.take()));
+        *held != before
     }
 
     /// A copy of the current Raft metrics (the watch guard is never held across an await).
@@ -422,22 +458,23 @@ impl Node {
     /// Underlay addresses of the Raft members (for rejoining and for asking whether this node was
     /// removed: both must work without the mesh).
     fn member_underlay_addrs(&self) -> BTreeMap<NodeId, String> {
-        self.applied_members_and_addrs().1
+        self.applied_members().addrs
     }
 
-    /// The log index of the membership this node last applied and its members' underlay
-    /// addresses, read together.
-    fn applied_members_and_addrs(&self) -> (Option<u64>, BTreeMap<NodeId, String>) {
+    /// The membership this node last applied, read at once.
+    fn applied_members(&self) -> AppliedMembers {
         self.state.read(|d| {
-            let addrs = d
-                .last_membership
-                .membership()
-                .nodes()
-                .map(|(id, n)| {
-                    (*id, d.state.members.get(id).map_or_else(|| n.addr.clone(), |m| m.spec.api_addr.clone()))
-                })
-                .collect();
-            (d.last_membership.log_id().map(|l| l.index), addrs)
+            let m = d.last_membership.membership();
+            AppliedMembers {
+                index: d.last_membership.log_id().map(|l| l.index),
+                addrs: m
+                    .nodes()
+                    .map(|(id, n)| {
+                        (*id, d.state.members.get(id).map_or_else(|| n.addr.clone(), |m| m.spec.api_addr.clone()))
+                    })
+                    .collect(),
+                keys: m.nodes().map(|(id, n)| (*id, n.node_key.clone())).collect(),
+            }
         })
     }
 

@@ -92,7 +92,7 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
         Err(e) => return refuse(e),
     };
     let membership = node.raft.metrics().borrow().membership_config.clone();
-    let sender = |id| crate::core::auth::sender_in(membership.membership(), id);
+    let sender = |id| node.sender(&membership, &path, id);
     let origin = match auth.admit_verified(&method, &path, &a, admission, any_node, crate::now_ms() as i64, sender) {
         Ok(origin) => origin,
         // Signed by a holder of the secret, for another node (a reinstalled machine at an old
