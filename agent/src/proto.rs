@@ -215,6 +215,10 @@ pub struct HelloResponse {
     /// asker's own (see [`crate::core::membership::removal_confirmed`]).
     #[serde(default)]
     pub members_index: Option<u64>,
+    /// The log id of that membership (term and index: which of two memberships is later, as
+    /// Raft orders log ids).
+    #[serde(default)]
+    pub members_log_id: Option<crate::core::raft_types::LogId>,
     /// The node keys of that membership: id -> node key (base64). A member that missed a node's
     /// admission learns its key from here (see [`crate::core::auth::VouchedKeys`]).
     #[serde(default)]

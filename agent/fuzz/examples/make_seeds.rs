@@ -298,6 +298,7 @@ fn peer_request() {
             leader: Some(NodeId(1)),
             members: BTreeMap::from([(NodeId(1), "10.0.0.1:7600".into())]),
             members_index: Some(7),
+            members_log_id: Some(log_id(1, 7)),
             member_keys: BTreeMap::from([(NodeId(1), "MCowBQYDK2VwAyEA".into())]),
         }),
         to_json(&JoinResponse { leader: NodeId(1), replaced: None }),

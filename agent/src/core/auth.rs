@@ -28,8 +28,8 @@
 //!
 //! The last column is the trust of a node that has not joined: it learns its cluster's keys with
 //! the first membership it receives. So a removed node, which still knows the secret, can
-//! discover and ask to join (as a new node), but no member takes a Raft message, a write or a read
-//! from it; and a holder of the secret cannot speak for a member, since it lacks that member's
+//! discover and ask to join (as a new node), but no member whose log has its removal takes a
+//! Raft message, a write or a read from it; and a holder of the secret cannot speak for a member, since it lacks that member's
 //! key. What each member may ask for is [`crate::core::permissions`]'s table.
 
 use std::collections::HashMap;
@@ -448,57 +448,73 @@ pub fn sender_in(membership: &openraft::Membership<NodeId, crate::core::raft_typ
 /// from that leader until leadership moved (see [`VouchedKeys::sender`]).
 ///
 /// This is not a second membership: it only names who may send this node *Raft* messages,
-/// whose terms and logs Raft itself checks as from any member; and it lapses by itself once
-/// this node's own membership reaches the vouched index (its own log then says who is a
-/// member). A voucher gains nothing it did not have: a member this node knows may already send
-/// it appends of its own.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// whose terms and logs Raft itself checks as from any member; it holds only while the voucher
+/// is still a member with the same key in this node's own membership, and it lapses by itself
+/// once that membership reaches the vouched one (its own log then says who is a member). So a
+/// voucher gains nothing it does not have: while it is a member here, it may already send this
+/// node appends of its own; once this node's log removes it, what it vouched for goes with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VouchedKeys {
-    /// The log index of the voucher's membership.
-    pub index: u64,
+    /// The member that vouched, and its node key as this node's membership recorded it then.
+    pub voucher: NodeId,
+    pub voucher_key: String,
+    /// The log id of the voucher's membership, compared as Raft orders log ids (its leader, term
+    /// first, then its index), so an uncommitted membership entry of an old term on this node
+    /// does not hide a later one.
+    pub log_id: crate::core::raft_types::LogId,
     /// The members of that membership that this node's did not list, with their node keys.
     pub keys: std::collections::BTreeMap<NodeId, String>,
 }
 
 impl VouchedKeys {
-    /// What a member's answer vouches for: the keys (`theirs`, id -> node key, of its membership
-    /// at `their_index`) of the nodes `mine_members` (this node's membership, at `mine_index`)
-    /// does not list, when the voucher's membership is later. `None` when it vouches for nobody.
+    /// What member `voucher` (with `voucher_key`, as `mine` records it) vouches for in its answer:
+    /// the keys (`theirs`, id -> node key, of its membership at `their_log_id`) of the nodes
+    /// `mine` does not list, when the voucher's membership is later. `None` when it vouches for
+    /// nobody, or is not a member of `mine` with that key.
     pub fn from_answer(
-        mine_index: Option<u64>,
-        mine_members: &std::collections::BTreeSet<NodeId>,
-        their_index: Option<u64>,
+        mine: &crate::core::raft_types::StoredMembership,
+        voucher: NodeId,
+        voucher_key: &str,
+        their_log_id: Option<crate::core::raft_types::LogId>,
         theirs: &std::collections::BTreeMap<NodeId, String>,
     ) -> Option<VouchedKeys> {
-        let index = their_index?;
-        if mine_index.is_some_and(|m| m >= index) {
+        let log_id = their_log_id?;
+        if mine.log_id().is_some_and(|m| m >= log_id) || !is_member_with_key(mine, voucher, voucher_key) {
             return None;
         }
         let keys: std::collections::BTreeMap<NodeId, String> = theirs
             .iter()
-            .filter(|(id, key)| !mine_members.contains(id) && !key.is_empty())
+            .filter(|(id, key)| mine.membership().get_node(id).is_none() && !key.is_empty())
             .map(|(id, key)| (*id, key.clone()))
             .collect();
-        (!keys.is_empty()).then_some(VouchedKeys { index, keys })
+        (!keys.is_empty()).then_some(VouchedKeys { voucher, voucher_key: voucher_key.to_string(), log_id, keys })
     }
 
     /// Keeps the later of two vouches.
     pub fn newer(self, other: Option<VouchedKeys>) -> VouchedKeys {
         match other {
-            Some(o) if o.index > self.index => o,
+            Some(o) if o.log_id > self.log_id => o,
             _ => self,
         }
     }
 
-    /// What this node takes `id` for on a Raft route, when its membership (at `mine_index`) says
-    /// it is a `Stranger`: a member with the vouched key while that membership is earlier than
-    /// the vouched one, a stranger otherwise.
-    pub fn sender(&self, mine_index: Option<u64>, id: NodeId) -> Sender {
+    /// What this node takes `id` for on a Raft route, when its membership `mine` says it is a
+    /// `Stranger`: a member with the vouched key while `mine` is earlier than the vouched
+    /// membership and still lists the voucher with its key, a stranger otherwise.
+    pub fn sender(&self, mine: &crate::core::raft_types::StoredMembership, id: NodeId) -> Sender {
+        let current = mine.log_id().is_none_or(|m| m < self.log_id);
         match self.keys.get(&id) {
-            Some(key) if mine_index.is_none_or(|m| m < self.index) => Sender::Member { node_key: key.clone() },
+            Some(key) if current && is_member_with_key(mine, self.voucher, &self.voucher_key) => {
+                Sender::Member { node_key: key.clone() }
+            }
             _ => Sender::Stranger,
         }
     }
+}
+
+/// Whether `m` lists `id` with the (non-empty) node key `key`.
+fn is_member_with_key(m: &crate::core::raft_types::StoredMembership, id: NodeId, key: &str) -> bool {
+    !key.is_empty() && m.membership().get_node(&id).is_some_and(|n| n.node_key == key)
 }
 
 impl RequestAuth {
@@ -834,26 +850,44 @@ mod tests {
     /// later membership does not list or lists without a key.
     #[test]
     fn a_vouched_key_holds_until_this_nodes_membership_is_as_late() {
-        let ids = |v: &[u64]| v.iter().map(|i| NodeId(*i)).collect::<std::collections::BTreeSet<_>>();
+        use crate::core::raft_types::{LogId, PeerNode, StoredMembership};
+        let log = |term: u64, index: u64| LogId::new(openraft::CommittedLeaderId::new(term, NodeId(0)), index);
+        let membership = |at: LogId, members: &[(u64, &str)]| {
+            let nodes: std::collections::BTreeMap<NodeId, PeerNode> =
+                members.iter().map(|(id, key)| (NodeId(*id), PeerNode::new("10.0.0.1:7600", *key))).collect();
+            let voters = nodes.keys().copied().collect::<std::collections::BTreeSet<_>>();
+            StoredMembership::new(Some(at), openraft::Membership::new(vec![voters], nodes))
+        };
+        let mine = membership(log(2, 10), &[(1, "k1"), (2, "k2"), (3, "k3")]);
         let theirs = std::collections::BTreeMap::from([
             (NodeId(1), "k1".to_string()),
             (NodeId(4), "k4".to_string()),
             (NodeId(5), String::new()),
         ]);
+        let vouch = |mine: &StoredMembership, voucher: u64, key: &str, at: LogId| {
+            VouchedKeys::from_answer(mine, NodeId(voucher), key, Some(at), &theirs)
+        };
         // Only the later membership's members this node does not list, and only with a key.
-        let v = VouchedKeys::from_answer(Some(10), &ids(&[1, 2, 3]), Some(12), &theirs).unwrap();
-        assert_eq!(v, VouchedKeys { index: 12, keys: std::collections::BTreeMap::from([(NodeId(4), "k4".into())]) });
-        assert_eq!(VouchedKeys::from_answer(Some(12), &ids(&[1, 2, 3]), Some(12), &theirs), None, "not later");
-        assert_eq!(VouchedKeys::from_answer(Some(13), &ids(&[1, 2, 3]), Some(12), &theirs), None, "behind");
-        assert_eq!(VouchedKeys::from_answer(Some(10), &ids(&[1, 2, 3]), None, &theirs), None, "no membership");
-        assert_eq!(VouchedKeys::from_answer(Some(10), &ids(&[1, 4, 5]), Some(12), &theirs), None, "nobody new");
-        assert!(VouchedKeys::from_answer(None, &ids(&[]), Some(1), &theirs).is_some());
-        // Taken while this node's membership is earlier; lapses once it is as late.
-        assert_eq!(v.sender(Some(11), NodeId(4)), Sender::Member { node_key: "k4".into() });
-        assert_eq!(v.sender(Some(12), NodeId(4)), Sender::Stranger);
-        assert_eq!(v.sender(Some(11), NodeId(6)), Sender::Stranger);
+        let v = vouch(&mine, 1, "k1", log(2, 12)).unwrap();
+        assert_eq!(v.keys, std::collections::BTreeMap::from([(NodeId(4), "k4".into())]));
+        assert_eq!(vouch(&mine, 1, "k1", log(2, 10)), None, "not later");
+        assert_eq!(vouch(&mine, 1, "k1", log(1, 11)), None, "an earlier term is earlier, whatever its index");
+        assert_eq!(vouch(&mine, 9, "k9", log(2, 12)), None, "not a member");
+        assert_eq!(vouch(&mine, 1, "k2", log(2, 12)), None, "not with that key");
+        assert_eq!(VouchedKeys::from_answer(&mine, NodeId(1), "k1", None, &theirs), None, "no membership");
+        // A later term is later, even at a lower index (this node's own entry was never committed).
+        assert!(vouch(&mine, 1, "k1", log(3, 8)).is_some());
+        // Taken while this node's membership is earlier and still lists the voucher with its key.
+        assert_eq!(v.sender(&mine, NodeId(4)), Sender::Member { node_key: "k4".into() });
+        assert_eq!(v.sender(&mine, NodeId(6)), Sender::Stranger);
+        let caught_up = membership(log(2, 12), &[(1, "k1"), (2, "k2"), (3, "k3"), (4, "k4")]);
+        assert_eq!(v.sender(&caught_up, NodeId(4)), Sender::Stranger, "lapses once this node is as late");
+        // A voucher this node's log has removed since vouches for nobody any more (a removed
+        // node could otherwise keep a key of its own in the door by vouching for it).
+        let voucher_removed = membership(log(2, 11), &[(2, "k2"), (3, "k3")]);
+        assert_eq!(v.sender(&voucher_removed, NodeId(4)), Sender::Stranger);
         // The later of two vouches is kept.
-        let later = VouchedKeys { index: 20, keys: Default::default() };
+        let later = VouchedKeys { log_id: log(3, 1), ..v.clone() };
         assert_eq!(v.clone().newer(Some(later.clone())), later);
         assert_eq!(later.clone().newer(Some(v.clone())), later);
         assert_eq!(v.clone().newer(None), v);

@@ -111,7 +111,8 @@ impl Node {
             known,
             leader: m.current_leader,
             members: applied.addrs,
-            members_index: applied.index,
+            members_index: applied.log_id.map(|l| l.index),
+            members_log_id: applied.log_id,
             member_keys: applied.keys,
         }
     }
@@ -459,6 +460,7 @@ mod tests {
                     leader: None,
                     members: Default::default(),
                     members_index: None,
+                    members_log_id: None,
                     member_keys: Default::default(),
                 })
             });

@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
 use super::ApiError;
+use crate::adapters::peers::PeerError;
 use crate::core::auth::{Sender, VouchedKeys};
 use crate::core::membership;
 use crate::core::state::{Command, NodeId, Response};
-use crate::proto::{HelloRequest, HelloResponse, LeaveRequest, paths};
+use crate::proto::{ErrorKind, HelloRequest, HelloResponse, LeaveRequest, paths};
 
 use super::driver::{Action, LoopError, Reconciler, Triggers, Wake};
 use super::{Node, Phase, RunEnd};
@@ -112,8 +113,23 @@ impl Node {
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
         let mine = self.applied_membership();
         for (id, addr) in members.iter().filter(|(id, a)| **id != self.id() && **a != self.api_addr) {
-            let resp = match self.client.call::<_, HelloResponse>(addr, *id, paths::HELLO, &req, t).await {
-                Ok(resp) => resp,
+            // The key the peer client checks the answer against (it reads the same membership;
+            // an id's key never changes, so listed before and after the call means listed during).
+            let key = self.client_key_of(*id);
+            let (resp, vouches) = match self.client.call::<_, HelloResponse>(addr, *id, paths::HELLO, &req, t).await {
+                Ok(resp) => (resp, true),
+                // Another node answers at the member's address (its machine was reinstalled):
+                // what it applied still tells a removal, as before answers were addressed; it
+                // vouches for nobody.
+                Err(e) if another_node_answered(&e) => {
+                    match self.client.call_any::<_, HelloResponse>(addr, paths::HELLO, &req, t).await {
+                        Ok(resp) => (resp, false),
+                        Err(e) => {
+                            debug!(node_id = %self.id(), peer = %addr, "cannot ask about the membership: {e}");
+                            continue;
+                        }
+                    }
+                }
                 Err(e) => {
                     debug!(node_id = %self.id(), peer = %id, "cannot ask a member about the membership: {e}");
                     continue;
@@ -136,40 +152,50 @@ impl Node {
                     mine.index
                 );
             }
-            self.take_vouched_keys(*id, &resp);
+            if vouches && let Some(key) = key {
+                self.take_vouched_keys(*id, &key, &resp);
+            }
         }
         None
     }
 
-    /// Takes the node keys member `voucher` vouches for in its answer, if the answer is verified
-    /// by the key this node's membership records for it and its membership is later.
-    fn take_vouched_keys(&self, voucher: NodeId, resp: &HelloResponse) {
-        let m = self.metrics();
-        let known = m.membership_config.membership();
-        // The peer client checked the answer's node signature against this key (MemberKeys
-        // follows the same membership); a member without one answered on the secret alone.
-        if !matches!(crate::core::auth::sender_in(known, voucher), Sender::Member { node_key } if !node_key.is_empty())
-        {
-            return;
+    /// The node key this node's Raft membership records for `id` (what the peer client checks
+    /// an answer from `id` against), if it records one.
+    fn client_key_of(&self, id: NodeId) -> Option<String> {
+        match crate::core::auth::sender_in(self.metrics().membership_config.membership(), id) {
+            Sender::Member { node_key } if !node_key.is_empty() => Some(node_key),
+            _ => None,
         }
-        let mine_index = m.membership_config.log_id().map(|l| l.index);
-        let mine_members = known.nodes().map(|(id, _)| *id).collect();
-        let Some(v) = VouchedKeys::from_answer(mine_index, &mine_members, resp.members_index, &resp.member_keys) else {
+    }
+
+    /// Takes the node keys member `voucher` vouches for in its answer (verified by `key`, the
+    /// key this node's membership recorded for it before the call), if it is still a member with
+    /// that key and its membership is later.
+    fn take_vouched_keys(&self, voucher: NodeId, key: &str, resp: &HelloResponse) {
+        let m = self.metrics();
+        let mine = &m.membership_config;
+        let Some(v) = VouchedKeys::from_answer(mine, voucher, key, resp.members_log_id, &resp.member_keys) else {
             return;
         };
         if self.vouch(v.clone()) {
             info!(
                 node_id = %self.id(),
                 voucher = %voucher,
-                "member {voucher} vouches for the node keys of {} member(s) this node's membership (index {mine_index:?}) \
-                 does not list yet ({}; its membership is at index {}): their Raft messages are taken until this \
-                 node's log catches up",
+                "member {voucher} vouches for the node keys of {} member(s) this node's membership ({:?}) does not \
+                 list yet ({}; its membership is at {}): their Raft messages are taken until this node's log \
+                 catches up",
                 v.keys.len(),
+                mine.log_id(),
                 v.keys.keys().map(|id| id.to_string()).collect::<Vec<_>>().join(", "),
-                v.index
+                v.log_id
             );
         }
     }
+}
+
+/// Whether a call addressed to a member failed because another node answers at its address.
+fn another_node_answered(e: &PeerError) -> bool {
+    matches!(e, PeerError::BadNodeSignature { .. } | PeerError::Remote { kind: ErrorKind::WrongNode, .. })
 }
 
 #[cfg(test)]
@@ -214,8 +240,15 @@ mod tests {
         (n, mine)
     }
 
-    /// A member at [`PEER`] answers hello with a membership at `index` of `members` (id -> key).
-    fn answer_hello(fake: &FakePeers, index: u64, members: Vec<(NodeId, String)>) {
+    /// The log id at `index` in the term (and of the leader) of `n`'s membership.
+    fn log_at(n: &crate::runtime::Node, index: u64) -> crate::core::raft_types::LogId {
+        let at = n.metrics().membership_config.log_id().expect("a membership");
+        crate::core::raft_types::LogId { index, ..at }
+    }
+
+    /// A member at [`PEER`] answers hello with a membership at `at` of `members` (id -> key).
+    fn answer_hello(fake: &FakePeers, at: crate::core::raft_types::LogId, members: Vec<(NodeId, String)>) {
+        let index = at.index;
         fake.answer(PEER, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
             Ok(HelloResponse {
                 me: Candidate {
@@ -230,6 +263,7 @@ mod tests {
                 leader: Some(OTHER),
                 members: members.iter().map(|(id, _)| (*id, PEER.to_string())).collect(),
                 members_index: Some(index),
+                members_log_id: Some(at),
                 member_keys: members.iter().cloned().collect(),
             })
         });
@@ -245,12 +279,54 @@ mod tests {
         let (n, mine) = node_with_a_learner(dir.path(), &fake).await;
         let members = BTreeMap::from([(OTHER, PEER.to_string())]);
         let without_me = || vec![(OTHER, NodeKey::from_seed(&[7; 32]).public())];
-        answer_hello(&fake, mine, without_me());
+        answer_hello(&fake, log_at(&n, mine), without_me());
         assert_eq!(n.ask_members(&members).await, None, "a member as far as this node was believed");
-        answer_hello(&fake, mine.saturating_sub(1), without_me());
+        answer_hello(&fake, log_at(&n, mine.saturating_sub(1)), without_me());
         assert_eq!(n.ask_members(&members).await, None, "a member behind this node was believed");
-        answer_hello(&fake, mine + 5, without_me());
+        answer_hello(&fake, log_at(&n, mine + 5), without_me());
         assert_eq!(n.ask_members(&members).await, Some(vec![PEER.to_string()]));
+        n.raft.shutdown().await.unwrap();
+    }
+
+    /// A member's machine was reinstalled: another node answers at its address (the addressed
+    /// call fails on its signature). What that node applied still tells this node it was
+    /// removed, as before answers were addressed; it vouches for nobody.
+    #[tokio::test]
+    async fn another_node_at_a_members_address_still_tells_a_removal_but_vouches_for_nobody() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = FakePeers::default();
+        let (n, mine) = node_with_a_learner(dir.path(), &fake).await;
+        let newcomer = (NodeId(9), NodeKey::from_seed(&[9; 32]).public());
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let answered = newcomer.clone();
+        let at = log_at(&n, mine + 5);
+        fake.answer(PEER, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
+            // The addressed call first: refused on the answer's node signature.
+            if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                return Err(PeerError::BadNodeSignature { addr: PEER.into(), node: OTHER.to_string() });
+            }
+            Ok(HelloResponse {
+                me: Candidate {
+                    id: answered.0,
+                    name: "reinstalled".into(),
+                    api_addr: PEER.into(),
+                    initialized: true,
+                    bootstrap_expect: None,
+                    pledged: None,
+                },
+                known: vec![req.from],
+                leader: Some(answered.0),
+                members: BTreeMap::from([(answered.0, PEER.to_string())]),
+                members_index: Some(mine + 5),
+                members_log_id: Some(at),
+                member_keys: BTreeMap::from([answered.clone()]),
+            })
+        });
+        let members = BTreeMap::from([(OTHER, PEER.to_string())]);
+        assert_eq!(n.ask_members(&members).await, Some(vec![PEER.to_string()]));
+        assert_eq!(fake.calls_to(paths::HELLO).len(), 2, "the addressed call, then one to whoever answers there");
+        let append = format!("{}/{}", paths::RAFT_APPEND, n.id());
+        assert_eq!(n.sender(&n.metrics().membership_config, &append, newcomer.0), Sender::Stranger);
         n.raft.shutdown().await.unwrap();
     }
 
@@ -269,7 +345,7 @@ mod tests {
             vec![(n.id(), String::new()), (OTHER, NodeKey::from_seed(&[7; 32]).public()), (newcomer, key.clone())];
         let sender = |path: &str| n.sender(&n.metrics().membership_config, path, newcomer);
 
-        answer_hello(&fake, mine, later.clone());
+        answer_hello(&fake, log_at(&n, mine), later.clone());
         assert_eq!(n.ask_members(&members).await, None);
         assert_eq!(
             sender(paths::RAFT_APPEND),
@@ -277,7 +353,7 @@ mod tests {
             "a membership as far as this node's vouches for nobody"
         );
 
-        answer_hello(&fake, mine + 5, later);
+        answer_hello(&fake, log_at(&n, mine + 5), later);
         assert_eq!(n.ask_members(&members).await, None, "this node is listed: not removed");
         let append = format!("{}/{}", paths::RAFT_APPEND, n.id());
         assert_eq!(sender(&append), Sender::Member { node_key: key.clone() });

@@ -202,8 +202,8 @@ pub enum StartError {
 
 /// The membership a node last applied (so committed), as one read.
 struct AppliedMembers {
-    /// Its log index.
-    index: Option<u64>,
+    /// Its log id.
+    log_id: Option<crate::core::raft_types::LogId>,
     /// Its members' underlay addresses (from their member records, else from the membership).
     addrs: BTreeMap<NodeId, String>,
     /// Its members' node keys.
@@ -329,8 +329,7 @@ impl Node {
     pub fn sender(&self, m: &crate::core::raft_types::StoredMembership, path: &str, id: NodeId) -> Sender {
         match crate::core::auth::sender_in(m.membership(), id) {
             Sender::Stranger if crate::proto::paths::is_raft(path) => {
-                let index = m.log_id().map(|l| l.index);
-                self.vouched.lock().expect("vouched lock").as_ref().map_or(Sender::Stranger, |v| v.sender(index, id))
+                self.vouched.lock().expect("vouched lock").as_ref().map_or(Sender::Stranger, |v| v.sender(m, id))
             }
             other => other,
         }
@@ -466,7 +465,7 @@ impl Node {
         self.state.read(|d| {
             let m = d.last_membership.membership();
             AppliedMembers {
-                index: d.last_membership.log_id().map(|l| l.index),
+                log_id: *d.last_membership.log_id(),
                 addrs: m
                     .nodes()
                     .map(|(id, n)| {
