@@ -564,6 +564,10 @@ pub enum ResetError {
     Mark { path: PathBuf, source: crate::adapters::files::WriteError },
     #[error("cannot remove the old Raft state {path}: {source}; remove it by hand, then restart the agent")]
     Wipe { path: PathBuf, source: std::io::Error },
+    #[error(
+        "cannot open the state directory {path}: {source}; check that it exists and is a directory, then restart the agent"
+    )]
+    OpenDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Identity(#[from] crate::adapters::identity::IdentityError),
     #[error("cannot remove {path}: {source}")]
@@ -596,7 +600,8 @@ pub fn finish_membership_reset(state_dir: &Path, name: &str) -> Result<Option<Id
 fn complete_reset(state_dir: &Path, name: &str) -> Result<Identity, ResetError> {
     use std::ffi::OsStr;
     let wipe = |source| ResetError::Wipe { path: state_dir.join(RAFT_DIR), source };
-    let dir = crate::adapters::files::Dir::open(state_dir).map_err(wipe)?;
+    let dir = crate::adapters::files::Dir::open(state_dir)
+        .map_err(|source| ResetError::OpenDir { path: state_dir.to_path_buf(), source })?;
     dir.remove_tree(OsStr::new(RAFT_DIR)).map_err(wipe)?;
     let identity = Identity::create(state_dir, name)?;
     // The new identity is durable (written and its directory synced) before the marker goes.
