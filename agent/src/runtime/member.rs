@@ -246,26 +246,36 @@ mod tests {
         crate::core::raft_types::LogId { index, ..at }
     }
 
-    /// A member at [`PEER`] answers hello with a membership at `at` of `members` (id -> key).
+    /// Node `answerer`'s hello answer to `req`, naming itself the leader, with a membership at
+    /// `at` of `members` (id -> key), all at [`PEER`].
+    fn hello_answer(
+        req: HelloRequest,
+        answerer: NodeId,
+        at: crate::core::raft_types::LogId,
+        members: &[(NodeId, String)],
+    ) -> HelloResponse {
+        HelloResponse {
+            me: Candidate {
+                id: answerer,
+                name: format!("node-{answerer}"),
+                api_addr: PEER.into(),
+                initialized: true,
+                bootstrap_expect: None,
+                pledged: None,
+            },
+            known: vec![req.from],
+            leader: Some(answerer),
+            members: members.iter().map(|(id, _)| (*id, PEER.to_string())).collect(),
+            members_index: Some(at.index),
+            members_log_id: Some(at),
+            member_keys: members.iter().cloned().collect(),
+        }
+    }
+
+    /// Member [`OTHER`] at [`PEER`] answers hello with a membership at `at` of `members`.
     fn answer_hello(fake: &FakePeers, at: crate::core::raft_types::LogId, members: Vec<(NodeId, String)>) {
-        let index = at.index;
         fake.answer(PEER, paths::HELLO, move |req: HelloRequest| -> Result<HelloResponse, PeerError> {
-            Ok(HelloResponse {
-                me: Candidate {
-                    id: OTHER,
-                    name: "other".into(),
-                    api_addr: PEER.into(),
-                    initialized: true,
-                    bootstrap_expect: None,
-                    pledged: None,
-                },
-                known: vec![req.from],
-                leader: Some(OTHER),
-                members: members.iter().map(|(id, _)| (*id, PEER.to_string())).collect(),
-                members_index: Some(index),
-                members_log_id: Some(at),
-                member_keys: members.iter().cloned().collect(),
-            })
+            Ok(hello_answer(req, OTHER, at, &members))
         });
     }
 
@@ -305,22 +315,7 @@ mod tests {
             if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
                 return Err(PeerError::BadNodeSignature { addr: PEER.into(), node: OTHER.to_string() });
             }
-            Ok(HelloResponse {
-                me: Candidate {
-                    id: answered.0,
-                    name: "reinstalled".into(),
-                    api_addr: PEER.into(),
-                    initialized: true,
-                    bootstrap_expect: None,
-                    pledged: None,
-                },
-                known: vec![req.from],
-                leader: Some(answered.0),
-                members: BTreeMap::from([(answered.0, PEER.to_string())]),
-                members_index: Some(mine + 5),
-                members_log_id: Some(at),
-                member_keys: BTreeMap::from([answered.clone()]),
-            })
+            Ok(hello_answer(req, answered.0, at, std::slice::from_ref(&answered)))
         });
         let members = BTreeMap::from([(OTHER, PEER.to_string())]);
         assert_eq!(n.ask_members(&members).await, Some(vec![PEER.to_string()]));
