@@ -37,7 +37,8 @@ test:
 	scripts/tier vm $(MAKE) e2e-vms
 	@echo "test tiers:"; cat target/tier-times
 
-test-host:
+# The host tests need root, iproute2 and tcpdump (deps installs them).
+test-host: deps
 	$(CARGO) test --workspace
 
 # The fault-injection suite (root, nftables): release agents in network namespaces, 3- and 5-node

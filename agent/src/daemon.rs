@@ -444,21 +444,22 @@ async fn serve_metrics_on_mesh(agent: Arc<Node>, port: u16, stop: watch::Receive
     // Served in this task (not a spawned one), so that aborting it at shutdown stops the server.
     let app = crate::server::local::metrics_router(LocalState::Running(agent));
     let refused = crate::server::metrics::count_refused_metrics_connection;
-    crate::server::accept::serve("metrics (mesh)", listener, app, Limits::METRICS, stop, refused).await;
+    crate::server::accept::serve("metrics (mesh)", listener, app, Limits::METRICS, None, stop, refused).await;
 }
 
-/// Serves the peer API on `listener` within [`Limits::PEER`].
+/// Serves the peer API on `listener` within [`Limits::PEER`], over TLS with this node's key.
 async fn serve_peer(what: &'static str, listener: TcpListener, agent: Arc<Node>, stop: watch::Receiver<bool>) {
+    let tls = crate::adapters::tls::server_config(agent.identity.node_key());
     let app = crate::server::peer::router(agent);
     let refused = crate::server::metrics::count_refused_peer_connection;
-    crate::server::accept::serve(what, listener, app, Limits::PEER, stop, refused).await;
+    crate::server::accept::serve(what, listener, app, Limits::PEER, Some(tls), stop, refused).await;
 }
 
 /// Serves `/metrics` on `listener` within [`Limits::METRICS`].
 fn spawn_metrics(listener: TcpListener, state: LocalState, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
     let app = crate::server::local::metrics_router(state);
     let refused = crate::server::metrics::count_refused_metrics_connection;
-    tokio::spawn(crate::server::accept::serve("metrics", listener, app, Limits::METRICS, stop, refused))
+    tokio::spawn(crate::server::accept::serve("metrics", listener, app, Limits::METRICS, None, stop, refused))
 }
 
 /// Binds a listener on this node's mesh address and `port` once it can (on every applied change

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clusteros::cli::client::ClientError;
 use clusteros::core::state::Response;
 use clusteros::testing::AgentFiles;
+use common::scenarios::{http_get, peer_https, peer_tls, stranger_key};
 use common::{Cluster, NetNs, Opts, metric, serial, wait_until};
 use rand::Rng;
 use rand::seq::SliceRandom;
@@ -852,9 +853,13 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 /// Issue 10, hole 3: a request without proof of the cluster secret is refused from its headers,
-/// before its body is read; a signed one is held to its route's body limit.
+/// before its body is read; a signed one is held to its route's body limit. Since design change
+/// 2 the peer API speaks TLS only: the unsigned request comes over a TLS connection of a
+/// stranger's key (anyone can make one), and a connection that does not speak TLS at all gets
+/// nothing in clear.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unsigned_huge_body_is_refused_before_it_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _g = serial();
     let mut c = Cluster::new(1, Opts { bootstrap_expect: Some(1), ..Opts::default() });
     c.start(0);
@@ -863,25 +868,20 @@ async fn an_unsigned_huge_body_is_refused_before_it_is_read() {
     let before = rss_kib(pid);
     let addr = c.nodes[0].addr.clone();
     const TOTAL: u64 = 200 << 20;
-    let sent = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        // A server that stops reading without closing would block the writes: that is a failure
-        // too, reported by the assertion below, not a hang.
-        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(s, "POST /peer/v1/write HTTP/1.1\r\nhost: t\r\ncontent-length: {TOTAL}\r\n\r\n").unwrap();
-        let chunk = vec![b'x'; 1 << 20];
-        let mut sent = 0u64;
-        while sent < TOTAL {
-            match s.write(&chunk) {
-                Ok(n) => sent += n as u64,
-                Err(_) => break,
-            }
+    let mut s = peer_tls(&addr, &stranger_key()).await;
+    let head = format!("POST /peer/v1/write HTTP/1.1\r\nhost: t\r\ncontent-length: {TOTAL}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0u64;
+    while sent < TOTAL {
+        // A server that stops reading without closing would block the writes: that is a
+        // failure too, reported by the assertion below, not a hang.
+        match tokio::time::timeout(Duration::from_secs(10), s.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len() as u64,
+            _ => break,
         }
-        sent
-    })
-    .await
-    .unwrap();
+    }
+    drop(s);
     let grown_kib = rss_kib(pid).saturating_sub(before);
     eprintln!("unsigned 200 MiB body: {} KiB sent before the agent closed, RSS grew {grown_kib} KiB", sent >> 10);
     assert!(sent < TOTAL / 4, "the agent read {sent} bytes of an unsigned body");
@@ -890,59 +890,70 @@ async fn an_unsigned_huge_body_is_refused_before_it_is_read() {
     assert!(refused >= 1.0, "the refusal is not counted");
     assert!(c.nodes[0].files.log().contains("request is not signed"), "the refusal is not logged");
 
+    // Plain HTTP (not TLS): the connection is closed without an answer in clear.
+    let mut plain = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    plain.write_all(b"POST /peer/v1/hello HTTP/1.1\r\nhost: t\r\ncontent-length: 2\r\n\r\n{}").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), plain.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "a plain HTTP connection was kept open");
+    assert!(!String::from_utf8_lossy(&answer).contains("HTTP/1.1"), "answered in clear: {answer:?}");
+    assert!(c.nodes[0].files.log().contains("without a TLS 1.3 handshake"), "the plain connection is not logged");
+
     // Signed, but over the 1 MiB limit of /peer/v1/hello: refused by its declared length, from
     // the head alone. (Only the head is sent: a server that answers early and closes while a
     // client is still sending may reset the connection before the client reads the answer.)
-    use clusteros::core::auth::{HDR_AUTH, HDR_BODY, HDR_NONCE, HDR_TIME, HDR_TO};
+    use clusteros::core::auth::{HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO};
     let key = clusteros::core::auth::ClusterKey::derive(&c.nodes[0].opts.secret);
     let body = vec![b' '; 2 << 20];
     let path = clusteros::proto::paths::HELLO;
     let any = clusteros::core::auth::ANY_NODE;
-    let a = key.sign_request("POST", path, any, clusteros::now_ms() as i64, "00112233445566778899aabbccddeeff", &body);
+    let joiner = stranger_key();
+    let a = key
+        .sign_request("POST", path, any, clusteros::now_ms() as i64, "00112233445566778899aabbccddeeff", &body)
+        .sign_as("POST", path, "00000000000000ff", &joiner);
     let head = format!(
         "POST {path} HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         {HDR_TO}: {}\r\n{HDR_TIME}: {}\r\n{HDR_NONCE}: {}\r\n{HDR_BODY}: {}\r\n{HDR_AUTH}: {}\r\n\r\n",
+         {HDR_TO}: {}\r\n{HDR_TIME}: {}\r\n{HDR_NONCE}: {}\r\n{HDR_BODY}: {}\r\n{HDR_AUTH}: {}\r\n\
+         {HDR_FROM}: {}\r\n{HDR_NODE_SIG}: {}\r\n\r\n",
         body.len(),
         a.to,
         a.time_ms,
         a.nonce,
         a.body_sha256,
-        a.signature
+        a.signature,
+        a.from.as_deref().unwrap(),
+        a.node_sig.as_deref().unwrap(),
     );
-    let addr = c.nodes[0].addr.clone();
-    let answer = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        s.write_all(head.as_bytes()).unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        // Up to the end of the error body (the server may keep the connection open).
-        while !answer.ends_with(b"}") {
-            match s.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) => answer.extend_from_slice(&buf[..n]),
-            }
+    let mut s = peer_tls(&addr, &joiner).await;
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Up to the end of the error body (the server may keep the connection open).
+    while !answer.ends_with(b"}") {
+        match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&buf[..n]),
+            _ => break,
         }
-        String::from_utf8_lossy(&answer).into_owned()
-    })
-    .await
-    .unwrap();
+    }
+    let answer = String::from_utf8_lossy(&answer).into_owned();
     assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
     assert!(answer.contains("larger than 1048576 bytes"), "{answer}");
     assert!(c.status(0).await.is_ok(), "status answers after both");
 }
 
 /// Sends a request with the authentication headers `a` to `path` on `addr`, as it was captured.
+/// It goes over a TLS connection that proves `tls_key` (the sender's own, or another machine's
+/// that relays it).
 async fn send_signed(
     addr: &str,
     path: &str,
     a: &clusteros::core::auth::RequestAuth,
     body: Vec<u8>,
+    tls_key: &clusteros::core::auth::NodeKey,
 ) -> reqwest::Response {
     use clusteros::core::auth::{HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO};
-    let mut req = reqwest::Client::new()
-        .post(format!("http://{addr}{path}"))
+    let mut req = peer_https(tls_key)
+        .post(format!("https://{addr}{path}"))
         .header("content-type", "application/json")
         .header(HDR_TO, &a.to)
         .header(HDR_TIME, a.time_ms.to_string())
@@ -1050,7 +1061,7 @@ async fn the_cluster_secret_is_rotated_without_stopping_the_cluster() {
     let member = AgentFiles::node_key_in(&c.nodes[(leader + 1) % 3].files.dir.join("state")).unwrap();
     let cmd = clusteros::core::state::Command::KvPut { key: "rotation/old".into(), value: "old".into() };
     let (a, body) = signed_write(&old, &leader_id, cmd, Some(&member));
-    let resp = send_signed(&c.nodes[leader].addr, clusteros::proto::paths::WRITE, &a, body).await;
+    let resp = send_signed(&c.nodes[leader].addr, clusteros::proto::paths::WRITE, &a, body, &member.1).await;
     assert_eq!(resp.status().as_u16(), 401);
     assert!(resp.text().await.unwrap().contains("cluster secret mismatch"));
 }
@@ -1072,11 +1083,13 @@ async fn a_removed_node_and_a_holder_of_the_secret_cannot_speak_for_a_member() {
     let follower = (0..3).find(|i| *i != leader).unwrap();
     let (member, removed) = (key_of(follower), key_of(n));
     let kv = |v: &str| Command::KvPut { key: "identity/k".into(), value: v.into() };
+    // Sent over a TLS connection of the key that signs it (a stranger's when none does).
     let send = |cmd: Command, as_node: Option<&(String, clusteros::core::auth::NodeKey)>| {
         let (a, body) = signed_write(&secret, &leader_id, cmd, as_node);
         let addr = c.nodes[leader].addr.clone();
+        let tls_key = as_node.map_or_else(stranger_key, |(_, k)| k.clone());
         async move {
-            let r = send_signed(&addr, clusteros::proto::paths::WRITE, &a, body).await;
+            let r = send_signed(&addr, clusteros::proto::paths::WRITE, &a, body, &tls_key).await;
             (r.status().as_u16(), r.text().await.unwrap())
         }
     };
@@ -1139,9 +1152,16 @@ async fn a_captured_write_is_not_applied_again_at_another_leader() {
     let cmd = clusteros::core::state::Command::KvPut { key: "k".into(), value: "captured".into() };
     let (a, body) = signed_write(&c.nodes[0].opts.secret, &leader_id, cmd, Some(&member));
     let path = clusteros::proto::paths::WRITE;
-    let first = send_signed(&c.nodes[leader].addr, path, &a, body.clone()).await;
+    // Relayed by another machine (design change 2): over its own TLS key, refused before
+    // anything else, and its nonce not spent.
+    let relayed = send_signed(&c.nodes[leader].addr, path, &a, body.clone(), &stranger_key()).await;
+    assert_eq!(relayed.status().as_u16(), 401);
+    let text = relayed.text().await.unwrap();
+    assert!(text.contains("not signed by the node key its TLS connection proved"), "{text}");
+    let first = send_signed(&c.nodes[leader].addr, path, &a, body.clone(), &member.1).await;
     assert!(first.status().is_success(), "the original request: {}", first.text().await.unwrap());
-    let again = send_signed(&c.nodes[leader].addr, path, &a, body.clone()).await;
+    // Sent again by its own sender (or one holding its key): a replay.
+    let again = send_signed(&c.nodes[leader].addr, path, &a, body.clone(), &member.1).await;
     assert_eq!(again.status().as_u16(), 401);
     assert!(again.text().await.unwrap().contains("replayed"));
     c.nodes[leader].files.client().kv_put("k", "newer").await.unwrap();
@@ -1161,7 +1181,7 @@ async fn a_captured_write_is_not_applied_again_at_another_leader() {
         }
     }
     let new_idx = new_idx.expect("the new leader is one of the survivors");
-    let replay = send_signed(&c.nodes[new_idx].addr, path, &a, body).await;
+    let replay = send_signed(&c.nodes[new_idx].addr, path, &a, body, &member.1).await;
     // 421, signed: the answer a holder of the secret gets for a request meant for another node.
     assert_eq!(replay.status().as_u16(), 421, "the replay at the new leader was not refused");
     assert!(replay.headers().contains_key(clusteros::core::auth::HDR_AUTH), "the refusal is not signed");
@@ -1169,6 +1189,45 @@ async fn a_captured_write_is_not_applied_again_at_another_leader() {
     assert!(text.contains(&format!("for node {leader_id}")), "{text}");
     let r = c.nodes[new_idx].files.client().kv_get("k", false).await.unwrap();
     assert_eq!(r.entry.unwrap().value, "newer", "the captured write was applied again");
+}
+
+/// Issue 10, design change 2: peer traffic is encrypted from its first packet. A capture of the
+/// peer port (tcpdump in the test's network namespace) while three nodes form a cluster, elect a
+/// leader, forward a write from a follower and serve a linearizable read holds TLS 1.3 records
+/// only: no HTTP request line, no authentication header, no Raft message, not the key or the
+/// value written, no node name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_traffic_is_encrypted_on_the_wire() {
+    let _g = serial();
+    let ns = NetNs::new("clusteros-tls");
+    let pcap = tempfile::Builder::new().prefix("clusteros-capture-").tempdir().unwrap();
+    let capture = common::Capture::start(&ns, "tcp port 7600", &pcap.path().join("peer.pcap"));
+    let mut c = Cluster::new(3, Opts { netns: Some(ns.name.clone()), ..Opts::default() });
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let follower = (leader + 1) % 3;
+    let marker = format!("{:016x}", rand::thread_rng().r#gen::<u64>());
+    let (key, value) = (format!("wire/key-{marker}"), format!("value-{marker}"));
+    // Forwarded to the leader, replicated to every node, read back through a quorum.
+    c.nodes[follower].files.client().kv_put(&key, &value).await.unwrap();
+    let got = c.nodes[(leader + 2) % 3].files.client().kv_get(&key, false).await.unwrap();
+    assert_eq!(got.entry.map(|e| e.value).as_deref(), Some(value.as_str()));
+    let bytes = capture.stop();
+    let count = |needle: &[u8]| bytes.windows(needle.len()).filter(|w| *w == needle).count();
+    // TLS 1.3 records: handshakes (ClientHello's legacy version 3.1) and application data (3.3).
+    let (hellos, records) = (count(&[0x16, 0x03, 0x01]), count(&[0x17, 0x03, 0x03]));
+    eprintln!(
+        "capture of the peer port: {} bytes, {hellos} handshake records, {records} application data records",
+        bytes.len()
+    );
+    let clear: Vec<&str> = ["POST /peer", "HTTP/1.1 200", "x-clusteros-", "\"vote\"", "\"entries\"", "node1", "node2"]
+        .into_iter()
+        .filter(|n| count(n.as_bytes()) > 0)
+        .collect();
+    assert!(clear.is_empty(), "cleartext on the wire: {clear:?}");
+    assert!(hellos >= 3 && records >= 50, "the capture holds too little TLS to mean anything");
+    assert_eq!(count(marker.as_bytes()), 0, "the written key or value is on the wire in clear");
+    assert_eq!(count(c.nodes[0].opts.secret.as_bytes()), 0, "the cluster secret is on the wire");
 }
 
 /// Issue 10, hole 12: by default `/metrics` (member names, roles and keys) is served on
@@ -1182,12 +1241,12 @@ async fn metrics_are_not_served_on_the_underlay_by_default() {
     c.start(0);
     c.wait_converged(1, 0, FORM).await;
     let text = wait_until(FORM, "metrics on 127.0.0.1:7601", || async {
-        reqwest::get("http://127.0.0.1:7601/metrics").await.ok()?.text().await.ok()
+        http_get("http://127.0.0.1:7601/metrics").await.ok()?.text().await.ok()
     })
     .await;
     assert!(text.contains("clusteros_raft_voters 1"), "{text}");
     let ip = c.nodes[0].addr.rsplit_once(':').unwrap().0.to_string();
-    let e = reqwest::get(format!("http://{ip}:7601/metrics")).await;
+    let e = http_get(&format!("http://{ip}:7601/metrics")).await;
     assert!(e.as_ref().is_err_and(|e| e.is_connect()), "metrics answered on the node's address {ip}: {e:?}");
 }
 
@@ -1196,8 +1255,8 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
 }
 
-/// Issue 10, hole 3: 2,000 connections from one address that send nothing, or half a request
-/// head, take at most that address's share of the leader's peer API (the rest are closed at once
+/// Issue 10, hole 3: 2,000 connections from one address that send nothing, or half a TLS
+/// handshake record, take at most that address's share of the leader's peer API (the rest are closed at once
 /// and counted) and are all closed within 30 s; meanwhile `status` answers and a write forwarded
 /// from a follower (another address) is committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1225,8 +1284,9 @@ async fn idle_connections_are_capped_and_closed() {
         sock.bind(source).unwrap();
         let mut s = sock.connect(target).await.unwrap();
         if i % 2 == 1 {
-            // A slow client: half a request head, then nothing.
-            let _ = s.write_all(b"POST /peer/v1/write HTTP/1.1\r\nhost: t\r\n").await;
+            // A slow client: the head of a TLS handshake record announcing 200 bytes, then
+            // nothing.
+            let _ = s.write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8, 0x01]).await;
         }
         socks.push(s);
     }

@@ -330,6 +330,9 @@ fn peer_request() {
     write("peer_request", "err-401", &peer_request_input(5, 1 | 2 | 4, 401, &err, false));
     // Self-signed: past the HMAC to the replay guard.
     write("peer_request", "selfsigned", &peer_request_input(8, 1 | 2 | 4 | 8 | 16, 200, &requests[8], false));
+    // The same, relayed over another machine's TLS key (kind's top bit): refused as not the
+    // channel's.
+    write("peer_request", "relayed", &peer_request_input(7 | 0x80, 1 | 2 | 4 | 8 | 16, 200, &requests[7], false));
     json_tokens(&err, &mut tokens);
     for t in ["x-clusteros-time", "x-clusteros-nonce", "x-clusteros-auth", "1750000000000", "-9223372036854775808"] {
         tokens.insert(t.as_bytes().to_vec());

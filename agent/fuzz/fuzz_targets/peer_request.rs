@@ -10,7 +10,9 @@
 //! correctly; 32 = the answer signature header is present; 64 = the body digest header is absent
 //! (else it is the body's); 128 = the destination header is absent. The node checking the
 //! request is [`TARGET`]; flag 8 also signs the request as member [`MEMBER`] with its node key,
-//! the only member whose key the checking node's membership records.
+//! the only member whose key the checking node's membership records. The request comes over a
+//! TLS connection of that member's key, or (when `kind`'s top bit is set) of another machine's
+//! key, which relays it: then a request signed by the member is refused as not the channel's.
 
 #![forbid(unsafe_code)]
 #![no_main]
@@ -37,6 +39,8 @@ use serde::de::DeserializeOwned;
 
 static KEY: LazyLock<ClusterKey> = LazyLock::new(|| ClusterKey::derive(SECRET));
 static MEMBER_KEY: LazyLock<NodeKey> = LazyLock::new(|| NodeKey::from_seed(&[5; 32]));
+/// The key of a machine that relays the member's requests over its own TLS connection.
+static RELAY_KEY: LazyLock<NodeKey> = LazyLock::new(|| NodeKey::from_seed(&[6; 32]));
 /// The one member the checking node knows the key of.
 const MEMBER: &str = "000000000000000c";
 
@@ -220,10 +224,12 @@ fuzz_target!(|data: &[u8]| {
         auth = Ok(signed.sign_as("POST", &path, MEMBER, &MEMBER_KEY));
     }
     let gate = Gate::new(ClusterKeys::new(SECRET, &[]), TARGET);
+    let relayed = kind & 0x80 != 0;
+    let channel = if relayed { RELAY_KEY.public() } else { MEMBER_KEY.public() };
     let any_node = clusteros::proto::paths::accepts_any_node(&path);
     let admission = clusteros::proto::paths::is_admission(&path);
     let checked = auth.clone().and_then(|a| {
-        let origin = gate.admit_head("POST", &path, &a, admission, any_node, NOW_MS, membership)?;
+        let origin = gate.admit_head("POST", &path, &a, &channel, admission, any_node, NOW_MS, membership)?;
         // A request that names its sender is that member's, or refused.
         if a.from.is_some() {
             assert_eq!(origin, Origin::Member(MEMBER.parse().unwrap()));
@@ -236,8 +242,13 @@ fuzz_target!(|data: &[u8]| {
         // A correct signature verifies; the same request again is refused for the same reason,
         // or as a replay once it was admitted.
         assert_eq!(key.verify_request("POST", &path, a, body), Ok(()));
-        let again = gate.admit_head("POST", &path, a, admission, any_node, NOW_MS, membership);
+        let again = gate.admit_head("POST", &path, a, &channel, admission, any_node, NOW_MS, membership);
         match &checked {
+            Err(e @ AuthError::NotTheChannelKey(_)) => {
+                assert!(relayed, "the member's own channel refused its request: {e:?}");
+                assert_eq!(again.as_ref(), Err(e));
+            }
+            Ok(_) if relayed => panic!("a relayed request was admitted: {a:?}"),
             Ok(_) => assert_eq!(again, Err(AuthError::Replayed)),
             Err(AuthError::Stale { .. }) => assert!(matches!(again, Err(AuthError::Stale { .. }))),
             Err(e @ (AuthError::WrongDestination { .. } | AuthError::Unaddressed(_))) => {

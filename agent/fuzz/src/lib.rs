@@ -12,9 +12,10 @@ pub const NOW_MS: i64 = 1_750_000_000_000;
 pub const TARGET: &str = "0123456789abcdef";
 
 /// The peer API path of request kind `kind` (the first input byte of `peer_request`): every
-/// route of the peer router, and one that is not a route (only the middleware runs).
+/// route of the peer router, and one that is not a route (only the middleware runs). The top bit
+/// is not the route's (`peer_request` reads it as "relayed").
 pub fn route(kind: u8) -> String {
-    match kind % 12 {
+    match (kind & 0x7f) % 12 {
         0 => format!("{}/{TARGET}", paths::RAFT_APPEND),
         1 => format!("{}/{TARGET}", paths::RAFT_VOTE),
         2 => format!("{}/{TARGET}", paths::RAFT_SNAPSHOT),

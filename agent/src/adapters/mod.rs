@@ -14,4 +14,5 @@ pub mod secrets;
 pub mod services;
 pub mod slurm_state;
 pub mod systemd;
+pub mod tls;
 pub mod wireguard;

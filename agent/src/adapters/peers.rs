@@ -1,6 +1,8 @@
 //! The client side of the peer API, behind the narrow [`Peers`] trait: a JSON body posted to a
-//! path on a node, its JSON answer. [`PeerClient`] is the real one (HTTP, every request signed
-//! with the cluster key and every response verified, every call bounded by a timeout);
+//! path on a node, its JSON answer. [`PeerClient`] is the real one (HTTPS with this node's key,
+//! the server's key pinned to the membership's when the call is for a member; every request
+//! signed with the cluster key and the node key and every response verified, every call bounded
+//! by a timeout);
 //! [`FakePeers`] answers from functions in the test, so the runtime's formation and forwarding
 //! are tested without processes. The runtime and the Raft network hold a [`PeerHandle`].
 
@@ -91,7 +93,7 @@ impl MemberKeys {
 /// Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct PeerClient {
-    http: reqwest::Client,
+    http: Arc<Clients>,
     keys: ClusterKeys,
     /// This node's id as requests name it, and the key that signs them.
     me: String,
@@ -99,12 +101,30 @@ pub struct PeerClient {
     members: MemberKeys,
 }
 
-impl PeerClient {
-    /// A client that proves the cluster secret (`keys`' primary; answers may be signed with any
-    /// of them) and signs as node `me` with `node_key`; an answer from a node `members` knows
-    /// must carry that node's signature.
-    pub fn new(keys: ClusterKeys, me: NodeId, node_key: NodeKey, members: MemberKeys) -> PeerClient {
+/// The HTTPS clients of a node: one per server key it pins (a member's, as the membership
+/// records it), and one for calls to an address whose node it cannot know (discovery, joining,
+/// a member recorded without a key). A client's TLS configuration is fixed when it is built.
+#[derive(Debug)]
+struct Clients {
+    node_key: NodeKey,
+    by_pin: std::sync::Mutex<std::collections::HashMap<Option<[u8; 32]>, reqwest::Client>>,
+}
+
+/// More pinned keys than a cluster has members: the clients of removed members are dropped
+/// (with their idle connections) when the map reaches it.
+const MAX_CLIENTS: usize = 1024;
+
+impl Clients {
+    fn get(&self, pin: Option<[u8; 32]>) -> reqwest::Client {
+        let mut by_pin = self.by_pin.lock().expect("peer clients lock");
+        if let Some(c) = by_pin.get(&pin) {
+            return c.clone();
+        }
+        if by_pin.len() >= MAX_CLIENTS {
+            by_pin.clear();
+        }
         let http = reqwest::Client::builder()
+            .tls_backend_preconfigured(crate::adapters::tls::client_config(&self.node_key, pin))
             .connect_timeout(Duration::from_secs(3))
             // Shorter than the server's idle timeout (`server::accept::Limits::PEER`, 20 s), so
             // a pooled connection is not reused just as the server closes it.
@@ -113,11 +133,29 @@ impl PeerClient {
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .build()
-            .expect("HTTP client without TLS builds");
+            .expect("an HTTPS client with a preconfigured rustls builds");
+        by_pin.insert(pin, http.clone());
+        http
+    }
+}
+
+/// The 32 bytes of a node key as the membership writes it (base64).
+fn key_bytes(text: &str) -> Option<[u8; 32]> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(text).ok()?.try_into().ok()
+}
+
+impl PeerClient {
+    /// A client that proves the cluster secret (`keys`' primary; answers may be signed with any
+    /// of them) and signs as node `me` with `node_key`, over TLS with that key; a call to a node
+    /// `members` knows takes only that node's key in the TLS handshake, and its answer must carry
+    /// that node's signature.
+    pub fn new(keys: ClusterKeys, me: NodeId, node_key: NodeKey, members: MemberKeys) -> PeerClient {
+        let http = Arc::new(Clients { node_key: node_key.clone(), by_pin: Default::default() });
         PeerClient { http, keys, me: me.to_string(), node_key, members }
     }
 
-    /// POSTs the call's JSON body to `http://{addr}{path}`: the verified answer's bytes.
+    /// POSTs the call's JSON body to `https://{addr}{path}`: the verified answer's bytes.
     async fn post(&self, call: PeerCall<'_>) -> Result<Vec<u8>, PeerError> {
         let (addr, timeout) = (call.addr, call.timeout);
         match tokio::time::timeout(timeout, self.call_raw(call)).await {
@@ -133,9 +171,12 @@ impl PeerClient {
             .primary()
             .sign_request("POST", path, &to, crate::now_ms() as i64, &new_nonce(), &body)
             .sign_as("POST", path, &self.me, &self.node_key);
+        // The membership's key of the node the call is for: the TLS handshake takes no other.
+        let pinned = to_id.and_then(|id| self.members.key_of(id));
         let resp = self
             .http
-            .post(format!("http://{addr}{path}"))
+            .get(pinned.as_deref().and_then(key_bytes))
+            .post(format!("https://{addr}{path}"))
             .header("content-type", "application/json")
             .header(HDR_TIME, auth.time_ms.to_string())
             .header(HDR_NONCE, &auth.nonce)
@@ -147,10 +188,18 @@ impl PeerClient {
             .body(body)
             .send()
             .await
-            .map_err(|e| PeerError::Unreachable {
-                addr: addr.into(),
-                message: error_chain(&e),
-                maybe_delivered: !e.is_connect(),
+            .map_err(|e| {
+                if crate::adapters::tls::is_wrong_server_key(&e) {
+                    // Another machine at the member's address (or the member reinstalled with a
+                    // new key): nothing was sent.
+                    PeerError::BadNodeSignature { addr: addr.into(), node: to.clone() }
+                } else {
+                    PeerError::Unreachable {
+                        addr: addr.into(),
+                        message: error_chain(&e),
+                        maybe_delivered: !e.is_connect(),
+                    }
+                }
             })?;
         let status = resp.status().as_u16();
         let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -168,8 +217,9 @@ impl PeerClient {
         if !verified {
             return Err(PeerError::BadResponseSignature { addr: addr.into() });
         }
-        // The node the request was for answered itself, not another holder of the secret.
-        if let Some(key) = to_id.and_then(|id| self.members.key_of(id)) {
+        // The node the request was for answered itself, not another holder of the secret (the
+        // TLS handshake proved its key already; the signature binds the answer to the request).
+        if let Some(key) = pinned {
             let signed = node_sig.is_some_and(|s| {
                 crate::core::auth::verify_node_response(&key, &auth.nonce, status, &bytes, &to, &s).is_ok()
             });
@@ -399,102 +449,130 @@ mod tests {
         assert!(!e.maybe_delivered(), "a connection that was never made cannot have delivered: {e:?}");
     }
 
-    /// A server that accepts one connection and reads the request, then never answers (`hang`) or
-    /// hangs up without an answer. Returns its address and task.
-    async fn reading_server(hang: bool) -> (String, tokio::task::JoinHandle<()>) {
+    /// The key the test servers present in TLS (node 1's in the tests' membership-less client).
+    fn server_key() -> NodeKey {
+        NodeKey::from_seed(&[8; 32])
+    }
+
+    type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+    /// A peer server on a fresh port: each connection finishes a TLS handshake as a node with
+    /// `key` and is handed to `serve`. Returns the address.
+    async fn tls_server<F, Fut>(key: NodeKey, serve: F) -> String
+    where
+        F: Fn(TlsStream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap().to_string();
-        let task = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(crate::adapters::tls::server_config(&key));
+        let serve = Arc::new(serve);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = l.accept().await {
+                let (acceptor, serve) = (acceptor.clone(), serve.clone());
+                tokio::spawn(async move {
+                    if let Ok(t) = acceptor.accept(s).await {
+                        serve(t).await;
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A server that reads the request, then never answers (`hang`) or hangs up without an
+    /// answer.
+    async fn reading_server(hang: bool) -> String {
+        tls_server(server_key(), move |mut s| async move {
             let mut buf = vec![0u8; 4096];
             let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
             if hang {
                 std::future::pending::<()>().await;
             }
-        });
-        (addr, task)
+        })
+        .await
     }
 
     #[tokio::test]
     async fn a_request_without_an_answer_may_have_been_delivered() {
-        let (addr, server) = reading_server(true).await;
+        let addr = reading_server(true).await;
         let e = client()
             .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_millis(300))
             .await
             .unwrap_err();
         assert!(matches!(e, PeerError::Timeout { .. }), "{e:?}");
         assert!(e.maybe_delivered());
-        server.abort();
     }
 
     #[tokio::test]
     async fn a_connection_closed_after_the_request_may_have_been_delivered() {
-        let (addr, server) = reading_server(false).await;
+        let addr = reading_server(false).await;
         let e = client()
             .call::<_, serde_json::Value>(&addr, NodeId(1), "/peer/v1/x", &(), Duration::from_secs(5))
             .await
             .unwrap_err();
         assert!(matches!(e, PeerError::Unreachable { .. }), "{e:?}");
         assert!(e.maybe_delivered(), "{e:?}");
-        server.await.unwrap();
     }
 
     /// A server that answers every connection with `answer` (raw HTTP), counting connections.
     async fn answering_server(answer: Vec<u8>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
         let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let h = hits.clone();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let answer = answer.clone();
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let _ = s.read(&mut buf).await;
-                    let _ = s.write_all(&answer).await;
-                    // An endless body: keep sending until the client hangs up.
-                    if answer.ends_with(b"\r\n\r\n") && answer.starts_with(b"HTTP/1.1 200 OK\r\ntransfer-encoding") {
-                        let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "x".repeat(1 << 20));
-                        while s.write_all(chunk.as_bytes()).await.is_ok() {}
-                    }
-                });
+        let addr = tls_server(server_key(), move |mut s| {
+            h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = answer.clone();
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(&answer).await;
+                // An endless body: keep sending until the client hangs up.
+                if answer.ends_with(b"\r\n\r\n") && answer.starts_with(b"HTTP/1.1 200 OK\r\ntransfer-encoding") {
+                    let chunk = format!("{:x}\r\n{}\r\n", 1 << 20, "x".repeat(1 << 20));
+                    while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                }
+                let _ = s.flush().await;
             }
-        });
+        })
+        .await;
         (addr, hits)
     }
 
-    /// A server that answers `{}` with a correct cluster MAC over the request's nonce and the
-    /// node signature of `key` as `responder`.
-    async fn node_server(key: NodeKey, responder: &'static str) -> String {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = l.accept().await {
-                let key = key.clone();
-                tokio::spawn(async move {
-                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let n = s.read(&mut buf).await.unwrap_or(0);
-                    let head = String::from_utf8_lossy(&buf[..n]).to_string();
-                    let nonce = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix(&format!("{HDR_NONCE}: ")))
-                        .unwrap_or_default()
-                        .trim()
-                        .to_string();
-                    let mac = crate::core::auth::ClusterKey::derive("transport-test-secret")
-                        .sign_response(&nonce, 200, b"{}");
-                    let sig = key.sign_response(&nonce, 200, b"{}", responder);
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{HDR_AUTH}: {mac}\r\n{HDR_NODE_SIG}: {sig}\r\n\r\n{{}}"
-                    );
-                    let _ = s.write_all(answer.as_bytes()).await;
-                });
+    /// A server whose TLS key is `key` that answers `{}` with a correct cluster MAC over the
+    /// request's nonce and the node signature of `key` as `responder`; counts the requests it
+    /// read.
+    async fn node_server(key: NodeKey, responder: &'static str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let read = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = read.clone();
+        let addr = tls_server(key.clone(), move |mut s| {
+            let (key, r) = (key.clone(), r.clone());
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 64 * 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                if n > 0 {
+                    r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let nonce = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix(&format!("{HDR_NONCE}: ")))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                let mac =
+                    crate::core::auth::ClusterKey::derive("transport-test-secret").sign_response(&nonce, 200, b"{}");
+                let sig = key.sign_response(&nonce, 200, b"{}", responder);
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n{HDR_AUTH}: {mac}\r\n{HDR_NODE_SIG}: {sig}\r\n\r\n{{}}"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+                let _ = s.flush().await;
             }
-        });
-        addr
+        })
+        .await;
+        (addr, read)
     }
 
     /// Issue 10, design change 1: an answer from a member must carry that member's node
@@ -526,14 +604,22 @@ mod tests {
         };
         let to2 = "0000000000000002";
         // Node 2 itself answers.
-        assert!(call(node_server(member.clone(), to2).await, NodeId(2)).await.is_ok());
-        // A holder of the secret with another key, or node 2's key signing for another name.
-        let e = call(node_server(NodeKey::from_seed(&[9; 32]), to2).await, NodeId(2)).await.unwrap_err();
+        let (addr, _) = node_server(member.clone(), to2).await;
+        assert!(call(addr, NodeId(2)).await.is_ok());
+        // A holder of the secret with another key: the TLS handshake fails on the pinned key,
+        // before a byte of the request reaches it (design change 2).
+        let (addr, read) = node_server(NodeKey::from_seed(&[9; 32]), to2).await;
+        let e = call(addr, NodeId(2)).await.unwrap_err();
         assert!(matches!(&e, PeerError::BadNodeSignature { node, .. } if node == to2), "{e:?}");
-        let e = call(node_server(member.clone(), "0000000000000003").await, NodeId(2)).await.unwrap_err();
+        assert!(!e.maybe_delivered(), "{e:?}");
+        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 0, "the request reached another key");
+        // Node 2's key signing an answer for another name.
+        let (addr, _) = node_server(member.clone(), "0000000000000003").await;
+        let e = call(addr, NodeId(2)).await.unwrap_err();
         assert!(matches!(e, PeerError::BadNodeSignature { .. }), "{e:?}");
-        // A node this membership does not know: the secret's MAC is all there is to check.
-        assert!(call(node_server(NodeKey::from_seed(&[9; 32]), "0000000000000005").await, NodeId(5)).await.is_ok());
+        // A node this membership does not know: any key in TLS, and the secret's MAC.
+        let (addr, _) = node_server(NodeKey::from_seed(&[9; 32]), "0000000000000005").await;
+        assert!(call(addr, NodeId(5)).await.is_ok());
     }
 
     #[tokio::test]
@@ -541,7 +627,7 @@ mod tests {
         // Issue 10, hole 6: a redirect would carry the signed headers to another listener.
         let (elsewhere, hits) = answering_server(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_vec()).await;
         let redirect = format!(
-            "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://{elsewhere}/peer/v1/x\r\ncontent-length: 0\r\n\r\n"
+            "HTTP/1.1 307 Temporary Redirect\r\nlocation: https://{elsewhere}/peer/v1/x\r\ncontent-length: 0\r\n\r\n"
         );
         let (addr, _) = answering_server(redirect.into_bytes()).await;
         let e = client()

@@ -33,11 +33,12 @@ pub struct LocalClient {
 
 impl LocalClient {
     pub fn new(socket: &Path) -> LocalClient {
+        crate::adapters::tls::install_default_provider();
         let http = reqwest::Client::builder()
             .unix_socket(socket)
             .timeout(std::time::Duration::from_secs(60))
             .build()
-            .expect("HTTP client without TLS builds");
+            .expect("an HTTP client over a Unix socket builds");
         LocalClient { http, socket: socket.to_owned() }
     }
 

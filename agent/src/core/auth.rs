@@ -16,13 +16,16 @@
 //!
 //! The cluster secret only admits. Who sent a request is proved by the sender's own node key
 //! (Ed25519, [`NodeKey`]): `x-clusteros-from` names the sender and `x-clusteros-node-sig` signs
-//! the same fields plus that name. The public keys are the ones committed in the Raft membership
-//! ([`crate::core::raft_types::PeerNode`]). What a receiver accepts, by route and by what its own
+//! the same fields plus that name. Every request must carry it, made with the key that its
+//! connection's TLS handshake proved (the channel key, `crate::adapters::tls`), so a machine in
+//! the middle cannot relay a request it did not make. The public keys are the ones committed in
+//! the Raft membership ([`crate::core::raft_types::PeerNode`]); a member's requests must come
+//! over a channel of its recorded key. What a receiver accepts, by route and by what its own
 //! membership says of the sender ([`Sender`]):
 //!
 //! | route | sender is a member | sender is not a member | this node is in no cluster yet |
 //! |---|---|---|---|
-//! | admission: hello, pledge, join | its node signature is checked | the secret suffices | the secret suffices |
+//! | admission: hello, pledge, join | its recorded key is checked | the secret suffices | the secret suffices |
 //! | Raft (append, snapshot, vote, pre-vote) | its node signature is required | refused, unless a member this node knows vouched for its key ([`VouchedKeys`]) | the secret suffices |
 //! | everything else (write, read, leave, SLURM state) | its node signature is required | refused | the secret suffices |
 //!
@@ -83,9 +86,13 @@ pub enum AuthError {
     #[error("too many requests in the replay window: refused, retry later")]
     Overloaded,
     #[error(
-        "the request does not say which node sent it ({HDR_FROM} and {HDR_NODE_SIG}): {0} takes requests from members only"
+        "the request does not say which node sent it ({HDR_FROM} and {HDR_NODE_SIG}): {0} takes requests signed by a node's key only"
     )]
     Anonymous(String),
+    #[error(
+        "the request of {0} is not signed by the node key its TLS connection proved: refused (relayed by another machine?)"
+    )]
+    NotTheChannelKey(String),
     #[error(
         "node {0} is not a member of this node's cluster (it was removed, or has not joined yet): refused; a removed node must join again as a new node"
     )]
@@ -350,19 +357,35 @@ impl NodeKey {
 
     /// The public key as the membership records it (base64).
     pub fn public(&self) -> String {
-        use base64::Engine;
-        base64::engine::general_purpose::STANDARD.encode(self.0.verifying_key().as_bytes())
+        node_key_text(&self.public_bytes())
+    }
+
+    /// The public key's 32 bytes (what TLS presents as the node's raw public key).
+    pub fn public_bytes(&self) -> [u8; 32] {
+        self.0.verifying_key().to_bytes()
+    }
+
+    /// An Ed25519 signature of `message`: for the TLS handshake's CertificateVerify, whose
+    /// message TLS itself frames with its own context string.
+    pub fn sign_raw(&self, message: &[u8]) -> [u8; 64] {
+        use ed25519_dalek::Signer;
+        self.0.sign(message).to_bytes()
     }
 
     fn sign(&self, message: &[u8]) -> String {
-        use ed25519_dalek::Signer;
-        hex(&self.0.sign(message).to_bytes())
+        hex(&self.sign_raw(message))
     }
 
     /// Signs an answer as node `responder` (the header [`HDR_NODE_SIG`] of the answer).
     pub fn sign_response(&self, request_nonce: &str, status: u16, body: &[u8], responder: &str) -> String {
         self.sign(&response_message(request_nonce, status, body, responder))
     }
+}
+
+/// A public node key's bytes as the membership writes them (base64, as [`NodeKey::public`]).
+pub fn node_key_text(public: &[u8; 32]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(public)
 }
 
 /// Whether `text` is a node key as [`NodeKey::public`] writes it (a valid Ed25519 point).
@@ -592,13 +615,14 @@ impl Gate {
         method: &str,
         path: &str,
         auth: &RequestAuth,
+        channel_key: &str,
         admission: bool,
         any_node: bool,
         now_ms: i64,
         sender: impl FnOnce(NodeId) -> Sender,
     ) -> Result<Origin, AuthError> {
         self.keys.verify_request_head(method, path, auth)?;
-        self.admit_verified(method, path, auth, admission, any_node, now_ms, sender)
+        self.admit_verified(method, path, auth, channel_key, admission, any_node, now_ms, sender)
     }
 
     /// [`Gate::admit_head`] for a request whose MAC the caller has verified already with
@@ -610,6 +634,7 @@ impl Gate {
         method: &str,
         path: &str,
         auth: &RequestAuth,
+        channel_key: &str,
         admission: bool,
         any_node: bool,
         now_ms: i64,
@@ -622,7 +647,7 @@ impl Gate {
         } else if auth.to != self.me {
             return Err(AuthError::WrongDestination { to: auth.to.clone(), me: self.me.clone() });
         }
-        let origin = self.origin(method, path, auth, admission, sender)?;
+        let origin = self.origin(method, path, auth, channel_key, admission, sender)?;
         self.guard.check(auth, now_ms)?;
         Ok(origin)
     }
@@ -632,24 +657,33 @@ impl Gate {
         method: &str,
         path: &str,
         auth: &RequestAuth,
+        channel_key: &str,
         admission: bool,
         sender: impl FnOnce(NodeId) -> Sender,
     ) -> Result<Origin, AuthError> {
         let (Some(from), Some(_)) = (&auth.from, &auth.node_sig) else {
-            return if admission { Ok(Origin::SecretHolder) } else { Err(AuthError::Anonymous(path.to_string())) };
+            return Err(AuthError::Anonymous(path.to_string()));
         };
+        // Signed by the key this connection's TLS handshake proved: another machine cannot relay
+        // the request, since it would have to present the sender's key.
+        auth.verify_node_sig(method, path, channel_key).map_err(|_| AuthError::NotTheChannelKey(from.clone()))?;
         let id = from.parse::<NodeId>().map_err(|_| AuthError::BadNodeSignature(from.clone()))?;
         match sender(id) {
             Sender::Member { node_key } if node_key.is_empty() => Err(AuthError::NoNodeKey(from.clone())),
-            Sender::Member { node_key } => {
-                auth.verify_node_sig(method, path, &node_key)?;
-                Ok(Origin::Member(id))
+            Sender::Member { node_key } if !same_key(&node_key, channel_key) => {
+                Err(AuthError::BadNodeSignature(from.clone()))
             }
+            Sender::Member { .. } => Ok(Origin::Member(id)),
             Sender::Unjoined => Ok(Origin::SecretHolder),
             Sender::Stranger if admission => Ok(Origin::SecretHolder),
             Sender::Stranger => Err(AuthError::NotAMember(from.clone())),
         }
     }
+}
+
+/// Whether two node keys (base64) are the same valid key.
+fn same_key(a: &str, b: &str) -> bool {
+    matches!((verifying_key(a), verifying_key(b)), (Some(a), Some(b)) if a == b)
 }
 
 /// Remembers recently seen nonces so that a captured request cannot be replayed.
@@ -815,32 +849,39 @@ mod tests {
         };
         let w = signed("/peer/v1/write", "000000000000000a");
         assert_eq!(
-            b.admit_head("POST", "/peer/v1/write", &w, false, false, now, members),
+            b.admit_head("POST", "/peer/v1/write", &w, &me.public(), false, false, now, members),
             Err(AuthError::WrongDestination { to: "000000000000000a".into(), me: "000000000000000b".into() })
         );
         let readdressed = RequestAuth { to: "000000000000000b".into(), ..w.clone() };
         assert_eq!(
-            b.admit_head("POST", "/peer/v1/write", &readdressed, false, false, now, members),
+            b.admit_head("POST", "/peer/v1/write", &readdressed, &me.public(), false, false, now, members),
             Err(AuthError::BadSignature)
         );
         let any = signed("/peer/v1/write", ANY_NODE);
         assert_eq!(
-            a.admit_head("POST", "/peer/v1/write", &any, false, false, now, members),
+            a.admit_head("POST", "/peer/v1/write", &any, &me.public(), false, false, now, members),
             Err(AuthError::Unaddressed("/peer/v1/write".into()))
         );
         // Refusals leave the nonce unrecorded: the right node still takes the request, once.
         assert_eq!(
-            a.admit_head("POST", "/peer/v1/write", &w, false, false, now, members),
+            a.admit_head("POST", "/peer/v1/write", &w, &me.public(), false, false, now, members),
             Ok(Origin::Member(NodeId(12)))
         );
         let shared = std::sync::Arc::new(a);
         let (underlay, mesh) = (shared.clone(), shared);
         assert_eq!(
-            mesh.admit_head("POST", "/peer/v1/write", &w, false, false, now + 5, members),
+            mesh.admit_head("POST", "/peer/v1/write", &w, &me.public(), false, false, now + 5, members),
             Err(AuthError::Replayed)
         );
-        let hello = k.sign_request("POST", "/peer/v1/hello", ANY_NODE, now, &nonce(), b"{}");
-        let admit_hello = |g: &Gate| g.admit_head("POST", "/peer/v1/hello", &hello, true, true, now, members);
+        let hello = k.sign_request("POST", "/peer/v1/hello", ANY_NODE, now, &nonce(), b"{}").sign_as(
+            "POST",
+            "/peer/v1/hello",
+            "000000000000000c",
+            &me,
+        );
+        let stranger = |_: NodeId| Sender::Stranger;
+        let admit_hello =
+            |g: &Gate| g.admit_head("POST", "/peer/v1/hello", &hello, &me.public(), true, true, now, stranger);
         assert_eq!(admit_hello(&underlay), Ok(Origin::SecretHolder));
         assert_eq!(admit_hello(&b), Ok(Origin::SecretHolder), "another node's own memory");
     }
@@ -915,8 +956,18 @@ mod tests {
             }
         };
         let write = "/peer/v1/write";
+        // Over a channel whose TLS handshake proved `channel`.
+        let admit_on = |a: &RequestAuth, channel: &NodeKey, admission: bool, sender: &dyn Fn(NodeId) -> Sender| {
+            gate.admit_head("POST", &a_path(a, admission), a, &channel.public(), admission, false, now, sender)
+        };
+        // Over a channel of the key that signed it.
         let admit = |a: &RequestAuth, admission: bool, sender: &dyn Fn(NodeId) -> Sender| {
-            gate.admit_head("POST", &a_path(a, admission), a, admission, false, now, sender)
+            let signer = if a.verify_node_sig("POST", &a_path(a, admission), &alice.public()).is_ok() {
+                &alice
+            } else {
+                &mallory
+            };
+            admit_on(a, signer, admission, sender)
         };
         fn a_path(_: &RequestAuth, admission: bool) -> String {
             if admission { "/peer/v1/join".into() } else { "/peer/v1/write".into() }
@@ -929,17 +980,37 @@ mod tests {
             admit(&request(write, Some((alice_id, &mallory))), false, &membership),
             Err(AuthError::BadNodeSignature(alice_id.into()))
         );
+        // (Renamed, the signature verifies with no key, alice's channel's included.)
         let renamed = RequestAuth { from: Some("0000000000000003".into()), ..request(write, Some((alice_id, &alice))) };
-        assert_eq!(admit(&renamed, false, &membership), Err(AuthError::NotAMember("0000000000000003".into())));
+        assert_eq!(
+            admit_on(&renamed, &alice, false, &membership),
+            Err(AuthError::NotTheChannelKey("0000000000000003".into()))
+        );
         // A removed node knows the secret and its own key, but is no member: refused on member
         // routes; it may still discover and ask to join (as a new node) on admission routes.
         let removed = request(write, Some(("0000000000000009", &mallory)));
         assert_eq!(admit(&removed, false, &membership), Err(AuthError::NotAMember("0000000000000009".into())));
         let removed_join = request("/peer/v1/join", Some(("0000000000000009", &mallory)));
         assert_eq!(admit(&removed_join, true, &membership), Ok(Origin::SecretHolder));
-        // No sender at all: fine for admission, refused elsewhere.
+        // No sender at all: refused everywhere (the agent signs every request, and the signature
+        // is what binds a request to its TLS channel).
         assert_eq!(admit(&request(write, None), false, &membership), Err(AuthError::Anonymous(write.into())));
-        assert_eq!(admit(&request("/peer/v1/join", None), true, &membership), Ok(Origin::SecretHolder));
+        let join = "/peer/v1/join";
+        assert_eq!(admit(&request(join, None), true, &membership), Err(AuthError::Anonymous(join.into())));
+        // Design change 2: a request signed by one key over a channel of another was relayed
+        // (a holder of the secret in the middle): refused, whether the signer is a member or a
+        // joiner, and on a node in no cluster yet too.
+        let alices = request(write, Some((alice_id, &alice)));
+        assert_eq!(admit_on(&alices, &mallory, false, &membership), Err(AuthError::NotTheChannelKey(alice_id.into())));
+        let joiner = request(join, Some(("0000000000000009", &alice)));
+        assert_eq!(
+            admit_on(&joiner, &mallory, true, &membership),
+            Err(AuthError::NotTheChannelKey("0000000000000009".into()))
+        );
+        assert_eq!(
+            admit_on(&alices, &mallory, false, &|_| Sender::Unjoined),
+            Err(AuthError::NotTheChannelKey(alice_id.into()))
+        );
         // A member recorded without a key (an agent from before node keys) is refused.
         assert_eq!(
             admit(&request(write, Some(("0000000000000002", &mallory))), false, &membership),

@@ -10,9 +10,7 @@
 //! Must not: look at what a request says (the router and its middleware do).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
-#[cfg(test)]
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,6 +25,7 @@ use tower::ServiceExt as _;
 use tracing::{debug, warn};
 
 use super::Throttle;
+use crate::adapters::tls::ChannelKey;
 
 /// What one listener admits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,12 +128,16 @@ impl Drop for Admitted {
 
 /// Serves `app` on `listener` within `limits` until `stop` turns true; then lets the requests in
 /// flight finish (the caller bounds how long it waits) and closes idle connections. Every
-/// request carries its connection's [`ConnectInfo<SocketAddr>`].
+/// request carries its connection's [`ConnectInfo<SocketAddr>`]. With `tls` (the peer API), a
+/// connection must finish a TLS handshake within the header timeout, and every request carries
+/// the node key the handshake proved ([`ChannelKey`]); without (`/metrics`), it is plain HTTP.
+#[allow(clippy::too_many_arguments)]
 pub async fn serve(
     what: &'static str,
     listener: TcpListener,
     app: Router,
     limits: Limits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     mut stop: watch::Receiver<bool>,
     refused: impl Fn() + Send + Sync + 'static,
 ) {
@@ -142,6 +145,8 @@ pub async fn serve(
     let mut tasks = JoinSet::new();
     let mut throttle = Throttle::new(Duration::from_secs(10), 1);
     let mut accept_errors = Throttle::new(Duration::from_secs(10), 1);
+    let handshakes = Arc::new(Mutex::new(Throttle::new(Duration::from_secs(10), 1)));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     loop {
         let accepted = tokio::select! {
             () = stopped(&mut stop) => break,
@@ -180,33 +185,77 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let mut stop = stop.clone();
+        let acceptor = acceptor.clone();
+        let handshakes = handshakes.clone();
         tasks.spawn(async move {
             let _admitted = admitted;
-            let service = app.map_request(move |req: hyper::Request<hyper::body::Incoming>| {
-                let mut req = req.map(axum::body::Body::new);
-                req.extensions_mut().insert(ConnectInfo(remote));
-                req
-            });
-            let service = TowerToHyperService::new(service);
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            let result = tokio::select! {
-                r = conn.as_mut() => r,
-                () = stopped(&mut stop) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
+            let Some(acceptor) = acceptor else {
+                return serve_connection(what, stream, remote, None, app, limits, stop).await;
+            };
+            let handshake = tokio::select! {
+                h = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)) => h,
+                () = stopped(&mut stop) => return,
+            };
+            let failed = |why: String| {
+                // A node without TLS (an agent older than this one), another program, or a
+                // scanner: seen in the journal, not once per connection.
+                let due = handshakes.lock().map(|mut t| t.due()).unwrap_or(Some(0));
+                if let Some(held) = due {
+                    warn!(peer_addr = %remote, "{what}: closed a connection without a TLS 1.3 handshake with a node key: {why} ({held} more since the last report)");
                 }
             };
-            if let Err(e) = result {
-                // A client that went away or sent too slowly; nothing the agent can mend.
-                debug!(peer_addr = %remote, "{what}: connection ended: {e}");
-            }
+            let tls = match handshake {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return failed(e.to_string()),
+                Err(_) => return failed(format!("no handshake within {:?}", limits.header_timeout)),
+            };
+            let Some(key) = crate::adapters::tls::peer_key(tls.get_ref().1.peer_certificates()) else {
+                return failed("the client proved no node key".into());
+            };
+            serve_connection(what, tls, remote, Some(ChannelKey(key)), app, limits, stop).await;
         });
     }
     drop(listener);
     while tasks.join_next().await.is_some() {}
+}
+
+/// Serves HTTP/1.1 on one admitted connection (plain, or the TLS stream over it) until the
+/// client closes it, it idles past the header timeout, or `stop`.
+async fn serve_connection<S>(
+    what: &'static str,
+    stream: S,
+    remote: SocketAddr,
+    key: Option<ChannelKey>,
+    app: Router,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = app.map_request(move |req: hyper::Request<hyper::body::Incoming>| {
+        let mut req = req.map(axum::body::Body::new);
+        req.extensions_mut().insert(ConnectInfo(remote));
+        if let Some(k) = &key {
+            req.extensions_mut().insert(k.clone());
+        }
+        req
+    });
+    let service = TowerToHyperService::new(service);
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        // A client that went away or sent too slowly; nothing the agent can mend.
+        debug!(peer_addr = %remote, "{what}: connection ended: {e}");
+    }
 }
 
 /// Returns once `stop` is true (or its sender is gone).
@@ -269,7 +318,7 @@ mod tests {
         let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let r = refused.clone();
         let lim = Limits { max_connections: 8, max_per_source: 2, header_timeout: Duration::from_millis(300) };
-        let server = tokio::spawn(serve("test", listener, app, lim, stop_rx, move || {
+        let server = tokio::spawn(serve("test", listener, app, lim, None, stop_rx, move || {
             r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }));
         let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();

@@ -20,6 +20,7 @@ use tracing::warn;
 
 use super::ApiError;
 use crate::adapters::raft::{Snapshot, TypeConfig};
+use crate::adapters::tls::ChannelKey;
 use crate::core::auth::{
     AuthError, AuthHeaders, ClusterKey, Gate, HDR_AUTH, HDR_BODY, HDR_FROM, HDR_NODE_SIG, HDR_NONCE, HDR_TIME, HDR_TO,
     Origin, parse_auth,
@@ -91,9 +92,15 @@ async fn authenticate(State(node): State<Arc<Node>>, req: Request, next: Next) -
         Ok(k) => k.clone(),
         Err(e) => return refuse(e),
     };
+    // The node key this connection's TLS handshake proved (server::accept puts it on every
+    // request of the connection; the peer API is served over TLS only).
+    let Some(ChannelKey(channel)) = req.extensions().get::<ChannelKey>().cloned() else {
+        return refuse(AuthError::Anonymous(path.clone()));
+    };
     let membership = node.raft.metrics().borrow().membership_config.clone();
     let sender = |id| node.sender(&membership, &path, id);
-    let origin = match auth.admit_verified(&method, &path, &a, admission, any_node, crate::now_ms() as i64, sender) {
+    let now = crate::now_ms() as i64;
+    let origin = match auth.admit_verified(&method, &path, &a, &channel, admission, any_node, now, sender) {
         Ok(origin) => origin,
         // Signed by a holder of the secret, for another node (a reinstalled machine at an old
         // address, or a replay): a signed "wrong node" answer, as the Raft routes give, so the

@@ -1,4 +1,5 @@
-//! Host resources a test sets up and tears down: a network namespace, a small tmpfs to fill.
+//! Host resources a test sets up and tears down: a network namespace, a packet capture in it, a
+//! small tmpfs to fill.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,60 @@ impl NetNs {
 impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// tcpdump writing the packets of a network namespace's loopback that match a filter to a file
+/// (needs root and tcpdump: scripts/install-host-deps). Stopped on drop.
+pub struct Capture {
+    child: std::process::Child,
+    pub path: PathBuf,
+}
+
+impl Capture {
+    /// Starts tcpdump in `ns` on `lo` with `filter`, writing every packet as it comes (`-U`) to
+    /// `path`; returns once tcpdump says it listens (or panics with what it said instead).
+    pub fn start(ns: &NetNs, filter: &str, path: &Path) -> Capture {
+        use std::io::BufRead;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "tcpdump", "-i", "lo", "-n", "-U", "-s", "0", "-w"])
+            .arg(path)
+            .arg(filter)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("cannot run `ip netns exec ... tcpdump` (install tcpdump: scripts/install-host-deps)");
+        let stderr = child.stderr.take().unwrap();
+        let mut said = String::new();
+        // tcpdump writes "listening on lo, ..." once its capture runs, or an error and exits:
+        // either way a line comes (or the pipe closes).
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap_or_default();
+            said.push_str(&line);
+            said.push('\n');
+            if line.contains("listening on") {
+                // Keep draining its stderr so it never blocks on a full pipe.
+                std::thread::spawn(move || for _ in lines {});
+                return Capture { child, path: path.to_owned() };
+            }
+        }
+        let _ = child.wait();
+        panic!("tcpdump did not start a capture: {said}");
+    }
+
+    /// Stops tcpdump (SIGTERM: it writes out what it holds) and returns the capture file.
+    pub fn stop(mut self) -> Vec<u8> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let _ = self.child.wait();
+        std::fs::read(&self.path).expect("the capture file")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -6,5 +6,5 @@ pub mod host;
 pub mod scenarios;
 
 pub use cluster::{Cluster, Opts, binary, wait_until};
-pub use host::{NetNs, Tmpfs};
+pub use host::{Capture, NetNs, Tmpfs};
 pub use scenarios::{metric, serial};

@@ -18,12 +18,46 @@ impl Node {
     /// `GET /metrics` of this node (the peer address, port 7601).
     pub async fn metrics(&self) -> Option<String> {
         let ip = self.addr.rsplit_once(':')?.0;
-        let r = reqwest::get(format!("http://{ip}:7601/metrics")).await.ok()?;
+        let r = http_get(&format!("http://{ip}:7601/metrics")).await.ok()?;
         if !r.status().is_success() {
             return None;
         }
         r.text().await.ok()
     }
+}
+
+/// `GET url` over plain HTTP (`/metrics`).
+pub async fn http_get(url: &str) -> reqwest::Result<reqwest::Response> {
+    // reqwest asks for a rustls provider even for a plain client.
+    clusteros::adapters::tls::install_default_provider();
+    reqwest::get(url).await
+}
+
+/// An HTTPS client of the peer API that proves `key` in its TLS handshakes: a node's own key, to
+/// speak as that node; any other, to be a stranger to the cluster.
+pub fn peer_https(key: &clusteros::core::auth::NodeKey) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(clusteros::adapters::tls::client_config(key, None))
+        .build()
+        .expect("an HTTPS client with a preconfigured rustls builds")
+}
+
+/// A TLS connection to the peer API at `addr` (`ip:port`) that proves `key`, for writing raw
+/// HTTP over it.
+pub async fn peer_tls(
+    addr: &str,
+    key: &clusteros::core::auth::NodeKey,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect to the peer API");
+    let ip = addr.rsplit_once(':').expect("ip:port").0.to_string();
+    let name = rustls::pki_types::ServerName::try_from(ip).expect("an IP address is a server name");
+    let config = std::sync::Arc::new(clusteros::adapters::tls::client_config(key, None));
+    tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.expect("a TLS handshake with the peer API")
+}
+
+/// A node key of no node: a stranger's.
+pub fn stranger_key() -> clusteros::core::auth::NodeKey {
+    clusteros::core::auth::NodeKey::from_seed(&rand::random::<[u8; 32]>())
 }
 
 impl Cluster {
