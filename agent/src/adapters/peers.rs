@@ -171,11 +171,18 @@ impl PeerClient {
             .primary()
             .sign_request("POST", path, &to, crate::now_ms() as i64, &new_nonce(), &body)
             .sign_as("POST", path, &self.me, &self.node_key);
-        // The membership's key of the node the call is for: the TLS handshake takes no other.
+        // The membership's key of the node the call is for: the TLS handshake takes no other. A
+        // recorded key that is not one (apply validates keys, so only a corrupt state) must not
+        // turn the pin off: nothing is sent.
         let pinned = to_id.and_then(|id| self.members.key_of(id));
+        let pin = match pinned.as_deref().map(key_bytes) {
+            Some(None) => return Err(PeerError::BadNodeSignature { addr: addr.into(), node: to }),
+            Some(Some(k)) => Some(k),
+            None => None,
+        };
         let resp = self
             .http
-            .get(pinned.as_deref().and_then(key_bytes))
+            .get(pin)
             .post(format!("https://{addr}{path}"))
             .header("content-type", "application/json")
             .header(HDR_TIME, auth.time_ms.to_string())
@@ -586,8 +593,9 @@ mod tests {
         let nodes = std::collections::BTreeMap::from([
             (NodeId(1), PeerNode::new("127.0.0.1:1", NodeKey::from_seed(&[7; 32]).public())),
             (NodeId(2), PeerNode::new("127.0.0.1:2", member.public())),
+            (NodeId(3), PeerNode::new("127.0.0.1:3", "not a key")),
         ]);
-        let membership = openraft::Membership::new(vec![[NodeId(1), NodeId(2)].into()], nodes);
+        let membership = openraft::Membership::new(vec![[NodeId(1), NodeId(2), NodeId(3)].into()], nodes);
         metrics.membership_config = Arc::new(openraft::StoredMembership::new(None, membership));
         let (_tx, rx) = tokio::sync::watch::channel(metrics);
         let members = MemberKeys::default();
@@ -617,6 +625,12 @@ mod tests {
         let (addr, _) = node_server(member.clone(), "0000000000000003").await;
         let e = call(addr, NodeId(2)).await.unwrap_err();
         assert!(matches!(e, PeerError::BadNodeSignature { .. }), "{e:?}");
+        // A member recorded with a key that is not one: refused before anything is sent (the
+        // pin is not dropped).
+        let (addr, read) = node_server(member.clone(), "0000000000000003").await;
+        let e = call(addr, NodeId(3)).await.unwrap_err();
+        assert!(matches!(&e, PeerError::BadNodeSignature { .. }), "{e:?}");
+        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 0, "sent without a pin");
         // A node this membership does not know: any key in TLS, and the secret's MAC.
         let (addr, _) = node_server(NodeKey::from_seed(&[9; 32]), "0000000000000005").await;
         assert!(call(addr, NodeId(5)).await.is_ok());

@@ -13,9 +13,11 @@
 //! - The client pins the server's key to the one the membership records when it calls a member
 //!   ([`client_config`] with `Some(key)`): a machine in the middle, or another machine at a
 //!   member's address, fails the handshake before a byte of the request is sent. A call to an
-//!   address whose node it cannot know (discovery and joining) takes any key, reads the key the
-//!   handshake proved ([`peer_key`]), and takes the answer only with a node signature by that key
-//!   and the cluster secret's MAC (see [`crate::adapters::peers`]).
+//!   address whose node it cannot know (discovery, joining, formation pledges, and the fallback
+//!   of `runtime::member` when a member's address answers with another key) takes any key, so
+//!   whoever answers there reads it (such calls carry a node's public facts only: name,
+//!   addresses, public keys), and its answer counts only with the cluster secret's MAC over the
+//!   request's nonce (see [`crate::adapters::peers`]).
 //!
 //! Session resumption is off on both sides (a resumed session would skip the key proof; peers
 //! keep their connections alive instead), and only TLS 1.3 with the ring provider's suites is

@@ -38,6 +38,11 @@ pub struct Limits {
     /// kept-alive one. Longer than the peer client's pool idle timeout (15 s), so a pooled
     /// connection is never closed under a request the client is sending.
     pub header_timeout: Duration,
+    /// Time to finish the TLS handshake of a new connection (a listener with TLS only). Its own,
+    /// shorter bound: anyone may start a handshake (the server takes any node key), so a slot
+    /// held without a handshake, then without a request head, is held at most this plus
+    /// `header_timeout`. Nodes finish theirs in a few round trips and one Ed25519 signature each.
+    pub handshake_timeout: Duration,
 }
 
 impl Limits {
@@ -45,11 +50,19 @@ impl Limits {
     /// heartbeats, one per forwarded request in flight), so 256 from one address leaves room for
     /// bursts of forwarded client requests; 4,096 in all stays far below the unit's 65,536 file
     /// descriptors.
-    pub const PEER: Limits =
-        Limits { max_connections: 4096, max_per_source: 256, header_timeout: Duration::from_secs(20) };
+    pub const PEER: Limits = Limits {
+        max_connections: 4096,
+        max_per_source: 256,
+        header_timeout: Duration::from_secs(20),
+        handshake_timeout: Duration::from_secs(5),
+    };
     /// `/metrics`: scrapers, one or two per source.
-    pub const METRICS: Limits =
-        Limits { max_connections: 64, max_per_source: 8, header_timeout: Duration::from_secs(10) };
+    pub const METRICS: Limits = Limits {
+        max_connections: 64,
+        max_per_source: 8,
+        header_timeout: Duration::from_secs(10),
+        handshake_timeout: Duration::from_secs(10),
+    };
 }
 
 /// Why a connection was closed at once.
@@ -193,7 +206,7 @@ pub async fn serve(
                 return serve_connection(what, stream, remote, None, app, limits, stop).await;
             };
             let handshake = tokio::select! {
-                h = tokio::time::timeout(limits.header_timeout, acceptor.accept(stream)) => h,
+                h = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)) => h,
                 () = stopped(&mut stop) => return,
             };
             let failed = |why: String| {
@@ -207,7 +220,7 @@ pub async fn serve(
             let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => return failed(e.to_string()),
-                Err(_) => return failed(format!("no handshake within {:?}", limits.header_timeout)),
+                Err(_) => return failed(format!("no handshake within {:?}", limits.handshake_timeout)),
             };
             let Some(key) = crate::adapters::tls::peer_key(tls.get_ref().1.peer_certificates()) else {
                 return failed("the client proved no node key".into());
@@ -268,7 +281,12 @@ mod tests {
     use super::*;
 
     fn limits(total: usize, per: usize) -> Limits {
-        Limits { max_connections: total, max_per_source: per, header_timeout: Duration::from_secs(1) }
+        Limits {
+            max_connections: total,
+            max_per_source: per,
+            header_timeout: Duration::from_secs(1),
+            handshake_timeout: Duration::from_secs(1),
+        }
     }
 
     #[test]
@@ -317,7 +335,12 @@ mod tests {
         let (stop_tx, stop_rx) = watch::channel(false);
         let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let r = refused.clone();
-        let lim = Limits { max_connections: 8, max_per_source: 2, header_timeout: Duration::from_millis(300) };
+        let lim = Limits {
+            max_connections: 8,
+            max_per_source: 2,
+            header_timeout: Duration::from_millis(300),
+            handshake_timeout: Duration::from_millis(300),
+        };
         let server = tokio::spawn(serve("test", listener, app, lim, None, stop_rx, move || {
             r.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }));
@@ -341,6 +364,49 @@ mod tests {
         let mut answer = String::new();
         ok.read_to_string(&mut answer).await.unwrap();
         assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("127.0.0.1"), "{answer}");
+        stop_tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops").unwrap();
+    }
+    /// With TLS: a connection that stops halfway through its handshake is closed after the
+    /// handshake timeout (shorter than the header timeout); one that finishes it is served, and
+    /// the handler sees the node key it proved.
+    #[tokio::test]
+    async fn a_tls_listener_bounds_the_handshake_and_names_the_clients_key() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let app = Router::new().route(
+            "/",
+            axum::routing::get(|axum::Extension(ChannelKey(k)): axum::Extension<ChannelKey>| async move { k }),
+        );
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let lim = Limits {
+            max_connections: 8,
+            max_per_source: 8,
+            header_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_millis(300),
+        };
+        let server_key = crate::core::auth::NodeKey::from_seed(&[4; 32]);
+        let tls = crate::adapters::tls::server_config(&server_key);
+        let server = tokio::spawn(serve("test", listener, app, lim, Some(tls), stop_rx, || {}));
+        // Half a ClientHello record, then nothing: closed after the handshake timeout, not the
+        // header timeout.
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(&[0x16, 0x03, 0x01, 0x00, 0xc8, 0x01]).await.unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a connection stuck in its handshake is kept open");
+        // A node's client: answered over TLS, with its key on the request.
+        let client_key = crate::core::auth::NodeKey::from_seed(&[5; 32]);
+        let config = Arc::new(crate::adapters::tls::client_config(&client_key, Some(server_key.public_bytes())));
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await.unwrap();
+        tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tls.read_to_end(&mut answer).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with(&client_key.public()), "{answer}");
         stop_tx.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(5), server).await.expect("stops").unwrap();
     }
