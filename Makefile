@@ -54,7 +54,7 @@ faults-short:
 	$(MAKE) faults FAULTS_ROUNDS=2
 
 # Every fuzz target (agent/fuzz: peer requests and auth headers, config and credentials,
-# snapshots, apply, WireGuard dumps, the SLURM state copy) for FUZZ_SECONDS (default 30) from its
+# snapshots, apply, WireGuard dumps, the SLURM state copy, the TLS handshake) for FUZZ_SECONDS (default 30) from its
 # committed seeds, on the stable toolchain (cargo-fuzz without a sanitizer, optimized unless
 # FUZZ_PROFILE=dev; installed if missing).
 fuzz-smoke:

@@ -715,6 +715,37 @@ fn slurm_state() {
     write_dict("slurm_state", &tokens);
 }
 
+/// tls_handshake: a real ClientHello of the agent's client (for the server; whole and in
+/// pieces) and the first flight of the agent's server answering it (for a client, pinned or not),
+/// and a node key's SPKI. (A ClientHello holds fresh randomness: the seeds differ on every run.)
+fn tls_handshake() {
+    use std::sync::Arc;
+
+    use clusteros::adapters::tls::{client_config, server_config, spki};
+    use clusteros::core::auth::NodeKey;
+    let (server_key, client_key) = (NodeKey::from_seed(&[1; 32]), NodeKey::from_seed(&[2; 32]));
+    let name = rustls::pki_types::ServerName::try_from("10.0.0.1").unwrap();
+    let mut client = rustls::ClientConnection::new(Arc::new(client_config(&client_key, None)), name).unwrap();
+    let mut server = rustls::ServerConnection::new(server_config(&server_key)).unwrap();
+    let mut hello = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut hello).unwrap();
+    }
+    server.read_tls(&mut &hello[..]).unwrap();
+    server.process_new_packets().unwrap();
+    let mut flight = Vec::new();
+    while server.wants_write() {
+        server.write_tls(&mut flight).unwrap();
+    }
+    assert!(hello.len() > 100 && flight.len() > 100, "no handshake to seed with");
+    // flags: bits 2-7 all set read the bytes in 3,904-byte pieces (whole), clear in 61-byte ones.
+    write("tls_handshake", "client-hello", &[&[0xfc][..], &hello].concat());
+    write("tls_handshake", "client-hello-in-pieces", &[&[0u8][..], &hello].concat());
+    write("tls_handshake", "server-flight", &[&[0xfd][..], &flight].concat());
+    write("tls_handshake", "server-flight-pinned", &[&[0xff][..], &flight].concat());
+    write("tls_handshake", "spki", &[&[0u8][..], &spki(&server_key.public_bytes())].concat());
+}
+
 fn main() {
     peer_request();
     config();
@@ -722,4 +753,5 @@ fn main() {
     apply();
     wg_dump();
     slurm_state();
+    tls_handshake();
 }
