@@ -130,7 +130,8 @@ impl AgentFiles {
         cmd.arg("agent")
             .arg("--config")
             .arg(self.config_path())
-            .env("CLUSTEROS_LOG", "info,openraft=warn")
+            // CLUSTEROS_TEST_LOG: another log filter for the agents under test (e.g. debug).
+            .env("CLUSTEROS_LOG", std::env::var("CLUSTEROS_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()))
             .env_remove("CREDENTIALS_DIRECTORY")
             .env_remove("JOURNAL_STREAM")
             .env_remove("NOTIFY_SOCKET")

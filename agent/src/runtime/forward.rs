@@ -199,6 +199,10 @@ impl Node {
             self.remove_member(old).await?;
             replaced = Some(old);
         }
+        // The join is this node's first word from the new member: its silence (which the
+        // autopilot removes a member for) counts from here, not from when this leader took
+        // office, or a learner whose first append is slow would be removed at once.
+        self.contacts.record(req.id);
         let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms * 10);
         match tokio::time::timeout(t, self.raft.add_learner(req.id, PeerNode::new(&req.api_addr, &req.node_key), false))
             .await
