@@ -363,3 +363,36 @@ impl Node {
     // Discovery (answered by the peer API)
     // -----------------------------------------------------------------------------------------
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// A learner's silence, which the autopilot removes members for, counts from its join: a
+    /// node the leader admits but has not reached yet is not silent "forever" (nor since the
+    /// leader took office), so it is not removed before its first append arrives.
+    #[tokio::test]
+    async fn a_learner_is_heard_from_at_its_join() {
+        let dir = tempfile::tempdir().unwrap();
+        let fake = crate::adapters::peers::FakePeers::default();
+        let node = crate::runtime::test_node(dir.path(), &fake, "127.0.0.1:17741", &[], None).await;
+        let me = PeerNode::new("127.0.0.1:17741", node.identity.node_key().public());
+        node.raft.initialize(BTreeMap::from([(node.id(), me)])).await.unwrap();
+        let mut m = node.raft.metrics();
+        tokio::time::timeout(Duration::from_secs(30), m.wait_for(|m| m.current_leader == Some(node.id())))
+            .await
+            .expect("a single node leads")
+            .unwrap();
+        let joiner = NodeId(0x77);
+        assert_eq!(node.silent_for(joiner), Duration::MAX, "never heard from");
+        let key = crate::core::auth::NodeKey::from_seed(&[9; 32]).public();
+        // Nothing answers at its address: its first append will not arrive soon.
+        let req = JoinRequest { id: joiner, name: "n2".into(), api_addr: "127.0.0.1:9".into(), node_key: key };
+        node.local_join(req).await.unwrap();
+        let silent = node.silent_for(joiner);
+        assert!(silent < Duration::from_secs(5), "a learner just admitted counts as silent for {silent:?}");
+        node.raft.shutdown().await.unwrap();
+    }
+}
