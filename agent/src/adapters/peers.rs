@@ -139,12 +139,6 @@ impl Clients {
     }
 }
 
-/// The 32 bytes of a node key as the membership writes it (base64).
-fn key_bytes(text: &str) -> Option<[u8; 32]> {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.decode(text).ok()?.try_into().ok()
-}
-
 impl PeerClient {
     /// A client that proves the cluster secret (`keys`' primary; answers may be signed with any
     /// of them) and signs as node `me` with `node_key`, over TLS with that key; a call to a node
@@ -175,7 +169,7 @@ impl PeerClient {
         // recorded key that is not one (apply validates keys, so only a corrupt state) must not
         // turn the pin off: nothing is sent.
         let pinned = to_id.and_then(|id| self.members.key_of(id));
-        let pin = match pinned.as_deref().map(key_bytes) {
+        let pin = match pinned.as_deref().map(crate::core::auth::node_key_bytes) {
             Some(None) => return Err(PeerError::BadNodeSignature { addr: addr.into(), node: to }),
             Some(Some(k)) => Some(k),
             None => None,

@@ -393,10 +393,14 @@ pub fn is_node_key(text: &str) -> bool {
     verifying_key(text).is_some()
 }
 
-fn verifying_key(text: &str) -> Option<ed25519_dalek::VerifyingKey> {
+/// The 32 bytes of a node key as [`NodeKey::public`] writes it (base64), if it is one.
+pub fn node_key_bytes(text: &str) -> Option<[u8; 32]> {
     use base64::Engine;
-    let bytes: [u8; 32] = base64::engine::general_purpose::STANDARD.decode(text).ok()?.try_into().ok()?;
-    ed25519_dalek::VerifyingKey::from_bytes(&bytes).ok()
+    base64::engine::general_purpose::STANDARD.decode(text).ok()?.try_into().ok()
+}
+
+fn verifying_key(text: &str) -> Option<ed25519_dalek::VerifyingKey> {
+    ed25519_dalek::VerifyingKey::from_bytes(&node_key_bytes(text)?).ok()
 }
 
 /// What a node signature covers: the fields the cluster MAC covers, and the sender's name.
