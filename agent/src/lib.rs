@@ -12,8 +12,8 @@
 //!   core's decisions out through the adapters.
 //! - [`status`]: the report `clusteros status` shows, built from the runtime.
 //! - [`server`]: the peer API, the local API and `/metrics`.
-//! - [`daemon`] (`clusteros agent`) and [`cli`] (every other command) at the top; `testing`
-//!   (feature `testing`) runs real agent processes for the test suites outside this crate.
+//! - [`daemon`] (`clusteros agent`) and [`cli`] (every other command) at the top. Real agent
+//!   processes for the test suites are the crate `clusteros-testkit` (testkit/), not part of this one.
 
 pub mod adapters;
 pub mod cli;
@@ -24,8 +24,6 @@ pub mod proto;
 pub mod runtime;
 pub mod server;
 pub mod status;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 /// Wall-clock milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clusteros::cli::client::ClientError;
 use clusteros::core::state::Response;
-use clusteros::testing::AgentFiles;
+use clusteros_testkit::AgentFiles;
 use common::scenarios::{http_get, peer_https, peer_tls, stranger_key};
 use common::{Cluster, NetNs, Opts, metric, serial, wait_until};
 use rand::Rng;

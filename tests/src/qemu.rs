@@ -576,9 +576,10 @@ mod tests {
     #[test]
     fn credentials_are_files_not_arguments() {
         use std::os::unix::fs::PermissionsExt as _;
-        let dir = tempfile::tempdir().unwrap();
+        // A private directory of its own (mkdtemp: 0700, a fresh name), removed at the end.
+        let dir = nix::unistd::mkdtemp(&std::env::temp_dir().join("clusteros-credentials-XXXXXX")).unwrap();
         let mut m = node(Boot::Direct);
-        m.credentials_dir = dir.path().join("credentials");
+        m.credentials_dir = dir.join("credentials");
         let secret = "the-cluster-secret-0123456789";
         m.credentials.insert("clusteros.cluster-secret".into(), secret.as_bytes().to_vec());
         let args = m.args().unwrap().join(" ");
@@ -594,6 +595,7 @@ mod tests {
         assert_eq!(std::fs::metadata(&file).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::metadata(&m.credentials_dir).unwrap().permissions().mode() & 0o777, 0o700);
         assert!(!m.credentials_dir.join("old.credential").exists(), "a dropped credential's file is kept");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -31,7 +31,7 @@ impl Mesh for WgNetlink {
 
 /// A device in memory: changes apply as the kernel applies them (a change to a missing link
 /// fails), every call is recorded, and the next call can be made to fail.
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 #[derive(Debug, Default)]
 pub struct FakeMesh {
     pub device: ObservedDevice,
@@ -41,7 +41,7 @@ pub struct FakeMesh {
     pub fail_next: Option<WgError>,
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 impl FakeMesh {
     fn take_failure(&mut self) -> Result<(), WgError> {
         self.fail_next.take().map_or(Ok(()), Err)
@@ -77,7 +77,7 @@ impl FakeMesh {
     }
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 impl Mesh for FakeMesh {
     async fn observe(&mut self) -> Result<(ObservedDevice, Vec<PeerStats>), WgError> {
         self.take_failure()?;

@@ -346,7 +346,7 @@ impl PeerHandle {
 
 /// Peers that answer from functions of the test, by address and path; every call is recorded.
 /// A call to an address or path without an answer fails as an unreachable node does.
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 #[derive(Clone, Default)]
 pub struct FakePeers {
     routes: Arc<std::sync::Mutex<std::collections::BTreeMap<(String, String), FakeRoute>>>,
@@ -354,10 +354,10 @@ pub struct FakePeers {
     pub calls: Arc<std::sync::Mutex<Vec<(String, String, serde_json::Value)>>>,
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 type FakeRoute = Arc<dyn Fn(&[u8]) -> Result<Vec<u8>, PeerError> + Send + Sync>;
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 impl FakePeers {
     /// Answers `path` on `addr` with `f(request)`.
     pub fn answer<Req, Resp, F>(&self, addr: &str, path: &str, f: F)
@@ -386,7 +386,7 @@ impl FakePeers {
     }
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 impl Peers for FakePeers {
     fn exchange<'a>(&'a self, PeerCall { addr, to, path, body, .. }: PeerCall<'a>) -> Exchange<'a> {
         // What the real server would refuse, the fake refuses too (a test that forgets the

@@ -163,10 +163,10 @@ impl Systemd for DbusSystemd {
     }
 }
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 pub use fake::FakeSystemd;
 
-#[cfg(any(test, feature = "testing"))]
+#[cfg(test)]
 mod fake {
     use std::collections::{BTreeMap, BTreeSet};
     use std::sync::{Arc, Mutex};

@@ -10,7 +10,7 @@ use std::time::Duration;
 use clusteros::cli::client::ClientError;
 use clusteros::core::config::{FileConfig, HealthTuning};
 use clusteros::status::StatusReport;
-use clusteros::testing::{AgentFiles, fast_raft};
+use clusteros_testkit::{AgentFiles, fast_raft};
 use rand::Rng;
 
 pub const SECRET: &str = "harness-cluster-secret-0123456789";
@@ -108,7 +108,7 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    match clusteros::testing::poll(timeout, f).await {
+    match clusteros_testkit::poll(timeout, f).await {
         Some(v) => v,
         None => panic!("timed out after {timeout:?} waiting for: {what}"),
     }

@@ -193,7 +193,7 @@ async fn run_in(cfg: &Config, lan: Arc<Lan>, agents: Arc<Agents>) -> Result<Outc
     let reader = agents.nodes[0].files.client();
     let keys: BTreeSet<String> = rec.ops().iter().map(|o| o.key.clone()).collect();
     for key in &keys {
-        let op = clusteros::testing::poll(Duration::from_secs(60), || async {
+        let op = clusteros_testkit::poll(Duration::from_secs(60), || async {
             let op = workload::run_op(&reader, &rec, usize::MAX, key, OpKind::Read).await;
             matches!(op.outcome, Outcome::Ok(_)).then_some(op)
         })
@@ -203,7 +203,7 @@ async fn run_in(cfg: &Config, lan: Arc<Lan>, agents: Arc<Agents>) -> Result<Outc
     }
     let mut present = BTreeSet::new();
     for s in rec.sets() {
-        let got = clusteros::testing::poll(Duration::from_secs(60), || async {
+        let got = clusteros_testkit::poll(Duration::from_secs(60), || async {
             match tokio::time::timeout(workload::OP_TIMEOUT, reader.kv_get(&s.key, false)).await {
                 Ok(Ok(r)) => Some(r.entry.is_some()),
                 _ => None,

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clusteros::status::StatusReport;
-use clusteros::testing::AgentFiles;
+use clusteros_testkit::AgentFiles;
 
 use super::net::Lan;
 use crate::run_cmd;
@@ -83,7 +83,7 @@ impl Node {
             manage_services: Some(ServiceMode::Off),
             // Not used by the suite, and the nodes would contend for 127.0.0.1:7601.
             metrics_addr: Some("off".into()),
-            raft: clusteros::testing::fast_raft(300, 100),
+            raft: clusteros_testkit::fast_raft(300, 100),
             health: HealthTuning { suspect_after_ms: 2000, failed_after_ms: 4000, remove_after_ms: 3_600_000 },
             ..FileConfig::default()
         };

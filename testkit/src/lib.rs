@@ -1,17 +1,20 @@
-//! Real agent processes for tests outside this crate (feature `testing`): the files of one agent
-//! under test (its config, serialized from the agent's own config type, its secret, socket and
+//! Real agent processes for tests (the crate `clusteros-testkit`): the files of one agent under
+//! test (its config, serialized from the agent's own config type, its secret, socket and
 //! log) and the command that starts it, so that the host cluster harness (`agent/tests/common`)
 //! and the fault suite (`tests/src/faults`) run agents the same way. Also the fast Raft timings
 //! both use, and one async poll for a condition.
 //!
-//! Must not: be used by the agent itself (nothing outside tests enables the feature).
+//! Must not: be a dependency of the agent itself (only of tests: the agent's integration tests and
+//! benchmarks take it as a dev-dependency, the tests crate as a dependency). It is a crate of its
+//! own, not a feature of the agent, so that the agent library the tests link is the one `make
+//! release` builds: a feature would make cargo build the agent twice, once per feature set.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::cli::client::LocalClient;
-use crate::core::config::{FileConfig, RaftTuning};
+use clusteros::cli::client::LocalClient;
+use clusteros::core::config::{FileConfig, RaftTuning};
 
 /// Raft timings for agents on one host: a heartbeat every 100 ms, elections after 0.8-1.6 s, RPCs
 /// given 1 s (the defaults are slower on purpose: real networks, real disks).
@@ -57,19 +60,19 @@ impl AgentFiles {
     /// The node id and node key of the agent whose state directory is `state_dir`, as its identity
     /// file records them: to sign requests as that node (a test playing a member, or a removed
     /// one, that still holds its key).
-    pub fn node_key_in(state_dir: &Path) -> std::io::Result<(String, crate::core::auth::NodeKey)> {
+    pub fn node_key_in(state_dir: &Path) -> std::io::Result<(String, clusteros::core::auth::NodeKey)> {
         use base64::Engine;
-        let path = state_dir.join(crate::adapters::identity::IDENTITY_FILE);
+        let path = state_dir.join(clusteros::adapters::identity::IDENTITY_FILE);
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path)?)?;
         let bad = |what: &str| std::io::Error::other(format!("{}: no {what}", path.display()));
-        let id = crate::core::state::NodeId(v["node_id"].as_u64().ok_or_else(|| bad("node_id"))?);
+        let id = clusteros::core::state::NodeId(v["node_id"].as_u64().ok_or_else(|| bad("node_id"))?);
         let seed = v["node_key_seed"].as_str().ok_or_else(|| bad("node_key_seed"))?;
         let seed: [u8; 32] = base64::engine::general_purpose::STANDARD
             .decode(seed)
             .ok()
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| bad("32-byte node_key_seed"))?;
-        Ok((id.to_string(), crate::core::auth::NodeKey::from_seed(&seed)))
+        Ok((id.to_string(), clusteros::core::auth::NodeKey::from_seed(&seed)))
     }
 
     /// The local API client of this agent.
@@ -107,7 +110,7 @@ impl AgentFiles {
 
     /// A file only its owner reads, written as the agent writes its own.
     fn write_secret(path: &Path, text: &str) -> std::io::Result<()> {
-        crate::adapters::files::write_atomic(path, text.as_bytes(), 0o600).map_err(std::io::Error::other)
+        clusteros::adapters::files::write_atomic(path, text.as_bytes(), 0o600).map_err(std::io::Error::other)
     }
 
     /// Starts `bin agent --config agent.toml` (inside network namespace `netns` when given),
