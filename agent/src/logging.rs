@@ -14,6 +14,26 @@ use tracing::Metadata;
 use tracing::subscriber::Interest;
 use tracing_subscriber::layer::{Context, Filter};
 
+/// Starts the agent's logging: to the journal (with structured fields) when stderr is connected to
+/// it, else to stderr; the filter from `CLUSTEROS_LOG` (default `info,openraft=warn`); openraft's
+/// WARN and ERROR lines rate-limited per source line.
+pub fn init() {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CLUSTEROS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let limit = || RateLimitDependencies::new(DEPENDENCY_WINDOW);
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    if journal && let Ok(layer) = tracing_journald::layer() {
+        let layer = layer.with_field_prefix(None).with_syslog_identifier("clusteros".into());
+        tracing_subscriber::registry().with(filter).with(layer.with_filter(limit())).init();
+        return;
+    }
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false);
+    tracing_subscriber::registry().with(filter).with(layer.with_filter(limit())).init();
+}
+
 /// How often one noisy source line of a dependency may log.
 pub const DEPENDENCY_WINDOW: Duration = Duration::from_secs(30);
 

@@ -152,6 +152,36 @@ fn agent_config(args: &AgentArgs, socket: PathBuf, socket_given: bool) -> Result
     Config::load(&args.config, required, creds.as_deref(), &overrides).map_err(|e| e.to_string())
 }
 
+/// The `clusteros` binary: parses the command line, starts the logging (for `clusteros agent`)
+/// and the async runtime (two workers for the agent, the current thread for a command), runs the
+/// command; returns the process exit status.
+pub fn main() -> ExitCode {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let socket_given = matches.value_source("socket") != Some(clap::parser::ValueSource::DefaultValue);
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    let is_agent = matches!(cli.command, Command::Agent(_));
+    if is_agent {
+        crate::logging::init();
+    }
+    let rt = if is_agent {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    };
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(run(cli, socket_given))
+}
+
 /// Runs the command line; returns the process exit status.
 pub async fn run(cli: Cli, socket_given: bool) -> ExitCode {
     let json = cli.json;
