@@ -123,11 +123,25 @@ pub fn binary() -> PathBuf {
     }
 }
 
+/// A 127.a.b.0/24 of its own for each cluster of this process (scenarios run two at a time), from
+/// a random start so that two test processes are unlikely to meet.
+fn unique_net() -> (u8, u8) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static NEXT: AtomicUsize = AtomicUsize::new(usize::MAX);
+    let _ = NEXT.compare_exchange(
+        usize::MAX,
+        rand::thread_rng().gen_range(0..240 * 249),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    let k = NEXT.fetch_add(1, Ordering::SeqCst) % (240 * 249);
+    ((10 + k / 249) as u8, (1 + k % 249) as u8)
+}
+
 impl Cluster {
     /// `n` nodes that all list every node as a join address.
     pub fn new(n: usize, opts: Opts) -> Cluster {
-        let mut rng = rand::thread_rng();
-        let net = (rng.gen_range(10..250), rng.gen_range(1..250));
+        let net = unique_net();
         let root = tempfile::Builder::new().prefix("clusteros-test-").tempdir().unwrap();
         let mut c = Cluster { root, nodes: Vec::new(), net };
         let addrs: Vec<String> = (0..n).map(|i| c.addr_of(i)).collect();
