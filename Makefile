@@ -55,9 +55,9 @@ faults-short:
 
 # Every fuzz target (agent/fuzz: peer requests and auth headers, config and credentials,
 # snapshots, apply, WireGuard dumps, the SLURM state copy, the TLS handshake) for FUZZ_SECONDS (default 30) from its
-# committed seeds, on the stable toolchain (cargo-fuzz without a sanitizer, optimized unless
-# FUZZ_PROFILE=dev; installed if missing).
-fuzz-smoke:
+# committed seeds, on the stable toolchain (libFuzzer with cargo-fuzz's instrumentation and no
+# sanitizer, built by cargo itself; optimized unless FUZZ_PROFILE=dev).
+fuzz-smoke: deps
 	scripts/fuzz-smoke
 
 # The VM end-to-end suites (tests/tests/*.rs, root; 15-20 minutes under TCG): build the agent and the image,
