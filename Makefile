@@ -61,10 +61,10 @@ fuzz-smoke: deps
 	scripts/fuzz-smoke
 
 # The VM end-to-end suites (tests/tests/*.rs, root; 15-20 minutes under TCG): build the agent and the image,
-# boot VMs and check them from inside: e2e.rs (one node, flashed raw disk growing; a node without
-# a secret), services.rs (one 3-node cluster: mesh, munge, SLURM, controller failover, a powered-off
-# node's reboot and rejoin, the Raft leader's power-off), images.rs (a diskless node PXE-boots and joins a
-# cluster; the packer site image builds and boots). A failed test leaves its logs in target/e2e-logs/<test>/
+# boot VMs and check them from inside: services.rs (one 3-node cluster: mesh, munge, SLURM,
+# controller failover, a powered-off node's reboot and rejoin, the Raft leader's power-off),
+# images.rs (a machine flashed with the raw image boots UEFI, grows its root and forms a cluster that
+# a diskless node PXE-boots into; the packer site image builds and boots). A failed test leaves its logs in target/e2e-logs/<test>/
 # (every test does with CLUSTEROS_E2E_SAVE_LOGS=1).
 E2E_ARGS ?=
 e2e: image
@@ -82,7 +82,7 @@ e2e-containers:
 	$(CARGO) test -p clusteros-e2e --features e2e --test containers -- --test-threads=1 --nocapture $(E2E_ARGS)
 
 e2e-vms:
-	$(CARGO) test -p clusteros-e2e --features e2e --test e2e --test services --test images -- --test-threads=1 --nocapture $(E2E_ARGS)
+	$(CARGO) test -p clusteros-e2e --features e2e --test services --test images -- --test-threads=1 --nocapture $(E2E_ARGS)
 
 # Read-only check: format, clippy with warnings denied, host tests.
 check:

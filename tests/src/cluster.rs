@@ -117,6 +117,8 @@ pub fn agreement(statuses: &[Status], voters: usize) -> Result<(String, Vec<Stri
 
 /// Per-node credential changes: (name, Some(value) to set / None to leave out).
 type Overrides = BTreeMap<u8, Vec<(String, Option<Vec<u8>>)>>;
+/// Per-node changes of the VM itself (kernel arguments, disks, ...).
+type NodeOptions = BTreeMap<u8, Vec<Box<dyn FnOnce(VmBuilder) -> VmBuilder>>>;
 
 pub struct ClusterBuilder {
     env: Arc<TestEnv>,
@@ -127,6 +129,7 @@ pub struct ClusterBuilder {
     mem_mib: u32,
     cpus: u32,
     overrides: Overrides,
+    options: NodeOptions,
 }
 
 impl ClusterBuilder {
@@ -141,6 +144,7 @@ impl ClusterBuilder {
             mem_mib: 1024,
             cpus: 1,
             overrides: BTreeMap::new(),
+            options: BTreeMap::new(),
         }
     }
 
@@ -175,8 +179,15 @@ impl ClusterBuilder {
         self
     }
 
+    /// Node `i` (1-based) is built with `f` applied to its VM builder, e.g.
+    /// `|b| b.kernel_arg("x=1").extra_disk("1G")`.
+    pub fn node_options(mut self, i: u8, f: impl FnOnce(VmBuilder) -> VmBuilder + 'static) -> Self {
+        self.options.entry(i).or_default().push(Box::new(f));
+        self
+    }
+
     /// Creates the namespace and starts every VM (without waiting for the guests).
-    pub fn start(self) -> Result<Cluster> {
+    pub fn start(mut self) -> Result<Cluster> {
         let net = self.env.netns()?;
         let join = (1..=self.n).map(|i| format!("{}:{PEER_PORT}", NetNs::node_ip(i))).collect::<Vec<_>>().join(",");
         let mut cluster = Cluster {
@@ -197,6 +208,9 @@ impl ClusterBuilder {
                     Some(v) => b.credential(name, v),
                     None => b.remove_credential(name),
                 };
+            }
+            for f in self.options.remove(&i).into_iter().flatten() {
+                b = f(b);
             }
             cluster.add(b)?;
         }

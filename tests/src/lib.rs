@@ -11,8 +11,9 @@
 //!
 //! When a test panics, each VM's serial console, QEMU log and journal are saved under
 //! `target/e2e-logs/<test>/` and the path is printed; a passing test prints only its phase times.
-//! The tests themselves (`tests/e2e.rs`) need the `e2e` feature, root and a built image.
+//! The tests themselves (`tests/services.rs`, `tests/images.rs`, `tests/containers.rs`) need the `e2e` feature, root and a built image.
 
+pub mod checks;
 pub mod cluster;
 pub mod faults;
 pub mod image;

@@ -1,6 +1,7 @@
-//! Proofs of the image's other ways in: a diskless node boots over the network (PXE) and joins a
-//! cluster; packer turns the image into a site image that boots. (The raw image flashed onto a
-//! bigger disk is `single_node_with_and_without_secret` in e2e.rs.)
+//! Proofs of the image's ways in: the raw image flashed onto a bigger disk boots through UEFI, grows
+//! its root and forms a one-node cluster; a diskless node boots over the network (PXE) and joins
+//! that cluster; packer turns the image into a site image that boots. (A node without a secret is
+//! the container tier's `container_without_secret_says_what_is_missing`.)
 //!
 //! Needs root, the host tools (scripts/install-host-deps, packer among them) and a built image
 //! (target/image, or CLUSTEROS_IMAGE_DIR). Run with `make e2e`, or:
@@ -15,12 +16,16 @@ use base64::Engine as _;
 use clusteros_e2e::cluster::{random_secret, status_of};
 use clusteros_e2e::image::image_dir;
 use clusteros_e2e::{
-    Accel, Boot, DiskFormat, NetNs, OrFail, StatusExt, TestEnv, Vm, credential, repo_root, timeout, wait_until,
+    Accel, Boot, DiskFormat, NetNs, OrFail, StatusExt, TestEnv, Vm, checks, credential, repo_root, timeout, wait_until,
 };
 
-/// A diskless VM boots ClusterOS over the network and runs from RAM, and joins a cluster.
+/// A machine flashed with the raw image forms a one-node cluster; a diskless VM boots ClusterOS over
+/// the network, runs from RAM, and joins it.
 ///
-/// disk1 is the cluster to join (a one-node cluster on the image, direct boot). pxe1 has no disk
+/// disk1 is the cluster to join: the raw image flashed onto a disk more than twice its size,
+/// booted through UEFI (OVMF, systemd-boot, the UKI on the ESP) as a machine does; its root grows
+/// to fill the disk on the first boot, its agent is a notify service that logs to the journal with
+/// structured fields, and with bootstrap_expect=1 it forms a one-node cluster. pxe1 has no disk
 /// at all: its first NIC is QEMU's user-mode network, whose DHCP hands out clusteros.ipxe over
 /// TFTP; that script chains clusteros-site.ipxe (written here: the secret, join = disk1, no
 /// bootstrap-expect, the host name and a static .network for the second NIC) and loads the kernel
@@ -36,8 +41,16 @@ fn pxe_node_boots_diskless_and_joins() {
     write_tftp_root(&tftp, &secret, &join, "pxe1", 2).or_fail("the TFTP root");
     env.timer.phase("pxe/tftp-root");
 
+    let flashed = env.run_dir().join("flashed.raw");
+    env.image().flash_onto(&flashed, FLASHED_DISK).or_fail("flash the image onto a bigger disk");
     let disk1 = env
         .vm("disk1")
+        .boot(Boot::Uefi)
+        .flashed_disk(&flashed)
+        // The root grows on the first boot, not after a reboot.
+        .no_reboot()
+        .kernel_arg("clusteros_e2e.marker=disk1")
+        .extra_disk("1G")
         .network(&net, 1)
         .credential(credential::CLUSTER_SECRET, &secret)
         .credential(credential::JOIN, &join)
@@ -65,13 +78,18 @@ fn pxe_node_boots_diskless_and_joins() {
     env.timer.phase("pxe/pxe1-checks");
 
     let d = disk1.wait_system_running(timeout(420)).or_fail("disk1 boot");
-    env.timer.record("pxe/disk1.boot-to-running", d);
-    let cluster_id = wait_until(timeout(180), "disk1 to lead its one-node cluster", || {
+    env.timer.record("pxe/disk1.boot-to-running(uefi)", d);
+    checks::vm_options(&disk1, "clusteros_e2e.marker=disk1")
+        .or_fail("harness: disk1's kernel argument and extra disk (UEFI)");
+    checks::root_grew(&disk1, FLASHED_DISK).or_fail("the root of disk1's flashed disk grew to fill it");
+    let (cluster_id, disk1_id) = wait_until(timeout(180), "disk1 to lead its one-node cluster", || {
         let st = status_of(&disk1)?;
         ensure!(st.is_member() && st.leader().is_some() && st.leader() == st.node.id.as_deref(), "{}", st.summary());
-        st.cluster_id.clone().context("no cluster id yet")
+        Ok((st.cluster_id.clone().context("no cluster id yet")?, st.node_id()?.to_string()))
     })
     .or_fail("disk1's cluster");
+    checks::agent_service(&disk1, &disk1_id).or_fail("disk1's agent under systemd");
+    env.timer.phase("pxe/disk1-checks");
     wait_until(timeout(240), "disk1 to list pxe1 as a member and pxe1 to say it is one", || {
         for vm in [&disk1, &pxe] {
             ensure!(vm.is_running(), clusteros_e2e::Abort::new(format!("{}'s QEMU exited", vm.name())));
@@ -90,6 +108,9 @@ fn pxe_node_boots_diskless_and_joins() {
     println!("e2e: pxe1 memory (MiB):\n{}", free.trim_end());
     env.timer.record("pxe/total", env.timer.total());
 }
+
+/// Size of the disk the image is flashed onto for disk1: more than twice the image's.
+const FLASHED_DISK: u64 = 6 << 30;
 
 /// The image's PXE files (hard links, or copies across file systems) and a clusteros-site.ipxe
 /// with the cluster settings of node `index` on the test LAN.

@@ -2,9 +2,17 @@
 //! roles and real SLURM jobs across them, key rotation, k3s without its binary, SLURM controller
 //! failover (slurmctld alone, then the whole VM), the powered-off node's reboot and rejoin with its
 //! state, and the Raft leader's power-off. One cluster for all of it: a 3-VM boot under TCG costs
-//! minutes.
+//! minutes. Node 1 also proves the VM builder's extra kernel argument and extra disk on a direct
+//! kernel boot (the PXE test's disk1 does on UEFI).
 //!
-//! Run with `make e2e` (see tests/tests/e2e.rs for the knobs). Prints `e2e: <phase> <seconds>`.
+//! Needs root, the host tools (scripts/install-host-deps) and a built image (target/image, or
+//! CLUSTEROS_IMAGE_DIR). Run with `make e2e`, or:
+//!     cargo test -p clusteros-e2e --features e2e --test services -- --test-threads=1 --nocapture
+//! Prints `e2e: <phase> <seconds>`. A failing test saves each VM's serial console, QEMU log and
+//! journal under target/e2e-logs/<test>/ and prints that path.
+//! Knobs: CLUSTEROS_E2E_TIMEOUT_SCALE (multiply every timeout), CLUSTEROS_E2E_BOOT=direct|initrd|uefi,
+//! CLUSTEROS_ACCEL=kvm|tcg, CLUSTEROS_E2E_KEEP=1 (keep the run directory with the VM disks),
+//! CLUSTEROS_E2E_SAVE_LOGS=1 (save the logs of a passing test too).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
@@ -254,13 +262,18 @@ fn check_k3s_unavailable(nodes: &[&Vm]) -> Result<()> {
 #[test]
 fn mesh_munge_slurm_failover_and_rotation() {
     let env = TestEnv::new("mesh_munge_slurm_failover_and_rotation").or_fail("setup");
-    let cluster = ClusterBuilder::new(&env, 3).start().or_fail("start 3 VMs");
+    let cluster = ClusterBuilder::new(&env, 3)
+        .node_options(1, |b| b.kernel_arg("clusteros_e2e.marker=n1").extra_disk("1G"))
+        .start()
+        .or_fail("start 3 VMs");
     let all = [1, 2, 3];
     let t0 = Instant::now();
     cluster.wait_running(&all, timeout(420), "boot-to-running").or_fail("boot");
     let formed = cluster.wait_agreement(&all, 3, timeout(300)).or_fail("formation");
     let ids = node_ids(&formed).or_fail("formation");
     env.timer.phase("formed");
+    clusteros_e2e::checks::vm_options(cluster.node(1), "clusteros_e2e.marker=n1")
+        .or_fail("harness: node 1's kernel argument and extra disk (direct boot)");
     let nodes: Vec<&Vm> = all.iter().map(|i| cluster.node(*i)).collect();
 
     // 1. The mesh.
