@@ -13,27 +13,29 @@ mod error;
 mod formation;
 mod forward;
 mod leader;
+mod life;
 mod member;
 mod mesh;
+mod reset;
 mod services;
 mod slurm;
 mod transport;
 
 pub use error::ApiError;
+pub use life::{Phase, Progress, RunEnd, StartError};
 pub use mesh::{MeshPeerReport, MeshReport};
+pub use reset::{ResetError, finish_membership_reset, reset_membership};
 pub use slurm::SlurmStateReport;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::adapters::identity::Identity;
 use crate::adapters::peers::{MemberKeys, PeerClient, PeerHandle};
@@ -53,57 +55,6 @@ use formation::Discovered;
 
 pub const LEFT_MARKER: &str = "left";
 pub const RAFT_DIR: &str = "raft";
-
-/// Where the agent is in its life cycle.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Looking for the other `bootstrap_expect` nodes.
-    Discovering,
-    /// Asking a running cluster to admit this node.
-    Joining,
-    /// Part of the cluster (voter or learner).
-    Member,
-    /// Left the cluster with `clusteros leave`; waits for `clusteros join`.
-    Left,
-    /// Nothing to do: no join address and no `bootstrap_expect`.
-    Idle,
-}
-
-impl std::fmt::Display for Phase {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Phase::Discovering => "discovering",
-            Phase::Joining => "joining",
-            Phase::Member => "member",
-            Phase::Left => "left",
-            Phase::Idle => "idle",
-        })
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct Progress {
-    pub phase: Phase,
-    /// One line for people: what the agent waits for.
-    pub detail: String,
-    /// The last problem met while forming or joining, with what to do.
-    pub last_error: Option<String>,
-}
-
-/// Why an agent run ended and what the next one does.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RunEnd {
-    /// Shut down (signal).
-    Shutdown,
-    /// Left the cluster: wipe Raft state, take a new node id, wait for `clusteros join`.
-    Left,
-    /// Removed by the cluster while away: wipe Raft state, take a new node id, join again via these.
-    Rejoin { via: Vec<String> },
-    /// Raft stopped on an error it cannot recover from (a storage write failed: disk full,
-    /// read-only file system, I/O error). The process exits so that systemd starts it again.
-    Fatal(String),
-}
 
 struct LeaderState {
     term: u64,
@@ -167,37 +118,6 @@ pub struct Node {
     request_seq: AtomicU64,
     /// When this agent run started (the election timer's start before any leader is heard).
     started: Instant,
-}
-
-impl StartError {
-    /// Whether the error is about the state directory's storage (full, read-only, unreadable,
-    /// corrupt): then the agent reports it and tries again later instead of exiting.
-    pub fn is_storage(&self) -> bool {
-        matches!(
-            self,
-            StartError::StateDir(_) | StartError::Log { .. } | StartError::StateMachine(_) | StartError::Raft(_)
-        )
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("cannot create state directory: {0}")]
-    StateDir(#[from] crate::adapters::files::WriteError),
-    #[error(
-        "cannot open the Raft log {path}: {source}; if it is corrupt, move the directory {dir} away and the node will rejoin as a new member"
-    )]
-    Log { path: PathBuf, dir: PathBuf, source: redb::Error },
-    #[error(transparent)]
-    StateMachine(#[from] crate::adapters::raft::state_machine::OpenError),
-    #[error("invalid Raft settings: {0}")]
-    RaftConfig(#[from] openraft::ConfigError),
-    #[error("cannot start Raft: {0}")]
-    Raft(String),
-    #[error("cannot listen on {addr}: {source}; is another agent running? set listen_addr to a free address")]
-    Listen { addr: SocketAddr, source: std::io::Error },
-    #[error("cannot work out this node's address: {0}; set advertise_addr in /etc/clusteros/agent.toml")]
-    Advertise(String),
 }
 
 /// The membership a node last applied (so committed), as one read.
@@ -555,66 +475,10 @@ fn spawn<R: driver::Reconciler>(node: &Arc<Node>, r: R) -> tokio::task::JoinHand
     })
 }
 
-/// The file that says a membership reset is under way in the state directory.
-const RESET_MARKER: &str = "membership-reset";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ResetError {
-    #[error("cannot mark the membership reset in {path}: {source}")]
-    Mark { path: PathBuf, source: crate::adapters::files::WriteError },
-    #[error("cannot remove the old Raft state {path}: {source}; remove it by hand, then restart the agent")]
-    Wipe { path: PathBuf, source: std::io::Error },
-    #[error(
-        "cannot open the state directory {path}: {source}; check that it exists and is a directory, then restart the agent"
-    )]
-    OpenDir { path: PathBuf, source: std::io::Error },
-    #[error(transparent)]
-    Identity(#[from] crate::adapters::identity::IdentityError),
-    #[error("cannot remove {path}: {source}")]
-    Unmark { path: PathBuf, source: std::io::Error },
-}
-
-/// Ends this node's membership on disk (it left, or the cluster removed it): the Raft state goes
-/// and a new identity takes the old one's place, so the next run joins as a new member (node ids
-/// are never reused). One step as far as a crash is concerned: a marker is written first and
-/// removed last, and [`finish_membership_reset`] completes an interrupted reset at the next
-/// start. Without it, a crash between the two restarted the old id on an empty log, a voter that
-/// had forgotten its vote.
-pub fn reset_membership(state_dir: &Path, name: &str) -> Result<Identity, ResetError> {
-    let marker = state_dir.join(RESET_MARKER);
-    crate::adapters::files::write_atomic(&marker, b"the Raft state and the identity are being replaced\n", 0o600)
-        .map_err(|source| ResetError::Mark { path: marker.clone(), source })?;
-    complete_reset(state_dir, name)
-}
-
-/// Completes a reset a crash interrupted (see [`reset_membership`]); `None` when none was
-/// under way.
-pub fn finish_membership_reset(state_dir: &Path, name: &str) -> Result<Option<Identity>, ResetError> {
-    if !state_dir.join(RESET_MARKER).exists() {
-        return Ok(None);
-    }
-    warn!("completing a membership reset that was interrupted: removing the Raft state, making a new identity");
-    complete_reset(state_dir, name).map(Some)
-}
-
-fn complete_reset(state_dir: &Path, name: &str) -> Result<Identity, ResetError> {
-    use std::ffi::OsStr;
-    let wipe = |source| ResetError::Wipe { path: state_dir.join(RAFT_DIR), source };
-    let dir = crate::adapters::files::Dir::open(state_dir)
-        .map_err(|source| ResetError::OpenDir { path: state_dir.to_path_buf(), source })?;
-    dir.remove_tree(OsStr::new(RAFT_DIR)).map_err(wipe)?;
-    let identity = Identity::create(state_dir, name)?;
-    // The new identity is durable (written and its directory synced) before the marker goes.
-    let unmark = |source| ResetError::Unmark { path: state_dir.join(RESET_MARKER), source };
-    dir.remove_tree(OsStr::new(RESET_MARKER)).map_err(unmark)?;
-    dir.sync().map_err(unmark)?;
-    Ok(identity)
-}
-
 /// A node on `dir` for tests, talking to `fake` peers, with services off.
 #[cfg(test)]
 pub(crate) async fn test_node(
-    dir: &Path,
+    dir: &std::path::Path,
     fake: &crate::adapters::peers::FakePeers,
     listen: &str,
     join: &[&str],
@@ -635,38 +499,4 @@ pub(crate) async fn test_node(
     let cfg = Config::resolve(file, Credentials::default(), &Overrides::default(), &|_| unreachable!()).unwrap();
     let identity = Identity::load_or_create(dir, "n1").unwrap();
     Node::open_with_peers(cfg, identity, SECRET, vec![], PeerHandle::new(fake.clone())).await.unwrap()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Issue 10, hole 4: a reset that a crash interrupted after the Raft state went, before the
-    /// new identity was written, is completed at the next start: the old id never runs again on
-    /// an empty log.
-    #[test]
-    fn an_interrupted_membership_reset_is_completed_at_start() {
-        let dir = tempfile::tempdir().unwrap();
-        let old = Identity::create(dir.path(), "n1").unwrap();
-        std::fs::create_dir_all(dir.path().join(RAFT_DIR)).unwrap();
-        std::fs::write(dir.path().join(RAFT_DIR).join("raft.redb"), b"old log").unwrap();
-        assert!(finish_membership_reset(dir.path(), "n1").unwrap().is_none(), "no reset under way");
-        assert!(dir.path().join(RAFT_DIR).exists());
-
-        // The crash: the marker is written and the Raft state removed, the identity is the old one.
-        crate::adapters::files::write_atomic(&dir.path().join(RESET_MARKER), b"x", 0o600).unwrap();
-        std::fs::remove_dir_all(dir.path().join(RAFT_DIR)).unwrap();
-        let new = finish_membership_reset(dir.path(), "n1").unwrap().expect("the reset is completed");
-        assert_ne!(new.node_id, old.node_id);
-        assert_eq!(Identity::load_or_create(dir.path(), "n1").unwrap().node_id, new.node_id);
-        assert!(!dir.path().join(RESET_MARKER).exists());
-        assert!(finish_membership_reset(dir.path(), "n1").unwrap().is_none());
-
-        // The whole step: the Raft state goes, a new id comes.
-        std::fs::create_dir_all(dir.path().join(RAFT_DIR)).unwrap();
-        let newer = reset_membership(dir.path(), "n1").unwrap();
-        assert_ne!(newer.node_id, new.node_id);
-        assert!(!dir.path().join(RAFT_DIR).exists() && !dir.path().join(RESET_MARKER).exists());
-        assert_eq!(Identity::load_or_create(dir.path(), "n1").unwrap().node_id, newer.node_id);
-    }
 }
