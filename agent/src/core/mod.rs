@@ -3,6 +3,7 @@
 //! must not reach outside the process (`make check` greps for it).
 
 pub mod auth;
+pub mod beacon;
 pub mod config;
 pub mod formation;
 pub mod ids;

@@ -28,7 +28,12 @@ impl ClusterKey {
 
     /// A short, non-secret fingerprint of the key, for logs ("which secret is this node using?").
     pub fn fingerprint(&self) -> String {
-        hex(&Sha256::digest(self.0)[..4])
+        hex(&self.fingerprint_bytes())
+    }
+
+    /// The fingerprint's 4 bytes (what LAN beacons carry: [`crate::core::beacon`]).
+    pub fn fingerprint_bytes(&self) -> [u8; 4] {
+        Sha256::digest(self.0)[..4].try_into().expect("a SHA-256 digest has 32 bytes")
     }
 
     fn mac(&self, parts: &[&[u8]]) -> HmacSha256 {

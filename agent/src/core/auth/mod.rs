@@ -157,7 +157,8 @@ pub fn body_digest(body: &[u8]) -> String {
     hex(&Sha256::digest(body))
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 

@@ -27,6 +27,9 @@ pub enum MetricsListen {
     At(SocketAddr),
 }
 
+mod discovery;
+pub use discovery::{BeaconSettings, DEFAULT_BEACON_PORT, Discovery, DiscoveryFile};
+
 /// Names of the systemd credentials the agent reads.
 pub mod credential {
     pub const CLUSTER_SECRET: &str = "clusteros.cluster-secret";
@@ -165,6 +168,8 @@ pub struct FileConfig {
     pub raft: RaftTuning,
     #[serde(default)]
     pub health: HealthTuning,
+    #[serde(default)]
+    pub discovery: DiscoveryFile,
 }
 
 /// Values given on the command line; they win over everything else.
@@ -206,6 +211,7 @@ pub struct Config {
     pub metrics: MetricsListen,
     pub raft: RaftTuning,
     pub health: HealthTuning,
+    pub discovery: Discovery,
 }
 
 /// Whether the agent drives node services (munge, slurm, k3s) and the WireGuard mesh.
@@ -378,6 +384,7 @@ impl Config {
             metrics,
             raft,
             health,
+            discovery: file.discovery.resolve()?,
         })
     }
 }
