@@ -149,7 +149,7 @@ fn status_line(agent: &Node) -> String {
 pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Result<()> {
     watchdog_task();
     raise_descriptor_limit();
-    let cfg = match config {
+    let mut cfg = match config {
         Ok(c) => c,
         Err(problem) => {
             let problem = format!("configuration error: {problem}; fix it and restart clusteros-agent.service");
@@ -193,6 +193,18 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         }
     }
     let mut storage_log = crate::server::Throttle::new(Duration::from_secs(60), 1);
+    // Bound once for every run of the agent (a run after `leave` must not race the last one's
+    // socket); a port that cannot be bound leaves beacons off, said in the journal and `status`.
+    let beacon_socket = match &cfg.discovery.beacon {
+        Some(settings) => Some(match crate::adapters::beacon::BeaconSocket::open(settings).await {
+            Ok(s) => Ok(Arc::new(s)),
+            Err(e) => {
+                warn!("{e}");
+                Err(e.to_string())
+            }
+        }),
+        None => None,
+    };
     loop {
         // The state directory must take writes before Raft starts on it: a full or read-only
         // disk is reported in `status` (and the metrics) and retried, not met halfway through a
@@ -253,6 +265,12 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         if let MetricsListen::LoopbackAndMesh(port) = cfg.metrics {
             servers.push(tokio::spawn(serve_metrics_on_mesh(agent.clone(), port, stop_rx.clone())));
         }
+        if let (Some(socket), Some(beacons)) = (&beacon_socket, &agent.beacons) {
+            beacons.set_socket(socket.clone());
+            if let Ok(s) = socket {
+                servers.push(tokio::spawn(crate::server::beacon::serve(s.clone(), agent.clone(), stop_rx.clone())));
+            }
+        }
         let local_task = spawn_local(bind_socket(&cfg.socket_path)?, LocalState::Running(agent.clone()), stop_rx);
         let loops = crate::runtime::start(&agent);
         notify(&[NotifyState::Ready, NotifyState::Status(&status_line(&agent))]);
@@ -293,6 +311,11 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
             // Nothing acknowledged is lost: a write is acknowledged only after its log entry was
             // synced. systemd starts the agent again; it waits until the directory takes writes.
             RunEnd::Fatal(why) => anyhow::bail!(fatal_message(&cfg, &why)),
+            // Nothing to reset: a node that readdresses has no Raft state and no pledge.
+            RunEnd::Readdress { addr } => {
+                cfg.advertise_addr = Some(addr);
+                notify(&[NotifyState::Reloading]);
+            }
             RunEnd::Left | RunEnd::Rejoin { .. } => {
                 // A new member needs a new node id: node ids are never reused.
                 reset_membership(&state_dir, &name)?;

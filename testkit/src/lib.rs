@@ -9,12 +9,14 @@
 //! own, not a feature of the agent, so that the agent library the tests link is the one `make
 //! release` builds: a feature would make cargo build the agent twice, once per feature set.
 
+pub mod lan;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clusteros::cli::client::LocalClient;
-use clusteros::core::config::{FileConfig, RaftTuning};
+use clusteros::core::config::{DiscoveryFile, FileConfig, RaftTuning};
 
 /// Raft timings for agents on one host: a heartbeat every 100 ms, elections after 0.8-1.6 s, RPCs
 /// given 1 s (the defaults are slower on purpose: real networks, real disks).
@@ -86,10 +88,18 @@ impl AgentFiles {
     }
 
     /// Writes `agent.toml` from `file` (its socket and secret file set to this directory's) and
-    /// the secret file.
+    /// the secret file. LAN beacons are off unless `file` turns them on: an agent on the host's
+    /// network would broadcast onto the host's LAN, so only tests inside network namespaces of
+    /// their own turn them on.
     pub fn write_config(&self, file: FileConfig, secret: &str) -> std::io::Result<()> {
-        let file =
-            FileConfig { socket_path: Some(self.socket()), cluster_secret_file: Some(self.secret_path()), ..file };
+        let discovery =
+            DiscoveryFile { beacon: Some(file.discovery.beacon.unwrap_or(false)), ..file.discovery.clone() };
+        let file = FileConfig {
+            socket_path: Some(self.socket()),
+            cluster_secret_file: Some(self.secret_path()),
+            discovery,
+            ..file
+        };
         std::fs::write(self.config_path(), file.to_toml())?;
         Self::write_secret(&self.secret_path(), &format!("{secret}\n"))
     }

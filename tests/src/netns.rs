@@ -122,15 +122,7 @@ pub(crate) fn sweep_stale() {
 
 /// Deletes the namespaces named `<prefix><pid>-...` whose test process `pid` is gone.
 pub(crate) fn sweep_namespaces(prefix: &str) {
-    let Ok(list) = run_cmd("ip", &["netns", "list"]) else { return };
-    for line in list.lines() {
-        let Some(name) = line.split_whitespace().next() else { continue };
-        let Some(rest) = name.strip_prefix(prefix) else { continue };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if !harness_alive(pid) {
-            let _ = run_cmd("ip", &["netns", "delete", name]);
-        }
-    }
+    clusteros_testkit::lan::sweep(prefix);
 }
 
 /// Whether the test process `pid` that created a namespace or VM may still be running. Any live

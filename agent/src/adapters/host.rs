@@ -1,7 +1,7 @@
 //! Facts about the host this agent runs on: its CPUs, memory and kernel, and the address other
 //! nodes reach it at.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use crate::core::config::Config;
 use crate::core::state::NodeFacts;
@@ -16,12 +16,7 @@ pub fn resolve_advertise(cfg: &Config) -> Result<SocketAddr, String> {
         return Ok(cfg.listen_addr);
     }
     let port = cfg.listen_addr.port();
-    // connect() on a UDP socket sends nothing; it only asks the kernel for a route and source.
-    let probe = |target: SocketAddr| -> Option<SocketAddr> {
-        let sock = std::net::UdpSocket::bind(("0.0.0.0", 0)).ok()?;
-        sock.connect(target).ok()?;
-        sock.local_addr().ok().map(|a| SocketAddr::new(a.ip(), port))
-    };
+    let probe = |target: SocketAddr| source_towards(target.ip(), port);
     for j in &cfg.join {
         use std::net::ToSocketAddrs;
         if let Some(a) = j.to_socket_addrs().ok().and_then(|mut it| it.next()).and_then(probe) {
@@ -30,6 +25,23 @@ pub fn resolve_advertise(cfg: &Config) -> Result<SocketAddr, String> {
     }
     // No join address: the address of the default route (TEST-NET-1; nothing is sent).
     probe("192.0.2.1:9".parse().expect("valid")).ok_or_else(|| "no join address and no default route".into())
+}
+
+/// Whether [`resolve_advertise`] can only guess: no `advertise_addr`, a listener on every address
+/// and no join address, so it took the address of the default route, which on a machine with
+/// several networks (a PXE or management NIC besides the cluster's) need not be the cluster's.
+pub fn advertise_is_guessed(cfg: &Config) -> bool {
+    cfg.advertise_addr.is_none() && cfg.listen_addr.ip().is_unspecified() && cfg.join.is_empty()
+}
+
+/// The address the kernel sends from towards `peer`, with `port`; `None` without a route.
+pub fn source_towards(peer: IpAddr, port: u16) -> Option<SocketAddr> {
+    // connect() on a UDP socket sends nothing; it only asks the kernel for a route and source.
+    let any: SocketAddr =
+        if peer.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+    let sock = std::net::UdpSocket::bind(any).ok()?;
+    sock.connect(SocketAddr::new(peer, 9)).ok()?;
+    sock.local_addr().ok().map(|a| SocketAddr::new(a.ip(), port))
 }
 
 /// Reads this machine's facts (CPUs, memory, kernel).
@@ -45,6 +57,12 @@ pub fn read_facts() -> NodeFacts {
 mod tests {
     /// The facts come from system calls and agree with what /proc says where the test can read
     /// it (the agent's unit hides those files from the agent).
+    #[test]
+    fn the_source_towards_loopback_is_loopback() {
+        let a = super::source_towards("127.0.0.1".parse().unwrap(), 7600).unwrap();
+        assert_eq!(a, "127.0.0.1:7600".parse().unwrap());
+    }
+
     #[test]
     fn facts_match_proc() {
         let f = super::read_facts();

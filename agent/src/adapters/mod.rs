@@ -2,6 +2,7 @@
 //! where the runtime's loops need one. They carry out what [`crate::core`] decided and report what
 //! they observe; they make no cluster decisions of their own.
 
+pub mod beacon;
 pub mod config_files;
 pub mod files;
 pub mod host;

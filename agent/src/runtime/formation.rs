@@ -31,7 +31,7 @@ pub(super) struct Discovered {
     heard: Option<Instant>,
 }
 
-fn jitter(d: Duration) -> Duration {
+pub(super) fn jitter(d: Duration) -> Duration {
     let ms = d.as_millis() as u64;
     Duration::from_millis(ms / 2 + rand::thread_rng().gen_range(0..=ms / 2 + 1))
 }
@@ -69,10 +69,24 @@ impl Reconciler for FormationLoop {
             node.set_progress(Phase::Left, "this node left the cluster; run `clusteros join ADDR` to join again", None);
             return Ok(Action::AwaitTrigger);
         }
-        let targets = node.join_targets.lock().expect("join lock").clone();
+        // Join addresses, when given, are the way in; without them, the nodes whose LAN beacons
+        // this node heard.
+        let mut targets = node.join_targets.lock().expect("join lock").clone();
+        if targets.is_empty() {
+            targets = node.beacon_targets();
+        }
         let progressed = match node.cfg.bootstrap_expect {
             Some(expect) => node.discovery_round(expect, &targets).await,
             None if !targets.is_empty() => node.join_round(&targets).await,
+            None if node.beacons.is_some() => {
+                node.set_progress(
+                    Phase::Idle,
+                    "no join addresses, no bootstrap_expect, and no LAN beacon of a node of this cluster heard yet: set bootstrap_expect (1 for a single node) or join (clusteros.join), or run `clusteros join ADDR`",
+                    None,
+                );
+                // A beacon heard nudges this loop; the timer looks again in case one was missed.
+                return Ok(Action::After(Duration::from_secs(5)));
+            }
             None => {
                 node.set_progress(
                     Phase::Idle,
@@ -196,7 +210,17 @@ impl Node {
         };
         match formation::decide_formation(self.id(), &self.api_addr, expect, held.as_ref(), &views) {
             Formation::Wait { seen, expected } => {
-                self.set_progress(Phase::Discovering, format!("{seen} of {expected} expected nodes seen"), last_error);
+                let how = match &self.beacons {
+                    Some(b) if self.join_targets.lock().expect("join lock").is_empty() => {
+                        format!(" (no join addresses: by LAN beacons on UDP port {})", b.settings.port)
+                    }
+                    _ => String::new(),
+                };
+                self.set_progress(
+                    Phase::Discovering,
+                    format!("{seen} of {expected} expected nodes seen{how}"),
+                    last_error,
+                );
                 false
             }
             Formation::Settling { chosen } => {

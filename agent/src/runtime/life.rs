@@ -52,6 +52,10 @@ pub enum RunEnd {
     Left,
     /// Removed by the cluster while away: wipe Raft state, take a new node id, join again via these.
     Rejoin { via: Vec<String> },
+    /// Not yet a member, this node guessed its address from the default route, and the first
+    /// node of its cluster it heard (by LAN beacon) is reached from another one: start again
+    /// advertising that one.
+    Readdress { addr: SocketAddr },
     /// Raft stopped on an error it cannot recover from (a storage write failed: disk full,
     /// read-only file system, I/O error). The process exits so that systemd starts it again.
     Fatal(String),

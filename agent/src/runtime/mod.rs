@@ -7,6 +7,7 @@
 //! Must not: decide cluster policy inline (put it in `core` with a table test), or reach the
 //! servers above it (`server` calls in here, never the other way).
 
+pub mod beacon;
 pub mod driver;
 mod elections;
 mod error;
@@ -105,6 +106,9 @@ pub struct Node {
     formation_lock: tokio::sync::Mutex<()>,
     /// Join addresses: from the config, or given by `clusteros join`.
     join_targets: Mutex<Vec<String>>,
+    /// This node's address is still a guess (see [`crate::adapters::host::advertise_is_guessed`]),
+    /// to be settled by the first node of its cluster it hears (`Node::hear_beacon`).
+    address_guessed: std::sync::atomic::AtomicBool,
     /// Wakes the formation loop (see [`Node::nudge`]).
     wake: Notify,
     /// Counts changes of node-local inputs that other loops read (see [`Node::local_changed`]).
@@ -118,6 +122,8 @@ pub struct Node {
     request_seq: AtomicU64,
     /// When this agent run started (the election timer's start before any leader is heard).
     started: Instant,
+    /// LAN beacons; `None` when they are off (`discovery.beacon = false`).
+    pub beacons: Option<beacon::Beacons>,
 }
 
 /// The membership a node last applied (so committed), as one read.
@@ -185,6 +191,7 @@ impl Node {
         }
         let (end, _) = watch::channel(None);
         let gate = Arc::new(crate::core::auth::Gate::new(keys.clone(), &identity.node_id.to_string()));
+        let identity_id = identity.node_id;
         Ok(Arc::new(Node {
             identity,
             api_addr,
@@ -209,6 +216,7 @@ impl Node {
             discovery_rounds: AtomicU64::new(0),
             pledges: crate::adapters::pledge::PledgeStore::open(&cfg.state_dir),
             formation_lock: tokio::sync::Mutex::new(()),
+            address_guessed: std::sync::atomic::AtomicBool::new(crate::adapters::host::advertise_is_guessed(&cfg)),
             join_targets: Mutex::new(join_targets),
             wake: Notify::new(),
             local: watch::Sender::new(0),
@@ -218,6 +226,11 @@ impl Node {
             request_origin: rand::random(),
             request_seq: AtomicU64::new(0),
             started: Instant::now(),
+            beacons: cfg
+                .discovery
+                .beacon
+                .clone()
+                .map(|b| beacon::Beacons::new(b, identity_id, secret, &cfg.accepted_cluster_secrets)),
             cfg,
         }))
     }
@@ -460,6 +473,9 @@ pub fn start(node: &Arc<Node>) -> Vec<tokio::task::JoinHandle<()>> {
         spawn(node, leader::LeaderLoop::default()),
         spawn(node, elections::ElectionLoop::new(node)),
     ];
+    if node.beacons.is_some() {
+        loops.push(spawn(node, beacon::BeaconLoop));
+    }
     if node.manages_services() {
         loops.push(spawn(node, services::ServicesLoop::default()));
         loops.push(spawn(node, mesh::MeshLoop::default()));

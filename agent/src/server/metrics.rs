@@ -230,6 +230,32 @@ pub fn render(r: &StatusReport, refused: Refusals, now_ms: u64) -> String {
             );
         }
     }
+    if let Some(b) = &r.beacons {
+        o.sample("clusteros_beacons_sent_total", "counter", "LAN beacons this node sent.", &[], b.sent as f64);
+        o.sample(
+            "clusteros_beacons_taken_total",
+            "counter",
+            "LAN beacons of this cluster taken (verified, fresh, not replayed).",
+            &[],
+            b.taken as f64,
+        );
+        for reason in crate::core::beacon::BeaconRefusal::ALL.map(|r| r.label()) {
+            o.sample(
+                "clusteros_beacons_refused_total",
+                "counter",
+                "Datagrams on the beacon port refused, by reason.",
+                &[("reason", reason)],
+                b.refused.get(reason).copied().unwrap_or(0) as f64,
+            );
+        }
+        o.gauge("clusteros_beacon_peers", "Nodes of this cluster heard by LAN beacon lately.", &[], b.heard as f64);
+        o.gauge(
+            "clusteros_beacon_neighbours",
+            "Nodes of other clusters (another cluster secret) heard on this LAN lately.",
+            &[],
+            b.neighbours.len() as f64,
+        );
+    }
     if let Some(st) = &r.slurm_state {
         if let Some(v) = st.version {
             o.gauge(

@@ -5,6 +5,7 @@
 //! Must not: decide anything about the cluster (that is the runtime's and the core's).
 
 pub mod accept;
+pub mod beacon;
 pub mod local;
 pub mod metrics;
 pub mod peer;

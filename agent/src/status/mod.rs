@@ -146,6 +146,10 @@ pub struct StatusReport {
     /// SLURM state replication on this node (the controller publishes, the backup installs).
     #[serde(default)]
     pub slurm_state: Option<crate::runtime::SlurmStateReport>,
+    /// LAN beacons: what this node sent and heard, and the nodes of other clusters it heard
+    /// (neighbours); `None` with beacons off.
+    #[serde(default)]
+    pub beacons: Option<crate::runtime::beacon::BeaconReport>,
 }
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -174,6 +178,7 @@ pub fn unconfigured(name: &str, problems: Vec<String>) -> StatusReport {
         services: None,
         mesh: None,
         slurm_state: None,
+        beacons: None,
     }
 }
 
@@ -202,6 +207,7 @@ pub struct ReportInputs {
     pub services: Option<crate::adapters::services::ServiceReport>,
     pub mesh: Option<crate::runtime::MeshReport>,
     pub slurm_state: Option<crate::runtime::SlurmStateReport>,
+    pub beacons: Option<crate::runtime::beacon::BeaconReport>,
 }
 
 /// The report of a running node.
@@ -249,6 +255,7 @@ pub fn report(agent: &Node) -> StatusReport {
         services: agent.services.lock().expect("services lock").clone(),
         mesh: agent.mesh.lock().expect("mesh lock").clone(),
         slurm_state: agent.slurm_state.lock().expect("slurm state lock").clone(),
+        beacons: agent.beacon_report(),
         metrics,
     })
 }
@@ -273,6 +280,7 @@ pub fn build(inputs: ReportInputs) -> StatusReport {
         services,
         mesh,
         slurm_state,
+        beacons,
     } = inputs;
     let membership = m.membership_config.membership().clone();
     let name_of = |id: NodeId| records.get(&id).map(|r| r.spec.name.clone());
@@ -368,6 +376,7 @@ pub fn build(inputs: ReportInputs) -> StatusReport {
         services,
         mesh,
         slurm_state,
+        beacons,
     }
 }
 
@@ -456,6 +465,7 @@ mod tests {
             services: None,
             mesh: None,
             slurm_state: None,
+            beacons: None,
         }
     }
 

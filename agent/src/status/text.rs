@@ -232,8 +232,47 @@ pub fn render_status(r: &StatusReport, now_ms: u64) -> String {
             );
         }
     }
+    out.push_str(&render_beacons(r));
     out.push_str(&render_mesh(r));
     out.push_str(&render_roles(r, now_ms));
+    out
+}
+
+/// LAN beacons, and the nodes of other clusters heard on the LAN (nothing with beacons off).
+pub fn render_beacons(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let Some(b) = &r.beacons else { return out };
+    let refused = if b.refused.is_empty() {
+        String::new()
+    } else {
+        let list: Vec<String> = b.refused.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        format!(" · refused: {}", list.join(", "))
+    };
+    let _ = writeln!(
+        out,
+        "beacons    UDP port {} · {} sent · {} of this cluster heard{refused}",
+        b.port,
+        b.sent,
+        if b.heard == 1 { "1 node".to_string() } else { format!("{} nodes", b.heard) }
+    );
+    if let Some(p) = &b.problem {
+        let _ = writeln!(out, "beacons    PROBLEM {p}");
+    }
+    if !b.neighbours.is_empty() {
+        let _ = writeln!(out, "neighbours ({}): nodes of other clusters on this LAN, left alone", b.neighbours.len());
+        for n in &b.neighbours {
+            let _ = writeln!(
+                out,
+                "    {:<16} {} {:<21} cluster {} · {} · heard {} s ago",
+                n.name,
+                n.id,
+                n.api_addr,
+                n.cluster,
+                if n.member { "member" } else { "not a member yet" },
+                n.heard_ms_ago / 1000
+            );
+        }
+    }
     out
 }
 
@@ -428,6 +467,7 @@ mod tests {
                 taken_at_ms: Some(NOW_MS - 3_000),
                 note: None,
             }),
+            beacons: None,
         }
     }
 
@@ -458,6 +498,22 @@ mod tests {
             services: None,
             mesh: None,
             slurm_state: None,
+            beacons: Some(crate::runtime::beacon::BeaconReport {
+                port: 7609,
+                sent: 42,
+                heard: 1,
+                taken: 40,
+                refused: [("bad_mac".to_string(), 2)].into(),
+                neighbours: vec![crate::runtime::beacon::NeighbourReport {
+                    cluster: "9a8b7c6d".into(),
+                    id: "00000000000b0001".into(),
+                    name: "lab-node-1".into(),
+                    api_addr: "192.168.50.40:7600".into(),
+                    member: true,
+                    heard_ms_ago: 3_400,
+                }],
+                problem: None,
+            }),
             ..leader()
         }
     }

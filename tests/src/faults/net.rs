@@ -13,50 +13,22 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-use crate::run_cmd;
-
 /// Namespaces of this suite: `cfl-<pid>-<lan>-<hub|nN>`.
 const PREFIX: &str = "cfl-";
 
-/// A bridge in a hub namespace and one namespace per node (node `i` at `10.79.<lan>.<10 + i>`).
+/// A bridge in a hub namespace and one namespace per node (node `i` at `10.79.<lan>.<10 + i>`),
+/// each with the suite's nftables chains.
 pub struct Lan {
-    id: u8,
-    hub: String,
-    nodes: Vec<String>,
+    base: clusteros_testkit::lan::Lan,
 }
 
 impl Lan {
     /// Creates the hub and `n` node namespaces. `id` tells LANs of one test process apart.
     pub fn new(id: u8, n: usize) -> Result<Lan> {
-        sweep_stale();
-        let pid = std::process::id();
-        let hub = format!("{PREFIX}{pid}-{id}-hub");
-        run_cmd("ip", &["netns", "add", &hub])
-            .context("cannot create a network namespace (the fault suite needs root)")?;
-        let mut lan = Lan { id, hub, nodes: Vec::new() };
-        lan.hub_ip(&["link", "set", "lo", "up"])?;
-        lan.hub_ip(&["link", "add", "br0", "type", "bridge", "stp_state", "0", "forward_delay", "0"])?;
-        lan.hub_ip(&["link", "set", "br0", "up"])?;
+        let base = clusteros_testkit::lan::Lan::new(PREFIX, id, [10, 79, id], n)
+            .context("cannot create the fault suite's LAN (it needs root)")?;
+        let lan = Lan { base };
         for i in 0..n {
-            let ns = format!("{PREFIX}{pid}-{id}-n{i}");
-            run_cmd("ip", &["netns", "add", &ns])?;
-            lan.nodes.push(ns.clone());
-            let veth = format!("v{i}");
-            run_cmd(
-                "ip",
-                &["link", "add", &veth, "netns", &lan.hub, "type", "veth", "peer", "name", "eth0", "netns", &ns],
-            )?;
-            lan.hub_ip(&["link", "set", &veth, "master", "br0", "up"])?;
-            let addr = format!("{}/24", lan.ip(i));
-            for args in [
-                vec!["link", "set", "lo", "up"],
-                vec!["addr", "add", addr.as_str(), "dev", "eth0"],
-                vec!["link", "set", "eth0", "up"],
-            ] {
-                let mut full = vec!["-n", ns.as_str()];
-                full.extend(args);
-                run_cmd("ip", &full)?;
-            }
             lan.nft(
                 i,
                 "add table inet fault\n\
@@ -68,34 +40,28 @@ impl Lan {
         Ok(lan)
     }
 
-    fn hub_ip(&self, args: &[&str]) -> Result<String> {
-        let mut full = vec!["-n", self.hub.as_str()];
-        full.extend_from_slice(args);
-        run_cmd("ip", &full)
-    }
-
     pub fn len(&self) -> usize {
-        self.nodes.len()
+        self.base.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
+        self.base.is_empty()
     }
 
     /// Node `i`'s address.
     pub fn ip(&self, i: usize) -> Ipv4Addr {
-        Ipv4Addr::new(10, 79, self.id, 10 + i as u8)
+        self.base.ip(i)
     }
 
     /// Node `i`'s namespace name (for `ip netns exec`).
     pub fn netns(&self, i: usize) -> &str {
-        &self.nodes[i]
+        self.base.netns(i)
     }
 
     /// Feeds `script` to `nft -f -` inside node `i`'s namespace (one atomic transaction).
     fn nft(&self, i: usize, script: &str) -> Result<()> {
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.nodes[i], "nft", "-f", "-"])
+            .args(["netns", "exec", self.netns(i), "nft", "-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -104,7 +70,7 @@ impl Lan {
         child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("nft in {} failed: {}\n{script}", self.nodes[i], String::from_utf8_lossy(&out.stderr).trim());
+            bail!("nft in {} failed: {}\n{script}", self.netns(i), String::from_utf8_lossy(&out.stderr).trim());
         }
         Ok(())
     }
@@ -137,14 +103,6 @@ impl Lan {
     /// Removes every fault rule.
     pub fn heal(&self) -> Result<()> {
         self.apply(&Rules::new(self.len()))
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        for ns in self.nodes.iter().chain([&self.hub]) {
-            let _ = run_cmd("ip", &["netns", "delete", ns]);
-        }
     }
 }
 
@@ -205,7 +163,7 @@ impl Rules {
 
 /// Deletes namespaces left behind by runs of this suite whose process is gone.
 pub fn sweep_stale() {
-    crate::netns::sweep_namespaces(PREFIX);
+    clusteros_testkit::lan::sweep(PREFIX);
 }
 
 #[cfg(test)]
