@@ -3,6 +3,9 @@
 //! Run with `cargo bench -p clusteros-agent --bench cluster`. Figures, not pass/fail.
 
 #[path = "../tests/common/cluster.rs"]
+// The bench runs loopback clusters only; the harness's LAN clusters (`Cluster::on_lan`, for the
+// discovery tests) are unused here.
+#[allow(dead_code)]
 mod common;
 
 use std::time::{Duration, Instant};

@@ -4,6 +4,8 @@
 #![allow(clippy::await_holding_lock)]
 
 mod common;
+#[path = "cluster/discovery.rs"]
+mod discovery;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

@@ -8,7 +8,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use clusteros::cli::client::ClientError;
-use clusteros::core::config::{FileConfig, HealthTuning};
+use clusteros::core::config::{DiscoveryFile, FileConfig, HealthTuning};
 use clusteros::status::StatusReport;
 use clusteros_testkit::{AgentFiles, fast_raft};
 use rand::Rng;
@@ -33,6 +33,12 @@ pub struct Opts {
     pub metrics_on_node_addr: bool,
     /// Other cluster secrets the node accepts (`accepted_cluster_secrets_file`).
     pub accepted_secrets: Vec<String>,
+    /// Send and hear LAN beacons: only on a [`clusteros_testkit::lan::Lan`] (see
+    /// [`Cluster::on_lan`]), never on the host's network.
+    pub beacons: bool,
+    /// Listen on 0.0.0.0:7600 with no advertise address, so the agent works out its address
+    /// itself (otherwise it listens on, and advertises, the node's own address).
+    pub listen_any: bool,
 }
 
 impl Default for Opts {
@@ -50,6 +56,8 @@ impl Default for Opts {
             netns: None,
             metrics_on_node_addr: true,
             accepted_secrets: Vec::new(),
+            beacons: false,
+            listen_any: false,
         }
     }
 }
@@ -75,7 +83,7 @@ impl Node {
         let file = FileConfig {
             node_name: Some(self.name.clone()),
             state_dir: Some(self.files.dir.join("state")),
-            listen_addr: Some(self.addr.clone()),
+            listen_addr: Some(if o.listen_any { "0.0.0.0:7600".into() } else { self.addr.clone() }),
             metrics_addr: o
                 .metrics_on_node_addr
                 .then(|| format!("{}:7601", self.addr.rsplit_once(':').expect("IP:PORT").0)),
@@ -90,6 +98,7 @@ impl Node {
                 remove_after_ms: o.remove_after_ms,
             },
             accepted_cluster_secrets_file: self.files.write_accepted_secrets(&o.accepted_secrets).unwrap(),
+            discovery: DiscoveryFile { beacon: Some(o.beacons), ..DiscoveryFile::default() },
             ..FileConfig::default()
         };
         self.files.write_config(file, &o.secret).unwrap();
@@ -99,7 +108,15 @@ impl Node {
 pub struct Cluster {
     pub root: tempfile::TempDir,
     pub nodes: Vec<Node>,
-    net: (u8, u8),
+    net: Net,
+}
+
+/// Where a cluster's nodes listen.
+enum Net {
+    /// Node `i` at 127.a.b.(i + 1), in the host's (or `Opts::netns`'s) network.
+    Loopback(u8, u8),
+    /// Node `i` in namespace `netns[i]` of a bridged LAN, at `addrs[i]`.
+    Lan { netns: Vec<String>, addrs: Vec<String> },
 }
 
 /// Polls `f` until it returns `Some`, or panics after `timeout` naming `what`.
@@ -141,9 +158,9 @@ fn unique_net() -> (u8, u8) {
 impl Cluster {
     /// `n` nodes that all list every node as a join address.
     pub fn new(n: usize, opts: Opts) -> Cluster {
-        let net = unique_net();
+        let (a, b) = unique_net();
         let root = tempfile::Builder::new().prefix("clusteros-test-").tempdir().unwrap();
-        let mut c = Cluster { root, nodes: Vec::new(), net };
+        let mut c = Cluster { root, nodes: Vec::new(), net: Net::Loopback(a, b) };
         let addrs: Vec<String> = (0..n).map(|i| c.addr_of(i)).collect();
         for _ in 0..n {
             c.push_node(opts.clone(), addrs.clone());
@@ -151,15 +168,36 @@ impl Cluster {
         c
     }
 
-    fn addr_of(&self, i: usize) -> String {
-        format!("127.{}.{}.{}:7600", self.net.0, self.net.1, i + 1)
+    /// Nodes in namespaces `slots` of `lan` (node `i` in namespace `slots.start + i`), with LAN
+    /// beacons on and no join addresses: they find each other by beacon alone.
+    pub fn on_lan(lan: &clusteros_testkit::lan::Lan, slots: std::ops::Range<usize>, opts: Opts) -> Cluster {
+        let root = tempfile::Builder::new().prefix("clusteros-test-").tempdir().unwrap();
+        let net = Net::Lan {
+            netns: slots.clone().map(|j| lan.netns(j).to_string()).collect(),
+            addrs: slots.clone().map(|j| format!("{}:7600", lan.ip(j))).collect(),
+        };
+        let mut c = Cluster { root, nodes: Vec::new(), net };
+        for _ in slots {
+            c.push_node(Opts { beacons: true, ..opts.clone() }, Vec::new());
+        }
+        c
     }
 
-    pub(super) fn push_node(&mut self, opts: Opts, join: Vec<String>) -> usize {
+    fn addr_of(&self, i: usize) -> String {
+        match &self.net {
+            Net::Loopback(a, b) => format!("127.{a}.{b}.{}:7600", i + 1),
+            Net::Lan { addrs, .. } => addrs[i].clone(),
+        }
+    }
+
+    pub(super) fn push_node(&mut self, mut opts: Opts, join: Vec<String>) -> usize {
         let i = self.nodes.len();
         let name = format!("node{}", i + 1);
         let dir = self.root.path().join(&name);
         std::fs::create_dir_all(&dir).unwrap();
+        if let Net::Lan { netns, .. } = &self.net {
+            opts.netns = Some(netns[i].clone());
+        }
         let node = Node { name, addr: self.addr_of(i), files: AgentFiles::new(dir), opts, join, child: None };
         node.write_config();
         self.nodes.push(node);
