@@ -754,4 +754,40 @@ fn main() {
     wg_dump();
     slurm_state();
     tls_handshake();
+    beacon();
+}
+
+fn beacon() {
+    use clusteros::core::beacon::{Beacon, BeaconKey, encode};
+    // The fuzz target's secret and clock (fuzz_targets/beacon.rs).
+    let key = BeaconKey::derive("fuzz-cluster-secret-0123456789");
+    let beacon = Beacon {
+        node: clusteros::core::ids::NodeId(0x0123_4567_89ab_cdef),
+        name: "node-2".into(),
+        api_addr: "10.0.0.2:7600".parse().unwrap(),
+        member: true,
+        time_ms: 1_750_000_000_000,
+        seq: 7,
+    };
+    let raw = [&[0u8][..], &encode(&beacon, &key)].concat();
+    write("beacon", "signed-raw", &raw);
+    let v6 = Beacon { api_addr: "[fd00::2]:7600".parse().unwrap(), ..beacon.clone() };
+    write("beacon", "signed-v6", &[&[0u8][..], &encode(&v6, &key)].concat());
+    let other = BeaconKey::derive("another-cluster-secret-0123");
+    write("beacon", "neighbour", &[&[0u8][..], &encode(&beacon, &other)].concat());
+    // Mode 1: node id, time offset, sequence, flags, port, IPv4, name.
+    let fields = [
+        &0x0123_4567_89ab_cdefu64.to_be_bytes()[..],
+        &0i32.to_be_bytes(),
+        &7u16.to_be_bytes(),
+        &[1],
+        &7600u16.to_be_bytes(),
+        &[10, 0, 0, 2],
+        b"node-2",
+    ]
+    .concat();
+    write("beacon", "fields", &[&[1u8][..], &fields].concat());
+    let tokens: BTreeSet<Vec<u8>> =
+        [&b"COSB\x01"[..], b"COSB\x01\x01", b"\x04", b"\x06", b"\x1d\xb0"].iter().map(|t| t.to_vec()).collect();
+    write_dict("beacon", &tokens);
 }
