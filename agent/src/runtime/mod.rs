@@ -283,8 +283,15 @@ impl Node {
     }
 
     /// Receives the reason once the run should end.
+    /// A receiver of the run's end. An end requested before the call counts as a change, so
+    /// `changed()` sees it: the daemon subscribes only once the servers and loops are up, and a
+    /// beacon heard meanwhile may already have ended the run (`RunEnd::Readdress`).
     pub fn end_signal(&self) -> watch::Receiver<Option<RunEnd>> {
-        self.end.subscribe()
+        let mut rx = self.end.subscribe();
+        if rx.borrow().is_some() {
+            rx.mark_changed();
+        }
+        rx
     }
 
     pub fn request_end(&self, why: RunEnd) {
