@@ -221,10 +221,7 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, BeaconRefusal> {
     let port = u16::from_be_bytes(r.array()?);
     let len = usize::from(r.array::<1>()?[0]);
     let name = std::str::from_utf8(r.take(len)?).map_err(|_| BeaconRefusal::Malformed)?;
-    let host_name = (1..=63).contains(&name.len())
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
+    let host_name = crate::core::config::validate_node_name(name).is_ok();
     if !host_name || port == 0 || ip.is_unspecified() || ip.is_multicast() {
         return Err(BeaconRefusal::Malformed);
     }
