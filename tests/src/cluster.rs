@@ -2,7 +2,9 @@
 //!
 //! Node `i` (1-based) is VM `node<i>` with address 10.77.0.(10+i) and receives the credentials
 //! `clusteros.cluster-secret`, `clusteros.join` (every node's IP:7600) and
-//! `clusteros.bootstrap-expect`, unless overridden per node.
+//! `clusteros.bootstrap-expect`, unless overridden per node. With
+//! [`ClusterBuilder::beacons_only`] there is no `clusteros.join`: the nodes find each other by LAN
+//! beacons.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -130,6 +132,7 @@ pub struct ClusterBuilder {
     cpus: u32,
     overrides: Overrides,
     options: NodeOptions,
+    join: bool,
 }
 
 impl ClusterBuilder {
@@ -145,7 +148,15 @@ impl ClusterBuilder {
             cpus: 1,
             overrides: BTreeMap::new(),
             options: BTreeMap::new(),
+            join: true,
         }
+    }
+
+    /// No `clusteros.join` credential: the nodes have only the secret and bootstrap_expect and
+    /// find each other by LAN beacons, as identical images do.
+    pub fn beacons_only(mut self) -> Self {
+        self.join = false;
+        self
     }
 
     pub fn secret(mut self, s: Option<&str>) -> Self {
@@ -189,7 +200,9 @@ impl ClusterBuilder {
     /// Creates the namespace and starts every VM (without waiting for the guests).
     pub fn start(mut self) -> Result<Cluster> {
         let net = self.env.netns()?;
-        let join = (1..=self.n).map(|i| format!("{}:{PEER_PORT}", NetNs::node_ip(i))).collect::<Vec<_>>().join(",");
+        let join = self
+            .join
+            .then(|| (1..=self.n).map(|i| format!("{}:{PEER_PORT}", NetNs::node_ip(i))).collect::<Vec<_>>().join(","));
         let mut cluster = Cluster {
             env: self.env.clone(),
             net,
@@ -228,7 +241,8 @@ pub struct Cluster {
     env: Arc<TestEnv>,
     net: Arc<NetNs>,
     secret: Option<String>,
-    join: String,
+    /// `None`: no join addresses (LAN beacons only).
+    join: Option<String>,
     bootstrap_expect: Option<usize>,
     boot: Option<Boot>,
     mem_mib: u32,
@@ -249,9 +263,10 @@ impl Cluster {
         self.secret.as_deref()
     }
 
-    /// The clusteros.join value every node gets: IP:7600 of the initial nodes.
-    pub fn join_addrs(&self) -> &str {
-        &self.join
+    /// The clusteros.join value every node gets: IP:7600 of the initial nodes (`None`: the
+    /// nodes have none, see [`ClusterBuilder::beacons_only`]).
+    pub fn join_addrs(&self) -> Option<&str> {
+        self.join.as_deref()
     }
 
     pub fn len(&self) -> usize {
@@ -281,7 +296,9 @@ impl Cluster {
         if let Some(s) = &self.secret {
             b = b.credential(credential::CLUSTER_SECRET, s);
         }
-        b = b.credential(credential::JOIN, &self.join);
+        if let Some(join) = &self.join {
+            b = b.credential(credential::JOIN, join);
+        }
         if let Some(n) = self.bootstrap_expect {
             b = b.credential(credential::BOOTSTRAP_EXPECT, n.to_string());
         }

@@ -1,6 +1,7 @@
 //! Proofs of the image's ways in: the raw image flashed onto a bigger disk boots through UEFI, grows
-//! its root and forms a one-node cluster; a diskless node boots over the network (PXE) and joins
-//! that cluster; packer turns the image into a site image that boots. (A node without a secret is
+//! its root and forms a one-node cluster; a diskless node with no join address boots over the
+//! network (PXE) and joins that cluster by its LAN beacons, while a VM of another cluster on the
+//! same LAN stays out and is shown as a neighbour; packer turns the image into a site image that boots. (A node without a secret is
 //! the container tier's `container_without_secret_says_what_is_missing`.)
 //!
 //! Needs root, the host tools (scripts/install-host-deps, packer among them) and a built image
@@ -27,9 +28,11 @@ use clusteros_e2e::{
 /// to fill the disk on the first boot, its agent is a notify service that logs to the journal with
 /// structured fields, and with bootstrap_expect=1 it forms a one-node cluster. pxe1 has no disk
 /// at all: its first NIC is QEMU's user-mode network, whose DHCP hands out clusteros.ipxe over
-/// TFTP; that script chains clusteros-site.ipxe (written here: the secret, join = disk1, no
+/// TFTP; that script chains clusteros-site.ipxe (written here: the secret, no join address, no
 /// bootstrap-expect, the host name and a static .network for the second NIC) and loads the kernel
-/// and the initrd holding the whole root file system. Its second NIC is on the test LAN.
+/// and the initrd holding the whole root file system. Its second NIC is on the test LAN, where it
+/// hears disk1's LAN beacons and joins through them (a PXE node needs no join address). The
+/// stranger, on the same LAN with a secret of its own, forms its own one-node cluster.
 #[test]
 fn pxe_node_boots_diskless_and_joins() {
     let env = TestEnv::new("pxe_node_boots_diskless_and_joins").or_fail("setup");
@@ -38,7 +41,7 @@ fn pxe_node_boots_diskless_and_joins() {
     let disk_ip = NetNs::node_ip(1);
     let join = format!("{disk_ip}:{}", clusteros_e2e::cluster::PEER_PORT);
     let tftp = env.run_dir().join("tftp");
-    write_tftp_root(&tftp, &secret, &join, "pxe1", 2).or_fail("the TFTP root");
+    write_tftp_root(&tftp, &secret, None, "pxe1", 2).or_fail("the TFTP root");
     env.timer.phase("pxe/tftp-root");
 
     let flashed = env.run_dir().join("flashed.raw");
@@ -58,6 +61,15 @@ fn pxe_node_boots_diskless_and_joins() {
         .start()
         .or_fail("start disk1");
     let pxe = env.vm("pxe1").pxe(&tftp, "clusteros.ipxe").network(&net, 2).no_reboot().start().or_fail("start pxe1");
+    // A machine of another cluster on the same LAN: its own secret, a one-node cluster of its own.
+    let stranger_secret = random_secret();
+    let stranger = env
+        .vm("stranger")
+        .network(&net, 3)
+        .credential(credential::CLUSTER_SECRET, &stranger_secret)
+        .credential(credential::BOOTSTRAP_EXPECT, "1")
+        .start()
+        .or_fail("start stranger");
     env.timer.phase("pxe/start-vms");
 
     // The kernel prints its banner once iPXE has fetched the kernel and the initrd and jumped to it.
@@ -73,7 +85,7 @@ fn pxe_node_boots_diskless_and_joins() {
     env.timer.record("pxe/pxe1.boot-to-running", d);
 
     check_runs_from_ram(&pxe).or_fail("pxe1 runs from RAM");
-    check_cmdline_credentials(&pxe, &secret, &join).or_fail("pxe1's credentials");
+    check_cmdline_credentials(&pxe, &secret).or_fail("pxe1's credentials");
     check_lan(&pxe, &net).or_fail("pxe1's cluster NIC");
     env.timer.phase("pxe/pxe1-checks");
 
@@ -104,9 +116,49 @@ fn pxe_node_boots_diskless_and_joins() {
     })
     .or_fail("pxe1 joins disk1's cluster");
     env.timer.phase("pxe/joined");
+    check_stranger_stays_out(&stranger, &[&disk1, &pxe], &cluster_id).or_fail("the stranger of another cluster");
+    env.timer.phase("pxe/stranger-is-a-neighbour");
     let free = pxe.exec(&["free", "-m"]).map(|o| o.stdout).unwrap_or_default();
     println!("e2e: pxe1 memory (MiB):\n{}", free.trim_end());
     env.timer.record("pxe/total", env.timer.total());
+}
+
+/// The VM of another cluster on the same LAN forms a cluster of its own, which the others do not
+/// list as a member; each side shows the other's nodes as neighbours (beacons of another cluster
+/// key's fingerprint, taken note of and left alone).
+fn check_stranger_stays_out(stranger: &Vm, members: &[&Vm], cluster_id: &str) -> Result<()> {
+    let (own_cluster, fingerprint) = wait_until(timeout(420), "the stranger to lead a cluster of its own", || {
+        ensure!(stranger.is_running(), clusteros_e2e::Abort::new("the stranger's QEMU exited"));
+        let st = status_of(stranger)?;
+        ensure!(st.is_member() && st.leader() == st.node.id.as_deref(), "{}", st.summary());
+        let fingerprint = st.node.cluster_keys.first().cloned().context("no cluster key fingerprint")?;
+        Ok((st.cluster_id.clone().context("no cluster id")?, fingerprint))
+    })?;
+    ensure!(own_cluster != cluster_id, "the stranger joined {cluster_id}, the cluster of another secret");
+    wait_until(timeout(120), "each side to show the other as neighbours", || {
+        let st = status_of(stranger)?;
+        ensure!(st.members.len() == 1, "the stranger lists {} members", st.members.len());
+        let heard = neighbour_names(&st);
+        for vm in members {
+            ensure!(heard.contains(&vm.name().to_string()), "the stranger shows neighbours {heard:?}, not {}", vm.name());
+            let theirs = status_of(*vm)?;
+            ensure!(
+                theirs.members.iter().all(|m| m.name.as_deref() != Some("stranger")),
+                "{} lists the stranger as a member",
+                vm.name()
+            );
+            let b = theirs.beacons.as_ref().context("no beacons in the status")?;
+            let n = b.neighbours.iter().find(|n| n.name == "stranger");
+            let n = n.with_context(|| format!("{} shows neighbours {:?}", vm.name(), neighbour_names(&theirs)))?;
+            ensure!(n.cluster == fingerprint && n.member, "{} shows the stranger as {n:?}", vm.name());
+            ensure!(b.refused.get("bad_mac").copied().unwrap_or(0) == 0, "{}: beacons refused {:?}", vm.name(), b.refused);
+        }
+        Ok(())
+    })
+}
+
+fn neighbour_names(st: &clusteros_e2e::cluster::Status) -> Vec<String> {
+    st.beacons.iter().flat_map(|b| b.neighbours.iter().map(|n| n.name.clone())).collect()
 }
 
 /// Size of the disk the image is flashed onto for disk1: more than twice the image's.
@@ -114,7 +166,7 @@ const FLASHED_DISK: u64 = 6 << 30;
 
 /// The image's PXE files (hard links, or copies across file systems) and a clusteros-site.ipxe
 /// with the cluster settings of node `index` on the test LAN.
-fn write_tftp_root(dir: &Path, secret: &str, join: &str, hostname: &str, index: u8) -> Result<()> {
+fn write_tftp_root(dir: &Path, secret: &str, join: Option<&str>, hostname: &str, index: u8) -> Result<()> {
     let pxe = image_dir().join("pxe");
     std::fs::create_dir_all(dir)?;
     for f in ["clusteros.vmlinuz", "clusteros.initrd", "clusteros.ipxe"] {
@@ -126,8 +178,9 @@ fn write_tftp_root(dir: &Path, secret: &str, join: &str, hostname: &str, index: 
     }
     let network = NetNs::network_file(&NetNs::node_mac(index), &NetNs::node_ip(index));
     let network = base64::engine::general_purpose::STANDARD.encode(network);
+    let join = join.map(|j| format!("set clusteros_join {j}\n")).unwrap_or_default();
     let site = format!(
-        "#!ipxe\nset clusteros_secret {secret}\nset clusteros_join {join}\nset clusteros_args \
+        "#!ipxe\nset clusteros_secret {secret}\n{join}set clusteros_args \
          systemd.hostname={hostname} systemd.set_credential_binary=network.network.10-clusteros:{network}\n"
     );
     std::fs::write(dir.join("clusteros-site.ipxe"), site)?;
@@ -150,8 +203,8 @@ fn check_runs_from_ram(vm: &Vm) -> Result<()> {
 }
 
 /// The credentials came from the kernel command line (iPXE) and reached the agent: the same
-/// secret and join, and no bootstrap-expect.
-fn check_cmdline_credentials(vm: &Vm, secret: &str, join: &str) -> Result<()> {
+/// secret, and no join address and no bootstrap-expect.
+fn check_cmdline_credentials(vm: &Vm, secret: &str) -> Result<()> {
     let cmdline = vm.exec(&["cat", "/proc/cmdline"])?.check("cat /proc/cmdline")?.stdout;
     ensure!(
         cmdline.contains(&format!("systemd.set_credential=clusteros.cluster-secret:{secret}")),
@@ -162,10 +215,11 @@ fn check_cmdline_credentials(vm: &Vm, secret: &str, join: &str) -> Result<()> {
     })?;
     let script = "d=$(tr '\\0' '\\n' </proc/$(systemctl show -P MainPID clusteros-agent.service)/environ | \
                   sed -n 's/^CREDENTIALS_DIRECTORY=//p'); \
-                  printf '%s|%s|%s' \"$(cat $d/clusteros.cluster-secret)\" \"$(cat $d/clusteros.join)\" \
+                  printf '%s|%s|%s' \"$(cat $d/clusteros.cluster-secret)\" \
+                  \"$(test -e $d/clusteros.join && echo present || echo absent)\" \
                   \"$(test -e $d/clusteros.bootstrap-expect && echo present || echo absent)\"";
     let got = vm.sh(script)?.check("the agent's credentials")?.stdout;
-    ensure!(got == format!("{secret}|{join}|absent"), "the agent's credentials differ: {got:?}");
+    ensure!(got == format!("{secret}|absent|absent"), "the agent's credentials differ: {got:?}");
     Ok(())
 }
 

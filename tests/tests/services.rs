@@ -262,7 +262,9 @@ fn check_k3s_unavailable(nodes: &[&Vm]) -> Result<()> {
 #[test]
 fn mesh_munge_slurm_failover_and_rotation() {
     let env = TestEnv::new("mesh_munge_slurm_failover_and_rotation").or_fail("setup");
+    // No join addresses: the three find each other by LAN beacons (issue 11's zero-touch proof).
     let cluster = ClusterBuilder::new(&env, 3)
+        .beacons_only()
         .node_options(1, |b| b.kernel_arg("clusteros_e2e.marker=n1").extra_disk("1G"))
         .start()
         .or_fail("start 3 VMs");
