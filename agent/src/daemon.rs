@@ -295,6 +295,11 @@ pub async fn run(config: Result<Config, String>, fallback_socket: PathBuf) -> Re
         notify(&[NotifyState::Stopping]);
         agent.request_end(outcome.clone());
         let _ = stop_tx.send(true);
+        // A leader that stops for good hands its office to the voter furthest along, which then
+        // need not wait out an election timeout (this also stops Raft).
+        if matches!(outcome, RunEnd::Shutdown) {
+            agent.hand_off().await;
+        }
         if let Err(e) = agent.raft.shutdown().await {
             warn!("Raft shutdown: {e}");
         }

@@ -17,6 +17,7 @@ pub mod paths {
     pub const RAFT_VOTE: &str = "/peer/v1/raft/vote";
     pub const RAFT_SNAPSHOT: &str = "/peer/v1/raft/snapshot";
     pub const RAFT_PREVOTE: &str = "/peer/v1/raft/prevote";
+    pub const RAFT_HANDOFF: &str = "/peer/v1/raft/handoff";
     pub const HELLO: &str = "/peer/v1/hello";
     pub const JOIN: &str = "/peer/v1/join";
     pub const WRITE: &str = "/peer/v1/write";
@@ -169,6 +170,25 @@ pub struct PreVoteResponse {
     /// The responder's current term.
     pub term: u64,
     /// Why not, when not granted.
+    pub reason: Option<String>,
+}
+
+/// A stopping leader hands its office over: sent to every other voter after its Raft has stopped
+/// (no more heartbeats), naming the voter whose log matched furthest. That successor campaigns as
+/// soon as openraft's lease allows, and the others grant it their pre-vote without waiting for an
+/// election timeout of silence. Only the leader itself may send it (checked by its node key).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HandOffRequest {
+    pub leader: NodeId,
+    /// The term the leader led.
+    pub term: u64,
+    pub successor: NodeId,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct HandOffResponse {
+    pub taken: bool,
+    /// Why not, when not taken.
     pub reason: Option<String>,
 }
 

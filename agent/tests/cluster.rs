@@ -173,6 +173,39 @@ async fn leader_kill_keeps_every_acknowledged_write() {
     }
 }
 
+/// SIGTERM of the leader: it hands its office to the voter furthest along, every other voter
+/// takes the hand-off, that voter is elected by it (not after an election timeout of silence),
+/// and every acknowledged write is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_leader_hands_over_to_the_voter_furthest_along() {
+    let _g = serial();
+    let mut c = Cluster::new(3, Opts::default());
+    c.start_all();
+    let leader = c.wait_converged(3, 0, FORM).await;
+    let old_id = c.status(leader).await.unwrap().node.id.unwrap();
+    for k in 0..50 {
+        c.nodes[leader].files.client().kv_put(&format!("k{k}"), &format!("v{k}")).await.unwrap();
+    }
+    c.stop(leader);
+    let log = c.nodes[leader].files.log();
+    let line = log.lines().find(|l| l.contains("leadership handed over to ")).expect("the leader logs its hand-off");
+    assert!(line.contains(": 2 of 2 voters took it"), "{line}");
+    let successor = line.split("leadership handed over to ").nth(1).and_then(|r| r.split(':').next()).unwrap();
+    let survivor = (0..3).find(|i| *i != leader).unwrap();
+    let new_leader = wait_until(FORM, "a new leader among the survivors", || async {
+        let l = c.status(survivor).await.ok()?.raft?.leader_id?;
+        (l != old_id).then_some(l)
+    })
+    .await;
+    assert_eq!(new_leader, successor, "the voter named by the hand-off leads");
+    let elected = c.nodes.iter().find(|n| n.files.log().contains("the stopping leader handed over: pre-vote granted"));
+    assert!(elected.is_some(), "the successor campaigned on the hand-off");
+    for k in 0..50 {
+        let r = c.nodes[survivor].files.client().kv_get(&format!("k{k}"), true).await.unwrap();
+        assert_eq!(r.entry.map(|e| e.value), Some(format!("v{k}")), "acknowledged write k{k} lost");
+    }
+}
+
 /// All nodes stopped and started again: the same cluster, members and data, no new bootstrap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_restart_brings_back_the_same_cluster() {

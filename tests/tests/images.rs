@@ -140,7 +140,11 @@ fn check_stranger_stays_out(stranger: &Vm, members: &[&Vm], cluster_id: &str) ->
         ensure!(st.members.len() == 1, "the stranger lists {} members", st.members.len());
         let heard = neighbour_names(&st);
         for vm in members {
-            ensure!(heard.contains(&vm.name().to_string()), "the stranger shows neighbours {heard:?}, not {}", vm.name());
+            ensure!(
+                heard.contains(&vm.name().to_string()),
+                "the stranger shows neighbours {heard:?}, not {}",
+                vm.name()
+            );
             let theirs = status_of(*vm)?;
             ensure!(
                 theirs.members.iter().all(|m| m.name.as_deref() != Some("stranger")),
@@ -151,7 +155,12 @@ fn check_stranger_stays_out(stranger: &Vm, members: &[&Vm], cluster_id: &str) ->
             let n = b.neighbours.iter().find(|n| n.name == "stranger");
             let n = n.with_context(|| format!("{} shows neighbours {:?}", vm.name(), neighbour_names(&theirs)))?;
             ensure!(n.cluster == fingerprint && n.member, "{} shows the stranger as {n:?}", vm.name());
-            ensure!(b.refused.get("bad_mac").copied().unwrap_or(0) == 0, "{}: beacons refused {:?}", vm.name(), b.refused);
+            ensure!(
+                b.refused.get("bad_mac").copied().unwrap_or(0) == 0,
+                "{}: beacons refused {:?}",
+                vm.name(),
+                b.refused
+            );
         }
         Ok(())
     })

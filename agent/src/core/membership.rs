@@ -171,14 +171,19 @@ pub struct PreVoteView {
     pub is_leader: bool,
     /// Since this node last heard from a leader (or granted a vote); None: never in this run.
     pub heard_leader_ago: Option<Duration>,
+    /// The leader this node follows, stopping, handed its office to this node in the current
+    /// term (see [`choose_successor`]).
+    pub handed_to: Option<NodeId>,
     pub last_log_id: Option<crate::core::raft_types::LogId>,
 }
 
-/// Whether to grant a pre-vote to a candidate with `candidate_last_log`: only when this node has
-/// not heard from a leader for `lease` (the shortest election timeout) and the candidate's log
-/// is at least as up to date as this node's, exactly what the real vote will check.
+/// Whether to grant a pre-vote to `candidate` with `candidate_last_log`: only when this node has
+/// not heard from a leader for `lease` (the shortest election timeout), or the leader handed its
+/// office to that candidate, and the candidate's log is at least as up to date as this node's,
+/// exactly what the real vote will check.
 pub fn grant_pre_vote(
     v: &PreVoteView,
+    candidate: NodeId,
     candidate_last_log: Option<&crate::core::raft_types::LogId>,
     lease: Duration,
 ) -> Result<(), String> {
@@ -187,6 +192,7 @@ pub fn grant_pre_vote(
     }
     if let Some(ago) = v.heard_leader_ago
         && ago < lease
+        && v.handed_to != Some(candidate)
     {
         return Err(format!("this node heard from a leader {} ms ago", ago.as_millis()));
     }
@@ -194,6 +200,22 @@ pub fn grant_pre_vote(
         return Err("the candidate's log is behind this node's".into());
     }
     Ok(())
+}
+
+/// The voter a stopping leader hands its office to: of the other voters, the one whose log
+/// replication has matched furthest (the lowest id among equals); `None` when there is no other
+/// voter or none has matched any entry in this term.
+pub fn choose_successor(
+    me: NodeId,
+    voters: impl IntoIterator<Item = NodeId>,
+    matched: &BTreeMap<NodeId, Option<u64>>,
+) -> Option<NodeId> {
+    voters
+        .into_iter()
+        .filter(|v| *v != me)
+        .filter_map(|v| matched.get(&v).copied().flatten().map(|m| (m, v)))
+        .max_by(|(ma, va), (mb, vb)| ma.cmp(mb).then(vb.cmp(va)))
+        .map(|(_, v)| v)
 }
 
 /// Whether `granted` holds a majority of every configuration of a (possibly joint) membership.
@@ -238,19 +260,44 @@ mod tests {
         use openraft::{CommittedLeaderId, LogId};
         let log = |term, index| Some(LogId::new(CommittedLeaderId::new(term, NodeId(1)), index));
         let lease = Duration::from_millis(800);
-        let quiet =
-            PreVoteView { is_leader: false, heard_leader_ago: Some(Duration::from_secs(2)), last_log_id: log(3, 10) };
-        assert_eq!(grant_pre_vote(&quiet, log(3, 10).as_ref(), lease), Ok(()));
-        assert_eq!(grant_pre_vote(&quiet, log(4, 2).as_ref(), lease), Ok(()), "a later term wins over a longer log");
-        assert!(grant_pre_vote(&quiet, log(3, 9).as_ref(), lease).unwrap_err().contains("behind"));
-        assert!(grant_pre_vote(&quiet, None, lease).is_err());
+        let c = NodeId(7);
+        let quiet = PreVoteView {
+            is_leader: false,
+            heard_leader_ago: Some(Duration::from_secs(2)),
+            handed_to: None,
+            last_log_id: log(3, 10),
+        };
+        assert_eq!(grant_pre_vote(&quiet, c, log(3, 10).as_ref(), lease), Ok(()));
+        assert_eq!(grant_pre_vote(&quiet, c, log(4, 2).as_ref(), lease), Ok(()), "a later term wins over a longer log");
+        assert!(grant_pre_vote(&quiet, c, log(3, 9).as_ref(), lease).unwrap_err().contains("behind"));
+        assert!(grant_pre_vote(&quiet, c, None, lease).is_err());
         // A healed follower asking while the leader is alive is refused: it stays in its term.
         let live = PreVoteView { heard_leader_ago: Some(Duration::from_millis(120)), ..quiet.clone() };
-        assert!(grant_pre_vote(&live, log(9, 99).as_ref(), lease).unwrap_err().contains("heard from a leader"));
+        assert!(grant_pre_vote(&live, c, log(9, 99).as_ref(), lease).unwrap_err().contains("heard from a leader"));
         let leader = PreVoteView { is_leader: true, ..quiet.clone() };
-        assert!(grant_pre_vote(&leader, log(9, 99).as_ref(), lease).is_err());
-        let fresh = PreVoteView { heard_leader_ago: None, ..quiet };
-        assert_eq!(grant_pre_vote(&fresh, log(3, 10).as_ref(), lease), Ok(()), "just started: no leader heard");
+        assert!(grant_pre_vote(&leader, c, log(9, 99).as_ref(), lease).is_err());
+        let fresh = PreVoteView { heard_leader_ago: None, ..quiet.clone() };
+        assert_eq!(grant_pre_vote(&fresh, c, log(3, 10).as_ref(), lease), Ok(()), "just started: no leader heard");
+        // A stopping leader handed its office to c: c needs no silence, another candidate does,
+        // and c's log must still be up to date.
+        let handed = PreVoteView { handed_to: Some(c), ..live };
+        assert_eq!(grant_pre_vote(&handed, c, log(3, 10).as_ref(), lease), Ok(()));
+        assert!(grant_pre_vote(&handed, NodeId(8), log(3, 10).as_ref(), lease).unwrap_err().contains("heard from"));
+        assert!(grant_pre_vote(&handed, c, log(3, 9).as_ref(), lease).unwrap_err().contains("behind"));
+    }
+
+    #[test]
+    fn the_successor_is_the_voter_matched_furthest() {
+        let (me, a, b, c) = (NodeId(1), NodeId(2), NodeId(3), NodeId(4));
+        let matched = |v: &[(NodeId, Option<u64>)]| v.iter().copied().collect::<BTreeMap<_, _>>();
+        let m = matched(&[(me, Some(50)), (a, Some(40)), (b, Some(49)), (c, None)]);
+        assert_eq!(choose_successor(me, [me, a, b, c], &m), Some(b), "the furthest other voter, never itself");
+        let tie = matched(&[(a, Some(49)), (b, Some(49))]);
+        assert_eq!(choose_successor(me, [me, b, a], &tie), Some(a), "the lowest id among equals");
+        // A learner far ahead is not a voter, so not a successor.
+        assert_eq!(choose_successor(me, [me, a], &matched(&[(a, Some(1)), (b, Some(99))])), Some(a));
+        assert_eq!(choose_successor(me, [me, c], &m), None, "nothing matched: no successor");
+        assert_eq!(choose_successor(me, [me], &m), None, "alone: no successor");
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! The election timer (openraft's own is off; see `raft_config`): a voter that has heard from no
-//! leader asks for pre-votes and starts an election only when a quorum would grant it.
+//! leader asks for pre-votes and starts an election only when a quorum would grant it. And the
+//! hand-off of a stopping leader: it names a successor, which campaigns once openraft's lease has
+//! passed instead of after an election timeout of silence.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -48,22 +50,34 @@ impl Reconciler for ElectionLoop {
         let since_try = self.last_try.map_or(Duration::MAX, |t| t.elapsed());
         let since_voter = self.voter_since.map_or(Duration::ZERO, |t| t.elapsed());
         let silence = node.leader_silence().min(since_try).min(since_voter);
-        if voter && !Node::is_leader(&m) && m.running_state.is_ok() && silence >= self.timeout {
+        // Named by the stopping leader: campaign once the voters' lease has passed.
+        let handed = node.handed_to(&m) == Some(node.id());
+        let due = if handed { node.hand_off_wait() } else { self.timeout };
+        if voter && !Node::is_leader(&m) && m.running_state.is_ok() && silence >= due {
             self.last_try = Some(Instant::now());
             self.timeout = node.election_timeout();
             if node.pre_vote(&m).await
-                && node.leader_silence() >= Duration::from_millis(node.cfg.raft.election_timeout_min_ms)
+                && (handed || node.leader_silence() >= Duration::from_millis(node.cfg.raft.election_timeout_min_ms))
             {
-                info!(node_id = %node.id(), term = m.current_term + 1, "no leader heard from: pre-vote granted, starting an election");
+                let why = if handed { "the stopping leader handed over" } else { "no leader heard from" };
+                info!(node_id = %node.id(), term = m.current_term + 1, "{why}: pre-vote granted, starting an election");
                 if let Err(e) = node.raft.trigger().elect().await {
                     warn!(node_id = %node.id(), "cannot start an election: {e}");
                 }
             }
             return Ok(Action::After(Duration::ZERO));
         }
-        let wait = self.timeout.saturating_sub(silence).clamp(Duration::from_millis(20), Duration::from_millis(200));
+        let wait = due.saturating_sub(silence).clamp(Duration::from_millis(20), Duration::from_millis(200));
         Ok(Action::After(wait))
     }
+}
+
+/// A hand-off this node took from the leader it follows (see [`crate::proto::HandOffRequest`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HandOff {
+    leader: NodeId,
+    successor: NodeId,
+    at: Instant,
 }
 
 impl Node {
@@ -81,6 +95,99 @@ impl Node {
         Duration::from_millis(rand::thread_rng().gen_range(lo..=hi.max(lo)))
     }
 
+    /// The successor named by the stopping leader this node follows: while this node has seen
+    /// no other leader since, and for one shortest election timeout at most (after that, the
+    /// ordinary silence grants a pre-vote anyway).
+    pub(super) fn handed_to(&self, m: &RaftMetrics) -> Option<NodeId> {
+        let h = (*self.hand_off.lock().unwrap())?;
+        let fresh = h.at.elapsed() < Duration::from_millis(self.cfg.raft.election_timeout_min_ms);
+        (fresh && m.current_leader.is_none_or(|l| l == h.leader)).then_some(h.successor)
+    }
+
+    /// How long a named successor waits from the last heartbeat before it campaigns: openraft's
+    /// lease, which every voter heard begin at about the same time, and half a heartbeat more.
+    fn hand_off_wait(&self) -> Duration {
+        crate::adapters::raft::vote_lease(&self.cfg.raft) + Duration::from_millis(self.cfg.raft.heartbeat_ms / 2)
+    }
+
+    /// Takes the hand-off of the leader this node follows in that leader's term (the peer API
+    /// checked that the leader itself sent it).
+    pub fn take_hand_off(&self, req: &crate::proto::HandOffRequest) -> crate::proto::HandOffResponse {
+        let m = self.metrics();
+        let refusal = if m.current_leader != Some(req.leader) || m.current_term != req.term {
+            Some(format!(
+                "this node follows {} in term {}, not {} in term {}",
+                m.current_leader.map_or_else(|| "no leader".to_string(), |l| l.to_string()),
+                m.current_term,
+                req.leader,
+                req.term
+            ))
+        } else if !m.membership_config.membership().voter_ids().any(|v| v == req.successor) {
+            Some(format!("{} is not a voter here", req.successor))
+        } else {
+            None
+        };
+        if let Some(why) = &refusal {
+            info!(node_id = %self.id(), leader = %req.leader, "hand-off refused: {why}");
+        } else {
+            info!(node_id = %self.id(), leader = %req.leader, successor = %req.successor, term = req.term, "the stopping leader hands over");
+            *self.hand_off.lock().unwrap() =
+                Some(HandOff { leader: req.leader, successor: req.successor, at: Instant::now() });
+        }
+        crate::proto::HandOffResponse { taken: refusal.is_none(), reason: refusal }
+    }
+
+    /// On a graceful stop of the leader: waits (one RPC timeout at most) until a voter has matched
+    /// the whole log, stops this node's Raft (no more heartbeats), and names that voter the
+    /// successor to every other voter. Returns the successor, if there was one to name. The
+    /// next leader is then elected after openraft's lease rather than an election timeout.
+    pub async fn hand_off(&self) -> Option<NodeId> {
+        let m = self.metrics();
+        if !Self::is_leader(&m) {
+            return None;
+        }
+        let membership = m.membership_config.membership().clone();
+        let last = m.last_log_index;
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
+        let mut rx = self.raft.metrics();
+        let successor = loop {
+            let matched: std::collections::BTreeMap<NodeId, Option<u64>> =
+                rx.borrow().replication.iter().flatten().map(|(id, log)| (*id, log.map(|l| l.index))).collect();
+            let successor = membership::choose_successor(self.id(), membership.voter_ids(), &matched);
+            let caught_up = successor.and_then(|s| matched.get(&s).copied().flatten()) >= last;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if caught_up || left.is_zero() {
+                break successor;
+            }
+            let _ = tokio::time::timeout(left, rx.changed()).await;
+        }?;
+        if let Err(e) = self.raft.shutdown().await {
+            warn!(node_id = %self.id(), "Raft shutdown before the hand-off: {e}");
+        }
+        let req = crate::proto::HandOffRequest { leader: self.id(), term: m.current_term, successor };
+        let t = Duration::from_millis(self.cfg.raft.rpc_timeout_ms);
+        let calls = membership.voter_ids().filter(|v| *v != self.id()).filter_map(|v| {
+            let addr = membership.get_node(&v)?.addr.clone();
+            let req = req.clone();
+            Some(async move {
+                let routed = self.route(v, &addr);
+                let path = format!("{}/{}", paths::RAFT_HANDOFF, v);
+                (v, self.client.call::<_, crate::proto::HandOffResponse>(&routed, v, &path, &req, t).await)
+            })
+        });
+        let answers = futures::future::join_all(calls).await;
+        let taken = answers.iter().filter(|(_, r)| r.as_ref().is_ok_and(|r| r.taken)).count();
+        for (v, r) in &answers {
+            match r {
+                Ok(r) if !r.taken => warn!(peer = %v, "hand-off refused: {}", r.reason.as_deref().unwrap_or("-")),
+                Err(e) => warn!(peer = %v, "hand-off not delivered: {e}"),
+                Ok(_) => {}
+            }
+        }
+        info!(node_id = %self.id(), term = m.current_term, "leadership handed over to {successor}: {taken} of {} voters took it", answers.len());
+        Some(successor)
+    }
+
     /// Answers a candidate's pre-vote (changes nothing here).
     pub fn answer_pre_vote(&self, req: &crate::proto::PreVoteRequest) -> crate::proto::PreVoteResponse {
         let m = self.metrics();
@@ -94,9 +201,10 @@ impl Node {
                 let view = membership::PreVoteView {
                     is_leader: Self::is_leader(&m),
                     heard_leader_ago: Some(self.leader_silence()),
+                    handed_to: self.handed_to(&m),
                     last_log_id,
                 };
-                membership::grant_pre_vote(&view, req.last_log_id.as_ref(), lease)
+                membership::grant_pre_vote(&view, req.candidate, req.last_log_id.as_ref(), lease)
             }
         };
         if let Err(why) = &verdict {

@@ -117,6 +117,8 @@ pub struct Node {
     leader: Mutex<Option<LeaderState>>,
     /// Where linearizable reads start in the term this node leads.
     read_floor: Mutex<Option<membership::ReadFloor>>,
+    /// The hand-off the stopping leader this node follows sent it (see [`elections`]).
+    hand_off: Mutex<Option<elections::HandOff>>,
     /// Request ids of this run: a random origin and a counter.
     request_origin: u64,
     request_seq: AtomicU64,
@@ -223,6 +225,7 @@ impl Node {
             end,
             leader: Mutex::new(None),
             read_floor: Mutex::new(None),
+            hand_off: Mutex::new(None),
             request_origin: rand::random(),
             request_seq: AtomicU64::new(0),
             started: Instant::now(),

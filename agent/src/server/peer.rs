@@ -28,8 +28,9 @@ use crate::core::auth::{
 use crate::core::formation::Pledge;
 use crate::core::state::{NodeId, Response as CmdResponse};
 use crate::proto::{
-    Empty, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest, PledgeResponse, PreVoteRequest,
-    PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest, WriteRequest, paths,
+    Empty, HandOffRequest, HandOffResponse, HelloRequest, HelloResponse, JoinRequest, JoinResponse, LeaveRequest,
+    PledgeResponse, PreVoteRequest, PreVoteResponse, ReadRequest, ReadResponse, SlurmStateBlob, SnapshotRequest,
+    WriteRequest, paths,
 };
 use crate::runtime::Node;
 
@@ -244,6 +245,17 @@ async fn prevote(
     Ok(Json(a.answer_pre_vote(&req)))
 }
 
+async fn handoff(
+    State(a): Shared,
+    Extension(origin): Sent,
+    Path(target): Path<String>,
+    Json(req): Json<HandOffRequest>,
+) -> Result<Json<HandOffResponse>, ApiError> {
+    check_target(&a, &target)?;
+    check_speaker(&origin, Some(req.leader), "hand-off")?;
+    Ok(Json(a.take_hand_off(&req)))
+}
+
 async fn snapshot(
     State(a): Shared,
     Extension(origin): Sent,
@@ -322,6 +334,7 @@ pub fn router(agent: Arc<Node>) -> Router {
         .route(&format!("{}/{{target}}", paths::RAFT_VOTE), post(vote))
         .route(&format!("{}/{{target}}", paths::RAFT_SNAPSHOT), post(snapshot))
         .route(&format!("{}/{{target}}", paths::RAFT_PREVOTE), post(prevote))
+        .route(&format!("{}/{{target}}", paths::RAFT_HANDOFF), post(handoff))
         .route(paths::HELLO, post(hello))
         .route(paths::PLEDGE, post(pledge))
         .route(paths::JOIN, post(join))

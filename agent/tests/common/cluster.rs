@@ -8,7 +8,7 @@ use std::process::Child;
 use std::time::Duration;
 
 use clusteros::cli::client::ClientError;
-use clusteros::core::config::{DiscoveryFile, FileConfig, HealthTuning};
+use clusteros::core::config::{DiscoveryFile, FileConfig, HealthTuning, RaftTuning};
 use clusteros::status::StatusReport;
 use clusteros_testkit::{AgentFiles, fast_raft};
 use rand::Rng;
@@ -39,6 +39,9 @@ pub struct Opts {
     /// Listen on 0.0.0.0:7600 with no advertise address, so the agent works out its address
     /// itself (otherwise it listens on, and advertises, the node's own address).
     pub listen_any: bool,
+    /// The agent's default Raft timings (for the failover benchmark) instead of the tests' fast
+    /// ones.
+    pub default_raft: bool,
 }
 
 impl Default for Opts {
@@ -58,6 +61,7 @@ impl Default for Opts {
             accepted_secrets: Vec::new(),
             beacons: false,
             listen_any: false,
+            default_raft: false,
         }
     }
 }
@@ -91,7 +95,15 @@ impl Node {
             bootstrap_expect: o.bootstrap_expect,
             max_voters: Some(o.max_voters),
             mesh_cidr: o.mesh_cidr.clone(),
-            raft: fast_raft(o.snapshot_after_logs, o.logs_to_keep),
+            raft: if o.default_raft {
+                RaftTuning {
+                    snapshot_after_logs: o.snapshot_after_logs,
+                    logs_to_keep: o.logs_to_keep,
+                    ..RaftTuning::default()
+                }
+            } else {
+                fast_raft(o.snapshot_after_logs, o.logs_to_keep)
+            },
             health: HealthTuning {
                 suspect_after_ms: o.suspect_after_ms,
                 failed_after_ms: o.failed_after_ms,
@@ -214,6 +226,23 @@ impl Cluster {
     pub fn start_all(&mut self) {
         for i in 0..self.nodes.len() {
             self.start(i);
+        }
+    }
+
+    /// SIGTERM, then wait for the process to exit (bounded; SIGKILL after 20 s).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
+            let start = std::time::Instant::now();
+            while start.elapsed() < Duration::from_secs(20) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+            panic!("{} did not stop within 20 s of SIGTERM", self.nodes[i].name);
         }
     }
 

@@ -1,9 +1,8 @@
 //! What only the scenario tests need of the harness: one scenario at a time, more ways to
-//! disturb a node (freeze, stop, add one), and reading its metrics.
+//! disturb a node (freeze, add one), and reading its metrics.
 
-use std::process::Command;
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::cluster::{Cluster, Node, Opts};
 
@@ -114,23 +113,6 @@ impl Cluster {
     pub fn reconfigure(&mut self, i: usize, change: impl FnOnce(&mut Opts)) {
         change(&mut self.nodes[i].opts);
         self.nodes[i].write_config();
-    }
-
-    /// SIGTERM, then wait for the process to exit (bounded; SIGKILL after 20 s).
-    pub fn stop(&mut self, i: usize) {
-        if let Some(mut c) = self.nodes[i].child.take() {
-            let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(20) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-            panic!("{} did not stop within 20 s of SIGTERM", self.nodes[i].name);
-        }
     }
 }
 
