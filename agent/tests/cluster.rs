@@ -6,6 +6,8 @@
 mod common;
 #[path = "cluster/discovery.rs"]
 mod discovery;
+#[path = "cluster/dns.rs"]
+mod dns;
 
 use std::collections::BTreeSet;
 use std::time::Duration;

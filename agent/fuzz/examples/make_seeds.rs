@@ -755,6 +755,7 @@ fn main() {
     slurm_state();
     tls_handshake();
     beacon();
+    dns();
 }
 
 fn beacon() {
@@ -790,4 +791,56 @@ fn beacon() {
     let tokens: BTreeSet<Vec<u8>> =
         [&b"COSB\x01"[..], b"COSB\x01\x01", b"\x04", b"\x06", b"\x1d\xb0"].iter().map(|t| t.to_vec()).collect();
     write_dict("beacon", &tokens);
+}
+
+/// Real answers of a real DNS server (dnsmasq, from `scripts/install-host-deps`) to the agent's
+/// own queries, for the names and the query id of fuzz_targets/dns.rs.
+fn dns() {
+    use clusteros::core::dns::{TYPE_A, TYPE_AAAA, TYPE_SRV, encode_query};
+    const NAME: &str = "_clusteros._tcp.site.test";
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = std::process::Command::new("dnsmasq")
+        .args([
+            "--keep-in-foreground",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            &format!("--port={port}"),
+            "--user=root",
+            "--pid-file=",
+            &format!("--srv-host={NAME},node-1.site.test,7600,0,10"),
+            &format!("--srv-host={NAME},node-2.site.test,7600,10,20"),
+            "--host-record=node-1.site.test,10.0.0.1,fd00::1",
+            "--host-record=node-2.site.test,10.0.0.2",
+        ])
+        .spawn()
+        .expect("cannot start dnsmasq: install it with scripts/install-host-deps (Debian package dnsmasq-base)");
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+    let ask = |name: &str, qtype: u16| -> Vec<u8> {
+        // dnsmasq may not listen yet: ask again until it answers (at most 50 times).
+        for _ in 0..50 {
+            sock.send_to(&encode_query(0x1234, name, qtype), ("127.0.0.1", port)).unwrap();
+            let mut buf = [0u8; 4096];
+            if let Ok(n) = sock.recv(&mut buf) {
+                return buf[..n].to_vec();
+            }
+        }
+        panic!("dnsmasq on port {port} did not answer");
+    };
+    // The first byte selects the query type (0 SRV, 1 A, 2 AAAA).
+    write("dns", "dnsmasq-srv", &[&[0u8][..], &ask(NAME, TYPE_SRV)].concat());
+    write("dns", "dnsmasq-a", &[&[1u8][..], &ask(NAME, TYPE_A)].concat());
+    write("dns", "dnsmasq-aaaa", &[&[2u8][..], &ask(NAME, TYPE_AAAA)].concat());
+    write("dns", "dnsmasq-refused", &[&[0u8][..], &ask("_clusteros._tcp.other.test", TYPE_SRV)].concat());
+    let _ = server.kill();
+    let _ = server.wait();
+    let tokens: BTreeSet<Vec<u8>> =
+        [&b"\x00\x21\x00\x01"[..], b"\x00\x01\x00\x01", b"\x00\x1c\x00\x01", b"\xc0\x0c", b"\x12\x34\x81\x80"]
+            .iter()
+            .map(|t| t.to_vec())
+            .collect();
+    write_dict("dns", &tokens);
 }

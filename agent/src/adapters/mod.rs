@@ -4,6 +4,7 @@
 
 pub mod beacon;
 pub mod config_files;
+pub mod dns;
 pub mod files;
 pub mod host;
 pub mod identity;

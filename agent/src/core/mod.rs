@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod beacon;
 pub mod config;
+pub mod dns;
 pub mod formation;
 pub mod ids;
 pub mod leader;

@@ -69,19 +69,30 @@ impl Reconciler for FormationLoop {
             node.set_progress(Phase::Left, "this node left the cluster; run `clusteros join ADDR` to join again", None);
             return Ok(Action::AwaitTrigger);
         }
-        // Join addresses, when given, are the way in; without them, the nodes whose LAN beacons
-        // this node heard.
+        // Join addresses, when given, are the way in; without them, the addresses the DNS SRV
+        // records name and the nodes whose LAN beacons this node heard.
         let mut targets = node.join_targets.lock().expect("join lock").clone();
         if targets.is_empty() {
-            targets = node.beacon_targets();
+            if let Some(Ok(addrs)) = node.dns_targets().await {
+                targets = addrs;
+            }
+            for t in node.beacon_targets() {
+                if !targets.contains(&t) {
+                    targets.push(t);
+                }
+            }
         }
         let progressed = match node.cfg.bootstrap_expect {
             Some(expect) => node.discovery_round(expect, &targets).await,
             None if !targets.is_empty() => node.join_round(&targets).await,
-            None if node.beacons.is_some() => {
+            None if node.beacons.is_some() || node.dns.is_some() => {
+                let dns = match node.dns_targets().await {
+                    Some(Err(e)) => format!(" (DNS SRV: {e})"),
+                    _ => String::new(),
+                };
                 node.set_progress(
                     Phase::Idle,
-                    "no join addresses, no bootstrap_expect, and no LAN beacon of a node of this cluster heard yet: set bootstrap_expect (1 for a single node) or join (clusteros.join), or run `clusteros join ADDR`",
+                    format!("no join addresses, no bootstrap_expect, and no node of this cluster found by LAN beacon or DNS SRV yet{dns}: set bootstrap_expect (1 for a single node) or join (clusteros.join), or run `clusteros join ADDR`"),
                     None,
                 );
                 // A beacon heard nudges this loop; the timer looks again in case one was missed.
@@ -210,12 +221,19 @@ impl Node {
         };
         match formation::decide_formation(self.id(), &self.api_addr, expect, held.as_ref(), &views) {
             Formation::Wait { seen, expected } => {
-                let how = match &self.beacons {
-                    Some(b) if self.join_targets.lock().expect("join lock").is_empty() => {
-                        format!(" (no join addresses: by LAN beacons on UDP port {})", b.settings.port)
-                    }
-                    _ => String::new(),
-                };
+                let no_join = self.join_targets.lock().expect("join lock").is_empty();
+                let mut ways = Vec::new();
+                if no_join && let Some(d) = &self.dns {
+                    ways.push(match self.dns_targets().await {
+                        Some(Err(e)) => format!("DNS SRV failed: {e}"),
+                        _ => format!("by DNS SRV {}", d.settings.srv),
+                    });
+                }
+                if no_join && let Some(b) = &self.beacons {
+                    ways.push(format!("by LAN beacons on UDP port {}", b.settings.port));
+                }
+                let how =
+                    if ways.is_empty() { String::new() } else { format!(" (no join addresses: {})", ways.join("; ")) };
                 self.set_progress(
                     Phase::Discovering,
                     format!("{seen} of {expected} expected nodes seen{how}"),

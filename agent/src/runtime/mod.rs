@@ -8,6 +8,7 @@
 //! servers above it (`server` calls in here, never the other way).
 
 pub mod beacon;
+mod dns;
 pub mod driver;
 mod elections;
 mod error;
@@ -126,6 +127,8 @@ pub struct Node {
     started: Instant,
     /// LAN beacons; `None` when they are off (`discovery.beacon = false`).
     pub beacons: Option<beacon::Beacons>,
+    /// Discovery by DNS SRV records; `None` without `discovery.dns_srv`.
+    dns: Option<dns::DnsDiscovery>,
 }
 
 /// The membership a node last applied (so committed), as one read.
@@ -234,6 +237,7 @@ impl Node {
                 .beacon
                 .clone()
                 .map(|b| beacon::Beacons::new(b, identity_id, secret, &cfg.accepted_cluster_secrets)),
+            dns: cfg.discovery.dns.clone().map(dns::DnsDiscovery::new),
             cfg,
         }))
     }

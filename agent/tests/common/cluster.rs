@@ -42,6 +42,8 @@ pub struct Opts {
     /// The agent's default Raft timings (for the failover benchmark) instead of the tests' fast
     /// ones.
     pub default_raft: bool,
+    /// `[discovery] dns_srv` and `dns_servers` (one server).
+    pub dns: Option<(String, String)>,
 }
 
 impl Default for Opts {
@@ -62,6 +64,7 @@ impl Default for Opts {
             beacons: false,
             listen_any: false,
             default_raft: false,
+            dns: None,
         }
     }
 }
@@ -110,7 +113,12 @@ impl Node {
                 remove_after_ms: o.remove_after_ms,
             },
             accepted_cluster_secrets_file: self.files.write_accepted_secrets(&o.accepted_secrets).unwrap(),
-            discovery: DiscoveryFile { beacon: Some(o.beacons), ..DiscoveryFile::default() },
+            discovery: DiscoveryFile {
+                beacon: Some(o.beacons),
+                dns_srv: o.dns.as_ref().map(|d| d.0.clone()),
+                dns_servers: o.dns.as_ref().map(|d| vec![d.1.clone()]),
+                ..DiscoveryFile::default()
+            },
             ..FileConfig::default()
         };
         self.files.write_config(file, &o.secret).unwrap();

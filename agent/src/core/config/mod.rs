@@ -28,7 +28,9 @@ pub enum MetricsListen {
 }
 
 mod discovery;
-pub use discovery::{BeaconSettings, DEFAULT_BEACON_PORT, Discovery, DiscoveryFile};
+pub use discovery::{
+    BeaconSettings, DEFAULT_BEACON_PORT, Discovery, DiscoveryFile, DnsSettings, resolv_conf_nameservers,
+};
 
 /// Names of the systemd credentials the agent reads.
 pub mod credential {
