@@ -96,5 +96,8 @@ check:
 fmt:
 	$(CARGO) fmt --all
 
+# Figures, not pass/fail: formation, idle RSS and failover (benches/cluster.rs), then KV puts/s
+# side by side with etcd 3.4 from Debian (benches/kv.rs; etcd-server is installed when missing).
 bench:
-	$(CARGO) bench -p clusteros-agent --bench cluster
+	command -v etcd >/dev/null || (apt-get update -q && apt-get install -y -q etcd-server etcd-client)
+	$(CARGO) bench -p clusteros-agent --bench cluster --bench kv
