@@ -47,8 +47,14 @@ async fn state_survives_reopen() {
         let mut b = sm.get_snapshot_builder().await;
         b.build_snapshot().await.unwrap();
         log.purge(log_id(2)).await.unwrap();
+        // The commit index is written with the next append.
+        log.save_committed(Some(log_id(3))).await.unwrap();
+        let blank = Entry { log_id: log_id(4), payload: EntryPayload::Blank };
+        openraft::storage::RaftLogStorageExt::blocking_append(&mut log, [blank]).await.unwrap();
     }
     let mut log = LogStore::open(&dir.path().join("raft.redb")).unwrap();
+    assert_eq!(log.read_committed().await.unwrap(), Some(log_id(3)));
+    assert_eq!(log.committed_index(), Some(3));
     assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(1, NodeId(1))));
     assert_eq!(log.get_log_state().await.unwrap().last_purged_log_id, Some(log_id(2)));
     let mut sm = StateMachineStore::open(dir.path()).unwrap();
@@ -112,4 +118,51 @@ async fn a_snapshot_built_before_an_install_does_not_replace_it() {
         (Some(log_id(5)), 5),
         "the file on disk is the newer one"
     );
+}
+
+/// The node's loops wait on the state's change signal: a KV write (alone or under a request id)
+/// and a blank entry leave it alone; a member change, a membership entry and a snapshot install
+/// bump it.
+#[tokio::test]
+async fn only_changes_beyond_the_kv_store_wake_the_loops() {
+    use std::collections::BTreeSet;
+
+    use openraft::storage::RaftStateMachine;
+    use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership};
+
+    use clusteros::adapters::raft::Entry;
+    use clusteros::core::state::{Command, NodeId, RequestId};
+
+    let dir = tempfile::tempdir().unwrap();
+    let log_id = |i| LogId::new(CommittedLeaderId::new(1, NodeId(1)), i);
+    let entry = |i, payload| Entry { log_id: log_id(i), payload };
+    let put = Command::KvPut { key: "k".into(), value: "v".into() };
+    let mut sm = StateMachineStore::open(dir.path()).unwrap();
+    let mut rx = sm.handle().subscribe();
+    rx.mark_unchanged();
+    sm.apply([
+        entry(1, EntryPayload::Blank),
+        entry(2, EntryPayload::Normal(put.clone())),
+        entry(
+            3,
+            EntryPayload::Normal(Command::Request {
+                id: RequestId { origin: 1, seq: 1 },
+                at_ms: 0,
+                cmd: Box::new(put),
+            }),
+        ),
+    ])
+    .await
+    .unwrap();
+    assert!(!rx.has_changed().unwrap(), "KV writes and a blank entry woke the loops");
+    assert_eq!(sm.handle().read(|d| d.last_applied), Some(log_id(3)), "yet they were applied");
+
+    let init = Command::InitCluster { cluster_id: "c".into(), at_ms: 1 };
+    sm.apply([entry(4, EntryPayload::Normal(init))]).await.unwrap();
+    assert!(rx.has_changed().unwrap(), "a change of the cluster's record must wake the loops");
+    rx.mark_unchanged();
+
+    let membership = Membership::new(vec![BTreeSet::from([NodeId(1)])], None);
+    sm.apply([entry(5, EntryPayload::Membership(membership))]).await.unwrap();
+    assert!(rx.has_changed().unwrap(), "a membership entry must wake the loops");
 }

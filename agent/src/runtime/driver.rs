@@ -22,7 +22,7 @@ pub enum Wake {
     Start,
     /// The timer of the last [`Action`] ran out (or the backoff after an error).
     Timer,
-    /// The applied cluster state changed.
+    /// The applied cluster state changed in more than its KV store (a KV write wakes no loop).
     StateChanged,
     /// Something asked this loop to look again (a pledge taken, `clusteros join`).
     Nudged,
@@ -79,7 +79,7 @@ impl LoopError {
 /// What wakes a loop besides its timer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Triggers {
-    /// A change of the applied cluster state.
+    /// A change of the applied cluster state beyond its KV store.
     pub state: bool,
     /// [`Node::nudge`].
     pub nudge: bool,

@@ -1,15 +1,17 @@
 //! The durable Raft log, vote and commit index, in a redb database. Every write transaction is
 //! committed with redb's default durability (fsync) before openraft is told the I/O completed.
+//! The commit index is a hint (for re-applying entries after a restart) and costs no transaction
+//! of its own: it is kept in memory and written with the next append.
 
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogId, StorageIOError};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -29,6 +31,8 @@ pub struct LogStore {
     db: Arc<Database>,
     /// Index of the last committed entry plus one (0: none), for status output.
     committed: Arc<AtomicU64>,
+    /// The last committed log id openraft saved: what the next append writes to disk.
+    committed_id: Arc<Mutex<Option<LogId>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +56,14 @@ impl LogStore {
         txn.open_table(LOGS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        let store = LogStore { db: Arc::new(db), committed: Arc::new(AtomicU64::new(0)) };
-        if let Ok(Some(c)) = store.get_meta::<LogId>(KEY_COMMITTED) {
+        let store = LogStore {
+            db: Arc::new(db),
+            committed: Arc::new(AtomicU64::new(0)),
+            committed_id: Arc::new(Mutex::new(None)),
+        };
+        if let Ok(Some(Some(c))) = store.get_meta::<Option<LogId>>(KEY_COMMITTED) {
             store.committed.store(c.index + 1, Ordering::Relaxed);
+            *store.committed_id.lock().expect("committed lock") = Some(c);
         }
         Ok(store)
     }
@@ -82,19 +91,11 @@ impl LogStore {
         }
     }
 
-    async fn put_meta<T: Serialize>(
-        &self,
-        key: &'static str,
-        value: &T,
-        durable: bool,
-    ) -> Result<(), StorageIOError<NodeId>> {
+    async fn put_meta<T: Serialize>(&self, key: &'static str, value: &T) -> Result<(), StorageIOError<NodeId>> {
         let bytes = serde_json::to_vec(value).map_err(io_err)?;
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
-            let mut txn = db.begin_write()?;
-            if !durable {
-                txn.set_durability(Durability::None)?;
-            }
+            let txn = db.begin_write()?;
             txn.open_table(META)?.insert(key, bytes.as_slice())?;
             txn.commit()?;
             Ok(())
@@ -140,7 +141,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        self.put_meta(KEY_VOTE, vote, true).await.map_err(|e| StorageIOError::write_vote(&Msg(e.to_string())).into())
+        self.put_meta(KEY_VOTE, vote).await.map_err(|e| StorageIOError::write_vote(&Msg(e.to_string())).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -148,14 +149,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // openraft awaits this between a commit and its apply, on every write: a transaction
+        // here would sit on the path of every client write. The commit index is only a hint for
+        // re-applying entries after a restart (an older one re-applies fewer, and the leader's
+        // commit index brings the rest), so the next append writes it.
         self.committed.store(committed.map_or(0, |c| c.index + 1), Ordering::Relaxed);
-        // Not fsynced: the commit index is only a hint for re-applying entries after a restart,
-        // and the next durable write persists it anyway.
-        Ok(self.put_meta(KEY_COMMITTED, &committed, false).await?)
+        *self.committed_id.lock().expect("committed lock") = committed;
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+        Ok(*self.committed_id.lock().expect("committed lock"))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -168,6 +172,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|e| Ok((e.get_log_id().index, serde_json::to_vec(&e)?)))
             .collect::<Result<Vec<_>, serde_json::Error>>()
             .map_err(|e| StorageIOError::write_logs(&e))?;
+        let committed = *self.committed_id.lock().expect("committed lock");
+        let committed = serde_json::to_vec(&committed).map_err(|e| StorageIOError::write_logs(&e))?;
         let db = self.db.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
             let txn = db.begin_write()?;
@@ -177,6 +183,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     table.insert(*index, bytes.as_slice())?;
                 }
             }
+            txn.open_table(META)?.insert(KEY_COMMITTED, committed.as_slice())?;
             txn.commit()?;
             Ok(())
         })

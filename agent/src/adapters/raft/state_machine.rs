@@ -50,7 +50,9 @@ pub fn encode_snapshot_file(meta: &SnapshotMeta, data: String) -> Result<Vec<u8>
 
 struct Shared {
     data: RwLock<SmData>,
-    /// Bumped after every apply or snapshot install, so that loops can wait for state changes.
+    /// Bumped after every apply or snapshot install that may have changed more than the KV store
+    /// (see [`crate::core::state::Command::kv_only`]), so that loops can wait for the changes
+    /// they act on: a KV write wakes none of them.
     changed: watch::Sender<u64>,
 }
 
@@ -65,7 +67,7 @@ impl StateHandle {
         f(&self.shared.data.read().expect("state lock"))
     }
 
-    /// A receiver that changes whenever the applied state changes.
+    /// A receiver that changes whenever the applied state changes in more than its KV store.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.changed.subscribe()
     }
@@ -206,10 +208,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut out = Vec::new();
+        let mut beyond_kv = false;
         {
             let mut d = self.shared.data.write().expect("state lock");
             for entry in entries {
                 d.last_applied = Some(entry.log_id);
+                beyond_kv |= match &entry.payload {
+                    EntryPayload::Blank => false,
+                    EntryPayload::Normal(cmd) => !cmd.kv_only(),
+                    EntryPayload::Membership(_) => true,
+                };
                 let resp = match &entry.payload {
                     EntryPayload::Blank => Response::Empty,
                     EntryPayload::Normal(cmd) => d.state.apply(entry.log_id.index, cmd),
@@ -222,7 +230,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 out.push(resp);
             }
         }
-        self.shared.changed.send_modify(|v| *v += 1);
+        if beyond_kv {
+            self.shared.changed.send_modify(|v| *v += 1);
+        }
         Ok(out)
     }
 

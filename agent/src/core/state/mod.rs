@@ -225,6 +225,19 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// Whether applying it can change nothing but the KV store (and the request log that applies
+    /// a request once): the node's loops, which act on members, roles, secrets and the SLURM
+    /// copy, need not look again after it.
+    pub fn kv_only(&self) -> bool {
+        match self {
+            Command::KvPut { .. } | Command::KvDelete { .. } | Command::KvCas { .. } => true,
+            Command::Request { cmd, .. } => cmd.kv_only(),
+            _ => false,
+        }
+    }
+}
+
 /// Names one client request across retries: `origin` is random per agent run, `seq` counts the
 /// requests that run received.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -334,3 +334,22 @@ fn apply_is_deterministic() {
     }
     assert_eq!(a, b);
 }
+
+#[test]
+fn only_kv_commands_are_kv_only() {
+    let put = Command::KvPut { key: "k".into(), value: "v".into() };
+    let req = |cmd: Command| Command::Request { id: RequestId { origin: 1, seq: 1 }, at_ms: 0, cmd: Box::new(cmd) };
+    let table = [
+        (put.clone(), true),
+        (Command::KvDelete { key: "k".into() }, true),
+        (Command::KvCas { key: "k".into(), expected: None, new: Some("v".into()) }, true),
+        (req(put.clone()), true),
+        (req(Command::SetSecret { name: "s".into(), value: "v".into(), at_ms: 0 }), false),
+        (Command::InitCluster { cluster_id: "c".into(), at_ms: 0 }, false),
+        (Command::SetRoles { roles: RoleAssignments::default() }, false),
+        (Command::SlurmTakeover { id: NodeId(1) }, false),
+    ];
+    for (cmd, kv_only) in table {
+        assert_eq!(cmd.kv_only(), kv_only, "{cmd:?}");
+    }
+}
