@@ -9,6 +9,7 @@
 // discovery tests) are unused here.
 #[allow(dead_code)]
 mod common;
+#[allow(dead_code)] // each benchmark uses some of them
 mod figures;
 
 use std::time::{Duration, Instant};

@@ -15,6 +15,7 @@
 // The bench runs loopback clusters only; the harness's LAN clusters are unused here.
 #[allow(dead_code)]
 mod common;
+#[allow(dead_code)] // each benchmark uses some of them
 mod figures;
 
 use std::path::{Path, PathBuf};

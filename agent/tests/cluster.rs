@@ -64,11 +64,13 @@ async fn bootstrap_expect_forms_exactly_one_cluster_in_any_start_order() {
     }
 }
 
-/// Five nodes with `max_voters = 3`: three voters, two learners, one state.
+/// Five nodes with `max_voters = 3`: three voters, two learners, one state. Their configs are
+/// identical, as identical images have them: the first three nodes are every node's join
+/// addresses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_nodes_have_three_voters_and_two_learners() {
     let _g = serial();
-    let mut c = Cluster::new(5, Opts::default());
+    let mut c = Cluster::identical(5, 3, Opts::default());
     c.start_all();
     let leader = c.wait_converged(3, 2, FORM).await;
     let r = c.nodes[leader].files.client().kv_put("five", "nodes").await.unwrap();

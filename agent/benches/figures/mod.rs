@@ -8,7 +8,6 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Resident set size of a process (KiB), from /proc.
-#[allow(dead_code)] // used by the cluster benchmark only
 pub fn rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()

@@ -188,6 +188,17 @@ impl Cluster {
         c
     }
 
+    /// `n` nodes with one config, as identical images have: the first `joins` nodes are every
+    /// node's join addresses.
+    pub fn identical(n: usize, joins: usize, opts: Opts) -> Cluster {
+        let mut c = Cluster::new(0, opts.clone());
+        let join: Vec<String> = (0..joins.min(n)).map(|i| c.addr_of(i)).collect();
+        for _ in 0..n {
+            c.push_node(opts.clone(), join.clone());
+        }
+        c
+    }
+
     /// Nodes in namespaces `slots` of `lan` (node `i` in namespace `slots.start + i`), with LAN
     /// beacons on and no join addresses: they find each other by beacon alone.
     pub fn on_lan(lan: &clusteros_testkit::lan::Lan, slots: std::ops::Range<usize>, opts: Opts) -> Cluster {
