@@ -13,8 +13,9 @@
 //!
 //! Every wait is bounded: formation gives up when no node has seen a new member for
 //! `SCALE_STALL_SECONDS` (default 120), or after `SCALE_FORM_SECONDS` (default 600) in all, and
-//! says how far it got. The status of every agent is polled every N/50 seconds (at least 1), so
-//! that the polling does not load the host more as N grows. Figures, not pass/fail.
+//! says how far it got. The status of every agent is polled every N/50 seconds (at least 1;
+//! `SCALE_POLL_SECONDS` sets it), so that the polling does not load the host more as N grows.
+//! Figures, not pass/fail.
 
 #[path = "../tests/common/cluster.rs"]
 // Loopback clusters only; the harness's LAN clusters are unused here.
@@ -127,7 +128,7 @@ fn env_u64(name: &str, default: u64) -> u64 {
 async fn run(n: usize) -> Option<Figures> {
     let stall = Duration::from_secs(env_u64("SCALE_STALL_SECONDS", 120));
     let limit = Duration::from_secs(env_u64("SCALE_FORM_SECONDS", 600));
-    let every = Duration::from_secs((n as u64 / 50).max(1));
+    let every = Duration::from_secs(env_u64("SCALE_POLL_SECONDS", (n as u64 / 50).max(1)).max(1));
     let idle = Duration::from_secs(env_u64("SCALE_IDLE_SECONDS", 10));
     let raft = RaftTuning::default();
     let opts = Opts {
