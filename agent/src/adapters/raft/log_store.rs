@@ -6,7 +6,6 @@
 use std::fmt::Debug;
 use std::ops::RangeBounds;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
@@ -29,10 +28,9 @@ const KEY_PURGED: &str = "last_purged";
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    /// Index of the last committed entry plus one (0: none), for status output.
-    committed: Arc<AtomicU64>,
-    /// The last committed log id openraft saved: what the next append writes to disk.
-    committed_id: Arc<Mutex<Option<LogId>>>,
+    /// The last committed log id openraft saved: for status output, and what the next append
+    /// writes to disk.
+    committed: Arc<Mutex<Option<LogId>>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,21 +54,16 @@ impl LogStore {
         txn.open_table(LOGS)?;
         txn.open_table(META)?;
         txn.commit()?;
-        let store = LogStore {
-            db: Arc::new(db),
-            committed: Arc::new(AtomicU64::new(0)),
-            committed_id: Arc::new(Mutex::new(None)),
-        };
+        let store = LogStore { db: Arc::new(db), committed: Arc::new(Mutex::new(None)) };
         if let Ok(Some(Some(c))) = store.get_meta::<Option<LogId>>(KEY_COMMITTED) {
-            store.committed.store(c.index + 1, Ordering::Relaxed);
-            *store.committed_id.lock().expect("committed lock") = Some(c);
+            *store.committed.lock().expect("committed lock") = Some(c);
         }
         Ok(store)
     }
 
     /// The last committed log index this node knows of.
     pub fn committed_index(&self) -> Option<u64> {
-        self.committed.load(Ordering::Relaxed).checked_sub(1)
+        self.committed.lock().expect("committed lock").map(|c| c.index)
     }
 
     /// The id of the entry at `index`, if the log holds it.
@@ -153,13 +146,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // here would sit on the path of every client write. The commit index is only a hint for
         // re-applying entries after a restart (an older one re-applies fewer, and the leader's
         // commit index brings the rest), so the next append writes it.
-        self.committed.store(committed.map_or(0, |c| c.index + 1), Ordering::Relaxed);
-        *self.committed_id.lock().expect("committed lock") = committed;
+        *self.committed.lock().expect("committed lock") = committed;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(*self.committed_id.lock().expect("committed lock"))
+        Ok(*self.committed.lock().expect("committed lock"))
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
@@ -172,7 +164,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map(|e| Ok((e.get_log_id().index, serde_json::to_vec(&e)?)))
             .collect::<Result<Vec<_>, serde_json::Error>>()
             .map_err(|e| StorageIOError::write_logs(&e))?;
-        let committed = *self.committed_id.lock().expect("committed lock");
+        let committed = *self.committed.lock().expect("committed lock");
         let committed = serde_json::to_vec(&committed).map_err(|e| StorageIOError::write_logs(&e))?;
         let db = self.db.clone();
         let result = tokio::task::spawn_blocking(move || -> Result<(), redb::Error> {
